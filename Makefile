@@ -1,0 +1,40 @@
+# msmoe — set-up, tests, training, benchmarks.
+#   make setup   create .venv with the pinned dependencies (idempotent, re-runs when pins change)
+#   make test    set up, then run the whole test suite (what CI runs)
+#   make train   set up, then run the main job on the embedded default data
+#   make bench   set up, then print the layer benchmark
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup test test-fast train bench clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), f"msmoe needs Python 3.11, found {sys.version}"'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first, alone, so the local CPU build is what every later package sees.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q --no-deps -e .
+	$(PY) -c 'import torch; assert torch.__version__.startswith("2.13.0"), torch.__version__'
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q tests
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" tests
+
+train: setup
+	$(VENV)/bin/msmoe train-layer --steps 300
+
+bench: setup
+	$(VENV)/bin/msmoe bench layer
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

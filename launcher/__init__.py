@@ -1,0 +1,1 @@
+"""msmoe.launcher."""

@@ -1,0 +1,26 @@
+"""msmoe.moe: what a single rank computes (routers, experts, MoE layers).
+
+Ranks are visible only through the dispatcher object a layer is handed.
+"""
+
+from moe.balance import MoEOutput, RoutingStats
+from moe.config import (
+    BalanceConfig,
+    ConfigError,
+    ExpertConfig,
+    MultiScaleMoEConfig,
+    PatchMoEConfig,
+    RouterConfig,
+)
+from moe.dispatch import DispatchPlan, LocalDispatcher, plan_dispatch, unpermute
+from moe.experts import ConvExperts, FFNExperts, SeedExperts, build_experts
+from moe.multiscale import MultiScaleMoE, window_features
+from moe.patch_moe import PatchMoE
+from moe.router import GateNetwork, Router, RoutingDecision
+
+__all__ = [
+    "BalanceConfig", "ConfigError", "ConvExperts", "DispatchPlan", "ExpertConfig", "FFNExperts",
+    "GateNetwork", "LocalDispatcher", "MoEOutput", "MultiScaleMoE", "MultiScaleMoEConfig",
+    "PatchMoE", "PatchMoEConfig", "Router", "RouterConfig", "RoutingDecision", "RoutingStats",
+    "SeedExperts", "build_experts", "plan_dispatch", "unpermute", "window_features",
+]

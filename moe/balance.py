@@ -1,0 +1,127 @@
+"""Balance losses and the per-step routing statistics every MoE layer reports.
+
+Legend: N units, E experts, K slots per unit, H gating heads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moe.config import BalanceConfig
+
+
+def slot_load(expert_ids_NK: torch.Tensor, slot_mask_NK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Live slots routed to each expert (before any capacity drop): [E] float."""
+    ids = expert_ids_NK[slot_mask_NK]
+    return torch.bincount(ids, minlength=num_experts).float()
+
+
+def load_balance_loss(probs_NE: torch.Tensor, load_E: torch.Tensor) -> torch.Tensor:
+    """Switch Transformer aux loss: E * sum_e f_e * P_e.
+
+    f_e: fraction of live slots routed to expert e (no gradient); P_e: mean router prob.
+    Equals 1 at perfect balance (for top-1; K-independent because f is a fraction).
+    """
+    e = probs_NE.shape[-1]
+    f_E = load_E / load_E.sum().clamp_min(1.0)
+    return e * (f_E.to(probs_NE.dtype) * probs_NE.mean(0)).sum()
+
+
+def router_z_loss(logits_HNE: torch.Tensor) -> torch.Tensor:
+    """ST-MoE z-loss: mean over heads and units of logsumexp(logits)^2."""
+    return torch.logsumexp(logits_HNE.float(), dim=-1).square().mean()
+
+
+def variance_loss(probs_NE: torch.Tensor) -> torch.Tensor:
+    """Seed 000's expert_balance_loss: torch.var of the mean expert weights (unbiased).
+
+    With one expert the variance is undefined; it is 0 there (nothing to balance).
+    """
+    if probs_NE.shape[-1] < 2:
+        return probs_NE.sum() * 0.0
+    return torch.var(probs_NE.mean(0))
+
+
+@dataclass(frozen=True)
+class RoutingStats:
+    """One layer's routing in one step. Every tensor is detached except ``aux_loss``.
+
+    load:              [E] live slots routed to each expert (before capacity drops)
+    kept:              [E] slots each expert actually processed
+    dropped_fraction:  dropped live slots / live slots
+    active_experts:    mean number of live slots (experts) per unit
+    num_units:         units routed (patches or tokens)
+    load_balance_loss, z_loss, variance_loss: the raw losses (for logging)
+    aux_loss:          coefficient-weighted sum, with gradient; add it to the training loss
+    """
+
+    load: torch.Tensor
+    kept: torch.Tensor
+    dropped_fraction: float
+    active_experts: float
+    num_units: int
+    load_balance_loss: float
+    z_loss: float
+    variance_loss: float
+    aux_loss: torch.Tensor
+
+    def as_dict(self) -> dict[str, object]:
+        """Plain-Python view for logs and JSON reports."""
+        return {
+            "load": self.load.tolist(),
+            "kept": self.kept.tolist(),
+            "dropped_fraction": self.dropped_fraction,
+            "active_experts": self.active_experts,
+            "num_units": self.num_units,
+            "load_balance_loss": self.load_balance_loss,
+            "z_loss": self.z_loss,
+            "variance_loss": self.variance_loss,
+            "aux_loss": float(self.aux_loss.detach()),
+        }
+
+
+def routing_stats(
+    *,
+    probs_NE: torch.Tensor,
+    logits_HNE: torch.Tensor | None,
+    load_E: torch.Tensor,
+    kept_E: torch.Tensor,
+    active_slots: torch.Tensor,
+    num_units: int,
+    coefs: BalanceConfig,
+) -> RoutingStats:
+    """Compute the balance losses and package the step's statistics."""
+    lb = load_balance_loss(probs_NE, load_E)
+    zl = router_z_loss(logits_HNE) if logits_HNE is not None else probs_NE.sum() * 0.0
+    vl = variance_loss(probs_NE)
+    aux = coefs.load_balance_coef * lb + coefs.z_loss_coef * zl + coefs.variance_coef * vl
+    live = float(load_E.sum())
+    kept = float(kept_E.sum())
+    return RoutingStats(
+        load=load_E.detach(),
+        kept=kept_E.detach().float(),
+        dropped_fraction=(live - kept) / live if live > 0 else 0.0,
+        active_experts=float(active_slots) / max(num_units, 1),
+        num_units=num_units,
+        load_balance_loss=float(lb.detach()),
+        z_loss=float(zl.detach()),
+        variance_loss=float(vl.detach()),
+        aux_loss=aux,
+    )
+
+
+@dataclass(frozen=True)
+class MoEOutput:
+    """What every MoE layer returns: its output and the step's routing statistics.
+
+    out:     the layer output ([B, H, W, C] for PatchMoE, [B, D] for MultiScaleMoE)
+    stats:   :class:`RoutingStats`; add ``stats.aux_loss`` to the training loss
+    weights: the per-unit routing weights the layer used ([N, K] sparse, [B, S] for the
+             dense multi-scale fusion: seed 000's ``expert_weights``)
+    """
+
+    out: torch.Tensor
+    stats: RoutingStats
+    weights: torch.Tensor

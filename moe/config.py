@@ -1,0 +1,251 @@
+"""Typed, validated configuration of the MoE layers.
+
+Every config is a frozen dataclass validated in ``__post_init__``: a bad value fails at build
+time with a message that names the field, the value and what would be accepted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, Mapping
+
+ScoreFn = Literal["softmax", "sigmoid"]
+NoiseKind = Literal["none", "gaussian", "jitter"]
+ExpertKind = Literal["seed", "ffn", "conv"]
+CapacityPriority = Literal["order", "score"]
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the fix."""
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _one_of(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
+    _require(value in allowed, f"{name}={value!r} is not one of {list(allowed)}")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """How a routing unit (token or pooled patch) picks its experts.
+
+    num_experts:      E, experts the router scores.
+    top_k:            k, experts per unit (ignored when ``dynamic_top_p`` is set).
+    score_fn:         "softmax" (scores sum to 1) or "sigmoid" (independent scores).
+    temperature:      logits are divided by it before scoring (seed 000's temperature).
+    normalize_topk:   renormalise the selected weights to sum to 1.
+    dynamic_top_p:    if set, dynamic k: the fewest experts whose scores reach p,
+                      clamped to [k_min, k_max] (seed 000's DynamicMoE).
+    num_heads:        gating heads whose scores are averaged (seed 000's multi-head gate).
+    gate_depth:       1 = one Linear (seed 003); 2 = the seed 000 GatingNetwork
+                      (Linear-LN-GELU-Dropout-Linear); 3 = one more hidden block.
+    gate_hidden:      hidden width of a deep gate (0 = input_dim // 2, as in seed 000).
+    gate_dropout:     dropout inside a deep gate (seed 000 uses 0.1).
+    noise:            exploration in training only: "gaussian" adds N(0, noise_std) to the
+                      logits, "jitter" multiplies the gate input by U(1-eps, 1+eps).
+    bias_update_rate: aux-loss-free balancing: per-expert bias added to the selection
+                      scores only, moved by this rate toward equal load (0 disables).
+    """
+
+    num_experts: int
+    top_k: int = 2
+    score_fn: ScoreFn = "softmax"
+    temperature: float = 1.0
+    normalize_topk: bool = True
+    dynamic_top_p: float | None = None
+    k_min: int = 1
+    k_max: int | None = None
+    num_heads: int = 1
+    gate_depth: int = 1
+    gate_hidden: int = 0
+    gate_dropout: float = 0.0
+    noise: NoiseKind = "none"
+    noise_std: float = 1.0
+    jitter_eps: float = 0.01
+    bias_update_rate: float = 0.0
+
+    def __post_init__(self) -> None:
+        e = self.num_experts
+        _require(isinstance(e, int) and e >= 1, f"num_experts={e!r} must be an integer >= 1")
+        _require(self.top_k >= 1, f"top_k={self.top_k} must be >= 1")
+        _require(
+            self.top_k <= e,
+            f"top_k={self.top_k} is larger than num_experts={e}: choose top_k <= {e}",
+        )
+        _one_of("score_fn", self.score_fn, ("softmax", "sigmoid"))
+        _one_of("noise", self.noise, ("none", "gaussian", "jitter"))
+        _require(self.temperature > 0, f"temperature={self.temperature} must be > 0")
+        _require(self.num_heads >= 1, f"num_heads={self.num_heads} must be >= 1")
+        _require(self.gate_depth in (1, 2, 3), f"gate_depth={self.gate_depth} must be 1, 2 or 3")
+        _require(self.gate_hidden >= 0, f"gate_hidden={self.gate_hidden} must be >= 0")
+        _require(0 <= self.gate_dropout < 1, f"gate_dropout={self.gate_dropout} must be in [0, 1)")
+        _require(self.noise_std >= 0, f"noise_std={self.noise_std} must be >= 0")
+        _require(0 <= self.jitter_eps < 1, f"jitter_eps={self.jitter_eps} must be in [0, 1)")
+        _require(self.bias_update_rate >= 0, f"bias_update_rate={self.bias_update_rate} must be >= 0")
+        if self.dynamic_top_p is not None:
+            p = self.dynamic_top_p
+            _require(0 < p <= 1, f"dynamic_top_p={p} must be in (0, 1]")
+            _require(
+                self.score_fn == "softmax",
+                f"dynamic_top_p needs score_fn='softmax' (got {self.score_fn!r}): "
+                "top-p needs scores that sum to 1",
+            )
+            _require(1 <= self.k_min <= e, f"k_min={self.k_min} must be in [1, num_experts={e}]")
+            _require(
+                self.k_min <= self.max_k <= e,
+                f"k_max={self.max_k} must be in [k_min={self.k_min}, num_experts={e}]",
+            )
+
+    @property
+    def max_k(self) -> int:
+        """K, the number of slots per unit (k_max for dynamic k, top_k otherwise)."""
+        if self.dynamic_top_p is None:
+            return self.top_k
+        return self.k_max if self.k_max is not None else self.num_experts
+
+
+@dataclass(frozen=True)
+class BalanceConfig:
+    """Coefficients of the auxiliary balance losses (0 turns one off; all are reported)."""
+
+    load_balance_coef: float = 0.01  # Switch Transformer: E * sum_e f_e * P_e
+    z_loss_coef: float = 0.0  # ST-MoE router z-loss: mean(logsumexp(logits)^2)
+    variance_coef: float = 0.0  # seed 000: var(mean expert weights)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            _require(v >= 0, f"{f.name}={v} must be >= 0")
+
+
+@dataclass(frozen=True)
+class ExpertConfig:
+    """The experts' network.
+
+    kind:       "seed"  - seed 000's ExpertNetwork: Linear-LN-GELU-Dropout x2 + residual Linear;
+                "ffn"   - Linear-GELU-Linear;
+                "conv"  - spatial patch expert: 3x3 conv - GELU - 3x3 conv over the P x P patch
+                          (needs patch routing).
+    hidden_dim: F, the hidden width (seed 000: 2 x model dim).
+    dropout:    dropout inside the seed expert (seed 000: 0.1).
+    impl:       batched-matmul backend: "auto", "grouped_mm" or "bmm" (see moe/grouped.py).
+    """
+
+    kind: ExpertKind = "seed"
+    hidden_dim: int = 1024
+    dropout: float = 0.1
+    impl: Literal["auto", "grouped_mm", "bmm"] = "auto"
+
+    def __post_init__(self) -> None:
+        _one_of("expert.kind", self.kind, ("seed", "ffn", "conv"))
+        _one_of("expert.impl", self.impl, ("auto", "grouped_mm", "bmm"))
+        _require(self.hidden_dim >= 1, f"expert.hidden_dim={self.hidden_dim} must be >= 1")
+        _require(0 <= self.dropout < 1, f"expert.dropout={self.dropout} must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class PatchMoEConfig:
+    """Seed 003's Patch-MoE: one routing decision per P x P patch of a [B, H, W, C] map.
+
+    dim:            C, channels of the feature map.
+    patch_size:     P; 1 makes every point its own unit (token routing).
+    pad_mode:       "pad": H or W not divisible by P is zero-padded up to a multiple of P,
+                    the gate pools only the real points, the output is cropped back;
+                    "error": refuse such maps.
+    capacity_factor: None = dropless; else each expert takes at most
+                    ceil(capacity_factor * units * K / E) units, the rest are dropped
+                    (their slot contributes zero) and counted.
+    capacity_priority: which units keep their slot when an expert overflows:
+                    "order" (first units first, as Switch) or "score" (highest weight first).
+    """
+
+    dim: int
+    router: RouterConfig
+    expert: ExpertConfig = field(default_factory=ExpertConfig)
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
+    patch_size: int = 8
+    pad_mode: Literal["pad", "error"] = "pad"
+    capacity_factor: float | None = None
+    capacity_priority: CapacityPriority = "order"
+
+    def __post_init__(self) -> None:
+        _require(self.dim >= 1, f"dim={self.dim} must be >= 1")
+        _require(self.patch_size >= 1, f"patch_size={self.patch_size} must be >= 1")
+        _one_of("pad_mode", self.pad_mode, ("pad", "error"))
+        _one_of("capacity_priority", self.capacity_priority, ("order", "score"))
+        if self.capacity_factor is not None:
+            _require(
+                self.capacity_factor > 0,
+                f"capacity_factor={self.capacity_factor} must be > 0 (or null for dropless)",
+            )
+        if self.expert.kind == "conv":
+            _require(
+                self.patch_size >= 2,
+                f"expert.kind='conv' needs patch_size >= 2 (got {self.patch_size}): "
+                "a spatial expert convolves inside the patch",
+            )
+
+
+@dataclass(frozen=True)
+class MultiScaleMoEConfig:
+    """Seed 000's multi-scale MoE fusion (the thesis baseline).
+
+    dim:         D, channels of the feature map and of every scale's feature vector.
+    scales:      window sizes; one expert per scale (seed: 4, 8, 16).
+    hidden_dim:  expert hidden width (seed: 1024 for D=512, i.e. 2 x D).
+    temperature: gating temperature (seed: 1.0).
+    gate_depth:  1, 2 (the seed's GatingNetwork) or 3 Linear layers.
+    num_heads:   seed's MultiHeadGatingNetwork heads (1 = the plain GatingNetwork).
+    dropout:     dropout in experts and gate (seed: 0.1).
+    """
+
+    dim: int
+    scales: tuple[int, ...] = (4, 8, 16)
+    hidden_dim: int = 0
+    temperature: float = 1.0
+    gate_depth: int = 2
+    num_heads: int = 1
+    dropout: float = 0.1
+    balance: BalanceConfig = field(default_factory=lambda: BalanceConfig(0.0, 0.0, 0.0))
+
+    def __post_init__(self) -> None:
+        _require(self.dim >= 1, f"dim={self.dim} must be >= 1")
+        _require(len(self.scales) >= 1, "scales must list at least one window size")
+        _require(all(s >= 1 for s in self.scales), f"scales={list(self.scales)} must all be >= 1")
+        _require(
+            len(set(self.scales)) == len(self.scales),
+            f"scales={list(self.scales)} has a repeated window size",
+        )
+        _require(self.temperature > 0, f"temperature={self.temperature} must be > 0")
+        _require(self.gate_depth in (1, 2, 3), f"gate_depth={self.gate_depth} must be 1, 2 or 3")
+        _require(self.num_heads >= 1, f"num_heads={self.num_heads} must be >= 1")
+        _require(0 <= self.dropout < 1, f"dropout={self.dropout} must be in [0, 1)")
+        _require(self.hidden_dim >= 0, f"hidden_dim={self.hidden_dim} must be >= 0")
+
+    @property
+    def expert_hidden(self) -> int:
+        return self.hidden_dim or 2 * self.dim
+
+
+def from_dict(cls: type, data: Mapping[str, Any], path: str = "") -> Any:
+    """Build a (nested) config dataclass from a plain mapping, rejecting unknown keys."""
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        where = f" in {path}" if path else ""
+        raise ConfigError(f"unknown key(s) {unknown}{where}; known keys: {sorted(known)}")
+    nested = {"router": RouterConfig, "expert": ExpertConfig, "balance": BalanceConfig}
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        if name in nested and isinstance(value, Mapping):
+            value = from_dict(nested[name], value, f"{path}.{name}" if path else name)
+        if name == "scales" and isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a missing required field
+        raise ConfigError(f"{cls.__name__}{' at ' + path if path else ''}: {exc}") from exc

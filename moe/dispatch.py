@@ -1,0 +1,119 @@
+"""Permutation of routed units to experts, and the dispatcher interface.
+
+Legend
+  N units, K slots per unit, S = N*K slots, E experts (global), R kept rows,
+  L points per unit, C channels, U units an expert rank receives.
+
+A *slot* is one (unit, k) pair: the unit's k-th choice. :func:`plan_dispatch` sorts the live
+slots by expert, applies the capacity (dropping the overflow) and returns a frozen
+:class:`DispatchPlan`. A dispatcher then moves the planned rows to the ranks holding their
+experts (``dispatch``) and brings the expert outputs back in plan order (``combine``);
+:func:`unpermute` finally weights them and sums each unit's slots.
+
+Capacity priority when an expert overflows
+  "order": all first choices before any second choice (GShard), units in index order;
+  "score": highest routing weight first (ties as in "order").
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from moe.router import RoutingDecision
+
+
+@dataclass(frozen=True)
+class DispatchPlan:
+    """Which slot feeds which row; read by the dispatcher and by :func:`unpermute`."""
+
+    slot_of_row: torch.Tensor  # [R] slot index n*K + k of each kept row, rows sorted by expert
+    unit_of_row: torch.Tensor  # [R] unit index n of each kept row
+    counts: torch.Tensor  # [E] kept rows per expert
+    routed: torch.Tensor  # [E] live slots per expert before the capacity cut
+    capacity: int | None  # rows an expert may take from this rank (None = dropless)
+    num_units: int  # N
+
+
+def expert_capacity(num_units: int, k: int, num_experts: int, factor: float) -> int:
+    """ceil(factor * N * K / E): rows one expert may take from one rank."""
+    return max(1, math.ceil(factor * num_units * k / num_experts))
+
+
+def plan_dispatch(
+    decision: RoutingDecision, num_experts: int, capacity: int | None, priority: str = "order"
+) -> DispatchPlan:
+    """Sort live slots by expert and cut each expert at ``capacity`` (no cut if None)."""
+    ids_NK, mask_NK = decision.expert_ids, decision.slot_mask
+    n, k = ids_NK.shape
+    device = ids_NK.device
+    # Priority sequence of slot indices: choice rank k first, then unit index n.
+    prio_S = torch.arange(n * k, device=device).view(n, k).t().reshape(-1)
+    if priority == "score":
+        w_S = decision.weights.detach().reshape(-1)[prio_S]
+        prio_S = prio_S[torch.sort(-w_S, stable=True).indices]
+    expert_S = torch.where(mask_NK, ids_NK, num_experts).reshape(-1)  # dead slots sort last
+    order_S = prio_S[torch.sort(expert_S[prio_S], stable=True).indices]
+    sorted_expert = expert_S[order_S]
+    routed_E = torch.bincount(ids_NK[mask_NK], minlength=num_experts)
+    live = sorted_expert < num_experts
+    if capacity is None:
+        keep = live
+        counts_E = routed_E
+    else:
+        starts_E = torch.cumsum(routed_E, 0) - routed_E
+        pos = torch.arange(n * k, device=device) - starts_E[sorted_expert.clamp(max=num_experts - 1)]
+        keep = live & (pos < capacity)
+        counts_E = routed_E.clamp(max=capacity)
+    slot_of_row = order_S[keep]
+    return DispatchPlan(slot_of_row, slot_of_row // k, counts_E, routed_E, capacity, n)
+
+
+def unpermute(rows_RLC: torch.Tensor, plan: DispatchPlan, weights_NK: torch.Tensor) -> torch.Tensor:
+    """Weighted sum of each unit's expert outputs: rows [R, L, C] -> units [N, L, C].
+
+    A dropped slot has no row and contributes zero.
+    """
+    w_R = weights_NK.reshape(-1)[plan.slot_of_row].to(rows_RLC.dtype)
+    out = rows_RLC.new_zeros(plan.num_units, *rows_RLC.shape[1:])
+    return out.index_add(0, plan.unit_of_row, rows_RLC * w_R[:, None, None])
+
+
+class Dispatcher(Protocol):
+    """Moves planned rows to the experts' ranks and back. ``moe/`` sees ranks only here."""
+
+    num_local_experts: int
+
+    def capacity(self, num_units: int, k: int, num_experts: int, factor: float) -> int:
+        """Capacity per expert per rank, identical on every rank of the expert group."""
+
+    def dispatch(self, units_NLC: torch.Tensor, plan: DispatchPlan) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """-> (rows for the local experts [U, L, C] sorted by local expert, counts [E_local], meta)."""
+
+    def combine(self, expert_out_ULC: torch.Tensor, meta: Any) -> torch.Tensor:
+        """Expert outputs back to this rank, in plan row order: [R, L, C]."""
+
+
+@dataclass(frozen=True)
+class LocalMeta:
+    rows: int
+
+
+class LocalDispatcher:
+    """Single rank: every expert is local, nothing moves."""
+
+    def __init__(self, num_experts: int):
+        self.num_local_experts = num_experts
+
+    def capacity(self, num_units: int, k: int, num_experts: int, factor: float) -> int:
+        return expert_capacity(num_units, k, num_experts, factor)
+
+    def dispatch(self, units_NLC: torch.Tensor, plan: DispatchPlan) -> tuple[torch.Tensor, torch.Tensor, LocalMeta]:
+        rows = units_NLC[plan.unit_of_row]
+        return rows, plan.counts, LocalMeta(rows.shape[0])
+
+    def combine(self, expert_out_ULC: torch.Tensor, meta: LocalMeta) -> torch.Tensor:
+        return expert_out_ULC

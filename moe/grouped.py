@@ -1,0 +1,102 @@
+"""One matmul over all local experts: rows sorted by expert times per-expert weights.
+
+Legend: T rows (sorted by expert), D in-features, F out-features, E local experts.
+
+Two backends, same result:
+  grouped_mm  ``torch._grouped_mm`` with cumulative row offsets (no padding, no host sync).
+              Needs fp32/bf16/fp16 and row strides that are multiples of 16 bytes (D and F
+              multiples of 4 in fp32, of 8 in bf16); on CUDA it needs bf16 and sm90+.
+  bmm         rows scattered into an [E, M, D] buffer (M = the largest expert's row count),
+              one ``torch.bmm``, gathered back. Works for every dtype, device and shape.
+``impl="auto"`` takes grouped_mm where it applies and bmm elsewhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+Impl = str  # "auto" | "grouped_mm" | "bmm"
+
+
+@dataclass(frozen=True)
+class ExpertBatch:
+    """Where each expert's rows sit in a row-sorted batch; built once, read by every matmul."""
+
+    counts: torch.Tensor  # [E] int64 rows per expert
+    offsets: torch.Tensor  # [E] int32 cumulative row ends (grouped_mm's ``offs``)
+    row_expert: torch.Tensor  # [T] int64 expert of each row
+    row_pos: torch.Tensor  # [T] int64 position of each row inside its expert's block
+    max_count: int  # M, the largest count (bmm padding)
+
+    @staticmethod
+    def from_counts(counts_E: torch.Tensor, repeat: int = 1) -> "ExpertBatch":
+        """Rows sorted by expert, ``counts_E[e] * repeat`` rows for expert e."""
+        counts = counts_E.long() * repeat
+        e = counts.shape[0]
+        device = counts.device
+        total = int(counts.sum())
+        starts = torch.cumsum(counts, 0) - counts
+        row_expert = torch.repeat_interleave(torch.arange(e, device=device), counts, output_size=total)
+        row_pos = torch.arange(total, device=device) - starts[row_expert]
+        max_count = int(counts.max()) if e else 0
+        return ExpertBatch(counts, torch.cumsum(counts, 0).int(), row_expert, row_pos, max_count)
+
+    @property
+    def num_rows(self) -> int:
+        return self.row_expert.shape[0]
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous (grouped_mm refuses 0-strides)."""
+
+    @staticmethod
+    def forward(ctx, x):  # noqa: D102
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: D102
+        return g.contiguous()
+
+
+def _grouped_mm_ok(x_TD: torch.Tensor, w_EDF: torch.Tensor) -> bool:
+    if not hasattr(torch, "_grouped_mm") or x_TD.dtype != w_EDF.dtype:
+        return False
+    if x_TD.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    if x_TD.is_cuda:
+        if x_TD.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x_TD.device)[0] < 9:
+            return False
+    elif x_TD.device.type != "cpu":
+        return False
+    align = 16 // x_TD.element_size()
+    return x_TD.shape[1] % align == 0 and w_EDF.shape[2] % align == 0
+
+
+def grouped_matmul(x_TD: torch.Tensor, w_EDF: torch.Tensor, batch: ExpertBatch, impl: Impl = "auto") -> torch.Tensor:
+    """y[t] = x[t] @ w[expert(t)]: [T, D] x [E, D, F] -> [T, F]."""
+    use_gmm = impl == "grouped_mm" or (impl == "auto" and _grouped_mm_ok(x_TD, w_EDF))
+    if impl == "grouped_mm" and not _grouped_mm_ok(x_TD, w_EDF):
+        raise ValueError(
+            f"expert.impl='grouped_mm' cannot run dtype={x_TD.dtype}, D={x_TD.shape[1]}, "
+            f"F={w_EDF.shape[2]} on {x_TD.device}; use impl='auto' or 'bmm'"
+        )
+    if use_gmm:
+        y = torch._grouped_mm(x_TD.contiguous(), w_EDF, offs=batch.offsets)
+        return _ContiguousGrad.apply(y)
+    e, d, f = w_EDF.shape
+    buf_EMD = x_TD.new_zeros(e, batch.max_count, d)
+    buf_EMD = buf_EMD.index_put((batch.row_expert, batch.row_pos), x_TD)
+    y_EMF = torch.bmm(buf_EMD, w_EDF)
+    return y_EMF[batch.row_expert, batch.row_pos]
+
+
+def grouped_linear(
+    x_TD: torch.Tensor, w_EDF: torch.Tensor, b_EF: torch.Tensor | None, batch: ExpertBatch, impl: Impl = "auto"
+) -> torch.Tensor:
+    """Per-expert affine map: x[t] @ w[e] + b[e] with e = expert(t)."""
+    y = grouped_matmul(x_TD, w_EDF, batch, impl)
+    if b_EF is not None:
+        y = y + b_EF[batch.row_expert]
+    return y

@@ -1,0 +1,144 @@
+"""Routers: score every unit against every expert and pick its experts.
+
+Legend
+  N units (tokens or pooled patches), D gate input dim, E experts, K slots per unit
+  (top_k, or k_max for dynamic k), H gating heads, F gate hidden width.
+
+Vocabulary
+  logits  raw gate outputs, one set per head            [H, N, E]
+  probs   scores after softmax/sigmoid, head-averaged   [N, E]
+  weights the selected experts' (renormalised) probs    [N, K]
+  slot_mask which of the K slots are live (dynamic k)   [N, K]
+
+All router math runs in fp32 whatever the input dtype. Ties in the selection go to the lower
+expert index (a stable descending sort), so routing is deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moe.config import RouterConfig
+
+
+@dataclass(frozen=True)
+class RoutingDecision:
+    """What the router decided for one batch of units (read by dispatch and stats)."""
+
+    expert_ids: torch.Tensor  # [N, K] int64
+    weights: torch.Tensor  # [N, K] fp32, zero on dead slots
+    slot_mask: torch.Tensor  # [N, K] bool
+    probs: torch.Tensor  # [N, E] fp32
+    logits: torch.Tensor  # [H, N, E] fp32, before temperature
+
+    @property
+    def num_units(self) -> int:
+        return self.expert_ids.shape[0]
+
+
+def _uniform_(t: torch.Tensor, fan_in: int) -> torch.Tensor:
+    bound = 1.0 / math.sqrt(fan_in)
+    return nn.init.uniform_(t, -bound, bound)
+
+
+class GateNetwork(nn.Module):
+    """H independent gating MLPs computed together (stacked weights, one einsum per layer).
+
+    depth 1: Linear(D, E)                                           (seed 003's gate)
+    depth 2: Linear(D, F) - LN - GELU - Dropout - Linear(F, E)      (seed 000's GatingNetwork)
+    depth 3: Linear(D, F) - LN - GELU - Dropout - Linear(F, F) - LN - GELU - Dropout - Linear(F, E)
+    Always computes in fp32.
+    """
+
+    def __init__(self, in_dim: int, num_out: int, *, depth: int, hidden: int, heads: int, dropout: float):
+        super().__init__()
+        dims = [in_dim] + [hidden] * (depth - 1) + [num_out]
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        self.norm_w = nn.ParameterList()
+        self.norm_b = nn.ParameterList()
+        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+            self.weights.append(nn.Parameter(_uniform_(torch.empty(heads, a, b), a)))
+            self.biases.append(nn.Parameter(_uniform_(torch.empty(heads, 1, b), a)))
+            if i < depth - 1:
+                self.norm_w.append(nn.Parameter(torch.ones(heads, 1, b)))
+                self.norm_b.append(nn.Parameter(torch.zeros(heads, 1, b)))
+        self.dropout = dropout
+
+    def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
+        """[N, D] -> logits [H, N, E], fp32."""
+        h = x_ND.float().unsqueeze(0)  # [1, N, D] broadcast over heads
+        last = len(self.weights) - 1
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            h = torch.matmul(h, w.float()) + b.float()  # [H, N, out]
+            if i < last:
+                h = F.layer_norm(h, h.shape[-1:]) * self.norm_w[i].float() + self.norm_b[i].float()
+                h = F.dropout(F.gelu(h), self.dropout, self.training)
+        return h
+
+
+class Router(nn.Module):
+    """Scores units, selects K experts each, and reports what it chose."""
+
+    def __init__(self, cfg: RouterConfig, input_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        hidden = cfg.gate_hidden or max(1, input_dim // 2)
+        self.gate = GateNetwork(
+            input_dim, cfg.num_experts, depth=cfg.gate_depth, hidden=hidden,
+            heads=cfg.num_heads, dropout=cfg.gate_dropout,
+        )
+        # Aux-loss-free balancing: added to selection scores only, never to weights.
+        self.register_buffer("expert_bias", torch.zeros(cfg.num_experts), persistent=True)
+
+    def forward(self, x_ND: torch.Tensor) -> RoutingDecision:
+        cfg = self.cfg
+        x = x_ND.float()
+        if self.training and cfg.noise == "jitter" and cfg.jitter_eps > 0:
+            x = x * torch.empty_like(x).uniform_(1 - cfg.jitter_eps, 1 + cfg.jitter_eps)
+        logits_HNE = self.gate(x)
+        noisy = logits_HNE
+        if self.training and cfg.noise == "gaussian" and cfg.noise_std > 0:
+            noisy = logits_HNE + torch.randn_like(logits_HNE) * cfg.noise_std
+        scaled = noisy / cfg.temperature
+        scores = scaled.softmax(-1) if cfg.score_fn == "softmax" else scaled.sigmoid()
+        probs_NE = scores.mean(0)
+        ids_NK, mask_NK = self._select(probs_NE.detach())
+        weights_NK = probs_NE.gather(1, ids_NK) * mask_NK
+        if cfg.normalize_topk:
+            weights_NK = weights_NK / weights_NK.sum(-1, keepdim=True).clamp_min(1e-20)
+        return RoutingDecision(ids_NK, weights_NK, mask_NK, probs_NE, logits_HNE)
+
+    def _select(self, probs_NE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pick expert ids [N, K] and live-slot mask [N, K] (no gradient flows here)."""
+        cfg = self.cfg
+        k = cfg.max_k
+        select = probs_NE + self.expert_bias.float()
+        order_NE = torch.sort(select, dim=-1, descending=True, stable=True).indices
+        ids_NK = order_NE[:, :k]
+        if cfg.dynamic_top_p is None:
+            return ids_NK, torch.ones_like(ids_NK, dtype=torch.bool)
+        # Dynamic k: keep expert j while the mass before it is still short of p.
+        mass_NK = probs_NE.gather(1, ids_NK)
+        before_NK = mass_NK.cumsum(-1) - mass_NK
+        k_N = (before_NK < cfg.dynamic_top_p).sum(-1).clamp(cfg.k_min, k)
+        mask_NK = torch.arange(k, device=ids_NK.device).unsqueeze(0) < k_N.unsqueeze(1)
+        return ids_NK, mask_NK
+
+    @torch.no_grad()
+    def update_bias(self, load_E: torch.Tensor) -> None:
+        """Aux-loss-free balancing step: raise the bias of under-loaded experts, lower the others.
+
+        ``load_E`` is the number of slots each expert received (summed over the data-parallel
+        group by the caller when there is one). Call once per optimizer step.
+        """
+        rate = self.cfg.bias_update_rate
+        if rate <= 0:
+            return
+        load = load_E.float()
+        self.expert_bias += rate * torch.sign(load.mean() - load)

@@ -1,0 +1,88 @@
+"""Routing units: cut a feature map into patches (or tokens) and put it back.
+
+Legend
+  B batch, H/W map height/width, C channels, P patch side,
+  nh/nw patches per column/row, N = B*nh*nw routing units, L = P*P points per unit.
+
+Patch routing (seed 003): the P x P points of a patch share one routing decision; the gate
+sees the patch mean-pooled over its real points. Token routing is the case P = 1.
+
+Maps whose H or W is not a multiple of P are zero-padded at the bottom/right up to one; the
+pooling that feeds the gate ignores the padded points (so a border patch is routed on its
+real content only) and the output is cropped back to H x W. ``pad_mode="error"`` refuses
+such maps instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class PatchGrid:
+    """Geometry of one unfold, read back by :func:`unpatchify`."""
+
+    batch: int
+    height: int
+    width: int
+    patch: int
+    n_h: int
+    n_w: int
+
+    @property
+    def padded(self) -> bool:
+        return self.n_h * self.patch != self.height or self.n_w * self.patch != self.width
+
+    @property
+    def num_units(self) -> int:
+        return self.batch * self.n_h * self.n_w
+
+
+def make_grid(x_BHWC: torch.Tensor, patch: int, pad_mode: str = "pad") -> PatchGrid:
+    if x_BHWC.dim() != 4:
+        raise ValueError(f"expected a feature map [B, H, W, C], got shape {tuple(x_BHWC.shape)}")
+    b, h, w, _ = x_BHWC.shape
+    if pad_mode == "error" and (h % patch or w % patch):
+        raise ValueError(
+            f"feature map {h}x{w} is not divisible by patch_size={patch}; "
+            f"resize to a multiple of {patch} or set pad_mode='pad'"
+        )
+    return PatchGrid(b, h, w, patch, -(-h // patch), -(-w // patch))
+
+
+def patchify(x_BHWC: torch.Tensor, grid: PatchGrid) -> torch.Tensor:
+    """[B, H, W, C] -> units [N, L, C] (row-major patches, row-major points inside)."""
+    p = grid.patch
+    pad_h, pad_w = grid.n_h * p - grid.height, grid.n_w * p - grid.width
+    if pad_h or pad_w:
+        x_BHWC = F.pad(x_BHWC, (0, 0, 0, pad_w, 0, pad_h))
+    c = x_BHWC.shape[-1]
+    x = x_BHWC.reshape(grid.batch, grid.n_h, p, grid.n_w, p, c)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(grid.num_units, p * p, c)
+
+
+def unpatchify(u_NLC: torch.Tensor, grid: PatchGrid) -> torch.Tensor:
+    """Units [N, L, C] -> [B, H, W, C], cropping any padding."""
+    p, c = grid.patch, u_NLC.shape[-1]
+    x = u_NLC.reshape(grid.batch, grid.n_h, grid.n_w, p, p, c).permute(0, 1, 3, 2, 4, 5)
+    x = x.reshape(grid.batch, grid.n_h * p, grid.n_w * p, c)
+    if grid.padded:
+        x = x[:, : grid.height, : grid.width]
+    return x
+
+
+def valid_points(grid: PatchGrid, device: torch.device) -> torch.Tensor:
+    """[N, L] float mask: 1 for real points, 0 for padding."""
+    ones = torch.ones(grid.batch, grid.height, grid.width, 1, device=device)
+    return patchify(ones, grid).squeeze(-1)
+
+
+def pool_units(u_NLC: torch.Tensor, grid: PatchGrid) -> torch.Tensor:
+    """Mean over each unit's real points: [N, L, C] -> [N, C] (what the gate sees)."""
+    if not grid.padded:
+        return u_NLC.mean(dim=1)
+    mask_NL = valid_points(grid, u_NLC.device).to(u_NLC.dtype)
+    return (u_NLC * mask_NL.unsqueeze(-1)).sum(1) / mask_NL.sum(1, keepdim=True)
