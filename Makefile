@@ -31,7 +31,7 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow" tests
 
 train: setup
-	$(VENV)/bin/msmoe train-layer --steps 300
+	$(VENV)/bin/msmoe fit --steps 300
 
 bench: setup
 	$(VENV)/bin/msmoe bench layer

@@ -1,0 +1,34 @@
+"""The ``msmoe`` command line. Each subcommand lives in its own module; this file only wires them.
+
+  msmoe --help
+  msmoe bench layer
+  msmoe fit --steps 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from launcher import bench, fit
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="msmoe", description="Distributed MoE trainer for multi-spectral ReID")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    b = sub.add_parser("bench", help="benchmarks (layer)")
+    bench_sub = b.add_subparsers(dest="bench_command", metavar="BENCH")
+    bench_sub.required = True
+    bench.add_layer_parser(bench_sub)
+    fit.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+BIN = os.path.join(os.path.dirname(sys.executable), "msmoe")
+
+
+def _run(*args, cwd=None):
+    return subprocess.run([BIN, *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_help_lists_subcommands():
+    out = _run("--help")
+    assert out.returncode == 0
+    for cmd in ("bench", "fit"):
+        assert cmd in out.stdout
+    assert "layer" in _run("bench", "--help").stdout
+
+
+def test_bench_layer_prints_figures(tmp_path):
+    js = tmp_path / "bench.json"
+    out = _run("bench", "layer", "--batch", "2", "--height", "16", "--width", "16", "--dim", "16",
+               "--hidden", "32", "--experts", "4", "--patch", "4", "--repeats", "2", "--warmup", "1",
+               "--json", str(js))
+    assert out.returncode == 0, out.stderr
+    assert "dense FFN" in out.stdout and "PatchMoE P=4" in out.stdout
+    rows = json.loads(js.read_text())["rows"]
+    names = [r["name"] for r in rows]
+    assert names[0].startswith("dense") and any(n.startswith("PatchMoE") for n in names)
+    dense, patch = rows[0], next(r for r in rows if r["name"].startswith("PatchMoE"))
+    assert patch["gflop_per_step"] == pytest.approx(dense["gflop_per_step"])  # equal active FLOPs
+    assert patch["router_units"] == 2 * 4 * 4 and all(r["ms_median"] > 0 for r in rows)
+
+
+def test_fit_learns(tmp_path):
+    out = _run("fit", "--steps", "60", "--quiet", "--out", str(tmp_path), "--name", "t")
+    assert out.returncode == 0, out.stderr
+    summary = json.loads((tmp_path / "t" / "summary.json").read_text())
+    assert summary["final_mse"] < 0.7 * summary["initial_mse"]
+    assert len(summary["last_routing"]["load"]) == 8
