@@ -21,6 +21,7 @@ from moe.config import PatchMoEConfig
 from moe.dispatch import Dispatcher, LocalDispatcher, plan_dispatch, unpermute
 from moe.experts import build_experts
 from moe.router import Router
+from moe.timing import NullTimer, StageTimer
 from moe.units import make_grid, patchify, pool_units, unpatchify
 
 
@@ -28,14 +29,16 @@ class PatchMoE(nn.Module):
     """Patch-routed MoE over a [B, H, W, C] feature map (token routing when patch_size=1).
 
     ``dispatcher`` decides where experts live; the default keeps all of them on this rank.
-    It is fixed at construction: the layer never looks up process groups itself.
+    ``timer`` measures the stages route / dispatch / experts / combine (nothing by default).
+    Both are fixed at construction: the layer never looks up process groups itself.
     """
 
-    def __init__(self, cfg: PatchMoEConfig, dispatcher: Dispatcher | None = None):
+    def __init__(self, cfg: PatchMoEConfig, dispatcher: Dispatcher | None = None, timer: StageTimer | None = None):
         super().__init__()
         e = cfg.router.num_experts
         self.cfg = cfg
         self.dispatcher = dispatcher if dispatcher is not None else LocalDispatcher(e)
+        self.timer = timer if timer is not None else NullTimer()
         if e % self.dispatcher.num_local_experts:
             raise ValueError(
                 f"num_experts={e} is not a multiple of the dispatcher's "
@@ -50,19 +53,21 @@ class PatchMoE(nn.Module):
         grid = make_grid(x_BHWC, cfg.patch_size, cfg.pad_mode)
         if x_BHWC.shape[-1] != cfg.dim:
             raise ValueError(f"PatchMoE(dim={cfg.dim}) got a map with C={x_BHWC.shape[-1]} channels")
-        units_NLC = patchify(x_BHWC, grid)
-        decision = self.router(pool_units(units_NLC, grid))
-
         e, k = cfg.router.num_experts, cfg.router.max_k
-        capacity = None
-        if cfg.capacity_factor is not None:
-            capacity = self.dispatcher.capacity(grid.num_units, k, e, cfg.capacity_factor)
-        plan = plan_dispatch(decision, e, capacity, cfg.capacity_priority)
-
-        rows_ULC, local_counts, meta = self.dispatcher.dispatch(units_NLC, plan)
-        out_ULC = self.experts(rows_ULC, local_counts)
-        back_RLC = self.dispatcher.combine(out_ULC, meta)
-        y_NLC = unpermute(back_RLC, plan, decision.weights)
+        with self.timer.stage("route"):
+            units_NLC = patchify(x_BHWC, grid)
+            decision = self.router(pool_units(units_NLC, grid))
+            capacity = None
+            if cfg.capacity_factor is not None:
+                capacity = self.dispatcher.capacity(grid.num_units, k, e, cfg.capacity_factor)
+            plan = plan_dispatch(decision, e, capacity, cfg.capacity_priority)
+        with self.timer.stage("dispatch"):
+            rows_ULC, local_counts, meta = self.dispatcher.dispatch(units_NLC, plan)
+        with self.timer.stage("experts"):
+            out_ULC = self.experts(rows_ULC, local_counts)
+        with self.timer.stage("combine"):
+            back_RLC = self.dispatcher.combine(out_ULC, meta)
+            y_NLC = unpatchify(unpermute(back_RLC, plan, decision.weights), grid)
 
         load_E = plan.routed.float()
         if self.training and cfg.router.bias_update_rate > 0:
@@ -72,7 +77,7 @@ class PatchMoE(nn.Module):
             kept_E=plan.counts, active_slots=decision.slot_mask.sum(),
             num_units=grid.num_units, coefs=cfg.balance,
         )
-        return MoEOutput(unpatchify(y_NLC, grid), stats, decision.weights)
+        return MoEOutput(y_NLC, stats, decision.weights)
 
     @torch.no_grad()
     def apply_bias_update(self, reduce_load=None) -> None:

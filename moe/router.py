@@ -94,7 +94,7 @@ class Router(nn.Module):
             heads=cfg.num_heads, dropout=cfg.gate_dropout,
         )
         # Aux-loss-free balancing: added to selection scores only, never to weights.
-        self.register_buffer("expert_bias", torch.zeros(cfg.num_experts), persistent=True)
+        self.register_buffer("selection_bias", torch.zeros(cfg.num_experts), persistent=True)
 
     def forward(self, x_ND: torch.Tensor) -> RoutingDecision:
         cfg = self.cfg
@@ -118,7 +118,7 @@ class Router(nn.Module):
         """Pick expert ids [N, K] and live-slot mask [N, K] (no gradient flows here)."""
         cfg = self.cfg
         k = cfg.max_k
-        select = probs_NE + self.expert_bias.float()
+        select = probs_NE + self.selection_bias.float()
         order_NE = torch.sort(select, dim=-1, descending=True, stable=True).indices
         ids_NK = order_NE[:, :k]
         if cfg.dynamic_top_p is None:
@@ -141,4 +141,4 @@ class Router(nn.Module):
         if rate <= 0:
             return
         load = load_E.float()
-        self.expert_bias += rate * torch.sign(load.mean() - load)
+        self.selection_bias += rate * torch.sign(load.mean() - load)

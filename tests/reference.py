@@ -222,7 +222,7 @@ def route_unit(router, x_D: torch.Tensor):
     heads = [gate_head_logits(router.gate, h, x_D) / cfg.temperature for h in range(cfg.num_heads)]
     scores = [torch.softmax(l, -1) if cfg.score_fn == "softmax" else torch.sigmoid(l) for l in heads]
     probs = sum(scores) / len(scores)
-    sel = [float(probs[e].detach()) + float(router.expert_bias[e]) for e in range(cfg.num_experts)]
+    sel = [float(probs[e].detach()) + float(router.selection_bias[e]) for e in range(cfg.num_experts)]
     ranked = sorted(range(cfg.num_experts), key=lambda e: (-sel[e], e))  # ties: lower index
     if cfg.dynamic_top_p is None:
         chosen = ranked[: cfg.top_k]

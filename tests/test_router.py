@@ -79,9 +79,9 @@ def test_bias_changes_selection_not_weights():
 def test_bias_update_direction():
     router = Router(RouterConfig(num_experts=4, bias_update_rate=0.1), input_dim=8)
     router.update_bias(torch.tensor([10.0, 0.0, 5.0, 5.0]))
-    torch.testing.assert_close(router.expert_bias, torch.tensor([-0.1, 0.1, 0.0, 0.0]))
+    torch.testing.assert_close(router.selection_bias, torch.tensor([-0.1, 0.1, 0.0, 0.0]))
     router.update_bias(torch.tensor([10.0, 0.0, 5.0, 5.0]))
-    torch.testing.assert_close(router.expert_bias, torch.tensor([-0.2, 0.2, 0.0, 0.0]))
+    torch.testing.assert_close(router.selection_bias, torch.tensor([-0.2, 0.2, 0.0, 0.0]))
 
 
 def test_fp32_router_math_for_bf16_input():

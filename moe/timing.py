@@ -1,0 +1,57 @@
+"""Stage timers for MoE layers: the layer always enters ``timer.stage(name)``; the timer it was
+built with decides whether anything is measured (a null object by default), so ``forward``
+carries no timer branches.
+
+Stages of a PatchMoE forward: route (unfold, pool, gate, plan), dispatch (to the experts'
+ranks), experts (grouped matmuls), combine (back, weighted sum, fold).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Iterator, Protocol
+
+import torch
+
+
+class StageTimer(Protocol):
+    def stage(self, name: str) -> AbstractContextManager: ...
+
+
+class NullTimer:
+    """Measures nothing (the default)."""
+
+    def stage(self, name: str) -> AbstractContextManager:
+        return nullcontext()
+
+
+class WallTimer:
+    """Accumulates wall-clock seconds per stage; synchronises CUDA around each stage so the
+    figures are real (which costs overlap: use it for measurement runs, not peak throughput)."""
+
+    def __init__(self, cuda_sync: bool | None = None):
+        self.cuda_sync = torch.cuda.is_available() if cuda_sync is None else cuda_sync
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        if self.cuda_sync:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.cuda_sync:
+                torch.cuda.synchronize()
+            self.seconds[name] += time.perf_counter() - t0
+            self.calls[name] += 1
+
+    def reset(self) -> None:
+        self.seconds.clear()
+        self.calls.clear()
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(self.seconds)

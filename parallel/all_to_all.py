@@ -1,0 +1,69 @@
+"""All-to-all with autograd, and the byte counter every exchange reports to.
+
+Legend: R rows this rank sends, U rows it receives, D bytes-per-row payload width.
+The backward of an all-to-all is the same all-to-all on the gradient with the split sizes
+swapped (what was sent is received back), so the function is symmetric.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class CommCounter:
+    """Bytes moved by all-to-alls since the last reset (payload rows only, not the counts).
+
+    total_bytes:    every row handed to the all-to-all, including rows kept on this rank
+    offrank_bytes:  rows that actually leave this rank
+    calls:          number of payload all-to-alls (forward and backward)
+    """
+
+    total_bytes: int = 0
+    offrank_bytes: int = 0
+    calls: int = 0
+    by_direction: dict = field(default_factory=lambda: {"forward": 0, "backward": 0})
+
+    def record(self, x: torch.Tensor, send_splits: list[int], self_index: int, direction: str) -> None:
+        row_bytes = x[0].numel() * x.element_size() if x.shape[0] else 0
+        total = sum(send_splits) * row_bytes
+        self.total_bytes += total
+        self.offrank_bytes += total - send_splits[self_index] * row_bytes
+        self.by_direction[direction] += total
+        self.calls += 1
+
+    def reset(self) -> None:
+        self.total_bytes = self.offrank_bytes = self.calls = 0
+        self.by_direction = {"forward": 0, "backward": 0}
+
+
+def exchange(x: torch.Tensor, send_splits: list[int], recv_splits: list[int], group) -> torch.Tensor:
+    """Plain all_to_all_single of rows: [sum(send), ...] -> [sum(recv), ...]."""
+    out = x.new_empty((sum(recv_splits), *x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv_splits,
+                           input_split_sizes=send_splits, group=group)
+    return out
+
+
+class AllToAll(torch.autograd.Function):
+    """Differentiable all-to-all of rows; counts the bytes both ways."""
+
+    @staticmethod
+    def forward(ctx, x, send_splits, recv_splits, group, counter: CommCounter, self_index: int):  # noqa: D102
+        ctx.splits = (send_splits, recv_splits)
+        ctx.group, ctx.counter, ctx.self_index = group, counter, self_index
+        counter.record(x, send_splits, self_index, "forward")
+        return exchange(x, send_splits, recv_splits, group)
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: D102
+        send_splits, recv_splits = ctx.splits
+        ctx.counter.record(g, recv_splits, ctx.self_index, "backward")
+        return exchange(g.contiguous(), recv_splits, send_splits, ctx.group), None, None, None, None, None
+
+
+def all_to_all_rows(x, send_splits, recv_splits, group, counter: CommCounter, self_index: int) -> torch.Tensor:
+    return AllToAll.apply(x, send_splits, recv_splits, group, counter, self_index)

@@ -1,0 +1,90 @@
+"""Expert-parallel dispatch at patch granularity: whole patches move by all-to-all.
+
+Legend
+  P ep_size, E global experts, El = E / P local experts, R rows this rank routes (kept slots),
+  U rows this rank's experts receive, L points per patch, C channels.
+
+The payload row is one routed patch, [L * C] wide: never per-point metadata. Per call:
+  1. counts:  each rank tells every other how many rows it sends to each of their experts
+              (an all-to-all of E int64 counts)                       -> recv_counts [P, El]
+  2. payload: rows sorted by global expert = by destination rank, exactly the routed rows
+              (dropless) or at most ``capacity`` per expert (capacity mode), split by rank
+  3. regroup: received rows (source-major) are reordered expert-major for the grouped matmul
+combine() undoes 3 and 2. Capacity is computed from the largest unit count in the group, so
+every rank applies the same capacity. A rank may send or receive zero rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from moe.dispatch import DispatchPlan, expert_capacity
+from parallel.all_to_all import CommCounter, all_to_all_rows, exchange
+
+
+@dataclass(frozen=True)
+class AllToAllMeta:
+    """What combine() needs to send expert outputs back (produced by dispatch())."""
+
+    send_splits: list  # [P] rows this rank sent to each rank
+    recv_splits: list  # [P] rows this rank received from each rank
+    order: torch.Tensor  # [U] received-row index of each expert-major row
+    row_shape: tuple  # (L, C)
+
+
+class AllToAllDispatcher:
+    """Experts sharded over an expert-parallel group; patches exchanged by all-to-all."""
+
+    def __init__(self, num_experts: int, ep_group, counter: CommCounter | None = None):
+        self.ep_group = ep_group
+        self.ep_size = dist.get_world_size(ep_group)
+        self.ep_rank = dist.get_rank(ep_group)
+        if num_experts % self.ep_size:
+            raise ValueError(f"num_experts={num_experts} is not divisible by ep_size={self.ep_size}")
+        self.num_experts = num_experts
+        self.num_local_experts = num_experts // self.ep_size
+        self.counter = counter if counter is not None else CommCounter()
+
+    @property
+    def first_expert(self) -> int:
+        """Global id of this rank's first local expert."""
+        return self.ep_rank * self.num_local_experts
+
+    def capacity(self, num_units: int, k: int, num_experts: int, factor: float) -> int:
+        n = torch.tensor([num_units], dtype=torch.long, device=self._device())
+        dist.all_reduce(n, op=dist.ReduceOp.MAX, group=self.ep_group)
+        return expert_capacity(int(n), k, num_experts, factor)
+
+    def _device(self) -> torch.device:
+        if dist.get_backend(self.ep_group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def dispatch(self, units_NLC: torch.Tensor, plan: DispatchPlan):
+        p, el = self.ep_size, self.num_local_experts
+        _, l, c = units_NLC.shape
+        counts_E = plan.counts.to(self._device())
+        recv_PE = exchange(counts_E, [el] * p, [el] * p, self.ep_group).view(p, el)
+        send_splits = counts_E.view(p, el).sum(1).tolist()
+        recv_splits = recv_PE.sum(1).tolist()
+
+        rows_RD = units_NLC[plan.unit_of_row].reshape(-1, l * c)
+        recv_UD = all_to_all_rows(rows_RD, send_splits, recv_splits, self.ep_group, self.counter, self.ep_rank)
+
+        local_of_row = torch.arange(el, device=recv_PE.device).repeat(p)
+        local_of_row = torch.repeat_interleave(local_of_row, recv_PE.reshape(-1)).to(units_NLC.device)
+        order = torch.sort(local_of_row, stable=True).indices
+        expert_in = recv_UD[order].reshape(-1, l, c)
+        local_counts = recv_PE.sum(0).to(units_NLC.device)
+        return expert_in, local_counts, AllToAllMeta(send_splits, recv_splits, order, (l, c))
+
+    def combine(self, expert_out_ULC: torch.Tensor, meta: AllToAllMeta) -> torch.Tensor:
+        l, c = meta.row_shape
+        out_UD = expert_out_ULC.reshape(-1, l * c)
+        source_major = torch.empty_like(out_UD).index_copy(0, meta.order, out_UD)
+        back = all_to_all_rows(source_major, meta.recv_splits, meta.send_splits, self.ep_group,
+                               self.counter, self.ep_rank)
+        return back.reshape(-1, l, c)

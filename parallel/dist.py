@@ -1,0 +1,92 @@
+"""Start-up of the distributed world, whichever launcher started this process.
+
+  torchrun / deepspeed / accelerate launch   set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT
+  mpirun / mpiexec (MPICH, Open MPI)         no RANK: the rank, size and local rank come from
+                                             mpi4py, rank 0's host name is broadcast as
+                                             MASTER_ADDR, and the env vars are set from them
+  nothing (plain `python script.py`)         a world of one (MASTER_ADDR=127.0.0.1, a free port)
+
+Then DeepSpeed's communication layer is initialised (it wraps torch.distributed), with NCCL
+on CUDA and gloo on CPU unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
+
+
+@dataclass(frozen=True)
+class WorldInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    launcher: str  # "env" (torchrun/deepspeed/accelerate), "mpi" or "single"
+    backend: str
+    device: torch.device
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def discover_launcher(environ: dict | None = None) -> str:
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return "env"
+    if any(v in env for v in MPI_RANK_VARS):
+        return "mpi"
+    return "single"
+
+
+def _env_from_mpi() -> None:
+    """Fill the torch.distributed env vars from MPI (mpi4py)."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    host = socket.gethostname()
+    hosts = comm.allgather(host)
+    master = os.environ.get("MASTER_ADDR") or comm.bcast(socket.gethostbyname(host) if rank == 0 else None, root=0)
+    port = os.environ.get("MASTER_PORT") or comm.bcast(str(_free_port()) if rank == 0 else None, root=0)
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(hosts[:rank].count(host)),
+        LOCAL_WORLD_SIZE=str(hosts.count(host)), MASTER_ADDR=str(master), MASTER_PORT=str(port),
+    )
+
+
+def init_distributed(backend: str | None = None, timeout_s: float = 300.0) -> WorldInfo:
+    """Join (or create) the process group; safe to call twice."""
+    import deepspeed
+
+    launcher = discover_launcher()
+    if launcher == "mpi":
+        _env_from_mpi()
+    elif launcher == "single":
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    cuda = torch.cuda.is_available()
+    backend = backend or ("nccl" if cuda else "gloo")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(
+            dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s)
+        )
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return WorldInfo(
+        torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, launcher,
+        torch.distributed.get_backend(), device,
+    )
