@@ -1,0 +1,88 @@
+"""Registering our MoE layers with DeepSpeed's engine.
+
+DeepSpeed recognises an MoE layer by ``isinstance(module, deepspeed.moe.layer.MoE)``; with one
+present its engine
+  * reduces expert gradients (params with ``allreduce=False``) over the expert-data-parallel
+    group named by ``param.group_name`` and dense gradients over the data-parallel group,
+  * broadcasts expert weights at start-up within that group only, and
+  * saves every expert in its own file named by *global* expert id
+    (``layer_<L>_expert_<E>_mp_rank_00_model_states.pt``), found by the state-dict key
+    pattern ``.deepspeed_moe.experts.deepspeed_experts.<local id>.``.
+:class:`DeepSpeedMoE` is that registration for a :class:`moe.PatchMoE`: it keeps our stacked
+expert weights ``[E_local, ...]`` as they are and, only in state dicts, presents them as
+per-expert entries (split on save, re-stacked on load).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn as nn
+from deepspeed.moe.layer import MoE as _DeepSpeedMoEBase
+
+from moe import MoEOutput, PatchMoE
+from parallel.groups import ParallelGroups
+
+EXPERTS_KEY = "deepspeed_moe.experts."
+PER_EXPERT_KEY = "deepspeed_moe.experts.deepspeed_experts."
+
+
+class DeepSpeedMoE(_DeepSpeedMoEBase):
+    """A PatchMoE as DeepSpeed's engine expects an MoE layer to look. Forward is the layer's."""
+
+    def __init__(self, layer: PatchMoE, groups: ParallelGroups):
+        nn.Module.__init__(self)  # DeepSpeed's own __init__ builds its gate/experts: not wanted
+        num_local = layer.dispatcher.num_local_experts
+        if layer.cfg.router.num_experts != num_local * groups.ep_size:
+            raise ValueError(
+                f"layer holds {num_local} local experts of {layer.cfg.router.num_experts}, "
+                f"which does not match ep_size={groups.ep_size}"
+            )
+        self.deepspeed_moe = layer  # the attribute name DeepSpeed's checkpoint code looks for
+        self.ep_size = groups.ep_size
+        self.expert_group_name = groups.name
+        self.num_experts = layer.cfg.router.num_experts
+        self.num_local_experts = num_local
+        self.enable_expert_tensor_parallelism = False
+        for p in layer.experts.parameters():
+            p.allreduce = False
+            p.group_name = groups.name
+        self.register_state_dict_post_hook(_split_expert_entries)
+        self.register_load_state_dict_pre_hook(_stack_expert_entries)
+
+    def set_deepspeed_parallelism(self, *args, **kwargs) -> None:
+        """Called by the engine; our groups were built up front and handed in, so only check."""
+        from deepspeed.utils import groups as ds_groups
+
+        if self.expert_group_name not in ds_groups._get_expert_parallel_group_dict():
+            raise RuntimeError(f"DeepSpeed has no expert group {self.expert_group_name}: build ParallelGroups first")
+
+    def forward(self, x: torch.Tensor) -> MoEOutput:  # type: ignore[override]
+        return self.deepspeed_moe(x)
+
+
+def _split_expert_entries(module, state_dict, prefix, local_metadata) -> None:
+    """'<p>deepspeed_moe.experts.w' [El, ...] -> '<p>deepspeed_moe.experts.deepspeed_experts.<i>.w'."""
+    head = prefix + EXPERTS_KEY
+    for key in [k for k in state_dict if k.startswith(head) and "deepspeed_experts." not in k]:
+        stacked = state_dict.pop(key)
+        name = key[len(head):]
+        for i in range(stacked.shape[0]):
+            state_dict[f"{prefix}{PER_EXPERT_KEY}{i}.{name}"] = stacked[i]
+
+
+def _stack_expert_entries(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
+    """Inverse of :func:`_split_expert_entries`, before the stacked parameters are loaded."""
+    pattern = re.compile(re.escape(prefix + PER_EXPERT_KEY) + r"(\d+)\.(.+)")
+    found: dict[str, dict[int, torch.Tensor]] = {}
+    for key in list(state_dict):
+        m = pattern.fullmatch(key)
+        if m:
+            found.setdefault(m.group(2), {})[int(m.group(1))] = state_dict.pop(key)
+    for name, per_expert in found.items():
+        ids = sorted(per_expert)
+        if ids != list(range(len(ids))):
+            errors.append(f"{prefix}{EXPERTS_KEY}{name}: expert entries {ids} are not 0..{len(ids) - 1}")
+            continue
+        state_dict[f"{prefix}{EXPERTS_KEY}{name}"] = torch.stack([per_expert[i] for i in ids])
