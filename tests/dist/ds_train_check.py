@@ -46,6 +46,49 @@ def batch(step: int, rank: int, world: int):
     return x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
 
 
+def build(groups, world_size, zero=0, clip=0.0, seed=0):
+    """The same model for every EP size: all E experts built (seeded), this rank keeps its slice."""
+    cfg = PatchMoEConfig(dim=C, patch_size=P, router=RouterConfig(num_experts=E, top_k=K),
+                         expert=ExpertConfig(kind="seed", hidden_dim=16, dropout=0.0),
+                         balance=BalanceConfig(load_balance_coef=0.01))
+    torch.manual_seed(seed)
+    full = TinyNet(PatchMoE(cfg))
+    disp = AllToAllDispatcher(E, groups.ep_group)
+    model = TinyNet(DeepSpeedMoE(PatchMoE(cfg, dispatcher=disp), groups))
+    first, el = disp.first_expert, disp.num_local_experts
+    with torch.no_grad():
+        src = full.state_dict()
+        for name, t in model.state_dict(keep_vars=True).items():
+            if ".experts.deepspeed_experts." in name:
+                continue
+            t.copy_(src[name.replace("moe.deepspeed_moe.", "moe.")])
+        for name, p in model.moe.deepspeed_moe.experts.named_parameters():
+            p.copy_(getattr(full.moe.experts, name)[first:first + el])
+    ds_config = {
+        "train_micro_batch_size_per_gpu": GLOBAL_B // world_size,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": zero},
+        "zero_allow_untested_optimizer": True,
+        "gradient_clipping": clip,
+        "steps_per_print": 10**9,
+    }
+    return build_engine(model, groups, ds_config, lambda pg: torch.optim.AdamW(pg, lr=1e-2))
+
+
+def train_step(moe_engine, step, rank, world_size):
+    """One step on the global batch of ``step``; returns (mean loss over ranks, norm or None)."""
+    engine = moe_engine.engine
+    x, y = batch(step, rank, world_size)
+    logits, aux = engine(x)
+    loss = nn.functional.cross_entropy(logits, y) + aux
+    engine.backward(loss)
+    norm = moe_engine.clip_gradients()
+    engine.step()
+    mean = loss.detach().clone()
+    dist.all_reduce(mean)
+    return float(mean) / world_size, norm
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ep-size", type=int, required=True)
@@ -58,35 +101,9 @@ def main():
 
     world = init_distributed()
     groups = ParallelGroups.build(args.ep_size, E)
-    cfg = PatchMoEConfig(dim=C, patch_size=P, router=RouterConfig(num_experts=E, top_k=K),
-                         expert=ExpertConfig(kind="seed", hidden_dim=16, dropout=0.0),
-                         balance=BalanceConfig(load_balance_coef=0.01))
-    torch.manual_seed(0)
-    full = TinyNet(PatchMoE(cfg))
-    disp = AllToAllDispatcher(E, groups.ep_group)
-    model = TinyNet(DeepSpeedMoE(PatchMoE(cfg, dispatcher=disp), groups))
+    moe_engine = build(groups, world.world_size, args.zero, args.clip)
+    engine, model, disp = moe_engine.engine, moe_engine.engine.module, moe_engine.engine.module.moe.deepspeed_moe.dispatcher
     first, el = disp.first_expert, disp.num_local_experts
-    with torch.no_grad():
-        src = full.state_dict()
-        for name, t in model.state_dict(keep_vars=True).items():
-            plain = name.replace("moe.deepspeed_moe.", "moe.").replace("deepspeed_experts.", "")
-            if ".experts.deepspeed_experts." in name:
-                continue
-            t.copy_(src[plain])
-        for name, p in model.moe.deepspeed_moe.experts.named_parameters():
-            p.copy_(getattr(full.moe.experts, name)[first:first + el])
-
-    per = GLOBAL_B // world.world_size
-    ds_config = {
-        "train_micro_batch_size_per_gpu": per,
-        "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": args.zero},
-        "zero_allow_untested_optimizer": True,
-        "gradient_clipping": args.clip,
-        "steps_per_print": 10**9,
-    }
-    moe_engine = build_engine(model, groups, ds_config, lambda pg: torch.optim.AdamW(pg, lr=1e-2))
-    engine = moe_engine.engine
     losses, norms, ds_norms = [], [], []
     for step in range(args.steps):
         x, y = batch(step, world.rank, world.world_size)
