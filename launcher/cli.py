@@ -2,6 +2,7 @@
 
   msmoe --help
   msmoe bench layer
+  msmoe bench ep --nproc 2 --ep-sizes 1,2
   msmoe fit --steps 300
 """
 
@@ -10,17 +11,18 @@ from __future__ import annotations
 import argparse
 import sys
 
-from launcher import bench, fit
+from launcher import bench, bench_ep, fit
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="msmoe", description="Distributed MoE trainer for multi-spectral ReID")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    b = sub.add_parser("bench", help="benchmarks (layer)")
+    b = sub.add_parser("bench", help="benchmarks (layer, ep)")
     bench_sub = b.add_subparsers(dest="bench_command", metavar="BENCH")
     bench_sub.required = True
     bench.add_layer_parser(bench_sub)
+    bench_ep.add_ep_parser(bench_sub)
     fit.add_parser(sub)
     return parser
 

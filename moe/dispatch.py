@@ -105,6 +105,8 @@ class LocalMeta:
 class LocalDispatcher:
     """Single rank: every expert is local, nothing moves."""
 
+    first_expert = 0  # global id of the first local expert
+
     def __init__(self, num_experts: int):
         self.num_local_experts = num_experts
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from moe.dispatch import DispatchPlan, expert_capacity
+from moe.dispatch import DispatchPlan, LocalDispatcher, expert_capacity
 from parallel.all_to_all import CommCounter, all_to_all_rows, exchange
 
 
@@ -88,3 +88,10 @@ class AllToAllDispatcher:
         back = all_to_all_rows(source_major, meta.recv_splits, meta.send_splits, self.ep_group,
                                self.counter, self.ep_rank)
         return back.reshape(-1, l, c)
+
+
+def build_dispatcher(num_experts: int, groups, counter: CommCounter | None = None):
+    """The dispatcher for these groups: all-to-all over the EP group, or local when ep_size is 1."""
+    if groups.ep_size == 1:
+        return LocalDispatcher(num_experts)
+    return AllToAllDispatcher(num_experts, groups.ep_group, counter)

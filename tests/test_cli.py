@@ -41,3 +41,16 @@ def test_fit_learns(tmp_path):
     summary = json.loads((tmp_path / "t" / "summary.json").read_text())
     assert summary["final_mse"] < 0.7 * summary["initial_mse"]
     assert len(summary["last_routing"]["load"]) == 8
+
+
+@pytest.mark.slow
+def test_bench_ep_bytes_match_the_analytic_minimum(tmp_path):
+    js = tmp_path / "ep.json"
+    out = _run("bench", "ep", "--nproc", "2", "--ep-sizes", "1,2", "--steps", "2", "--warmup", "1",
+               "--size", "8", "--batch", "2", "--dim", "16", "--hidden", "32", "--json", str(js))
+    assert out.returncode == 0, out.stderr
+    one, two = json.loads(js.read_text())
+    assert one["ep_size"] == 1 and one["bytes_per_step_total"] == 0  # local experts: nothing sent
+    assert two["bytes_per_step_total"] == two["analytic_min_bytes"] > 0
+    assert 0 < two["bytes_per_step_offrank"] < two["bytes_per_step_total"]
+    assert all(two["ms"][k] > 0 for k in ("route", "dispatch", "experts", "combine", "backward"))
