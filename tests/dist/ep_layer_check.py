@@ -36,9 +36,9 @@ def shard_shape(r):  # uneven on purpose; the 4th rank has no patches at all
     return ([2, 1, 3, 0][r % 4], 8 + 2 * (r % 3), 12 - r % 4, C)
 
 
-def shard(r):
+def shard(r, dtype=torch.float32):
     g = torch.Generator().manual_seed(100 + r)
-    return torch.randn(shard_shape(r), generator=g), torch.randn(shard_shape(r), generator=g)
+    return torch.randn(shard_shape(r), generator=g).to(dtype), torch.randn(shard_shape(r), generator=g).to(dtype)
 
 
 def bias_for(r):  # rank 0 never routes to expert E-1; others unbiased
@@ -53,6 +53,7 @@ def main():
     ap.add_argument("--ep-size", type=int, required=True)
     ap.add_argument("--capacity-factor", type=float, default=None)
     ap.add_argument("--kind", default="seed")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -64,10 +65,11 @@ def main():
         router=RouterConfig(num_experts=E, top_k=K),
         expert=ExpertConfig(kind=args.kind, hidden_dim=16, dropout=0.0),
     )
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     torch.manual_seed(0)
-    ref = PatchMoE(cfg)
+    ref = PatchMoE(cfg).to(dtype)
     disp = AllToAllDispatcher(E, groups.ep_group)
-    layer = PatchMoE(cfg, dispatcher=disp)
+    layer = PatchMoE(cfg, dispatcher=disp).to(dtype)
     first, el = disp.first_expert, disp.num_local_experts
     with torch.no_grad():
         for name, p in layer.router.named_parameters():
@@ -77,7 +79,7 @@ def main():
             p.copy_(getattr(ref.experts, name)[first:first + el])
 
     # ---- expert-parallel run on this rank's shard
-    x, g = shard(rank)
+    x, g = shard(rank, dtype)
     x = x.requires_grad_()
     res = layer(x)
     (res.out * g).sum().backward()
@@ -97,7 +99,7 @@ def main():
     sum_ep = {n: torch.zeros_like(p) for n, p in ref.experts.named_parameters()}
     sum_all = {n: torch.zeros_like(p) for n, p in ref.experts.named_parameters()}
     for r in range(ws):
-        xr, gr = shard(r)
+        xr, gr = shard(r, dtype)
         xr = xr.requires_grad_()
         ref.zero_grad(set_to_none=False)
         ref.dispatcher = FixedCapacity(E, capacity_of(r))
@@ -114,7 +116,7 @@ def main():
             ref_gate = {n: p.grad.clone() for n, p in ref.router.named_parameters()}
 
     def err(a, b):
-        return float((a - b).abs().max() / (b.abs().max() + 1e-6)) if a.numel() else 0.0  # relative
+        return float((a - b).float().abs().max() / (b.float().abs().max() + 1e-6)) if a.numel() else 0.0  # relative
 
     errors = {
         "out": err(res.out, ref_out),
@@ -128,7 +130,7 @@ def main():
         err(p.grad, sum_all[n][first:first + el]) for n, p in layer.experts.named_parameters()
     )
     kept_rows = int(res.stats.kept.sum())
-    row_bytes = P * P * C * 4
+    row_bytes = P * P * C * torch.finfo(dtype).bits // 8
     report = {
         "rank": rank, "ep_size": groups.ep_size, "edp_size": groups.edp_size, "errors": errors,
         "num_units": res.stats.num_units, "load": res.stats.load.tolist(), "kept": res.stats.kept.tolist(),
