@@ -1,7 +1,7 @@
 # msmoe — set-up, tests, training, benchmarks.
 #   make setup   create .venv with the pinned dependencies (idempotent, re-runs when pins change)
 #   make test    set up, then run the whole test suite (what CI runs)
-#   make train   set up, then run the main job on the embedded default data
+#   make train   set up, make the default data if missing, train it with 2 processes and EP=2, evaluate, report
 #   make bench   set up, then print the layer benchmark
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
@@ -31,7 +31,8 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow" tests
 
 train: setup
-	$(VENV)/bin/msmoe fit --steps 300
+	$(VENV)/bin/msmoe data synth --config configs/default.yaml
+	$(VENV)/bin/msmoe train --config configs/default.yaml --nproc 2
 
 bench: setup
 	$(VENV)/bin/msmoe bench layer

@@ -4,6 +4,9 @@
   msmoe bench layer
   msmoe bench ep --nproc 2 --ep-sizes 1,2
   msmoe fit --steps 300
+  msmoe data synth
+  msmoe train --config configs/default.yaml --nproc 2
+  msmoe eval --run runs/default --nproc 2
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from launcher import bench, bench_ep, fit
+from launcher import bench, bench_ep, data_cmd, fit, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_layer_parser(bench_sub)
     bench_ep.add_ep_parser(bench_sub)
     fit.add_parser(sub)
+    data_cmd.add_parser(sub)
+    train.add_parsers(sub)
     return parser
 
 

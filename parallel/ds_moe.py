@@ -86,3 +86,32 @@ def _stack_expert_entries(module, state_dict, prefix, local_metadata, strict, mi
             errors.append(f"{prefix}{EXPERTS_KEY}{name}: expert entries {ids} are not 0..{len(ids) - 1}")
             continue
         state_dict[f"{prefix}{EXPERTS_KEY}{name}"] = torch.stack([per_expert[i] for i in ids])
+
+
+def shard_moe_layers(model: nn.Module, groups: ParallelGroups, counter=None, timer=None) -> list[DeepSpeedMoE]:
+    """Replace every :class:`PatchMoE` in ``model`` by its expert-parallel, DeepSpeed-registered
+    version: same router and config, this rank's slice of the experts, an all-to-all
+    dispatcher over ``groups.ep_group`` (local when ep_size is 1) and ``timer``.
+
+    Build the model identically on every rank (same seed) first: then every EP size starts
+    from the same weights, and expert e's weights are the same wherever it lands.
+    Returns the new layers in model order.
+    """
+    from parallel.dispatcher import build_dispatcher
+
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, PatchMoE)]
+    out = []
+    for name, full in found:
+        disp = build_dispatcher(full.cfg.router.num_experts, groups, counter)
+        layer = PatchMoE(full.cfg, dispatcher=disp, timer=timer)
+        first, n = disp.first_expert, disp.num_local_experts
+        with torch.no_grad():
+            layer.router.load_state_dict(full.router.state_dict())
+            for pname, p in layer.experts.named_parameters():
+                p.copy_(full.experts.get_parameter(pname)[first:first + n])
+        wrapped = DeepSpeedMoE(layer, groups)
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, wrapped)
+        out.append(wrapped)
+    return out

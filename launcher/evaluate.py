@@ -1,0 +1,68 @@
+"""Retrieval evaluation under any world size: each rank embeds its shard of the query and
+gallery splits, features are gathered across ranks, and every rank computes the metrics.
+
+Every rank runs the same number of forward passes (shards are padded to equal length), which
+expert parallelism requires: a layer's all-to-all needs every rank of its group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from reid.data import chunks, eval_shard, fetch
+from reid.metrics import RetrievalMetrics, cosine_distance, evaluate
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    feats: np.ndarray  # [N, D] (after BNNeck)
+    pids: np.ndarray
+    cams: np.ndarray
+    fusion_weights: np.ndarray  # [N, S] multi-scale gate weights
+
+
+def _gather(x: torch.Tensor, world_size: int) -> torch.Tensor:
+    if world_size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def embed(model, split, batch_size: int, rank: int, world_size: int, device, dtype=torch.float32) -> Embeddings:
+    idx, valid = eval_shard(len(split), world_size, rank)
+    feats, weights, pids, cams = [], [], [], []
+    for part in chunks(idx, batch_size):
+        b = fetch(split, part).to(device)
+        if dtype != torch.float32:
+            b = type(b)(b.rgb.to(dtype), b.nir.to(dtype), b.tir.to(dtype), b.pid, b.camid)
+        out = model(b)
+        feats.append(out.feat_bn.float())
+        weights.append(out.fusion_weights.float())
+        pids.append(b.pid)
+        cams.append(b.camid)
+    mask = torch.tensor(valid, device=device)
+    cat = lambda xs: _gather(torch.cat(xs), world_size)  # noqa: E731
+    keep = _gather(mask, world_size).cpu().numpy().astype(bool)
+    return Embeddings(
+        feats=cat(feats).cpu().numpy()[keep], pids=cat(pids).cpu().numpy()[keep],
+        cams=cat(cams).cpu().numpy()[keep], fusion_weights=cat(weights).cpu().numpy()[keep],
+    )
+
+
+def retrieval(model, splits, batch_size: int, rank: int, world_size: int, device, max_rank: int = 20,
+              dtype=torch.float32) -> tuple[RetrievalMetrics, Embeddings]:
+    was_training = model.training
+    model.eval()
+    try:
+        q = embed(model, splits["query"], batch_size, rank, world_size, device, dtype)
+        g = embed(model, splits["gallery"], batch_size, rank, world_size, device, dtype)
+    finally:
+        model.train(was_training)
+    metrics = evaluate(cosine_distance(q.feats, g.feats), q.pids, g.pids, q.cams, g.cams, max_rank=max_rank)
+    return metrics, q

@@ -1,0 +1,170 @@
+"""``msmoe train`` and ``msmoe eval``.
+
+  msmoe train --config configs/tiny.yaml                       # one process
+  msmoe train --config configs/default.yaml --nproc 2          # starts torchrun itself
+  torchrun --nproc_per_node 2 -m launcher.cli train --config configs/default.yaml train.steps=100
+  msmoe train --config configs/default.yaml --nproc 2 --resume  # continue from the newest checkpoint
+  msmoe eval --run runs/default --nproc 2                       # re-evaluate a finished run
+
+Overrides are dotted ``key=value`` pairs after the options. Rank 0 writes runs/<name>/:
+config.yaml, summary.json, report.md and the plots; checkpoints go to runs/<name>/checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+import yaml
+
+
+def add_parsers(sub) -> None:
+    t = sub.add_parser("train", help="train (and then evaluate) the ReID MoE model",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("--config", default="configs/default.yaml", help="YAML run config")
+    t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=50")
+    t.add_argument("--resume", action="store_true", help="continue from the run's newest checkpoint")
+    t.add_argument("--stop-at", type=int, default=None,
+                   help="stop after this step (checkpointed; the schedule still targets train.steps)")
+    _common(t)
+    t.set_defaults(func=run_train)
+
+    e = sub.add_parser("eval", help="evaluate a run's newest checkpoint (mAP, Rank-k, CMC)")
+    e.add_argument("--run", required=True, help="run directory (runs/<name>)")
+    e.add_argument("overrides", nargs="*", help="dotted key=value overrides of the run's config")
+    _common(e)
+    e.set_defaults(func=run_eval)
+
+
+def _common(p) -> None:
+    p.add_argument("--nproc", type=int, default=1,
+                   help="processes on this machine; >1 starts torchrun --standalone for you")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def _relaunch(nproc: int) -> int | None:
+    """Re-run this command under torchrun when asked for >1 process and not yet launched."""
+    if nproc <= 1 or "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ or "PMI_RANK" in os.environ:
+        return None
+    argv = sys.argv[1:]
+    cleaned, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        cleaned.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "launcher.cli", *cleaned]
+    return subprocess.call(cmd)
+
+
+def _setup_threads(threads: int) -> None:
+    import torch
+
+    if threads == 0:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        threads = max(1, (os.cpu_count() or 1) // local)
+    torch.set_num_threads(threads)
+
+
+def _prepare_data(cfg, world, progress: bool = True) -> None:
+    import torch.distributed as dist
+
+    from reid.synth import ensure_synth
+
+    if cfg.data.source == "synth" and world.local_rank == 0:
+        made = ensure_synth(cfg.data.path, cfg.data.synth_spec(), progress=world.rank == 0 and progress)
+        if made and world.rank == 0:
+            print(f"generated the synthetic multi-spectral ReID set in {cfg.data.path}", flush=True)
+    if world.world_size > 1:
+        dist.barrier()
+
+
+def run_train(args) -> int:
+    code = _relaunch(args.nproc)
+    if code is not None:
+        return code
+    from launcher.trainer import Trainer, check_data, write_json
+    from parallel.dist import init_distributed
+    from reid.config import load_config
+    from reid.report import write_report
+
+    cfg = load_config(args.config, args.overrides)  # bad config fails here, before any process group
+    _setup_threads(cfg.train.threads)
+    world = init_distributed()
+    _prepare_data(cfg, world, not args.no_progress)
+    check_data(cfg)
+    t_start = time.perf_counter()
+    trainer = Trainer(cfg, world, progress=not args.no_progress)
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    untrained_path = os.path.join(cfg.run_dir, "untrained.json")
+    untrained = None
+    if args.resume:
+        step = trainer.resume()
+        if world.rank == 0:
+            print(f"resumed {cfg.name!r} at step {step}", flush=True)
+        if os.path.isfile(untrained_path):
+            from reid.metrics import RetrievalMetrics
+            import json
+            import numpy as np
+
+            with open(untrained_path) as fh:
+                d = json.load(fh)
+            untrained = RetrievalMetrics(d["map"], np.asarray(d["cmc"]), d["num_valid_queries"], d["num_skipped_queries"])
+    elif cfg.eval.untrained:
+        untrained, _ = trainer.evaluate()
+        if world.rank == 0:
+            write_json(untrained_path, untrained.as_dict())
+            print(f"untrained model: mAP {untrained.map:.1%}  Rank-1 {untrained.rank(1):.1%}", flush=True)
+    if world.rank == 0:
+        with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as fh:
+            yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
+    trainer.train(stop_at=args.stop_at)
+    if trainer.step < cfg.train.steps:
+        if world.rank == 0:
+            print(f"stopped at step {trainer.step} of {cfg.train.steps}; checkpoint in {trainer.ckpt_dir}; "
+                  f"continue with --resume", flush=True)
+        return 0
+    metrics, q = trainer.evaluate()
+    if world.rank == 0:
+        summary = trainer.summary(metrics, untrained, time.perf_counter() - t_start)
+        write_json(os.path.join(cfg.run_dir, "summary.json"), summary)
+        write_report(summary, cfg.run_dir, q.fusion_weights)
+        base = f"  (untrained {untrained.map:.1%})" if untrained is not None else ""
+        print(f"{cfg.name}: mAP {metrics.map:.1%}{base}  Rank-1 {metrics.rank(1):.1%}  Rank-5 {metrics.rank(5):.1%}  "
+              f"Rank-10 {metrics.rank(10):.1%}  |  {summary['samples_per_s']:.1f} samples/s", flush=True)
+        print(f"report: {os.path.join(cfg.run_dir, 'report.md')}", flush=True)
+    return 0
+
+
+def run_eval(args) -> int:
+    code = _relaunch(args.nproc)
+    if code is not None:
+        return code
+    from launcher.trainer import Trainer, write_json
+    from parallel.dist import init_distributed
+    from reid.config import load_config
+
+    cfg_path = os.path.join(args.run, "config.yaml")
+    cfg = load_config(cfg_path, args.overrides)
+    _setup_threads(cfg.train.threads)
+    world = init_distributed()
+    trainer = Trainer(cfg, world, progress=False)
+    trainer.ckpt_dir = os.path.join(args.run, "checkpoints")
+    step = trainer.resume()
+    metrics, _ = trainer.evaluate()
+    if world.rank == 0:
+        out = {"step": step, **metrics.as_dict()}
+        write_json(os.path.join(args.run, "eval.json"), out)
+        print(f"{cfg.name} @ step {step}: mAP {metrics.map:.1%}  Rank-1 {metrics.rank(1):.1%}  "
+              f"Rank-5 {metrics.rank(5):.1%}  Rank-10 {metrics.rank(10):.1%}", flush=True)
+    return 0

@@ -1,0 +1,283 @@
+"""The training job: data -> expert-parallel ReID model in a DeepSpeed engine -> evaluation -> report.
+
+Determinism (what makes ``--resume`` exact): the batch of step s comes from (seed, s) alone
+(:class:`reid.data.PKSampler`), the learning rate is a function of s, and the torch RNG (dropout,
+router noise) is reseeded from (seed, s, rank) at the start of every step. A run stopped after
+step N and resumed from its checkpoint therefore computes the same steps N+1.. as one that never
+stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from launcher.evaluate import retrieval
+from moe.timing import WallTimer
+from parallel.all_to_all import CommCounter
+from parallel.dist import WorldInfo
+from parallel.ds_moe import shard_moe_layers
+from parallel.engine import build_engine
+from parallel.groups import ParallelGroups
+from reid.config import RunConfig
+from reid.data import Batch, DataError, PKSampler, dataset_summary, fetch, load_splits
+from reid.losses import reid_loss
+from reid.model import ReIDModel
+
+CKPT_DIR = "checkpoints"
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**31 - 1)
+
+
+@dataclass
+class History:
+    """Per-step means over ranks, plus per-layer expert load per logging interval."""
+
+    loss: list = field(default_factory=list)
+    id: list = field(default_factory=list)
+    triplet: list = field(default_factory=list)
+    aux: list = field(default_factory=list)
+    lr: list = field(default_factory=list)
+    load_steps: list = field(default_factory=list)  # step at the end of each interval
+    load: list = field(default_factory=list)  # [interval][layer][expert] routed patches (world sum)
+    fusion_load: list = field(default_factory=list)  # [interval][scale] mean gate weight
+    dropped: list = field(default_factory=list)  # [interval] dropped fraction (mean over layers)
+    active: list = field(default_factory=list)  # [interval] mean active experts per patch
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, world: WorldInfo, progress: bool = True):
+        self.cfg, self.world = cfg, world
+        self.rank, self.world_size = world.rank, world.world_size
+        self.device = world.device
+        self.progress = progress and self.rank == 0
+        self.run_dir = cfg.run_dir
+        self.ckpt_dir = os.path.join(self.run_dir, CKPT_DIR)
+        tc = cfg.train
+
+        self.splits = load_splits(cfg.data.path)
+        self.data_summary = dataset_summary(self.splits)
+        train_pids = np.asarray(self.splits["train"]["pid"])
+        self.label_of = {int(p): i for i, p in enumerate(np.unique(train_pids))}
+        self.sampler = PKSampler(train_pids, tc.p, tc.k, self.world_size, self.rank, cfg.seed)
+
+        self.groups = ParallelGroups.build(tc.ep_size, cfg.model.num_experts)
+        self.timer = WallTimer()
+        self.comm = CommCounter()
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank, for every EP size
+        model = ReIDModel(cfg.model, num_classes=len(self.label_of))
+        self.moe_layers = shard_moe_layers(model, self.groups, self.comm, self.timer)
+        self.dtype = torch.bfloat16 if tc.precision == "bf16" else torch.float32
+        ds_config = {
+            "train_micro_batch_size_per_gpu": tc.p * tc.k // self.world_size,
+            "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": tc.zero_stage},
+            "zero_allow_untested_optimizer": True,
+            "gradient_clipping": tc.grad_clip,
+            "bf16": {"enabled": tc.precision == "bf16"},
+            "steps_per_print": 10**9,
+        }
+        self.moe_engine = build_engine(
+            model.to(self.device), self.groups, ds_config,
+            lambda groups: torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay),
+            weight_decay=tc.weight_decay,
+        )
+        self.engine = self.moe_engine.engine
+        self.model = self.engine.module
+        self.history = History()
+        self.step = 0
+        self.stage_s: dict[str, float] = {}
+        self.train_time_s = 0.0
+        self.timed_steps = 0
+        self.a2a_per_step: dict = {}
+
+    # ------------------------------------------------------------------ data
+    def batch(self, step: int) -> tuple[Batch, torch.Tensor]:
+        idx = self.sampler.indices(step)
+        b = fetch(self.splits["train"], idx, self.sampler.flips(step)).to(self.device)
+        labels = torch.tensor([self.label_of[int(p)] for p in b.pid], device=self.device)
+        if self.dtype != torch.float32:
+            b = Batch(b.rgb.to(self.dtype), b.nir.to(self.dtype), b.tir.to(self.dtype), b.pid, b.camid)
+        return b, labels
+
+    # ------------------------------------------------------------ checkpoint
+    def save(self) -> None:
+        client = {"step": self.step, "history": self.history.as_dict(), "stage_s": self.stage_s,
+                  "train_time_s": self.train_time_s, "timed_steps": self.timed_steps}
+        self.engine.save_checkpoint(self.ckpt_dir, tag=f"step{self.step:07d}", client_state=client)
+
+    def resume(self) -> int:
+        """Load the newest checkpoint of this run; returns the step it continues from."""
+        latest = os.path.join(self.ckpt_dir, "latest")
+        if not os.path.isfile(latest):
+            raise FileNotFoundError(f"--resume: no checkpoint in {self.ckpt_dir} (no 'latest' file); "
+                                    f"run without --resume to start {self.cfg.name!r} from scratch")
+        path, client = self.engine.load_checkpoint(self.ckpt_dir)
+        if path is None:
+            raise RuntimeError(f"--resume: DeepSpeed could not load the checkpoint in {self.ckpt_dir}")
+        self.step = int(client["step"])
+        self.history = History(**client["history"])
+        self.stage_s = dict(client.get("stage_s", {}))
+        self.train_time_s = float(client.get("train_time_s", 0.0))
+        self.timed_steps = int(client.get("timed_steps", 0))
+        return self.step
+
+    # ----------------------------------------------------------------- train
+    def _mean(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64)
+        if self.world_size > 1:
+            dist.all_reduce(t)
+        return (t / self.world_size).tolist()
+
+    def train(self, stop_at: int | None = None) -> None:
+        tc = self.cfg.train
+        end = min(tc.steps, stop_at) if stop_at is not None else tc.steps
+        interval_load = None
+        interval_fusion = None
+        interval_dropped, interval_active, interval_n = 0.0, 0.0, 0
+        bar = tqdm(total=tc.steps, initial=self.step, desc=f"train {self.cfg.name}", disable=not self.progress,
+                   unit="step", dynamic_ncols=True)
+        samples_per_step = tc.p * tc.k
+        first_step = self.step
+        self.comm.reset()
+        self.engine.train()
+        while self.step < end:
+            s = self.step
+            torch.manual_seed(step_seed(self.cfg.seed, s, self.rank))
+            for group in self.engine.optimizer.param_groups:
+                group["lr"] = tc.lr_at(s)
+            t0 = time.perf_counter()
+            self.timer.reset()
+            b, labels = self.batch(s)
+            t1 = time.perf_counter()
+            out = self.engine(b)
+            parts = reid_loss(out.logits, out.feat, labels, out.aux_loss, label_smoothing=tc.label_smoothing,
+                              margin=tc.triplet_margin, triplet_weight=tc.triplet_weight)
+            t2 = time.perf_counter()
+            self.engine.backward(parts.total)
+            t3 = time.perf_counter()
+            self.moe_engine.clip_gradients()
+            self.engine.step()
+            t4 = time.perf_counter()
+
+            loads = torch.stack([st.load for st in out.moe_stats]) if out.moe_stats else torch.zeros(0)
+            interval_load = loads if interval_load is None else interval_load + loads
+            fw = out.fusion_weights.detach().float().mean(0)
+            interval_fusion = fw if interval_fusion is None else interval_fusion + fw
+            if out.moe_stats:
+                interval_dropped += float(np.mean([st.dropped_fraction for st in out.moe_stats]))
+                interval_active += float(np.mean([st.active_experts for st in out.moe_stats]))
+            interval_n += 1
+
+            total, ce, tri, aux = self._mean([float(parts.total.detach()), parts.id, parts.triplet, parts.aux])
+            h = self.history
+            h.loss.append(total), h.id.append(ce), h.triplet.append(tri), h.aux.append(aux), h.lr.append(tc.lr_at(s))
+            self.step += 1
+            step_time = time.perf_counter() - t0
+            if s >= 3:  # leave start-up (first calls, allocator) out of throughput
+                self.train_time_s += step_time
+                self.timed_steps += 1
+                for name, secs in (("data", t1 - t0), ("forward", t2 - t1), ("backward", t3 - t2),
+                                   ("optimizer", t4 - t3), *self.timer.as_dict().items()):
+                    self.stage_s[name] = self.stage_s.get(name, 0.0) + secs
+            if self.step % tc.log_every == 0 or self.step == end:
+                reduced = torch.cat([interval_load.flatten().double(), interval_fusion.double() / interval_n,
+                                     torch.tensor([interval_dropped / interval_n, interval_active / interval_n],
+                                                  dtype=torch.float64)])
+                if self.world_size > 1:
+                    dist.all_reduce(reduced)
+                nl = interval_load.numel()
+                ns = interval_fusion.numel()
+                h.load_steps.append(self.step)
+                h.load.append(reduced[:nl].reshape(interval_load.shape).tolist())
+                h.fusion_load.append((reduced[nl:nl + ns] / self.world_size).tolist())
+                h.dropped.append(float(reduced[nl + ns]) / self.world_size)
+                h.active.append(float(reduced[nl + ns + 1]) / self.world_size)
+                interval_load = interval_fusion = None
+                interval_dropped, interval_active, interval_n = 0.0, 0.0, 0
+            if self.step % tc.ckpt_every == 0 and self.step < end:
+                self.save()
+            sps = samples_per_step * self.timed_steps / self.train_time_s if self.train_time_s else 0.0
+            bar.set_postfix(loss=f"{total:.3f}", id=f"{ce:.3f}", tri=f"{tri:.3f}", samples_s=f"{sps:.1f}")
+            bar.update(1)
+        bar.close()
+        run = max(self.step - first_step, 1)
+        self.a2a_per_step = {"total": self.comm.total_bytes / run, "offrank": self.comm.offrank_bytes / run,
+                             "forward": self.comm.by_direction["forward"] / run,
+                             "backward": self.comm.by_direction["backward"] / run}
+        self.save()
+
+    # ------------------------------------------------------------------ eval
+    def evaluate(self):
+        ec = self.cfg.eval
+        return retrieval(self.model, self.splits, ec.batch_size, self.rank, self.world_size, self.device,
+                         ec.max_rank, self.dtype)
+
+    def summary(self, metrics, untrained, elapsed_s: float) -> dict:
+        tc = self.cfg.train
+        timed = max(self.timed_steps, 1)
+        stage_ms = {k: 1000 * v / timed for k, v in self.stage_s.items()}
+        stage_ms["step"] = 1000 * self.train_time_s / timed
+        h = self.history
+        last = np.asarray(h.load[-1]) if h.load else np.zeros((0, 0))
+        total_load = np.asarray(h.load).sum(0) if h.load else np.zeros((0, 0))
+        out = {
+            "name": self.cfg.name,
+            **{k: v for k, v in metrics.as_dict().items()},
+            "untrained": untrained.as_dict() if untrained is not None else None,
+            "loss_history": h.loss,
+            "final_loss": h.loss[-1] if h.loss else None,
+            "samples_per_s": tc.p * tc.k * self.timed_steps / self.train_time_s if self.train_time_s else 0.0,
+            "world_size": self.world_size,
+            "ep_size": self.groups.ep_size,
+            "num_experts": self.cfg.model.num_experts,
+            "moe_layers": len(self.moe_layers),
+            "steps": self.step,
+            "step_time_ms": stage_ms,
+            "expert_load": {
+                f"block{b}": {"last_interval": last[i].tolist(), "whole_run": total_load[i].tolist(),
+                              "fraction": (total_load[i] / max(total_load[i].sum(), 1)).tolist()}
+                for i, b in enumerate(self.cfg.model.moe_blocks) if i < len(last)
+            },
+            "fusion_weight_mean": h.fusion_load[-1] if h.fusion_load else None,
+            "dropped_fraction": h.dropped[-1] if h.dropped else 0.0,
+            "active_experts_per_patch": h.active[-1] if h.active else None,
+            "a2a_bytes_per_step": self.a2a_per_step,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "launcher": self.world.launcher,
+            "backend": self.world.backend,
+            "device": str(self.device),
+            "elapsed_s": elapsed_s,
+            "data": self.data_summary,
+            "history": h.as_dict(),
+            "config": self.cfg.to_dict(),
+        }
+        return out
+
+
+def write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=1)
+    os.replace(tmp, path)
+
+
+def check_data(cfg: RunConfig) -> None:
+    from reid.data import read_meta
+
+    if read_meta(cfg.data.path) is None:
+        raise DataError(f"no dataset at data.path={cfg.data.path!r}: run `msmoe data synth --out {cfg.data.path}` "
+                        "(or import one with `msmoe data rgbnt201`)")

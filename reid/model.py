@@ -1,0 +1,112 @@
+"""The multi-spectral ReID model: per-modality stems, a token-grid backbone whose FFN sublayers
+can be PatchMoE, seed 000's multi-scale MoE fusion, BNNeck and an ID classifier.
+
+Legend: B batch, M modalities, D model dim, h x w token grid (image / stem_stride), S scales.
+
+  rgb [B,3,H,W] --stem_rgb--+
+  nir [B,1,H,W] --stem_nir--+--sum + LN--> x [B,h,w,D] --blocks--> [B,h,w,D]
+  tir [B,1,H,W] --stem_tir--+
+  block:  x = x + DWConv(LN(x))          (spatial mixing, k x k depthwise)
+          x = x + FFN(LN(x))             (FFN = PatchMoE in ``moe_blocks``, else dense MLP)
+  head:   window features 4/8/16 (max of window means) --MultiScaleMoE--> f [B,D]
+          BNNeck: f_bn = BN(f) (bias frozen); logits = W f_bn (no bias)
+Training uses f (triplet) and logits (ID loss); retrieval uses f_bn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from moe import MoEOutput, MultiScaleMoE, PatchMoE, RoutingStats
+from reid.config import ModelConfig
+from reid.data import MODALITIES, Batch
+
+
+class Stem(nn.Module):
+    """One modality: two strided convs (stride s = s1 * s2) with a norm between: [B,c,H,W] -> [B,D,h,w]."""
+
+    def __init__(self, channels: int, dim: int, stride: int):
+        super().__init__()
+        s1 = 2 if stride % 2 == 0 and stride > 2 else 1
+        s2 = stride // s1
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, dim // 2, kernel_size=max(3, s1 + 1), stride=s1, padding=max(3, s1 + 1) // 2),
+            nn.GroupNorm(1, dim // 2),
+            nn.GELU(),
+            nn.Conv2d(dim // 2, dim, kernel_size=s2, stride=s2),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class DenseFFN(nn.Module):
+    def __init__(self, dim: int, hidden: int, dropout: float):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, use_moe: bool):
+        super().__init__()
+        d = cfg.dim
+        self.norm1 = nn.LayerNorm(d)
+        self.mix = nn.Conv2d(d, d, cfg.kernel, padding=cfg.kernel // 2, groups=d)
+        self.norm2 = nn.LayerNorm(d)
+        self.ffn: nn.Module = PatchMoE(cfg.patch_moe_config()) if use_moe else DenseFFN(d, int(d * cfg.mlp_ratio), cfg.dropout)
+        self.is_moe = use_moe
+
+    def forward(self, x_BhwD: torch.Tensor) -> tuple[torch.Tensor, RoutingStats | None]:
+        y = self.norm1(x_BhwD).permute(0, 3, 1, 2)
+        x_BhwD = x_BhwD + self.mix(y).permute(0, 2, 3, 1)
+        h = self.norm2(x_BhwD)
+        if self.is_moe:
+            res: MoEOutput = self.ffn(h)
+            return x_BhwD + res.out, res.stats
+        return x_BhwD + self.ffn(h), None
+
+
+@dataclass(frozen=True)
+class ReIDOutput:
+    feat: torch.Tensor  # [B, D] before BNNeck (triplet loss)
+    feat_bn: torch.Tensor  # [B, D] after BNNeck (retrieval)
+    logits: torch.Tensor  # [B, num_classes]
+    aux_loss: torch.Tensor  # sum of the MoE layers' balance losses
+    moe_stats: tuple  # RoutingStats per PatchMoE block, in order
+    fusion_stats: RoutingStats
+    fusion_weights: torch.Tensor  # [B, S] seed 000's expert_weights
+
+
+class ReIDModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, num_classes: int):
+        super().__init__()
+        self.cfg = cfg
+        self.stems = nn.ModuleDict({m: Stem(c, cfg.dim, cfg.stem_stride) for m, c in MODALITIES.items()})
+        self.norm_in = nn.LayerNorm(cfg.dim)
+        self.blocks = nn.ModuleList(Block(cfg, i in cfg.moe_blocks) for i in range(cfg.depth))
+        self.norm_out = nn.LayerNorm(cfg.dim)
+        self.fusion = MultiScaleMoE(cfg.multiscale_config())
+        self.bnneck = nn.BatchNorm1d(cfg.dim)
+        self.bnneck.bias.requires_grad_(False)
+        self.classifier = nn.Linear(cfg.dim, num_classes, bias=False)
+        nn.init.normal_(self.classifier.weight, std=0.001)
+
+    def forward(self, batch: Batch) -> ReIDOutput:
+        x_BDhw = sum(self.stems[m](getattr(batch, m)) for m in MODALITIES)
+        x = self.norm_in(x_BDhw.permute(0, 2, 3, 1))
+        stats = []
+        for block in self.blocks:
+            x, st = block(x)
+            if st is not None:
+                stats.append(st)
+        fused = self.fusion(self.norm_out(x))
+        feat = fused.out
+        feat_bn = self.bnneck(feat)
+        aux = fused.stats.aux_loss + sum((s.aux_loss for s in stats), torch.zeros((), device=feat.device))
+        return ReIDOutput(feat, feat_bn, self.classifier(feat_bn), aux, tuple(stats), fused.stats, fused.weights)

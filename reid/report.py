@@ -1,0 +1,218 @@
+"""A run's human report: ``report.md`` plus PNG plots, written from its ``summary.json`` dict.
+
+Plots: loss curves, CMC (trained vs untrained), one expert-load heatmap per PatchMoE block
+(experts x training progress, share of routed patches), the multi-scale fusion gate weights
+(seed 000's expert-weight heatmap: scales x samples), and the step-time breakdown.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _smooth(y, n: int = 10):
+    y = np.asarray(y, dtype=float)
+    if len(y) < n:
+        return y
+    return np.convolve(y, np.ones(n) / n, mode="valid")
+
+
+def plot_losses(summary: dict, path: str) -> None:
+    plt = _plt()
+    h = summary["history"]
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    steps = np.arange(1, len(h["loss"]) + 1)
+    for key, label in (("loss", "total"), ("id", "ID (label-smoothed CE)"), ("triplet", "batch-hard triplet")):
+        y = _smooth(h[key])
+        ax[0].plot(steps[len(steps) - len(y):], y, label=label)
+    ax[0].set_xlabel("step")
+    ax[0].set_ylabel("loss (moving mean, 10 steps)")
+    ax[0].legend()
+    ax[0].set_title("training losses")
+    ax[1].plot(steps, h["aux"], color="tab:purple", label="MoE balance losses")
+    ax[1].set_xlabel("step")
+    ax[1].set_ylabel("aux loss")
+    ax2 = ax[1].twinx()
+    ax2.plot(steps, h["lr"], color="tab:gray", ls="--", label="lr")
+    ax2.set_ylabel("learning rate")
+    ax[1].set_title("balance loss and learning rate")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_cmc(summary: dict, path: str) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ranks = np.arange(1, len(summary["cmc"]) + 1)
+    ax.plot(ranks, summary["cmc"], marker="o", ms=3, label=f"trained (mAP {summary['map']:.1%})")
+    if summary.get("untrained"):
+        u = summary["untrained"]
+        ax.plot(ranks, u["cmc"], marker="o", ms=3, ls="--", label=f"untrained (mAP {u['map']:.1%})")
+    ax.set_xlabel("rank")
+    ax.set_ylabel("matching rate")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    ax.set_title("CMC curve (query vs gallery, same-camera matches excluded)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_expert_load(summary: dict, layer: int, name: str, path: str) -> None:
+    plt = _plt()
+    h = summary["history"]
+    load = np.asarray([interval[layer] for interval in h["load"]], dtype=float)  # [T, E]
+    share = load / np.maximum(load.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(8, 0.4 * share.shape[1] + 1.8))
+    im = ax.imshow(share.T, aspect="auto", cmap="viridis", vmin=0, interpolation="nearest")
+    e = share.shape[1]
+    ax.set_yticks(range(e), [f"expert {i}" for i in range(e)])
+    ticks = np.linspace(0, len(h["load_steps"]) - 1, min(8, len(h["load_steps"]))).astype(int)
+    ax.set_xticks(ticks, [str(h["load_steps"][t]) for t in ticks])
+    ax.set_xlabel("step")
+    ax.set_title(f"{name}: share of routed patches per expert (1/E = {1 / e:.2f} is balanced)")
+    fig.colorbar(im, ax=ax, label="share")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_fusion_weights(weights_NS: np.ndarray, scales, path: str, max_samples: int = 40) -> None:
+    """Seed 000's visualize_expert_weights: gate weight of each scale expert per sample."""
+    plt = _plt()
+    w = np.asarray(weights_NS)[:max_samples]
+    fig, ax = plt.subplots(figsize=(10, 0.5 * len(scales) + 1.8))
+    im = ax.imshow(w.T, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_yticks(range(len(scales)), [f"{s}x{s}" for s in scales])
+    ax.set_xlabel("query sample")
+    ax.set_title("multi-scale MoE fusion: expert weights per sample")
+    fig.colorbar(im, ax=ax, label="weight")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_step_time(summary: dict, path: str) -> None:
+    plt = _plt()
+    st = summary["step_time_ms"]
+    outer = [k for k in ("data", "forward", "backward", "optimizer") if k in st]
+    inner = [k for k in ("route", "dispatch", "experts", "combine") if k in st]
+    fig, ax = plt.subplots(figsize=(8, 2.8))
+    left = 0.0
+    for k in outer:
+        ax.barh(1, st[k], left=left, label=k)
+        left += st[k]
+    left = st.get("data", 0.0)
+    for k in inner:
+        ax.barh(0, st[k], left=left, label=f"MoE {k}", hatch="//")
+        left += st[k]
+    ax.set_yticks([0, 1], ["MoE stages\n(inside forward)", "step"])
+    ax.set_xlabel("ms per step (mean)")
+    ax.legend(ncol=4, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.35))
+    ax.set_title(f"step time: {st.get('step', 0):.1f} ms")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _pct(x) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def write_report(summary: dict, run_dir: str, fusion_weights: np.ndarray | None = None) -> list[str]:
+    """Write the plots and report.md into ``run_dir``; returns the files written."""
+    files = []
+
+    def out(name):
+        files.append(os.path.join(run_dir, name))
+        return files[-1]
+
+    plot_losses(summary, out("loss.png"))
+    plot_cmc(summary, out("cmc.png"))
+    plot_step_time(summary, out("step_time.png"))
+    blocks = list(summary["expert_load"])
+    for i, name in enumerate(blocks):
+        plot_expert_load(summary, i, name, out(f"expert_load_{name}.png"))
+    scales = summary["config"]["model"]["multiscale"].get("scales", [4, 8, 16])
+    if fusion_weights is not None:
+        plot_fusion_weights(fusion_weights, scales, out("fusion_weights.png"))
+
+    u = summary.get("untrained")
+    st = summary["step_time_ms"]
+    lines = [
+        f"# Run `{summary['name']}`",
+        "",
+        f"{summary['steps']} steps on {summary['world_size']} rank(s) ({summary['device']}, {summary['backend']}, "
+        f"launcher: {summary['launcher']}), expert-parallel size {summary['ep_size']}, "
+        f"{summary['num_experts']} experts in each of {summary['moe_layers']} PatchMoE block(s). "
+        f"Wall time {summary['elapsed_s']:.0f} s.",
+        "",
+        "## Retrieval (query vs gallery, same-identity same-camera gallery images excluded)",
+        "",
+        "| model | mAP | Rank-1 | Rank-5 | Rank-10 |",
+        "|---|---|---|---|---|",
+        f"| trained | {_pct(summary['map'])} | {_pct(summary['rank1'])} | {_pct(summary['rank5'])} | {_pct(summary['rank10'])} |",
+    ]
+    if u:
+        lines.append(f"| untrained (same init) | {_pct(u['map'])} | {_pct(u['rank1'])} | {_pct(u['rank5'])} | {_pct(u['rank10'])} |")
+    lines += [
+        "",
+        f"{summary['num_valid_queries']} queries evaluated, {summary['num_skipped_queries']} skipped (no match left).",
+        "",
+        "![CMC](cmc.png)",
+        "",
+        "## Training",
+        "",
+        f"Final loss {summary['final_loss']:.4f} (first {summary['loss_history'][0]:.4f}). "
+        f"Throughput {summary['samples_per_s']:.1f} samples/s (startup steps excluded).",
+        "",
+        "![losses](loss.png)",
+        "",
+        "## Step time (ms, mean per step)",
+        "",
+        "| stage | ms |",
+        "|---|---|",
+    ]
+    for k in ("data", "forward", "route", "dispatch", "experts", "combine", "backward", "optimizer", "step"):
+        if k in st:
+            prefix = "&nbsp;&nbsp;MoE " if k in ("route", "dispatch", "experts", "combine") else ""
+            lines.append(f"| {prefix}{k} | {st[k]:.2f} |")
+    a2a = summary.get("a2a_bytes_per_step") or {}
+    if a2a:
+        lines += ["", f"All-to-all payload per step: {a2a['total'] / 1e6:.3f} MB handed to all-to-all "
+                      f"({a2a['offrank'] / 1e6:.3f} MB left the rank; forward {a2a['forward'] / 1e6:.3f} MB, "
+                      f"backward {a2a['backward'] / 1e6:.3f} MB)."]
+    lines += ["", "![step time](step_time.png)", "", "## Expert load", ""]
+    lines += ["| block | share of routed patches per expert (whole run) |", "|---|---|"]
+    for name, v in summary["expert_load"].items():
+        lines.append(f"| {name} | " + " ".join(f"{x:.2f}" for x in v["fraction"]) + " |")
+    lines += ["", f"Dropped fraction (last interval): {summary['dropped_fraction']:.3f}; "
+                  f"active experts per patch: {summary['active_experts_per_patch']}.", ""]
+    for name in blocks:
+        lines += [f"![{name}](expert_load_{name}.png)", ""]
+    if fusion_weights is not None:
+        fw = summary.get("fusion_weight_mean") or []
+        lines += ["## Multi-scale fusion", "",
+                  "Mean gate weight per scale (last interval): "
+                  + ", ".join(f"{s}x{s}: {w:.2f}" for s, w in zip(scales, fw)), "",
+                  "![fusion weights](fusion_weights.png)", ""]
+    d = summary["data"]
+    lines += ["## Data", "", "| split | images | identities | cameras |", "|---|---|---|---|"]
+    lines += [f"| {k} | {v['images']} | {v['identities']} | {v['cameras']} |" for k, v in d.items()]
+    lines += ["", "Full figures: `summary.json`; configuration: `config.yaml`.", ""]
+    with open(out("report.md"), "w") as fh:
+        fh.write("\n".join(lines))
+    return files
