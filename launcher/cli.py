@@ -6,7 +6,7 @@
   msmoe fit --steps 300
   msmoe data synth
   msmoe train --config configs/default.yaml --nproc 2
-  msmoe eval --run runs/default --nproc 2
+  msmoe eval --run-dir runs/default --nproc 2
 """
 
 from __future__ import annotations

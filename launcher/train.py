@@ -4,7 +4,7 @@
   msmoe train --config configs/default.yaml --nproc 2          # starts torchrun itself
   torchrun --nproc_per_node 2 -m launcher.cli train --config configs/default.yaml train.steps=100
   msmoe train --config configs/default.yaml --nproc 2 --resume  # continue from the newest checkpoint
-  msmoe eval --run runs/default --nproc 2                       # re-evaluate a finished run
+  msmoe eval --run-dir runs/default --nproc 2                       # re-evaluate a finished run
 
 Overrides are dotted ``key=value`` pairs after the options. Rank 0 writes runs/<name>/:
 config.yaml, summary.json, report.md and the plots; checkpoints go to runs/<name>/checkpoints.
@@ -33,7 +33,7 @@ def add_parsers(sub) -> None:
     t.set_defaults(func=run_train)
 
     e = sub.add_parser("eval", help="evaluate a run's newest checkpoint (mAP, Rank-k, CMC)")
-    e.add_argument("--run", required=True, help="run directory (runs/<name>)")
+    e.add_argument("--run-dir", required=True, help="run directory (runs/<name>)")
     e.add_argument("overrides", nargs="*", help="dotted key=value overrides of the run's config")
     _common(e)
     e.set_defaults(func=run_eval)
@@ -154,17 +154,17 @@ def run_eval(args) -> int:
     from parallel.dist import init_distributed
     from reid.config import load_config
 
-    cfg_path = os.path.join(args.run, "config.yaml")
+    cfg_path = os.path.join(args.run_dir, "config.yaml")
     cfg = load_config(cfg_path, args.overrides)
     _setup_threads(cfg.train.threads)
     world = init_distributed()
     trainer = Trainer(cfg, world, progress=False)
-    trainer.ckpt_dir = os.path.join(args.run, "checkpoints")
+    trainer.ckpt_dir = os.path.join(args.run_dir, "checkpoints")
     step = trainer.resume()
     metrics, _ = trainer.evaluate()
     if world.rank == 0:
         out = {"step": step, **metrics.as_dict()}
-        write_json(os.path.join(args.run, "eval.json"), out)
+        write_json(os.path.join(args.run_dir, "eval.json"), out)
         print(f"{cfg.name} @ step {step}: mAP {metrics.map:.1%}  Rank-1 {metrics.rank(1):.1%}  "
               f"Rank-5 {metrics.rank(5):.1%}  Rank-10 {metrics.rank(10):.1%}", flush=True)
     return 0

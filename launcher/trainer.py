@@ -25,7 +25,7 @@ from moe.timing import WallTimer
 from parallel.all_to_all import CommCounter
 from parallel.dist import WorldInfo
 from parallel.ds_moe import shard_moe_layers
-from parallel.engine import build_engine
+from parallel.engine import build_engine, sync_batchnorm_stats
 from parallel.groups import ParallelGroups
 from reid.config import RunConfig
 from reid.data import Batch, DataError, PKSampler, dataset_summary, fetch, load_splits
@@ -171,6 +171,7 @@ class Trainer:
             t3 = time.perf_counter()
             self.moe_engine.clip_gradients()
             self.engine.step()
+            sync_batchnorm_stats(self.model, self.groups)
             t4 = time.perf_counter()
 
             loads = torch.stack([st.load for st in out.moe_stats]) if out.moe_stats else torch.zeros(0)

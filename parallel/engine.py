@@ -119,3 +119,25 @@ def clip_grad_norm_ep(params: Iterable[torch.Tensor], max_norm: float, groups: P
         for p in params:
             p.grad.detach().mul_(coef)
     return total
+
+
+@torch.no_grad()
+def sync_batchnorm_stats(model: nn.Module, groups: ParallelGroups) -> None:
+    """Average BatchNorm running statistics over the data-parallel group.
+
+    Each rank normalises its own batch in training, so its running mean/var drift apart from
+    the other ranks'; DeepSpeed checkpoints only rank 0's copy. Averaging after every step keeps
+    them identical everywhere: evaluation gives the same features on every rank, and a model
+    loaded from a checkpoint evaluates exactly as the run that saved it.
+    """
+    bufs = [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            for b in (m.running_mean, m.running_var) if b is not None]
+    if not bufs or groups.world_size == 1:
+        return
+    flat = torch.cat([b.flatten().float() for b in bufs])
+    dist.all_reduce(flat, group=groups.dp_group)
+    flat /= groups.world_size
+    i = 0
+    for b in bufs:
+        b.copy_(flat[i:i + b.numel()].view_as(b))
+        i += b.numel()

@@ -15,7 +15,7 @@ def _run(*args, cwd=None):
 def test_help_lists_subcommands():
     out = _run("--help")
     assert out.returncode == 0
-    for cmd in ("bench", "fit"):
+    for cmd in ("bench", "fit", "train", "eval", "data"):
         assert cmd in out.stdout
     assert "layer" in _run("bench", "--help").stdout
 
