@@ -66,6 +66,7 @@ class RoutingStats:
     z_loss: float
     variance_loss: float
     aux_loss: torch.Tensor
+    pruned_units: int = 0  # units a dual-sparsity scorer pruned (never routed)
 
     def as_dict(self) -> dict[str, object]:
         """Plain-Python view for logs and JSON reports."""
@@ -79,6 +80,7 @@ class RoutingStats:
             "z_loss": self.z_loss,
             "variance_loss": self.variance_loss,
             "aux_loss": float(self.aux_loss.detach()),
+            "pruned_units": self.pruned_units,
         }
 
 
@@ -91,6 +93,7 @@ def routing_stats(
     active_slots: torch.Tensor,
     num_units: int,
     coefs: BalanceConfig,
+    pruned_units: int = 0,
 ) -> RoutingStats:
     """Compute the balance losses and package the step's statistics."""
     lb = load_balance_loss(probs_NE, load_E)
@@ -109,6 +112,7 @@ def routing_stats(
         z_loss=float(zl.detach()),
         variance_loss=float(vl.detach()),
         aux_loss=aux,
+        pruned_units=pruned_units,
     )
 
 

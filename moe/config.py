@@ -160,6 +160,11 @@ class PatchMoEConfig:
                     (their slot contributes zero) and counted.
     capacity_priority: which units keep their slot when an expert overflows:
                     "order" (first units first, as Switch) or "score" (highest weight first).
+    keep_fraction:  dual sparsity (seed 003): a light scorer keeps ceil(keep_fraction * patches
+                    per image) patches of each image; only those are routed and dispatched.
+                    1.0 turns pruning off.
+    pruned_output:  what a pruned patch's output is: "identity" (the input passes through
+                    unchanged) or "zero" (for layers inside a residual branch: x + 0 = x).
     """
 
     dim: int
@@ -170,9 +175,13 @@ class PatchMoEConfig:
     pad_mode: Literal["pad", "error"] = "pad"
     capacity_factor: float | None = None
     capacity_priority: CapacityPriority = "order"
+    keep_fraction: float = 1.0
+    pruned_output: Literal["identity", "zero"] = "identity"
 
     def __post_init__(self) -> None:
         _require(self.dim >= 1, f"dim={self.dim} must be >= 1")
+        _require(0 < self.keep_fraction <= 1, f"keep_fraction={self.keep_fraction} must be in (0, 1] (1 = no pruning)")
+        _one_of("pruned_output", self.pruned_output, ("identity", "zero"))
         _require(self.patch_size >= 1, f"patch_size={self.patch_size} must be >= 1")
         _one_of("pad_mode", self.pad_mode, ("pad", "error"))
         _one_of("capacity_priority", self.capacity_priority, ("order", "score"))

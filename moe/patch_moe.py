@@ -9,9 +9,18 @@ Flow (seed 003, steps 1-4):
   --plan + dispatcher--> expert rows [U, L, C] --experts--> [U, L, C] --dispatcher back-->
   rows [R, L, C] --weighted sum per patch--> [N, L, C] --fold--> [B, H, W, C]
 All L points of a patch travel together and share its experts and weights.
+
+Dual sparsity (seed 003, ``keep_fraction`` < 1): before routing, a light scorer (one Linear on
+the pooled patch) keeps the top ceil(r * patches per image) patches of each image; only they
+are routed, dispatched and computed. Pruned patches pass through (identity, or zero inside a
+residual branch). The kept outputs are multiplied by 1 + s - stop_grad(s), s = sigmoid(score):
+exactly 1 in the forward pass (kept outputs equal the unpruned layer's), while the scorer
+receives a gradient.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -47,6 +56,7 @@ class PatchMoE(nn.Module):
         self.router = Router(cfg.router, cfg.dim)
         self.experts = build_experts(cfg.expert, self.dispatcher.num_local_experts, cfg.dim)
         self.register_buffer("pending_load", torch.zeros(e), persistent=False)
+        self.scorer = nn.Linear(cfg.dim, 1) if cfg.keep_fraction < 1 else None
 
     def forward(self, x_BHWC: torch.Tensor) -> MoEOutput:
         cfg = self.cfg
@@ -56,18 +66,29 @@ class PatchMoE(nn.Module):
         e, k = cfg.router.num_experts, cfg.router.max_k
         with self.timer.stage("route"):
             units_NLC = patchify(x_BHWC, grid)
-            decision = self.router(pool_units(units_NLC, grid))
+            pooled_NC = pool_units(units_NLC, grid)
+            keep_idx, keep_scale = self._prune(pooled_NC, grid)
+            if keep_idx is not None:
+                routed_NLC, pooled_NC = units_NLC[keep_idx], pooled_NC[keep_idx]
+            else:
+                routed_NLC = units_NLC
+            n_routed = routed_NLC.shape[0]
+            decision = self.router(pooled_NC)
             capacity = None
             if cfg.capacity_factor is not None:
-                capacity = self.dispatcher.capacity(grid.num_units, k, e, cfg.capacity_factor)
+                capacity = self.dispatcher.capacity(n_routed, k, e, cfg.capacity_factor)
             plan = plan_dispatch(decision, e, capacity, cfg.capacity_priority)
         with self.timer.stage("dispatch"):
-            rows_ULC, local_counts, meta = self.dispatcher.dispatch(units_NLC, plan)
+            rows_ULC, local_counts, meta = self.dispatcher.dispatch(routed_NLC, plan)
         with self.timer.stage("experts"):
             out_ULC = self.experts(rows_ULC, local_counts)
         with self.timer.stage("combine"):
             back_RLC = self.dispatcher.combine(out_ULC, meta)
-            y_NLC = unpatchify(unpermute(back_RLC, plan, decision.weights), grid)
+            y_NLC = unpermute(back_RLC, plan, decision.weights)
+            if keep_idx is not None:
+                base = units_NLC if cfg.pruned_output == "identity" else torch.zeros_like(units_NLC)
+                y_NLC = base.index_copy(0, keep_idx, y_NLC * keep_scale.to(y_NLC.dtype)[:, None, None])
+            y_NLC = unpatchify(y_NLC, grid)
 
         load_E = plan.routed.float()
         if self.training and cfg.router.bias_update_rate > 0:
@@ -75,9 +96,23 @@ class PatchMoE(nn.Module):
         stats = routing_stats(
             probs_NE=decision.probs, logits_HNE=decision.logits, load_E=load_E,
             kept_E=plan.counts, active_slots=decision.slot_mask.sum(),
-            num_units=grid.num_units, coefs=cfg.balance,
+            num_units=n_routed, coefs=cfg.balance, pruned_units=grid.num_units - n_routed,
         )
         return MoEOutput(y_NLC, stats, decision.weights)
+
+    def _prune(self, pooled_NC: torch.Tensor, grid) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Indices [Nk] of the kept patches (image by image, in grid order) and their
+        straight-through scale [Nk]; (None, None) when pruning is off."""
+        if self.scorer is None:
+            return None, None
+        per_image = grid.n_h * grid.n_w
+        n_keep = max(1, math.ceil(self.cfg.keep_fraction * per_image - 1e-9))
+        score_BU = self.scorer(pooled_NC.float()).view(grid.batch, per_image)
+        top_BK = score_BU.topk(n_keep, dim=1).indices.sort(dim=1).values
+        offsets = torch.arange(grid.batch, device=top_BK.device)[:, None] * per_image
+        keep_idx = (top_BK + offsets).flatten()
+        s = torch.sigmoid(score_BU).flatten()[keep_idx]
+        return keep_idx, 1.0 + s - s.detach()
 
     @torch.no_grad()
     def apply_bias_update(self, reduce_load=None) -> None:

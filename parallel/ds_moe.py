@@ -106,7 +106,10 @@ def shard_moe_layers(model: nn.Module, groups: ParallelGroups, counter=None, tim
         layer = PatchMoE(full.cfg, dispatcher=disp, timer=timer)
         first, n = disp.first_expert, disp.num_local_experts
         with torch.no_grad():
-            layer.router.load_state_dict(full.router.state_dict())
+            src = full.state_dict()
+            for key, t in layer.state_dict().items():  # router, scorer, buffers: everything but experts
+                if not key.startswith("experts."):
+                    t.copy_(src[key])
             for pname, p in layer.experts.named_parameters():
                 p.copy_(full.experts.get_parameter(pname)[first:first + n])
         wrapped = DeepSpeedMoE(layer, groups)

@@ -73,6 +73,7 @@ class ModelConfig:
         data.setdefault("dim", self.dim)
         _require(data["dim"] == self.dim, f"model.patch_moe.dim={data['dim']} must equal model.dim={self.dim} (or be left out)")
         data.setdefault("expert", {"kind": "ffn", "hidden_dim": int(self.dim * self.mlp_ratio), "dropout": self.dropout})
+        data.setdefault("pruned_output", "zero")  # the MoE sits in a residual branch: x + 0 leaves a pruned patch as it was
         return from_dict(PatchMoEConfig, data, "model.patch_moe")
 
     def multiscale_config(self) -> MultiScaleMoEConfig:

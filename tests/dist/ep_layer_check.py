@@ -54,6 +54,8 @@ def main():
     ap.add_argument("--capacity-factor", type=float, default=None)
     ap.add_argument("--kind", default="seed")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--top-p", type=float, default=None, help="dynamic top-p routing (k in 1..4)")
+    ap.add_argument("--keep-fraction", type=float, default=1.0, help="dual-sparsity patch pruning")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -62,9 +64,11 @@ def main():
     rank, ws = world.rank, world.world_size
     cfg = PatchMoEConfig(
         dim=C, patch_size=P, capacity_factor=args.capacity_factor,
-        router=RouterConfig(num_experts=E, top_k=K),
+        router=RouterConfig(num_experts=E, top_k=K, dynamic_top_p=args.top_p, k_min=1, k_max=4),
         expert=ExpertConfig(kind=args.kind, hidden_dim=16, dropout=0.0),
+        keep_fraction=args.keep_fraction,
     )
+    kmax = cfg.router.max_k
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     torch.manual_seed(0)
     ref = PatchMoE(cfg).to(dtype)
@@ -72,8 +76,9 @@ def main():
     layer = PatchMoE(cfg, dispatcher=disp).to(dtype)
     first, el = disp.first_expert, disp.num_local_experts
     with torch.no_grad():
-        for name, p in layer.router.named_parameters():
-            p.copy_(dict(ref.router.named_parameters())[name])
+        for name, p in layer.named_parameters():  # router and scorer; experts below
+            if not name.startswith("experts."):
+                p.copy_(ref.get_parameter(name))
         layer.router.selection_bias.copy_(bias_for(rank))
         for name, p in layer.experts.named_parameters():
             p.copy_(getattr(ref.experts, name)[first:first + el])
@@ -93,7 +98,10 @@ def main():
         if args.capacity_factor is None:
             return None
         n_max = max(shard_shape(q)[0] * -(-shard_shape(q)[1] // P) * -(-shard_shape(q)[2] // P) for q in group_of(r))
-        return expert_capacity(n_max, K, E, args.capacity_factor)
+        n_max = n_max if args.keep_fraction == 1 else max(
+            shard_shape(q)[0] * round(args.keep_fraction * -(-shard_shape(q)[1] // P) * -(-shard_shape(q)[2] // P))
+            for q in group_of(r))
+        return expert_capacity(n_max, kmax, E, args.capacity_factor)
 
     ep_ranks, cap = group_of(rank), capacity_of(rank)
     sum_ep = {n: torch.zeros_like(p) for n, p in ref.experts.named_parameters()}
@@ -114,6 +122,7 @@ def main():
         if r == rank:
             ref_out, ref_xgrad, ref_stats = out.out.detach(), xr.grad, out.stats
             ref_gate = {n: p.grad.clone() for n, p in ref.router.named_parameters()}
+            ref_scorer = {n: p.grad.clone() for n, p in ref.scorer.named_parameters()} if ref.scorer is not None else {}
 
     def err(a, b):
         return float((a - b).float().abs().max() / (b.float().abs().max() + 1e-6)) if a.numel() else 0.0  # relative
@@ -122,6 +131,8 @@ def main():
         "out": err(res.out, ref_out),
         "x_grad": err(x.grad, ref_xgrad),
         "gate_grad": max(err(p.grad, ref_gate[n]) for n, p in layer.router.named_parameters()),
+        **({"scorer_grad": max(err(p.grad, ref_scorer[n]) for n, p in layer.scorer.named_parameters())}
+           if layer.scorer is not None else {}),
         "expert_grad_ep": max(err(ep_expert_grads[n], sum_ep[n][first:first + el]) for n in sum_ep),
     }
     for p in layer.experts.parameters():  # what DeepSpeed's engine does for expert grads
@@ -139,7 +150,10 @@ def main():
         "bytes_forward": disp.counter.by_direction["forward"],
         "bytes_backward": disp.counter.by_direction["backward"],
         "analytic_forward": 2 * kept_rows * row_bytes,  # dispatch + combine of every kept slot
-        "analytic_dropless": 2 * K * res.stats.num_units * row_bytes,
+        "analytic_dropless": 2 * int(res.stats.load.sum()) * row_bytes,  # every live slot, dispatched + combined
+        "analytic_topk": 2 * K * res.stats.num_units * row_bytes,
+        "pruned_units": res.stats.pruned_units,
+        "active_experts": res.stats.active_experts,
         "capacity": cap,
     }
     os.makedirs(args.out, exist_ok=True)
