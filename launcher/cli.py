@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from launcher import bench, bench_ep, data_cmd, fit, train
+from launcher import bench, bench_ep, convert, data_cmd, fit, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_parser(sub)
     data_cmd.add_parser(sub)
     train.add_parsers(sub)
+    convert.add_parser(sub)
     return parser
 
 

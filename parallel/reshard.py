@@ -1,0 +1,122 @@
+"""Move a DeepSpeed MoE checkpoint to another expert-parallel size, optimizer state included.
+
+A DeepSpeed checkpoint of an EP model (ZeRO stage 0) holds, per tag:
+  mp_rank_00_model_states.pt                  dense weights (identical on every rank)
+  layer_<L>_expert_<g>_mp_rank_00_model_states.pt   expert g's weights, keyed by *global* id
+  expp_rank_<r>_mp_rank_00_optim_states.pt    the optimizer of EP rank r: dense states (identical
+                                              on every rank) and the states of r's local experts,
+                                              stacked [E_local, ...] exactly like the parameters
+Weights are already stored per global expert, so they load at any EP size. The optimizer files
+are not: DeepSpeed refuses them at another EP size (its group sizes no longer match). Here the
+expert states of all source ranks are concatenated along the expert axis (rank r holds experts
+r*El .. (r+1)*El-1) and cut again for the new ranks, so every expert's Adam moments land on the
+rank that now owns it; dense states are copied.
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+import os
+import re
+import shutil
+
+import torch
+
+OPTIM = "expp_rank_{}_mp_rank_00_optim_states.pt"
+
+
+class ReshardError(ValueError):
+    pass
+
+
+def _load(path: str):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def source_ep_size(tag_dir: str) -> int:
+    files = glob.glob(os.path.join(tag_dir, "expp_rank_*_mp_rank_00_optim_states.pt"))
+    if not files:
+        raise ReshardError(f"{tag_dir} holds no expp_rank_*_optim_states.pt files: not a DeepSpeed MoE checkpoint")
+    ranks = sorted(int(re.search(r"expp_rank_(\d+)_", f).group(1)) for f in files)
+    if ranks != list(range(len(ranks))):
+        raise ReshardError(f"{tag_dir}: optimizer files for EP ranks {ranks} are not 0..{len(ranks) - 1}")
+    return len(ranks)
+
+
+def _optimizer_of(obj: dict, path: str) -> dict:
+    opt = obj.get("optimizer")
+    if not isinstance(opt, dict) or "state" not in opt or "param_groups" not in opt:
+        raise ReshardError(
+            f"{path}: not a plain optimizer state (ZeRO stage 1/2 partitions its state). Reshard a checkpoint "
+            "saved with zero_optimization.stage=0, or convert the ZeRO 1/2 checkpoint to stage 0 first"
+        )
+    return opt
+
+
+def reshard_optimizer(sources: list[dict], new_ep_size: int) -> list[dict]:
+    """Optimizer state dicts of the P source EP ranks -> those of ``new_ep_size`` ranks."""
+    base = sources[0]
+    shapes = [[len(g["params"]) for g in s["param_groups"]] for s in sources]
+    if any(sh != shapes[0] for sh in shapes):
+        raise ReshardError(f"source optimizer files disagree on their parameter groups: {shapes}")
+    out = []
+    for r in range(new_ep_size):
+        groups = copy.deepcopy(base["param_groups"])
+        state: dict = {}
+        for g in groups:
+            moe = bool(g.get("moe", False))
+            if moe:
+                g["name"] = f"ep_size_{new_ep_size}"
+            for idx in g["params"]:
+                if idx not in base["state"]:
+                    continue
+                if not moe:
+                    state[idx] = copy.deepcopy(base["state"][idx])
+                    continue
+                entry = {}
+                for key, value in base["state"][idx].items():
+                    if torch.is_tensor(value) and value.dim() >= 1:
+                        full = torch.cat([s["state"][idx][key] for s in sources], dim=0)  # [E, ...]
+                        if full.shape[0] % new_ep_size:
+                            raise ReshardError(f"optimizer state {key} of parameter {idx} covers {full.shape[0]} "
+                                               f"experts, not divisible by ep_size={new_ep_size}")
+                        per = full.shape[0] // new_ep_size
+                        entry[key] = full[r * per:(r + 1) * per].clone()
+                    else:
+                        entry[key] = copy.deepcopy(value)  # Adam's step count: the same everywhere
+                state[idx] = entry
+        out.append({"state": state, "param_groups": groups})
+    return out
+
+
+def reshard_checkpoint(src_dir: str, tag: str, dst_dir: str, new_ep_size: int) -> dict:
+    """Write ``dst_dir/<tag>`` for ``new_ep_size`` EP ranks (and ``dst_dir/latest``). Returns a summary."""
+    src = os.path.join(src_dir, tag)
+    if not os.path.isdir(src):
+        raise ReshardError(f"no checkpoint tag {tag!r} in {src_dir}")
+    p_src = source_ep_size(src)
+    model = _load(os.path.join(src, "mp_rank_00_model_states.pt"))
+    for e in model.get("num_experts") or []:
+        if e % new_ep_size:
+            raise ReshardError(f"a MoE layer has num_experts={e}, not divisible by the new ep_size={new_ep_size}")
+    sources_raw = [_load(os.path.join(src, OPTIM.format(r))) for r in range(p_src)]
+    sources = [_optimizer_of(o, os.path.join(src, OPTIM.format(r))) for r, o in enumerate(sources_raw)]
+    new = reshard_optimizer(sources, new_ep_size)
+
+    dst = os.path.join(dst_dir, tag)
+    tmp = dst + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for f in os.listdir(src):
+        if not f.startswith("expp_rank_"):
+            shutil.copy2(os.path.join(src, f), os.path.join(tmp, f))
+    for r, opt in enumerate(new):
+        obj = {k: v for k, v in sources_raw[0].items() if k != "optimizer"}
+        obj["optimizer"] = opt
+        torch.save(obj, os.path.join(tmp, OPTIM.format(r)))
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
+    with open(os.path.join(dst_dir, "latest"), "w") as fh:
+        fh.write(tag)
+    return {"tag": tag, "from_ep_size": p_src, "to_ep_size": new_ep_size, "out": dst}
