@@ -8,19 +8,21 @@ from moe.config import (
     BalanceConfig,
     ConfigError,
     ExpertConfig,
+    HierarchicalMoEConfig,
     MultiScaleMoEConfig,
     PatchMoEConfig,
     RouterConfig,
 )
 from moe.dispatch import DispatchPlan, LocalDispatcher, plan_dispatch, unpermute
 from moe.experts import ConvExperts, FFNExperts, SeedExperts, build_experts
+from moe.hierarchical import HierarchicalMoE
 from moe.multiscale import MultiScaleMoE, window_features
 from moe.patch_moe import PatchMoE
 from moe.router import GateNetwork, Router, RoutingDecision
 
 __all__ = [
     "BalanceConfig", "ConfigError", "ConvExperts", "DispatchPlan", "ExpertConfig", "FFNExperts",
-    "GateNetwork", "LocalDispatcher", "MoEOutput", "MultiScaleMoE", "MultiScaleMoEConfig",
+    "GateNetwork", "HierarchicalMoE", "HierarchicalMoEConfig", "LocalDispatcher", "MoEOutput", "MultiScaleMoE", "MultiScaleMoEConfig",
     "PatchMoE", "PatchMoEConfig", "Router", "RouterConfig", "RoutingDecision", "RoutingStats",
     "SeedExperts", "build_experts", "plan_dispatch", "unpermute", "window_features",
 ]

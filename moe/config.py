@@ -199,6 +199,48 @@ class PatchMoEConfig:
 
 
 @dataclass(frozen=True)
+class HierarchicalMoEConfig:
+    """Two-level MoE (see moe/hierarchical.py): G coarse groups (modalities), F fine experts per
+    group (scales), E = G*F experts in all, one decision per P x P patch.
+
+    coarse:      router over the G groups (num_experts must be num_groups; top_k = coarse slots);
+                 ignored when coarse_mode is "given" (the caller passes each image's group).
+    fine:        router of each group over its F experts (num_experts must be experts_per_group).
+    placement:   "grouped" (a group's experts contiguous: on one rank / one node under EP) or
+                 "spread" (round-robin over ranks).
+    """
+
+    dim: int
+    coarse: RouterConfig
+    fine: RouterConfig
+    num_groups: int = 3
+    experts_per_group: int = 3
+    coarse_mode: Literal["learned", "given"] = "learned"
+    placement: Literal["grouped", "spread"] = "grouped"
+    expert: ExpertConfig = field(default_factory=ExpertConfig)
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
+    patch_size: int = 8
+    pad_mode: Literal["pad", "error"] = "pad"
+
+    def __post_init__(self) -> None:
+        _require(self.dim >= 1, f"dim={self.dim} must be >= 1")
+        _require(self.num_groups >= 1, f"num_groups={self.num_groups} must be >= 1")
+        _require(self.experts_per_group >= 1, f"experts_per_group={self.experts_per_group} must be >= 1")
+        _require(self.coarse.num_experts == self.num_groups,
+                 f"coarse.num_experts={self.coarse.num_experts} must equal num_groups={self.num_groups}")
+        _require(self.fine.num_experts == self.experts_per_group,
+                 f"fine.num_experts={self.fine.num_experts} must equal experts_per_group={self.experts_per_group}")
+        _one_of("coarse_mode", self.coarse_mode, ("learned", "given"))
+        _one_of("placement", self.placement, ("grouped", "spread"))
+        _require(self.patch_size >= 1, f"patch_size={self.patch_size} must be >= 1")
+        _one_of("pad_mode", self.pad_mode, ("pad", "error"))
+
+    @property
+    def num_experts(self) -> int:
+        return self.num_groups * self.experts_per_group
+
+
+@dataclass(frozen=True)
 class MultiScaleMoEConfig:
     """Seed 000's multi-scale MoE fusion (the thesis baseline).
 
@@ -246,7 +288,8 @@ def from_dict(cls: type, data: Mapping[str, Any], path: str = "") -> Any:
     if unknown:
         where = f" in {path}" if path else ""
         raise ConfigError(f"unknown key(s) {unknown}{where}; known keys: {sorted(known)}")
-    nested = {"router": RouterConfig, "expert": ExpertConfig, "balance": BalanceConfig}
+    nested = {"router": RouterConfig, "coarse": RouterConfig, "fine": RouterConfig,
+              "expert": ExpertConfig, "balance": BalanceConfig}
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         if name in nested and isinstance(value, Mapping):

@@ -298,3 +298,30 @@ def patch_moe_reference(layer, x_BHWC: torch.Tensor, expert_mods):
     out = torch.stack(rows)[:, :h, :w]
     probs = torch.stack([pr for _, pr in routed])
     return out, routes, keep, probs
+
+
+def hierarchical_reference(layer, x_BHWC: torch.Tensor, expert_mods, modality=None):
+    """Two-level routing with loops: each patch picks groups (coarse), then experts inside each
+    group (that group's own router); its output is the weight-product sum of those experts."""
+    cfg = layer.cfg
+    p = cfg.patch_size
+    b, h, w, c = x_BHWC.shape
+    nh, nw = h // p, w // p
+    out = torch.zeros_like(x_BHWC)
+    for bi in range(b):
+        for i in range(nh):
+            for j in range(nw):
+                patch = x_BHWC[bi, i * p:(i + 1) * p, j * p:(j + 1) * p].reshape(p * p, c)
+                u = patch.mean(0)
+                if cfg.coarse_mode == "given":
+                    groups = [(int(modality[bi]), torch.tensor(1.0))]
+                else:
+                    groups, _ = route_unit(layer.coarse, u)
+                y = torch.zeros_like(patch)
+                for g, wg in groups:
+                    fines, _ = route_unit(layer.fine[g], u)
+                    for f, wf in fines:
+                        e = g * cfg.experts_per_group + f if cfg.placement == "grouped" else f * cfg.num_groups + g
+                        y = y + wg * wf * expert_mods[e](patch)
+                out[bi, i * p:(i + 1) * p, j * p:(j + 1) * p] = y.reshape(p, p, c)
+    return out
