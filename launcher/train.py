@@ -27,6 +27,8 @@ def add_parsers(sub) -> None:
     t.add_argument("--config", default="configs/default.yaml", help="YAML run config")
     t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=50")
     t.add_argument("--resume", action="store_true", help="continue from the run's newest checkpoint")
+    t.add_argument("--init-from", default=None,
+                   help="start from the weights of this checkpoint directory (e.g. made by msmoe convert)")
     t.add_argument("--stop-at", type=int, default=None,
                    help="stop after this step (checkpointed; the schedule still targets train.steps)")
     _common(t)
@@ -35,6 +37,7 @@ def add_parsers(sub) -> None:
     e = sub.add_parser("eval", help="evaluate a run's newest checkpoint (mAP, Rank-k, CMC)")
     e.add_argument("--run-dir", required=True, help="run directory (runs/<name>)")
     e.add_argument("overrides", nargs="*", help="dotted key=value overrides of the run's config")
+    e.add_argument("--checkpoint", default=None, help="checkpoint directory (default: <run-dir>/checkpoints)")
     _common(e)
     e.set_defaults(func=run_eval)
 
@@ -120,7 +123,11 @@ def run_train(args) -> int:
             with open(untrained_path) as fh:
                 d = json.load(fh)
             untrained = RetrievalMetrics(d["map"], np.asarray(d["cmc"]), d["num_valid_queries"], d["num_skipped_queries"])
-    elif cfg.eval.untrained:
+    elif args.init_from:
+        step = trainer.load_weights(args.init_from)
+        if world.rank == 0:
+            print(f"initialised {cfg.name!r} from {args.init_from} (saved at step {step})", flush=True)
+    if not args.resume and cfg.eval.untrained:
         untrained, _ = trainer.evaluate()
         if world.rank == 0:
             write_json(untrained_path, untrained.as_dict())
@@ -159,8 +166,7 @@ def run_eval(args) -> int:
     _setup_threads(cfg.train.threads)
     world = init_distributed()
     trainer = Trainer(cfg, world, progress=False)
-    trainer.ckpt_dir = os.path.join(args.run_dir, "checkpoints")
-    step = trainer.resume()
+    step = trainer.load_weights(args.checkpoint or os.path.join(args.run_dir, "checkpoints"))
     metrics, _ = trainer.evaluate()
     if world.rank == 0:
         out = {"step": step, **metrics.as_dict()}

@@ -128,6 +128,20 @@ class Trainer:
         path, client = self.engine.load_checkpoint(self.ckpt_dir)
         if path is None:
             raise RuntimeError(f"--resume: DeepSpeed could not load the checkpoint in {self.ckpt_dir}")
+        return self._restore(client)
+
+    def load_weights(self, ckpt_dir: str) -> int:
+        """Weights only (no optimizer state), e.g. a checkpoint converted to another expert count.
+        Returns the step it was saved at (0 if unknown); training still starts at step 0."""
+        if not os.path.isfile(os.path.join(ckpt_dir, "latest")):
+            raise FileNotFoundError(f"no checkpoint in {ckpt_dir} (no 'latest' file)")
+        path, client = self.engine.load_checkpoint(ckpt_dir, load_module_only=True, load_optimizer_states=False,
+                                                   load_lr_scheduler_states=False)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load the weights in {ckpt_dir}")
+        return int((client or {}).get("step", 0))
+
+    def _restore(self, client: dict) -> int:
         self.step = int(client["step"])
         self.history = History(**client["history"])
         self.stage_s = dict(client.get("stage_s", {}))

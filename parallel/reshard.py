@@ -120,3 +120,63 @@ def reshard_checkpoint(src_dir: str, tag: str, dst_dir: str, new_ep_size: int) -
     with open(os.path.join(dst_dir, "latest"), "w") as fh:
         fh.write(tag)
     return {"tag": tag, "from_ep_size": p_src, "to_ep_size": new_ep_size, "out": dst}
+
+
+EXPERT_FILE = re.compile(r"layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt")
+
+
+def resize_experts_checkpoint(src_dir: str, tag: str, dst_dir: str, new_num_experts: int, transform) -> dict:
+    """Change every MoE layer's expert count in a DeepSpeed checkpoint (weights only).
+
+    ``transform(layer_state, num_experts, layer_index) -> new layer_state`` works on one layer's
+    state in PatchMoE naming ("router....", "experts.<name>" stacked [E, ...]); see moe/resize.py.
+    The optimizer state cannot follow a change of shape, so none is written: load the result
+    with ``load_module_only`` (``msmoe train --init-from``).
+    """
+    src = os.path.join(src_dir, tag)
+    model = _load(os.path.join(src, "mp_rank_00_model_states.pt"))
+    by_layer: dict[int, dict[int, dict]] = {}
+    for f in os.listdir(src):
+        m = EXPERT_FILE.fullmatch(f)
+        if m:
+            by_layer.setdefault(int(m.group(1)), {})[int(m.group(2))] = _load(os.path.join(src, f))
+    if not by_layer:
+        raise ReshardError(f"{src} holds no expert files: not a DeepSpeed MoE checkpoint")
+    module = dict(model["module"])
+    new_files: dict[str, dict] = {}
+    key_re = re.compile(r"(.*\.)deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(.+)")
+    old_counts = []
+    for layer in sorted(by_layer):
+        experts = by_layer[layer]
+        e = len(experts)
+        old_counts.append(e)
+        if sorted(experts) != list(range(e)):
+            raise ReshardError(f"layer {layer}: expert files {sorted(experts)} are not 0..{e - 1}")
+        prefix, names = None, []
+        for k in experts[0]:
+            m = key_re.fullmatch(k)
+            prefix, names = m.group(1) + "deepspeed_moe.", names + [m.group(3)]
+        state = {f"experts.{n}": torch.stack([experts[g][f"{prefix}experts.deepspeed_experts.{g}.{n}"]
+                                              for g in range(e)]) for n in names}
+        state.update({k[len(prefix):]: v for k, v in module.items() if k.startswith(prefix + "router.")})
+        new_state = transform(state, e, layer)
+        for k, v in new_state.items():
+            if k.startswith("router."):
+                module[prefix + k] = v
+        for g in range(new_num_experts):
+            new_files[f"layer_{layer}_expert_{g}_mp_rank_00_model_states.pt"] = {
+                f"{prefix}experts.deepspeed_experts.{g}.{n}": new_state[f"experts.{n}"][g].clone() for n in names}
+    model["module"] = module
+    model["num_experts"] = [new_num_experts] * len(by_layer)
+    dst = os.path.join(dst_dir, tag)
+    tmp = dst + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    torch.save(model, os.path.join(tmp, "mp_rank_00_model_states.pt"))
+    for name, sd in new_files.items():
+        torch.save(sd, os.path.join(tmp, name))
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
+    with open(os.path.join(dst_dir, "latest"), "w") as fh:
+        fh.write(tag)
+    return {"tag": tag, "layers": len(by_layer), "from_experts": old_counts, "to_experts": new_num_experts, "out": dst}
