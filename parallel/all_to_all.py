@@ -17,26 +17,35 @@ import torch.distributed as dist
 class CommCounter:
     """Bytes moved by all-to-alls since the last reset (payload rows only, not the counts).
 
-    total_bytes:    every row handed to the all-to-all, including rows kept on this rank
-    offrank_bytes:  rows that actually leave this rank
-    calls:          number of payload all-to-alls (forward and backward)
+    total_bytes:      every row handed to the all-to-all, including rows kept on this rank
+    offrank_bytes:    rows that actually leave this rank
+    cross_node_bytes: rows sent to a rank of another node (nodes of ``node_size`` consecutive
+                      global ranks; 0 = not counted)
+    calls:            number of payload all-to-alls (forward and backward)
     """
 
     total_bytes: int = 0
     offrank_bytes: int = 0
+    cross_node_bytes: int = 0
     calls: int = 0
+    node_size: int = 0
     by_direction: dict = field(default_factory=lambda: {"forward": 0, "backward": 0})
 
-    def record(self, x: torch.Tensor, send_splits: list[int], self_index: int, direction: str) -> None:
+    def record(self, x: torch.Tensor, send_splits: list[int], self_index: int, direction: str,
+               ranks: list[int] | None = None) -> None:
+        """``ranks``: global rank of each member of the group (needed to count node crossings)."""
         row_bytes = x[0].numel() * x.element_size() if x.shape[0] else 0
         total = sum(send_splits) * row_bytes
         self.total_bytes += total
         self.offrank_bytes += total - send_splits[self_index] * row_bytes
+        if self.node_size and ranks is not None:
+            me = ranks[self_index] // self.node_size
+            self.cross_node_bytes += sum(n for n, r in zip(send_splits, ranks) if r // self.node_size != me) * row_bytes
         self.by_direction[direction] += total
         self.calls += 1
 
     def reset(self) -> None:
-        self.total_bytes = self.offrank_bytes = self.calls = 0
+        self.total_bytes = self.offrank_bytes = self.cross_node_bytes = self.calls = 0
         self.by_direction = {"forward": 0, "backward": 0}
 
 
@@ -52,18 +61,19 @@ class AllToAll(torch.autograd.Function):
     """Differentiable all-to-all of rows; counts the bytes both ways."""
 
     @staticmethod
-    def forward(ctx, x, send_splits, recv_splits, group, counter: CommCounter, self_index: int):  # noqa: D102
+    def forward(ctx, x, send_splits, recv_splits, group, counter: CommCounter, self_index: int, ranks):  # noqa: D102
         ctx.splits = (send_splits, recv_splits)
-        ctx.group, ctx.counter, ctx.self_index = group, counter, self_index
-        counter.record(x, send_splits, self_index, "forward")
+        ctx.group, ctx.counter, ctx.self_index, ctx.ranks = group, counter, self_index, ranks
+        counter.record(x, send_splits, self_index, "forward", ranks)
         return exchange(x, send_splits, recv_splits, group)
 
     @staticmethod
     def backward(ctx, g):  # noqa: D102
         send_splits, recv_splits = ctx.splits
-        ctx.counter.record(g, recv_splits, ctx.self_index, "backward")
-        return exchange(g.contiguous(), recv_splits, send_splits, ctx.group), None, None, None, None, None
+        ctx.counter.record(g, recv_splits, ctx.self_index, "backward", ctx.ranks)
+        return exchange(g.contiguous(), recv_splits, send_splits, ctx.group), None, None, None, None, None, None
 
 
-def all_to_all_rows(x, send_splits, recv_splits, group, counter: CommCounter, self_index: int) -> torch.Tensor:
-    return AllToAll.apply(x, send_splits, recv_splits, group, counter, self_index)
+def all_to_all_rows(x, send_splits, recv_splits, group, counter: CommCounter, self_index: int,
+                    ranks: list[int] | None = None) -> torch.Tensor:
+    return AllToAll.apply(x, send_splits, recv_splits, group, counter, self_index, ranks)

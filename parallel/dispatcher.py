@@ -47,6 +47,7 @@ class AllToAllDispatcher:
         self.num_experts = num_experts
         self.num_local_experts = num_experts // self.ep_size
         self.counter = counter if counter is not None else CommCounter()
+        self.ranks = dist.get_process_group_ranks(ep_group)  # global rank of each group member
 
     @property
     def first_expert(self) -> int:
@@ -72,7 +73,8 @@ class AllToAllDispatcher:
         recv_splits = recv_PE.sum(1).tolist()
 
         rows_RD = units_NLC[plan.unit_of_row].reshape(-1, l * c)
-        recv_UD = all_to_all_rows(rows_RD, send_splits, recv_splits, self.ep_group, self.counter, self.ep_rank)
+        recv_UD = all_to_all_rows(rows_RD, send_splits, recv_splits, self.ep_group, self.counter, self.ep_rank,
+                                  self.ranks)
 
         local_of_row = torch.arange(el, device=recv_PE.device).repeat(p)
         local_of_row = torch.repeat_interleave(local_of_row, recv_PE.reshape(-1)).to(units_NLC.device)
@@ -86,7 +88,7 @@ class AllToAllDispatcher:
         out_UD = expert_out_ULC.reshape(-1, l * c)
         source_major = torch.empty_like(out_UD).index_copy(0, meta.order, out_UD)
         back = all_to_all_rows(source_major, meta.recv_splits, meta.send_splits, self.ep_group,
-                               self.counter, self.ep_rank)
+                               self.counter, self.ep_rank, self.ranks)
         return back.reshape(-1, l, c)
 
 

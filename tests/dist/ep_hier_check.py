@@ -13,11 +13,14 @@ import torch
 import torch.distributed as dist
 
 from moe import ExpertConfig, HierarchicalMoE, HierarchicalMoEConfig, RouterConfig
+from parallel.all_to_all import CommCounter
 from parallel.dispatcher import AllToAllDispatcher
 from parallel.dist import init_distributed
 from parallel.groups import ParallelGroups
+from parallel.node_transport import NodeTransport, build_node_groups
 
-G, F, C, P = 3, 4, 8, 4
+C, P = 8, 4
+G, F = 3, 4  # defaults; --groups/--fine change them
 
 
 def shard(r):
@@ -32,8 +35,13 @@ def main():
     ap.add_argument("--ep-size", type=int, required=True)
     ap.add_argument("--mode", default="learned")
     ap.add_argument("--placement", default="grouped")
+    ap.add_argument("--groups", type=int, default=3)
+    ap.add_argument("--fine", type=int, default=4)
+    ap.add_argument("--node-size", type=int, default=0, help="two-stage node transport with this many ranks per node")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    global G, F
+    G, F = args.groups, args.fine
     world = init_distributed()
     groups = ParallelGroups.build(args.ep_size, G * F)
     rank, ws = world.rank, world.world_size
@@ -43,13 +51,20 @@ def main():
         fine=RouterConfig(num_experts=F, top_k=2), expert=ExpertConfig(kind="ffn", hidden_dim=16, dropout=0.0))
     torch.manual_seed(0)
     ref = HierarchicalMoE(cfg)
-    disp = AllToAllDispatcher(G * F, groups.ep_group)
-    layer = HierarchicalMoE(cfg, dispatcher=disp)
+    ns = args.node_size
+    disp = AllToAllDispatcher(G * F, groups.ep_group, CommCounter(node_size=ns))
+    if ns:
+        transport = NodeTransport(G, F, groups.ep_group, build_node_groups(groups.ep_group, ns), ns)
+        layer = HierarchicalMoE(cfg, transport=transport)
+        single = HierarchicalMoE(cfg, dispatcher=disp)  # one-stage, for the byte comparison
+    else:
+        layer = HierarchicalMoE(cfg, dispatcher=disp)
     first, el = disp.first_expert, disp.num_local_experts
     with torch.no_grad():
-        for name, p in layer.named_parameters():
-            src = ref.get_parameter(name)
-            p.copy_(src[first:first + el] if name.startswith("experts.") else src)
+        for target in ([layer, single] if ns else [layer]):
+            for name, p in target.named_parameters():
+                src = ref.get_parameter(name)
+                p.copy_(src[first:first + el] if name.startswith("experts.") else src)
 
     x, g, mod = shard(rank)
     x = x.requires_grad_()
@@ -83,6 +98,17 @@ def main():
     report = {"rank": rank, "ep_size": groups.ep_size, "errors": errors, "load": res.stats.load.tolist(),
               "ref_load": ref_load, "bytes_forward": disp.counter.by_direction["forward"],
               "analytic_forward": 2 * int(res.stats.load.sum()) * P * P * C * 4}
+    if ns:
+        s_res = single(x.detach(), mod if args.mode == "given" else None)
+        (s_res.out * g).sum().backward()
+        report.update(
+            single_out_err=err(s_res.out, ref_out),
+            coarse_cross=transport.coarse_counter.cross_node_bytes, fine_cross=transport.fine_counter.cross_node_bytes,
+            fine_total=transport.fine_counter.total_bytes, fine_offrank=transport.fine_counter.offrank_bytes,
+            coarse_total=transport.coarse_counter.total_bytes,
+            single_cross=disp.counter.cross_node_bytes, single_total=disp.counter.total_bytes,
+            coarse_slots=int(res.stats.num_units) * cfg.coarse.top_k if args.mode == "learned" else int(res.stats.num_units),
+        )
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as fh:
         json.dump(report, fh)

@@ -1,0 +1,126 @@
+"""Topology-aware two-stage transport for HierarchicalMoE: fine-level traffic stays inside a node.
+
+Legend: P ranks in the EP group, n ranks per node (P % n == 0), El experts per rank,
+G groups x F fine experts (grouped placement: group g = experts g*F .. g*F+F-1), Kc coarse and
+Kf fine slots per patch, L*C one patch row.
+
+Single-stage dispatch sends a patch once per (group, fine expert) slot, so a patch whose group
+lives on another node crosses the node boundary Kf times each way. Here:
+  stage 1 (coarse, EP group):  each (patch, coarse slot) row goes once to the *entry rank* of
+                               the node holding its group - the rank with the sender's local
+                               index there - with its fine expert ids and fine weights;
+  stage 2 (fine, node group):  the entry rank dispatches the row to the node's experts by an
+                               all-to-all over the node's ranks only, gets their outputs back
+                               and sums them with the fine weights;
+  stage 1 back:                one row per (patch, coarse slot) returns to the sender, which
+                               applies the coarse weight.
+The node groups never span two nodes, so fine-level bytes never cross a node boundary; both
+stages count bytes (``coarse_counter``, ``fine_counter``, with node crossings).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from moe.dispatch import plan_dispatch
+from moe.router import RoutingDecision
+from parallel.all_to_all import CommCounter, all_to_all_rows, exchange
+from parallel.dispatcher import AllToAllDispatcher
+
+
+def build_node_groups(ep_group, node_size: int):
+    """Every rank calls this in the same order: one process group per node-sized chunk of every
+    EP group. Returns this rank's node group. (EP groups are consecutive global ranks.)"""
+    world = dist.get_world_size()
+    ep_ranks = dist.get_process_group_ranks(ep_group)
+    p = len(ep_ranks)
+    if p % node_size:
+        raise ValueError(f"ep_size={p} is not divisible by node_size={node_size}")
+    mine = None
+    for start in range(0, world, node_size):
+        members = list(range(start, start + node_size))
+        g = dist.new_group(members)
+        if dist.get_rank() in members:
+            mine = g
+    return mine
+
+
+@dataclass(frozen=True)
+class GroupMeta:
+    """What stage 1's return trip needs."""
+
+    send_splits: list
+    recv_splits: list
+    slot_of_row: torch.Tensor  # [R] (patch * Kc + coarse slot) of each sent row
+    num_slots: int  # N * Kc
+
+
+class NodeTransport:
+    def __init__(self, num_groups: int, experts_per_group: int, ep_group, node_group, node_size: int,
+                 coarse_counter: CommCounter | None = None, fine_counter: CommCounter | None = None):
+        self.ep_group, self.node_group, self.node_size = ep_group, node_group, node_size
+        self.ep_size = dist.get_world_size(ep_group)
+        self.ep_rank = dist.get_rank(ep_group)
+        self.ranks = dist.get_process_group_ranks(ep_group)
+        e = num_groups * experts_per_group
+        if e % self.ep_size:
+            raise ValueError(f"num_experts={e} is not divisible by ep_size={self.ep_size}")
+        self.num_local_experts = e // self.ep_size
+        per_node = self.num_local_experts * node_size
+        self.num_node_experts = per_node
+        self.group_node = []
+        for g in range(num_groups):
+            nodes = {(g * experts_per_group + f) // per_node for f in range(experts_per_group)}
+            if len(nodes) != 1:
+                raise ValueError(
+                    f"group {g}'s {experts_per_group} experts span nodes {sorted(nodes)} (node = {node_size} ranks x "
+                    f"{self.num_local_experts} experts): choose sizes so every group fits in one node")
+            self.group_node.append(nodes.pop())
+        self.node = self.ep_rank // node_size
+        self.first_node_expert = self.node * per_node
+        self.coarse_counter = coarse_counter if coarse_counter is not None else CommCounter(node_size=node_size)
+        self.fine_counter = fine_counter if fine_counter is not None else CommCounter(node_size=node_size)
+        self.fine = AllToAllDispatcher(per_node, node_group, self.fine_counter)
+
+    @property
+    def first_expert(self) -> int:
+        return self.ep_rank * self.num_local_experts
+
+    def _device(self):
+        return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(self.ep_group) == "nccl" \
+            else torch.device("cpu")
+
+    def to_groups(self, units_NLC, group_NKc, fine_ids_NKcKf, fine_w_NKcKf, fine_mask_NKcKf):
+        """Stage 1: rows, fine ids (node-local), fine weights and masks as received by entry ranks."""
+        n, kc = group_NKc.shape
+        kf = fine_ids_NKcKf.shape[-1]
+        _, l, c = units_NLC.shape
+        node_of_group = torch.tensor(self.group_node, device=group_NKc.device)
+        dest = node_of_group[group_NKc] * self.node_size + self.ep_rank % self.node_size  # [N, Kc]
+        live = torch.ones_like(dest, dtype=torch.bool)
+        plan = plan_dispatch(RoutingDecision(dest, live.float(), live, None, None), self.ep_size, None)
+        counts = plan.counts.to(self._device())
+        recv_counts = exchange(counts, [1] * self.ep_size, [1] * self.ep_size, self.ep_group)
+        send, recv = counts.tolist(), recv_counts.tolist()
+        rows = units_NLC[plan.unit_of_row].reshape(-1, l * c)
+        y = all_to_all_rows(rows, send, recv, self.ep_group, self.coarse_counter, self.ep_rank, self.ranks)
+        w = all_to_all_rows(fine_w_NKcKf.reshape(n * kc, kf)[plan.slot_of_row], send, recv, self.ep_group,
+                            CommCounter(), self.ep_rank)  # metadata, not payload
+        dev = self._device()
+        ids = exchange(fine_ids_NKcKf.reshape(n * kc, kf)[plan.slot_of_row].to(dev), send, recv, self.ep_group)
+        mask = exchange(fine_mask_NKcKf.reshape(n * kc, kf)[plan.slot_of_row].to(dev, torch.uint8), send, recv,
+                        self.ep_group)
+        meta = GroupMeta(send, recv, plan.slot_of_row, n * kc)
+        ids = ids.to(units_NLC.device) - self.first_node_expert
+        return y.reshape(-1, l, c), ids, w, mask.to(units_NLC.device).bool(), meta
+
+    def from_groups(self, z_ULC: torch.Tensor, meta: GroupMeta) -> torch.Tensor:
+        """Stage 1 back: [N*Kc, L, C], one combined row per (patch, coarse slot) (zeros if none)."""
+        _, l, c = z_ULC.shape
+        back = all_to_all_rows(z_ULC.reshape(-1, l * c), meta.recv_splits, meta.send_splits, self.ep_group,
+                               self.coarse_counter, self.ep_rank, self.ranks)
+        out = back.new_zeros(meta.num_slots, l * c).index_copy(0, meta.slot_of_row, back)
+        return out.reshape(meta.num_slots, l, c)
