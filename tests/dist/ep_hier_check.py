@@ -99,7 +99,7 @@ def main():
               "ref_load": ref_load, "bytes_forward": disp.counter.by_direction["forward"],
               "analytic_forward": 2 * int(res.stats.load.sum()) * P * P * C * 4}
     if ns:
-        s_res = single(x.detach(), mod if args.mode == "given" else None)
+        s_res = single(x.detach().requires_grad_(), mod if args.mode == "given" else None)
         (s_res.out * g).sum().backward()
         report.update(
             single_out_err=err(s_res.out, ref_out),
