@@ -53,6 +53,7 @@ class History:
     fusion_load: list = field(default_factory=list)  # [interval][scale] mean gate weight
     dropped: list = field(default_factory=list)  # [interval] dropped fraction (mean over layers)
     active: list = field(default_factory=list)  # [interval] mean active experts per patch
+    active_per_step: list = field(default_factory=list)  # [step] mean active experts per patch (top-p)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -197,9 +198,12 @@ class Trainer:
                 interval_active += float(np.mean([st.active_experts for st in out.moe_stats]))
             interval_n += 1
 
-            total, ce, tri, aux = self._mean([float(parts.total.detach()), parts.id, parts.triplet, parts.aux])
+            active = float(np.mean([st.active_experts for st in out.moe_stats])) if out.moe_stats else 0.0
+            total, ce, tri, aux, active = self._mean([float(parts.total.detach()), parts.id, parts.triplet, parts.aux,
+                                                      active])
             h = self.history
             h.loss.append(total), h.id.append(ce), h.triplet.append(tri), h.aux.append(aux), h.lr.append(tc.lr_at(s))
+            h.active_per_step.append(active)
             self.step += 1
             step_time = time.perf_counter() - t0
             if s >= 3:  # leave start-up (first calls, allocator) out of throughput

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from deepspeed.moe.layer import MoE as _DeepSpeedMoEBase
 
-from moe import MoEOutput, PatchMoE
+from moe import HierarchicalMoE, MoEOutput, PatchMoE
 from parallel.groups import ParallelGroups
 
 EXPERTS_KEY = "deepspeed_moe.experts."
@@ -31,18 +31,19 @@ PER_EXPERT_KEY = "deepspeed_moe.experts.deepspeed_experts."
 class DeepSpeedMoE(_DeepSpeedMoEBase):
     """A PatchMoE as DeepSpeed's engine expects an MoE layer to look. Forward is the layer's."""
 
-    def __init__(self, layer: PatchMoE, groups: ParallelGroups):
+    def __init__(self, layer: PatchMoE | HierarchicalMoE, groups: ParallelGroups):
         nn.Module.__init__(self)  # DeepSpeed's own __init__ builds its gate/experts: not wanted
         num_local = layer.dispatcher.num_local_experts
-        if layer.cfg.router.num_experts != num_local * groups.ep_size:
+        num_experts = _num_experts(layer)
+        if num_experts != num_local * groups.ep_size:
             raise ValueError(
-                f"layer holds {num_local} local experts of {layer.cfg.router.num_experts}, "
+                f"layer holds {num_local} local experts of {num_experts}, "
                 f"which does not match ep_size={groups.ep_size}"
             )
         self.deepspeed_moe = layer  # the attribute name DeepSpeed's checkpoint code looks for
         self.ep_size = groups.ep_size
         self.expert_group_name = groups.name
-        self.num_experts = layer.cfg.router.num_experts
+        self.num_experts = num_experts
         self.num_local_experts = num_local
         self.enable_expert_tensor_parallelism = False
         for p in layer.experts.parameters():
@@ -58,8 +59,12 @@ class DeepSpeedMoE(_DeepSpeedMoEBase):
         if self.expert_group_name not in ds_groups._get_expert_parallel_group_dict():
             raise RuntimeError(f"DeepSpeed has no expert group {self.expert_group_name}: build ParallelGroups first")
 
-    def forward(self, x: torch.Tensor) -> MoEOutput:  # type: ignore[override]
-        return self.deepspeed_moe(x)
+    def forward(self, x: torch.Tensor, *args) -> MoEOutput:  # type: ignore[override]
+        return self.deepspeed_moe(x, *args)
+
+
+def _num_experts(layer) -> int:
+    return layer.cfg.num_experts if isinstance(layer, HierarchicalMoE) else layer.cfg.router.num_experts
 
 
 def _split_expert_entries(module, state_dict, prefix, local_metadata) -> None:
@@ -89,7 +94,7 @@ def _stack_expert_entries(module, state_dict, prefix, local_metadata, strict, mi
 
 
 def shard_moe_layers(model: nn.Module, groups: ParallelGroups, counter=None, timer=None) -> list[DeepSpeedMoE]:
-    """Replace every :class:`PatchMoE` in ``model`` by its expert-parallel, DeepSpeed-registered
+    """Replace every :class:`PatchMoE` / :class:`HierarchicalMoE` in ``model`` by its expert-parallel, DeepSpeed-registered
     version: same router and config, this rank's slice of the experts, an all-to-all
     dispatcher over ``groups.ep_group`` (local when ep_size is 1) and ``timer``.
 
@@ -99,15 +104,15 @@ def shard_moe_layers(model: nn.Module, groups: ParallelGroups, counter=None, tim
     """
     from parallel.dispatcher import build_dispatcher
 
-    found = [(name, m) for name, m in model.named_modules() if isinstance(m, PatchMoE)]
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, (PatchMoE, HierarchicalMoE))]
     out = []
     for name, full in found:
-        disp = build_dispatcher(full.cfg.router.num_experts, groups, counter)
-        layer = PatchMoE(full.cfg, dispatcher=disp, timer=timer)
+        disp = build_dispatcher(_num_experts(full), groups, counter)
+        layer = type(full)(full.cfg, dispatcher=disp, timer=timer)
         first, n = disp.first_expert, disp.num_local_experts
         with torch.no_grad():
             src = full.state_dict()
-            for key, t in layer.state_dict().items():  # router, scorer, buffers: everything but experts
+            for key, t in layer.state_dict().items():  # routers, scorer, buffers: everything but experts
                 if not key.startswith("experts."):
                     t.copy_(src[key])
             for pname, p in layer.experts.named_parameters():

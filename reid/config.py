@@ -15,7 +15,7 @@ from typing import Any, Literal, Mapping, get_type_hints
 
 import yaml
 
-from moe.config import ConfigError, MultiScaleMoEConfig, PatchMoEConfig, from_dict
+from moe.config import ConfigError, HierarchicalMoEConfig, MultiScaleMoEConfig, PatchMoEConfig, from_dict
 from reid.synth import SynthSpec
 
 
@@ -55,8 +55,14 @@ class ModelConfig:
     dropout: float = 0.0
     patch_moe: dict = field(default_factory=lambda: {"patch_size": 8, "router": {"num_experts": 4, "top_k": 2}})
     multiscale: dict = field(default_factory=dict)
+    moe_kind: Literal["patch", "hierarchical"] = "patch"
+    hierarchical: dict = field(default_factory=lambda: {
+        "num_groups": 3, "experts_per_group": 3, "coarse": {"num_experts": 3, "top_k": 1},
+        "fine": {"num_experts": 3, "top_k": 2}})
 
     def __post_init__(self) -> None:
+        _require(self.moe_kind in ("patch", "hierarchical"),
+                 f"model.moe_kind={self.moe_kind!r} must be 'patch' or 'hierarchical'")
         _require(self.dim >= 8 and self.dim % 2 == 0, f"model.dim={self.dim} must be an even number >= 8")
         _require(self.stem_stride in (1, 2, 4, 8, 16), f"model.stem_stride={self.stem_stride} must be 1, 2, 4, 8 or 16")
         _require(self.depth >= 1, f"model.depth={self.depth} must be >= 1")
@@ -67,6 +73,8 @@ class ModelConfig:
         _require(0 <= self.dropout < 1, f"model.dropout={self.dropout} must be in [0, 1)")
         self.patch_moe_config()
         self.multiscale_config()
+        if self.moe_kind == "hierarchical":
+            self.hierarchical_config()
 
     def patch_moe_config(self) -> PatchMoEConfig:
         data = dict(self.patch_moe)
@@ -81,8 +89,22 @@ class ModelConfig:
         data.setdefault("dim", self.dim)
         return from_dict(MultiScaleMoEConfig, data, "model.multiscale")
 
+    def hierarchical_config(self) -> HierarchicalMoEConfig:
+        """Coarse groups x fine experts; patch size and experts as in ``patch_moe`` unless given."""
+        pm = self.patch_moe_config()
+        data = dict(self.hierarchical)
+        data.setdefault("dim", self.dim)
+        data.setdefault("patch_size", pm.patch_size)
+        data.setdefault("expert", {"kind": pm.expert.kind, "hidden_dim": pm.expert.hidden_dim,
+                                   "dropout": pm.expert.dropout})
+        data.setdefault("balance", {"load_balance_coef": pm.balance.load_balance_coef,
+                                    "z_loss_coef": pm.balance.z_loss_coef})
+        return from_dict(HierarchicalMoEConfig, data, "model.hierarchical")
+
     @property
     def num_experts(self) -> int:
+        if self.moe_kind == "hierarchical":
+            return self.hierarchical_config().num_experts
         return self.patch_moe_config().router.num_experts
 
 

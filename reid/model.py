@@ -7,7 +7,7 @@ Legend: B batch, M modalities, D model dim, h x w token grid (image / stem_strid
   nir [B,1,H,W] --stem_nir--+--sum + LN--> x [B,h,w,D] --blocks--> [B,h,w,D]
   tir [B,1,H,W] --stem_tir--+
   block:  x = x + DWConv(LN(x))          (spatial mixing, k x k depthwise)
-          x = x + FFN(LN(x))             (FFN = PatchMoE in ``moe_blocks``, else dense MLP)
+          x = x + FFN(LN(x))             (FFN = PatchMoE or HierarchicalMoE in ``moe_blocks``, else MLP)
   head:   window features 4/8/16 (max of window means) --MultiScaleMoE--> f [B,D]
           BNNeck: f_bn = BN(f) (bias frozen); logits = W f_bn (no bias)
 Training uses f (triplet) and logits (ID loss); retrieval uses f_bn.
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from moe import MoEOutput, MultiScaleMoE, PatchMoE, RoutingStats
+from moe import HierarchicalMoE, MoEOutput, MultiScaleMoE, PatchMoE, RoutingStats
 from reid.config import ModelConfig
 from reid.data import MODALITIES, Batch
 
@@ -59,7 +59,12 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(d)
         self.mix = nn.Conv2d(d, d, cfg.kernel, padding=cfg.kernel // 2, groups=d)
         self.norm2 = nn.LayerNorm(d)
-        self.ffn: nn.Module = PatchMoE(cfg.patch_moe_config()) if use_moe else DenseFFN(d, int(d * cfg.mlp_ratio), cfg.dropout)
+        if not use_moe:
+            self.ffn: nn.Module = DenseFFN(d, int(d * cfg.mlp_ratio), cfg.dropout)
+        elif cfg.moe_kind == "hierarchical":
+            self.ffn = HierarchicalMoE(cfg.hierarchical_config())
+        else:
+            self.ffn = PatchMoE(cfg.patch_moe_config())
         self.is_moe = use_moe
 
     def forward(self, x_BhwD: torch.Tensor) -> tuple[torch.Tensor, RoutingStats | None]:

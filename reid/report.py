@@ -121,7 +121,8 @@ def plot_step_time(summary: dict, path: str) -> None:
         left += st[k]
     ax.set_yticks([0, 1], ["MoE stages\n(inside forward)", "step"])
     ax.set_xlabel("ms per step (mean)")
-    ax.legend(ncol=4, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.35))
+    if ax.get_legend_handles_labels()[0]:  # nothing timed in very short runs
+        ax.legend(ncol=4, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.35))
     ax.set_title(f"step time: {st.get('step', 0):.1f} ms")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

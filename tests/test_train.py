@@ -81,6 +81,23 @@ def test_ep2_equals_ep1_on_the_full_model(tmp_path):
 
 
 @pytest.mark.slow
+def test_hierarchical_model_ep2_equals_ep1(tmp_path):
+    """The ReID model with HierarchicalMoE blocks (3 groups x 4 fine experts) trains the same with
+    its 12 experts split over 2 ranks as replicated; top-p fine routing reports active experts per step."""
+    tmp = str(tmp_path)
+    hier = ("model.moe_kind=hierarchical", "model.hierarchical={num_groups: 3, experts_per_group: 4, "
+            "coarse: {num_experts: 3, top_k: 1}, fine: {num_experts: 4, dynamic_top_p: 0.5, k_min: 1, k_max: 3}}")
+    for ep in (1, 2):
+        _train(tmp, f"h{ep}", 2, *hier, f"train.ep_size={ep}", "train.steps=5", "eval.untrained=false")
+    one, two = _summary(tmp, "h1"), _summary(tmp, "h2")
+    assert two["num_experts"] == 12 and two["ep_size"] == 2
+    for a, b in zip(one["loss_history"], two["loss_history"]):
+        assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (one["loss_history"], two["loss_history"])
+    act = two["history"]["active_per_step"]
+    assert len(act) == 5 and all(1.0 <= a <= 3.0 for a in act) and act == one["history"]["active_per_step"]
+
+
+@pytest.mark.slow
 def test_resume_is_exact(tmp_path):
     tmp = str(tmp_path)
     common = ("train.ep_size=2", "train.steps=8", "train.ckpt_every=100", "eval.untrained=false")
