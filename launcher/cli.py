@@ -14,7 +14,23 @@ from __future__ import annotations
 import argparse
 import sys
 
-from launcher import bench, bench_ep, convert, data_cmd, fit, train
+from launcher import bench, bench_ep, convert, data_cmd, fit, launch, submit, train
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from launcher.launch import LaunchError
+    from launcher.submit import SubmitError
+    from moe.config import ConfigError
+    from moe.resize import ResizeError
+    from parallel.groups import ParallelConfigError
+    from parallel.reshard import ReshardError
+    from reid.data import DataError
+
+    return (ConfigError, LaunchError, SubmitError, DataError, ReshardError, ResizeError, ParallelConfigError,
+            FileNotFoundError)
+
+
+USER_ERRORS = _user_errors()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     data_cmd.add_parser(sub)
     train.add_parsers(sub)
     convert.add_parser(sub)
+    launch.add_parser(sub)
+    submit.add_parser(sub)
     return parser
 
 
@@ -42,7 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:
         args.overrides = list(args.overrides) + extra
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as exc:  # a bad setting or input: the message says what and how to fix it
+        print(f"msmoe: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

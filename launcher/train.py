@@ -27,6 +27,8 @@ def add_parsers(sub) -> None:
     t.add_argument("--config", default="configs/default.yaml", help="YAML run config")
     t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=50")
     t.add_argument("--resume", action="store_true", help="continue from the run's newest checkpoint")
+    t.add_argument("--auto-resume", action="store_true",
+                   help="continue from the newest checkpoint if there is one, else start (requeued jobs)")
     t.add_argument("--init-from", default=None,
                    help="start from the weights of this checkpoint directory (e.g. made by msmoe convert)")
     t.add_argument("--stop-at", type=int, default=None,
@@ -96,10 +98,12 @@ def run_train(args) -> int:
     code = _relaunch(args.nproc)
     if code is not None:
         return code
-    from launcher.trainer import Trainer, check_data, write_json
+    from launcher.trainer import Preemption, Trainer, check_data, write_json
     from parallel.dist import init_distributed
     from reid.config import load_config
     from reid.report import write_report
+
+    preemption = Preemption().install()  # before anything slow: a signal during start-up is kept too
 
     cfg = load_config(args.config, args.overrides)  # bad config fails here, before any process group
     _setup_threads(cfg.train.threads)
@@ -107,10 +111,12 @@ def run_train(args) -> int:
     _prepare_data(cfg, world, not args.no_progress)
     check_data(cfg)
     t_start = time.perf_counter()
-    trainer = Trainer(cfg, world, progress=not args.no_progress)
+    trainer = Trainer(cfg, world, progress=not args.no_progress, preemption=preemption)
     os.makedirs(cfg.run_dir, exist_ok=True)
     untrained_path = os.path.join(cfg.run_dir, "untrained.json")
     untrained = None
+    if args.auto_resume and os.path.isfile(os.path.join(trainer.ckpt_dir, "latest")):
+        args.resume = True
     if args.resume:
         step = trainer.resume()
         if world.rank == 0:
@@ -136,6 +142,12 @@ def run_train(args) -> int:
         with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as fh:
             yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
     trainer.train(stop_at=args.stop_at)
+    if trainer.preempted:
+        note = trainer.requeue()
+        if world.rank == 0:
+            print(f"preempted (signal {preemption.signal}): checkpoint at step {trainer.step} in {trainer.ckpt_dir}"
+                  + (f"; {note}" if note else "; continue with --resume"), flush=True)
+        return 0
     if trainer.step < cfg.train.steps:
         if world.rank == 0:
             print(f"stopped at step {trainer.step} of {cfg.train.steps}; checkpoint in {trainer.ckpt_dir}; "

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import resource
+import signal
+import subprocess
 import time
 from dataclasses import dataclass, field
 
@@ -59,9 +61,36 @@ class History:
         return dict(self.__dict__)
 
 
+PREEMPT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+class Preemption:
+    """Remembers the first SIGUSR1/SIGTERM; install it as early as possible in a worker."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def install(self) -> "Preemption":
+        def handler(signum, frame):
+            if self.signal is None:
+                self.signal = signum
+        for sig in PREEMPT_SIGNALS:
+            signal.signal(sig, handler)
+        return self
+
+
 class Trainer:
-    def __init__(self, cfg: RunConfig, world: WorldInfo, progress: bool = True):
+    """Builds everything once; ``train`` runs the steps; ``evaluate`` the retrieval metrics.
+
+    Preemption: SIGUSR1 (SLURM's warning, ``--signal=USR1@T``) or SIGTERM sets a flag; at the
+    end of the step every rank learns of it (it rides on the per-step all-reduce), all stop after
+    the *same* step, save a checkpoint and, under SLURM, rank 0 requeues the job
+    (``scontrol requeue``); the requeued job resumes from that checkpoint (``--auto-resume``).
+    """
+
+    def __init__(self, cfg: RunConfig, world: WorldInfo, progress: bool = True, preemption: Preemption | None = None):
         self.cfg, self.world = cfg, world
+        self.preemption = preemption if preemption is not None else Preemption()
         self.rank, self.world_size = world.rank, world.world_size
         self.device = world.device
         self.progress = progress and self.rank == 0
@@ -104,6 +133,7 @@ class Trainer:
         self.train_time_s = 0.0
         self.timed_steps = 0
         self.a2a_per_step: dict = {}
+        self.preempted = False
 
     # ------------------------------------------------------------------ data
     def batch(self, step: int) -> tuple[Batch, torch.Tensor]:
@@ -199,8 +229,9 @@ class Trainer:
             interval_n += 1
 
             active = float(np.mean([st.active_experts for st in out.moe_stats])) if out.moe_stats else 0.0
-            total, ce, tri, aux, active = self._mean([float(parts.total.detach()), parts.id, parts.triplet, parts.aux,
-                                                      active])
+            flag = 1.0 if self.preemption.signal is not None else 0.0
+            total, ce, tri, aux, active, flag = self._mean([float(parts.total.detach()), parts.id, parts.triplet,
+                                                            parts.aux, active, flag])
             h = self.history
             h.loss.append(total), h.id.append(ce), h.triplet.append(tri), h.aux.append(aux), h.lr.append(tc.lr_at(s))
             h.active_per_step.append(active)
@@ -232,12 +263,26 @@ class Trainer:
             sps = samples_per_step * self.timed_steps / self.train_time_s if self.train_time_s else 0.0
             bar.set_postfix(loss=f"{total:.3f}", id=f"{ce:.3f}", tri=f"{tri:.3f}", samples_s=f"{sps:.1f}")
             bar.update(1)
+            if flag > 0:  # some rank was signalled: every rank stops after this same step
+                self.preempted = True
+                break
         bar.close()
         run = max(self.step - first_step, 1)
         self.a2a_per_step = {"total": self.comm.total_bytes / run, "offrank": self.comm.offrank_bytes / run,
                              "forward": self.comm.by_direction["forward"] / run,
                              "backward": self.comm.by_direction["backward"] / run}
         self.save()
+
+    def requeue(self) -> str | None:
+        """Under SLURM, put this job back in the queue (rank 0 only). Returns what happened."""
+        job = os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID") and \
+            f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}" or os.environ.get("SLURM_JOB_ID")
+        if self.rank != 0 or not job:
+            return None
+        proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+        if proc.returncode != 0:
+            return f"scontrol requeue {job} failed: {proc.stderr.strip()}"
+        return f"requeued SLURM job {job}"
 
     # ------------------------------------------------------------------ eval
     def evaluate(self):

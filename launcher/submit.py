@@ -1,0 +1,178 @@
+"""``msmoe submit``: a SLURM batch job (or job array) that runs ``msmoe train`` on N nodes.
+
+  msmoe submit --nodes 4 --gpus-per-node 8 --time 04:00:00 --partition gpu -- --config configs/gpu.yaml
+  msmoe submit --nodes 1 --gpus-per-node 2 --device cpu --time 00:10:00 --partition debug -- --config configs/tiny.yaml
+  msmoe submit ... --sweep train.ep_size=1,2 --sweep model.patch_moe.router.num_experts=4,8 -- --config ...
+  msmoe submit ... --dry-run                      # print the script, submit nothing
+
+The script (written to runs/<name>/submit.sbatch) starts one task per node with srun; each task
+runs torchrun with a c10d rendezvous on the first node of the allocation. Preemption and time
+limits: ``--signal=USR1@<warn>`` makes SLURM signal the tasks before the end; torchrun forwards
+SIGUSR1/SIGTERM to the trainers, which stop after the same step on every rank, checkpoint, and
+requeue the job (``scontrol requeue``, allowed by ``--requeue``); the requeued job starts the
+same script, and ``--auto-resume`` continues from that checkpoint. ``--sweep key=a,b`` (repeatable)
+makes a job array over the cartesian product of the values, one run name per element.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class SubmitError(ValueError):
+    pass
+
+
+def _name_and_outdir(train_args: list[str]) -> tuple[str, str]:
+    """The run name and out_dir the training will use (config file + overrides), to place files."""
+    from reid.config import load_config
+
+    config, overrides, i = None, [], 0
+    while i < len(train_args):
+        a = train_args[i]
+        if a == "--config":
+            config, i = train_args[i + 1], i + 2
+            continue
+        if a.startswith("--config="):
+            config = a.split("=", 1)[1]
+        elif "=" in a and not a.startswith("-"):
+            overrides.append(a)
+        i += 1
+    cfg = load_config(config or "configs/default.yaml", overrides)
+    return cfg.name, cfg.out_dir
+
+
+def sweep_points(sweeps: list[str]) -> list[list[str]]:
+    """['a=1,2', 'b=x,y'] -> [['a=1','b=x'], ['a=1','b=y'], ['a=2','b=x'], ['a=2','b=y']]."""
+    axes = []
+    for s in sweeps:
+        if "=" not in s:
+            raise SubmitError(f"--sweep {s!r} must look like key=value1,value2")
+        key, values = s.split("=", 1)
+        axes.append([f"{key}={v}" for v in values.split(",") if v != ""])
+    return [list(p) for p in itertools.product(*axes)] if axes else [[]]
+
+
+def render_script(*, name: str, run_dir: str, nodes: int, procs_per_node: int, time: str, partition: str | None,
+                  device: str, train_args: list[str], python: str, root: str, port: int = 29500,
+                  signal_warn_s: int = 120, cpus_per_task: int | None = None, points: list[list[str]] | None = None,
+                  account: str | None = None) -> str:
+    array = points is not None and len(points) > 1
+    out = os.path.join(run_dir, "slurm-%A_%a.out" if array else "slurm-%j.out")
+    lines = [
+        "#!/bin/bash",
+        f"#SBATCH --job-name=msmoe-{name}",
+        f"#SBATCH --nodes={nodes}",
+        "#SBATCH --ntasks-per-node=1",
+    ]
+    if device == "cuda":
+        lines.append(f"#SBATCH --gpus-per-node={procs_per_node}")
+    if cpus_per_task:
+        lines.append(f"#SBATCH --cpus-per-task={cpus_per_task}")
+    lines += [f"#SBATCH --time={time}"]
+    if partition:
+        lines.append(f"#SBATCH --partition={partition}")
+    if account:
+        lines.append(f"#SBATCH --account={account}")
+    if array:
+        lines.append(f"#SBATCH --array=0-{len(points) - 1}")
+    lines += [
+        f"#SBATCH --output={out}",
+        "#SBATCH --open-mode=append",
+        f"#SBATCH --signal=USR1@{signal_warn_s}",
+        "#SBATCH --requeue",
+        "# Written by `msmoe submit`; resubmit with: sbatch " + os.path.join(run_dir, "submit.sbatch"),
+        "set -euo pipefail",
+        f"cd {shlex.quote(root)}",
+        'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        f'echo "msmoe: job $SLURM_JOB_ID (restart ${{SLURM_RESTART_COUNT:-0}}) on $SLURM_JOB_NODELIST, '
+        f'rendezvous $head_node:{port}"',
+    ]
+    extra = ""
+    if array:
+        lines.append("sweep=(")
+        for p in points:
+            lines.append("  " + shlex.quote(" ".join(p)))
+        lines.append(")")
+        lines.append('point=${sweep[$SLURM_ARRAY_TASK_ID]}')
+        lines.append(f'run_name={shlex.quote(name)}-$SLURM_ARRAY_TASK_ID')
+        extra = " $point name=$run_name"
+        rdzv_id = "$SLURM_ARRAY_JOB_ID-$SLURM_ARRAY_TASK_ID"
+    else:
+        if points and points[0]:
+            train_args = [*train_args, *points[0]]
+        rdzv_id = "$SLURM_JOB_ID"
+    if device == "cpu":
+        lines.append(f"export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-1}}")
+    torchrun = [python, "-m", "torch.distributed.run", "--nnodes=$SLURM_NNODES", f"--nproc_per_node={procs_per_node}",
+                "--rdzv_backend=c10d", f"--rdzv_endpoint=$head_node:{port}", f"--rdzv_id={rdzv_id}",
+                "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout=300",
+                "-m", "launcher.cli", "train", "--auto-resume", "--no-progress"]
+    cmd = " ".join(shlex.quote(c) if not c.startswith(("--nnodes=$", "--rdzv_endpoint=$", "--rdzv_id=$")) else c
+                   for c in torchrun)
+    cmd += " " + " ".join(shlex.quote(a) for a in train_args) + extra
+    lines.append(f"srun --ntasks-per-node=1 --kill-on-bad-exit=1 {cmd}")
+    return "\n".join(lines) + "\n"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("submit", help="submit msmoe train to SLURM (sbatch; job arrays for sweeps)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nodes", type=int, required=True)
+    p.add_argument("--gpus-per-node", type=int, required=True, help="GPUs (= processes) per node")
+    p.add_argument("--time", required=True, help="time limit, e.g. 04:00:00")
+    p.add_argument("--partition", default=None)
+    p.add_argument("--account", default=None)
+    p.add_argument("--cpus-per-task", type=int, default=None)
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                   help="cpu: processes per node without requesting GPUs")
+    p.add_argument("--port", type=int, default=29500, help="rendezvous port on the first node")
+    p.add_argument("--signal-warn", type=int, default=120, help="seconds before the time limit SLURM sends SIGUSR1")
+    p.add_argument("--sweep", action="append", default=[], help="key=v1,v2 (repeatable): a job array")
+    p.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
+    p.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then msmoe train arguments")
+    p.set_defaults(func=run_submit)
+
+
+def run_submit(args) -> int:
+    train_args = list(args.train_args)
+    if train_args[:1] == ["--"]:
+        train_args = train_args[1:]
+    if args.nodes < 1 or args.gpus_per_node < 1:
+        raise SubmitError(f"--nodes {args.nodes} and --gpus-per-node {args.gpus_per_node} must be >= 1")
+    name, out_dir = _name_and_outdir(train_args)
+    points = sweep_points(args.sweep)
+    run_dir = os.path.abspath(os.path.join(out_dir, name)) if not args.dry_run else os.path.join(out_dir, name)
+    python = sys.executable if not args.dry_run else "python"
+    root = ROOT if not args.dry_run else "/path/to/msmoe"
+    script = render_script(name=name, run_dir=run_dir, nodes=args.nodes, procs_per_node=args.gpus_per_node,
+                           time=args.time, partition=args.partition, device=args.device, train_args=train_args,
+                           python=python, root=root, port=args.port, signal_warn_s=args.signal_warn,
+                           cpus_per_task=args.cpus_per_task, points=points, account=args.account)
+    if args.dry_run:
+        sys.stdout.write(script)
+        return 0
+    if shutil.which("sbatch") is None:
+        raise SubmitError("sbatch is not on PATH: run `msmoe submit` on a SLURM login node "
+                          "(or use --dry-run to see the script)")
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, "submit.sbatch")
+    with open(path, "w") as fh:
+        fh.write(script)
+    proc = subprocess.run(["sbatch", "--parsable", path], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SubmitError(f"sbatch {path} failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    job_id = proc.stdout.strip().split(";")[0]
+    with open(os.path.join(run_dir, "slurm_job_id"), "w") as fh:
+        fh.write(job_id + "\n")
+    print(f"submitted job {job_id}: {path}")
+    print(job_id)
+    return 0
