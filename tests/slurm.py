@@ -70,6 +70,11 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
         self._write_conf()
         if subprocess.run(["pgrep", "-x", "munged"], capture_output=True).returncode != 0:
             os.makedirs("/run/munge", exist_ok=True)
+            if not os.path.exists("/etc/munge/munge.key"):  # the package normally makes one
+                os.makedirs("/etc/munge", exist_ok=True)
+                with open("/etc/munge/munge.key", "wb") as fh:
+                    fh.write(os.urandom(1024))
+                os.chmod("/etc/munge/munge.key", 0o400)
             subprocess.run(["munged", "--force"], check=True, env=self.env, capture_output=True)
         for cmd in (["slurmctld", "-D", "-i"], ["slurmd", "-D"]):
             log = open(os.path.join(self.base, "log", cmd[0] + ".stdout"), "w")
