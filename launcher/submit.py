@@ -25,6 +25,7 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMPLETE = "COMPLETE"  # written by `msmoe train` into the run directory when the run is finished
 
 
 class SubmitError(ValueError):
@@ -97,6 +98,7 @@ def render_script(*, name: str, run_dir: str, nodes: int, procs_per_node: int, t
         f'rendezvous $head_node:{port}"',
     ]
     extra = ""
+    run_base = os.path.dirname(run_dir.rstrip("/")) or "."
     if array:
         lines.append("sweep=(")
         for p in points:
@@ -104,12 +106,18 @@ def render_script(*, name: str, run_dir: str, nodes: int, procs_per_node: int, t
         lines.append(")")
         lines.append('point=${sweep[$SLURM_ARRAY_TASK_ID]}')
         lines.append(f'run_name={shlex.quote(name)}-$SLURM_ARRAY_TASK_ID')
+        lines.append(f'run_dir={shlex.quote(run_base)}/$run_name')
         extra = " $point name=$run_name"
         rdzv_id = "$SLURM_ARRAY_JOB_ID-$SLURM_ARRAY_TASK_ID"
     else:
         if points and points[0]:
             train_args = [*train_args, *points[0]]
+        lines.append(f"run_dir={shlex.quote(run_dir)}")
         rdzv_id = "$SLURM_JOB_ID"
+    # The trainer writes $run_dir/COMPLETE once the run is finished and reported. torchrun exits
+    # non-zero whenever it was signalled, even when the signal came after the last step (during the
+    # final evaluation) and the workers finished normally: that is still a finished job.
+    lines.append(f'rm -f "$run_dir/{COMPLETE}"')
     if device == "cpu":
         lines.append(f"export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-1}}")
     torchrun = [python, "-m", "torch.distributed.run", "--nnodes=$SLURM_NNODES", f"--nproc_per_node={procs_per_node}",
@@ -119,7 +127,15 @@ def render_script(*, name: str, run_dir: str, nodes: int, procs_per_node: int, t
     cmd = " ".join(shlex.quote(c) if not c.startswith(("--nnodes=$", "--rdzv_endpoint=$", "--rdzv_id=$")) else c
                    for c in torchrun)
     cmd += " " + " ".join(shlex.quote(a) for a in train_args) + extra
-    lines.append(f"srun --ntasks-per-node=1 --kill-on-bad-exit=1 {cmd}")
+    lines += [
+        "status=0",
+        f"srun --ntasks-per-node=1 --kill-on-bad-exit=1 {cmd} || status=$?",
+        f'if [ "$status" -ne 0 ] && [ -f "$run_dir/{COMPLETE}" ]; then',
+        '  echo "msmoe: the run finished; the launcher exited $status after a late signal: job complete"',
+        "  status=0",
+        "fi",
+        'exit "$status"',
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -98,6 +98,7 @@ def run_train(args) -> int:
     code = _relaunch(args.nproc)
     if code is not None:
         return code
+    from launcher.submit import COMPLETE
     from launcher.trainer import Preemption, Trainer, check_data, write_json
     from parallel.dist import init_distributed
     from reid.config import load_config
@@ -154,14 +155,19 @@ def run_train(args) -> int:
                   f"continue with --resume", flush=True)
         return 0
     metrics, q = trainer.evaluate()
+    peak_mem = trainer.gather_peak_memory_mb()  # every rank takes part
     if world.rank == 0:
-        summary = trainer.summary(metrics, untrained, time.perf_counter() - t_start)
+        summary = trainer.summary(metrics, untrained, time.perf_counter() - t_start, peak_mem)
         write_json(os.path.join(cfg.run_dir, "summary.json"), summary)
         write_report(summary, cfg.run_dir, q.fusion_weights)
         base = f"  (untrained {untrained.map:.1%})" if untrained is not None else ""
         print(f"{cfg.name}: mAP {metrics.map:.1%}{base}  Rank-1 {metrics.rank(1):.1%}  Rank-5 {metrics.rank(5):.1%}  "
               f"Rank-10 {metrics.rank(10):.1%}  |  {summary['samples_per_s']:.1f} samples/s", flush=True)
         print(f"report: {os.path.join(cfg.run_dir, 'report.md')}", flush=True)
+        if preemption.signal is not None:
+            print(f"signal {preemption.signal} arrived after the last step: the run is complete", flush=True)
+        with open(os.path.join(cfg.run_dir, COMPLETE), "w") as fh:  # job scripts read it (msmoe submit)
+            fh.write(f"{trainer.step}\n")
     return 0
 
 
