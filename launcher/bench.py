@@ -1,19 +1,30 @@
-"""``msmoe bench layer``: PatchMoE forward+backward time beside a dense FFN of equal active FLOPs.
+"""``msmoe bench layer``: one MoE layer, forward + backward, against its peers at equal active FLOPs.
 
 Legend: B batch, H/W map, C channels, F expert hidden, E experts, K top-k, P patch side.
 
 Every point of the map passes through K experts of hidden width F, so the dense baseline is
-one FFN of hidden width K*F: both do 2 * 2*C*(K*F) multiply-adds per point, forward. The
-router adds 2*C*E per patch (per point for token routing), which the table also lists.
+one FFN of hidden width K*F: all contenders do 2 * 2*C*(K*F) multiply-adds per point, forward.
+Contenders (all in one run, timed in alternation, one step of each per round):
 
-  msmoe bench layer                       # default shape, CPU
-  msmoe bench layer --dim 256 --experts 16 --repeats 20 --json out.json
+  dense FFN (hidden K*F)     the practical limit
+  PatchMoE P=P               ours, one routing decision per P x P patch
+  TokenMoE P=1               ours, one routing decision per point
+  DeepSpeed MoE (top-2)      deepspeed.moe.layer.MoE, drop_tokens=False (K=2 only)
+  fairscale MOELayer Top2    fairscale.nn.MOELayer + Top2Gate, in token groups (K=2 only)
+
+The router adds 2*C*E multiply-adds per routed unit and its metadata (expert id + weight) is
+12 bytes per unit and choice: patch routing divides both by P*P; the table lists them.
+
+  msmoe bench layer                            # B=8 32x32 C=128, CPU
+  msmoe bench layer --shape thesis             # the thesis map [B, 80, 80, 256] with 8x8 patches
+  msmoe bench layer --device cuda --dtype bf16 --shape thesis --json out.json   # + TFLOP/s, % of GEMM peak
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -22,6 +33,11 @@ import torch
 import torch.nn as nn
 
 from moe import ExpertConfig, PatchMoE, PatchMoEConfig, RouterConfig
+
+SHAPES = {  # preset: (batch, height, width, dim, hidden)
+    "small": (8, 32, 32, 128, 256),
+    "thesis": (2, 80, 80, 256, 512),
+}
 
 
 @dataclass(frozen=True)
@@ -32,91 +48,143 @@ class BenchRow:
     points_per_s: float
     gflop_per_step: float  # forward+backward (3x forward), expert/FFN matmuls only
     router_units: int
+    router_mflop: float  # forward gate matmul
+    metadata_bytes: int  # expert id (int64) + weight (fp32) per routed unit and choice
     ratio_to_dense: float
+    ratio_to_deepspeed: float | None
+    tflops: float  # achieved on the expert/FFN matmuls
+    fraction_of_gemm_peak: float | None  # CUDA only
 
 
-def _time_fwd_bwd(module: nn.Module, x: torch.Tensor, repeats: int, warmup: int) -> list[float]:
-    grad = torch.randn_like(x)
-    times = []
-    for i in range(warmup + repeats):
-        xi = x.detach().requires_grad_()
-        t0 = time.perf_counter()
-        out = module(xi)
-        y = out.out if hasattr(out, "out") else out
-        (y * grad).sum().backward()
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append((time.perf_counter() - t0) * 1e3)
-        module.zero_grad(set_to_none=True)
-    return times
+def _step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
+    xi = x.detach().requires_grad_()
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+    t0 = time.perf_counter()
+    out = module(xi)
+    y = out.out if hasattr(out, "out") else out
+    (y * grad).sum().backward()
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+    ms = (time.perf_counter() - t0) * 1e3
+    module.zero_grad(set_to_none=True)
+    return ms
 
 
-def run_layer_bench(args: argparse.Namespace) -> list[BenchRow]:
+def _contenders(args, c: int, f: int, e: int, k: int, device, dtype) -> list[tuple[str, nn.Module, int]]:
+    b, h, w = args.batch, args.height, args.width
+    dense = nn.Sequential(nn.Linear(c, k * f), nn.GELU(), nn.Linear(k * f, c)).to(device, dtype)
+    out: list[tuple[str, nn.Module, int]] = [("dense FFN (hidden K*F)", dense, 0)]
+    impls = ("grouped_mm", "bmm") if args.all_impls else (args.impl,)
+    for impl in impls:
+        for patch in (args.patch, 1):
+            cfg = PatchMoEConfig(dim=c, patch_size=patch, router=RouterConfig(num_experts=e, top_k=k),
+                                 expert=ExpertConfig(kind="ffn", hidden_dim=f, impl=impl),
+                                 capacity_factor=args.capacity_factor)
+            units = b * -(-h // patch) * -(-w // patch)
+            label = f"PatchMoE P={patch}" if patch > 1 else "TokenMoE P=1"
+            out.append((label + (f" ({impl})" if args.all_impls else ""), PatchMoE(cfg).to(device, dtype), units))
+    if k == 2 and "deepspeed" not in args.skip:
+        from launcher.bench_peers import DeepSpeedMoE, single_rank_group
+
+        single_rank_group(device)
+        out.append(("DeepSpeed MoE (top-2)", DeepSpeedMoE(c, f, e).to(device, dtype), b * h * w))
+    if k == 2 and "fairscale" not in args.skip:
+        from launcher.bench_peers import FairscaleMoE, single_rank_group
+
+        single_rank_group(device)
+        out.append((f"fairscale MOELayer Top2 (groups of {args.fairscale_group})",
+                    FairscaleMoE(c, f, e, args.fairscale_group).to(device, dtype), b * h * w))
+    return out
+
+
+def run_layer_bench(args: argparse.Namespace) -> tuple[list[BenchRow], dict]:
     torch.manual_seed(0)
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     b, h, w, c, f, e, k = args.batch, args.height, args.width, args.dim, args.hidden, args.experts, args.top_k
     x = torch.randn(b, h, w, c, device=device, dtype=dtype)
+    grad = torch.randn_like(x)
     points = b * h * w
     gflop = 3 * points * 2 * (2 * c * k * f) / 1e9
+    candidates = _contenders(args, c, f, e, k, device, dtype)
 
-    dense = nn.Sequential(nn.Linear(c, k * f), nn.GELU(), nn.Linear(k * f, c)).to(device, dtype)
-    candidates: list[tuple[str, nn.Module, int]] = [("dense FFN (hidden K*F)", dense, 0)]
-    for impl in ("grouped_mm", "bmm"):
-        for patch in (args.patch, 1):
-            cfg = PatchMoEConfig(
-                dim=c, patch_size=patch,
-                router=RouterConfig(num_experts=e, top_k=k),
-                expert=ExpertConfig(kind="ffn", hidden_dim=f, impl=impl),
-                capacity_factor=args.capacity_factor,
-            )
-            layer = PatchMoE(cfg).to(device, dtype)
-            units = b * -(-h // patch) * -(-w // patch)
-            label = f"PatchMoE P={patch} ({impl})" if patch > 1 else f"TokenMoE P=1 ({impl})"
-            candidates.append((label, layer, units))
-
-    rows: list[BenchRow] = []
-    dense_ms = None
-    for name, module, units in candidates:
+    live, times = [], {}
+    for name, module, units in candidates:  # warm-up, and drop what cannot run here
         try:
-            t = _time_fwd_bwd(module, x, args.repeats, args.warmup)
-        except (RuntimeError, ValueError) as exc:  # e.g. grouped_mm unsupported on this device/dtype
-            print(f"  skipped {name}: {exc}")
+            for _ in range(args.warmup):
+                _step(module, x, grad)
+        except (RuntimeError, ValueError, AssertionError) as exc:  # e.g. grouped_mm unsupported on this device
+            print(f"  skipped {name}: {str(exc).splitlines()[0][:160]}")
             continue
-        med = statistics.median(t)
-        dense_ms = dense_ms or med
-        rows.append(BenchRow(name, med, min(t), points / (med / 1e3), gflop, units, med / dense_ms))
-    return rows
+        live.append((name, module, units))
+        times[name] = []
+    for _ in range(args.repeats):  # alternate: one step of each contender per round
+        for name, module, _units in live:
+            times[name].append(_step(module, x, grad))
+
+    peak = None
+    if device.type == "cuda":
+        from launcher.bench_peers import dense_gemm_peak_tflops
+
+        peak = dense_gemm_peak_tflops(device, dtype)
+    med = {name: statistics.median(t) for name, t in times.items()}
+    dense_ms = med[live[0][0]]
+    ds_ms = next((m for n, m in med.items() if n.startswith("DeepSpeed")), None)
+    rows = []
+    for name, _module, units in live:
+        m = med[name]
+        tflops = gflop / m  # GFLOP / ms = TFLOP/s
+        rows.append(BenchRow(
+            name=name, ms_median=m, ms_min=min(times[name]), points_per_s=points / (m / 1e3), gflop_per_step=gflop,
+            router_units=units, router_mflop=2 * c * e * units / 1e6, metadata_bytes=12 * k * units,
+            ratio_to_dense=m / dense_ms, ratio_to_deepspeed=(m / ds_ms) if ds_ms else None, tflops=tflops,
+            fraction_of_gemm_peak=(tflops / peak) if peak else None))
+    env = {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
+           "cpu": platform.processor() or platform.machine(), "gemm_peak_tflops": peak,
+           "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+    return rows, env
 
 
-def print_rows(args: argparse.Namespace, rows: list[BenchRow]) -> None:
-    print(
-        f"layer bench: B={args.batch} H={args.height} W={args.width} C={args.dim} F={args.hidden} "
-        f"E={args.experts} K={args.top_k} P={args.patch} dtype={args.dtype} device={args.device} "
-        f"threads={torch.get_num_threads()} repeats={args.repeats}"
-    )
-    print(f"{'':28s} {'median ms':>10s} {'min ms':>8s} {'points/s':>12s} {'GFLOP':>7s} {'routed units':>13s} {'x dense':>8s}")
+def print_rows(args: argparse.Namespace, rows: list[BenchRow], env: dict) -> None:
+    print(f"layer bench: B={args.batch} H={args.height} W={args.width} C={args.dim} F={args.hidden} "
+          f"E={args.experts} K={args.top_k} P={args.patch} dtype={args.dtype} device={env['device']} "
+          f"threads={env['threads']} rounds={args.repeats} (contenders alternate)")
+    cuda = env["gemm_peak_tflops"] is not None
+    head = (f"{'':44s} {'median ms':>10s} {'min ms':>8s} {'points/s':>11s} {'x dense':>8s} {'x DS':>6s} "
+            f"{'routed units':>12s} {'router MFLOP':>12s} {'meta KiB':>9s}")
+    print(head + (f" {'TFLOP/s':>8s} {'% peak':>7s}" if cuda else ""))
     for r in rows:
-        print(
-            f"{r.name:28s} {r.ms_median:10.2f} {r.ms_min:8.2f} {r.points_per_s:12.0f} "
-            f"{r.gflop_per_step:7.2f} {r.router_units:13d} {r.ratio_to_dense:8.2f}"
-        )
+        ds = f"{r.ratio_to_deepspeed:6.2f}" if r.ratio_to_deepspeed is not None else f"{'-':>6s}"
+        line = (f"{r.name:44s} {r.ms_median:10.2f} {r.ms_min:8.2f} {r.points_per_s:11.0f} {r.ratio_to_dense:8.2f} "
+                f"{ds} {r.router_units:12d} {r.router_mflop:12.2f} {r.metadata_bytes / 1024:9.1f}")
+        if cuda:
+            line += f" {r.tflops:8.1f} {100 * r.fraction_of_gemm_peak:6.1f}%"
+        print(line)
+    if cuda:
+        print(f"dense GEMM peak measured: {env['gemm_peak_tflops']:.1f} TFLOP/s ({args.dtype})")
+    print("x dense / x DS: time relative to the dense FFN / DeepSpeed's layer (lower is faster); "
+          "GFLOP per step (fwd+bwd, expert matmuls): " + f"{rows[0].gflop_per_step:.2f}")
 
 
 def add_layer_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("layer", help="PatchMoE fwd+bwd vs a dense FFN of equal active FLOPs")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--height", type=int, default=32)
-    p.add_argument("--width", type=int, default=32)
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--hidden", type=int, default=256, help="expert hidden width F")
+    p = sub.add_parser("layer", help="MoE layer fwd+bwd vs dense FFN, DeepSpeed MoE and fairscale at equal FLOPs",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="small",
+                   help="preset B,H,W,C,F (small: 8,32,32,128,256; thesis: 2,80,80,256,512)")
+    for name in ("batch", "height", "width", "dim", "hidden"):
+        p.add_argument(f"--{name}", type=int, default=None, help="overrides the preset")
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--patch", type=int, default=8)
     p.add_argument("--capacity-factor", type=float, default=None, help="default: dropless")
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--impl", choices=["auto", "grouped_mm", "bmm"], default="auto",
+                   help="our expert matmul implementation")
+    p.add_argument("--all-impls", action="store_true", help="time our layers with both grouped_mm and bmm")
+    p.add_argument("--skip", default="", help="comma list of peers to leave out: deepspeed,fairscale")
+    p.add_argument("--fairscale-group", type=int, default=2048, help="tokens per fairscale MOELayer call")
+    p.add_argument("--repeats", type=int, default=10, help="timed rounds")
+    p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
@@ -124,10 +192,15 @@ def add_layer_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _main_layer(args: argparse.Namespace) -> int:
-    rows = run_layer_bench(args)
-    print_rows(args, rows)
+    preset = SHAPES[args.shape]
+    for name, value in zip(("batch", "height", "width", "dim", "hidden"), preset):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args.skip = [s for s in args.skip.split(",") if s]
+    rows, env = run_layer_bench(args)
+    print_rows(args, rows, env)
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"args": {k: v for k, v in vars(args).items() if k != "func"},
+            json.dump({"args": {k: v for k, v in vars(args).items() if k != "func"}, "env": env,
                        "rows": [asdict(r) for r in rows]}, fh, indent=2)
     return 0

@@ -7,6 +7,8 @@
   msmoe data synth
   msmoe train --config configs/default.yaml --nproc 2
   msmoe eval --run-dir runs/default --nproc 2
+  msmoe scale --world 1,2 --ep 1,2 --experts 4,8
+  msmoe report --points runs/scale/points.jsonl
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from launcher import bench, bench_ep, convert, data_cmd, fit, launch, submit, train
+from launcher import bench, bench_ep, convert, data_cmd, fit, launch, scale, scale_report, submit, train
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
     from launcher.launch import LaunchError
+    from launcher.scale import ScaleError
     from launcher.submit import SubmitError
     from moe.config import ConfigError
     from moe.resize import ResizeError
@@ -26,7 +29,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from parallel.reshard import ReshardError
     from reid.data import DataError
 
-    return (ConfigError, LaunchError, SubmitError, DataError, ReshardError, ResizeError, ParallelConfigError,
+    return (ConfigError, LaunchError, SubmitError, ScaleError, DataError, ReshardError, ResizeError, ParallelConfigError,
             FileNotFoundError)
 
 
@@ -48,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_parser(sub)
     launch.add_parser(sub)
     submit.add_parser(sub)
+    scale.add_parser(sub)
+    scale_report.add_parser(sub)
     return parser
 
 

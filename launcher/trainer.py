@@ -182,7 +182,7 @@ class Trainer:
 
     # ----------------------------------------------------------------- train
     def _mean(self, values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)  # NCCL reduces device tensors only
         if self.world_size > 1:
             dist.all_reduce(t)
         return (t / self.world_size).tolist()
@@ -244,11 +244,13 @@ class Trainer:
                                    ("optimizer", t4 - t3), *self.timer.as_dict().items()):
                     self.stage_s[name] = self.stage_s.get(name, 0.0) + secs
             if self.step % tc.log_every == 0 or self.step == end:
-                reduced = torch.cat([interval_load.flatten().double(), interval_fusion.double() / interval_n,
+                reduced = torch.cat([interval_load.flatten().double().cpu(), interval_fusion.double().cpu() / interval_n,
                                      torch.tensor([interval_dropped / interval_n, interval_active / interval_n],
                                                   dtype=torch.float64)])
                 if self.world_size > 1:
+                    reduced = reduced.to(self.device)
                     dist.all_reduce(reduced)
+                    reduced = reduced.cpu()
                 nl = interval_load.numel()
                 ns = interval_fusion.numel()
                 h.load_steps.append(self.step)
@@ -270,7 +272,7 @@ class Trainer:
         run = max(self.step - first_step, 1)
         self.a2a_per_step = {"total": self.comm.total_bytes / run, "offrank": self.comm.offrank_bytes / run,
                              "forward": self.comm.by_direction["forward"] / run,
-                             "backward": self.comm.by_direction["backward"] / run}
+                             "backward": self.comm.by_direction["backward"] / run, "calls": self.comm.calls / run}
         self.save()
 
     def requeue(self) -> str | None:
@@ -290,7 +292,19 @@ class Trainer:
         return retrieval(self.model, self.splits, ec.batch_size, self.rank, self.world_size, self.device,
                          ec.max_rank, self.dtype)
 
-    def summary(self, metrics, untrained, elapsed_s: float) -> dict:
+    def gather_peak_memory_mb(self) -> list[float]:
+        """Peak memory of every rank (CUDA: max allocated; CPU: max RSS), gathered to all ranks."""
+        if self.device.type == "cuda":
+            mine = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        t = torch.zeros(self.world_size, dtype=torch.float64, device=self.device)
+        t[self.rank] = mine
+        if self.world_size > 1:
+            dist.all_reduce(t)
+        return t.tolist()
+
+    def summary(self, metrics, untrained, elapsed_s: float, peak_mem_mb: list[float] | None = None) -> dict:
         tc = self.cfg.train
         timed = max(self.timed_steps, 1)
         stage_ms = {k: 1000 * v / timed for k, v in self.stage_s.items()}
@@ -321,6 +335,7 @@ class Trainer:
             "active_experts_per_patch": h.active[-1] if h.active else None,
             "a2a_bytes_per_step": self.a2a_per_step,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_mem_mb_per_rank": peak_mem_mb,
             "launcher": self.world.launcher,
             "backend": self.world.backend,
             "device": str(self.device),

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 import torch
 
+from moe.indexing import gather_rows
 from moe.router import RoutingDecision
 
 
@@ -77,7 +78,7 @@ def unpermute(rows_RLC: torch.Tensor, plan: DispatchPlan, weights_NK: torch.Tens
 
     A dropped slot has no row and contributes zero.
     """
-    w_R = weights_NK.reshape(-1)[plan.slot_of_row].to(rows_RLC.dtype)
+    w_R = gather_rows(weights_NK.reshape(-1), plan.slot_of_row).to(rows_RLC.dtype)
     out = rows_RLC.new_zeros(plan.num_units, *rows_RLC.shape[1:])
     return out.index_add(0, plan.unit_of_row, rows_RLC * w_R[:, None, None])
 
@@ -114,7 +115,7 @@ class LocalDispatcher:
         return expert_capacity(num_units, k, num_experts, factor)
 
     def dispatch(self, units_NLC: torch.Tensor, plan: DispatchPlan) -> tuple[torch.Tensor, torch.Tensor, LocalMeta]:
-        rows = units_NLC[plan.unit_of_row]
+        rows = gather_rows(units_NLC, plan.unit_of_row)
         return rows, plan.counts, LocalMeta(rows.shape[0])
 
     def combine(self, expert_out_ULC: torch.Tensor, meta: LocalMeta) -> torch.Tensor:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from moe.config import ExpertConfig
 from moe.grouped import ExpertBatch, grouped_linear
+from moe.indexing import gather_rows
 
 
 def _stacked(e: int, fan_in: int, *shape: int) -> nn.Parameter:
@@ -75,10 +76,10 @@ class SeedExperts(GroupedExperts):
         r = batch.row_expert
         both = grouped_linear(x_TC, self.w_in, self.b_in, batch, self.impl)
         h, residual = both[:, : self.hidden], both[:, self.hidden:]
-        h = F.layer_norm(h, (self.hidden,)) * self.ln1_w[r] + self.ln1_b[r]
+        h = F.layer_norm(h, (self.hidden,)) * gather_rows(self.ln1_w, r) + gather_rows(self.ln1_b, r)
         h = F.dropout(F.gelu(h), self.dropout, self.training)
         h = grouped_linear(h, self.w_out, self.b_out, batch, self.impl)
-        h = F.layer_norm(h, (self.out_dim,)) * self.ln2_w[r] + self.ln2_b[r]
+        h = F.layer_norm(h, (self.out_dim,)) * gather_rows(self.ln2_w, r) + gather_rows(self.ln2_b, r)
         h = F.dropout(F.gelu(h), self.dropout, self.training)
         return (h + residual).reshape(u, l, self.out_dim)
 

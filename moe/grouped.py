@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from moe.indexing import gather_rows
+
 Impl = str  # "auto" | "grouped_mm" | "bmm"
 
 
@@ -89,7 +91,7 @@ def grouped_matmul(x_TD: torch.Tensor, w_EDF: torch.Tensor, batch: ExpertBatch, 
     buf_EMD = x_TD.new_zeros(e, batch.max_count, d)
     buf_EMD = buf_EMD.index_put((batch.row_expert, batch.row_pos), x_TD)
     y_EMF = torch.bmm(buf_EMD, w_EDF)
-    return y_EMF[batch.row_expert, batch.row_pos]
+    return gather_rows(y_EMF.reshape(e * batch.max_count, f), batch.row_expert * batch.max_count + batch.row_pos)
 
 
 def grouped_linear(
@@ -98,5 +100,5 @@ def grouped_linear(
     """Per-expert affine map: x[t] @ w[e] + b[e] with e = expert(t)."""
     y = grouped_matmul(x_TD, w_EDF, batch, impl)
     if b_EF is not None:
-        y = y + b_EF[batch.row_expert]
+        y = y + gather_rows(b_EF, batch.row_expert)
     return y

@@ -29,6 +29,7 @@ from moe.balance import MoEOutput, routing_stats
 from moe.config import PatchMoEConfig
 from moe.dispatch import Dispatcher, LocalDispatcher, plan_dispatch, unpermute
 from moe.experts import build_experts
+from moe.indexing import gather_rows
 from moe.router import Router
 from moe.timing import NullTimer, StageTimer
 from moe.units import make_grid, patchify, pool_units, unpatchify
@@ -69,7 +70,7 @@ class PatchMoE(nn.Module):
             pooled_NC = pool_units(units_NLC, grid)
             keep_idx, keep_scale = self._prune(pooled_NC, grid)
             if keep_idx is not None:
-                routed_NLC, pooled_NC = units_NLC[keep_idx], pooled_NC[keep_idx]
+                routed_NLC, pooled_NC = gather_rows(units_NLC, keep_idx), gather_rows(pooled_NC, keep_idx)
             else:
                 routed_NLC = units_NLC
             n_routed = routed_NLC.shape[0]

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from moe.dispatch import DispatchPlan, LocalDispatcher, expert_capacity
+from moe.indexing import gather_rows
 from parallel.all_to_all import CommCounter, all_to_all_rows, exchange
 
 
@@ -72,14 +73,14 @@ class AllToAllDispatcher:
         send_splits = counts_E.view(p, el).sum(1).tolist()
         recv_splits = recv_PE.sum(1).tolist()
 
-        rows_RD = units_NLC[plan.unit_of_row].reshape(-1, l * c)
+        rows_RD = gather_rows(units_NLC, plan.unit_of_row).reshape(-1, l * c)
         recv_UD = all_to_all_rows(rows_RD, send_splits, recv_splits, self.ep_group, self.counter, self.ep_rank,
                                   self.ranks)
 
         local_of_row = torch.arange(el, device=recv_PE.device).repeat(p)
         local_of_row = torch.repeat_interleave(local_of_row, recv_PE.reshape(-1)).to(units_NLC.device)
         order = torch.sort(local_of_row, stable=True).indices
-        expert_in = recv_UD[order].reshape(-1, l, c)
+        expert_in = gather_rows(recv_UD, order).reshape(-1, l, c)
         local_counts = recv_PE.sum(0).to(units_NLC.device)
         return expert_in, local_counts, AllToAllMeta(send_splits, recv_splits, order, (l, c))
 

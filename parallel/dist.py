@@ -12,6 +12,7 @@ on CUDA and gloo on CPU unless told otherwise.
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 from dataclasses import dataclass
@@ -85,8 +86,28 @@ def init_distributed(backend: str | None = None, timeout_s: float = 300.0) -> Wo
         deepspeed.init_distributed(
             dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s)
         )
+        atexit.register(_destroy_at_exit)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return WorldInfo(
         torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, launcher,
         torch.distributed.get_backend(), device,
     )
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group cleanly: every rank waits for the others, then the group is
+    destroyed before the interpreter exits (a process that exits with the group's threads still
+    running can abort with "terminate called without an active exception")."""
+    if torch.distributed.is_initialized():
+        if torch.distributed.get_world_size() > 1:
+            torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def _destroy_at_exit() -> None:
+    """No barrier here: a rank leaving on an error must not wait for the others."""
+    try:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    except Exception:  # noqa: BLE001 - exiting anyway; the group may already be broken
+        pass

@@ -33,6 +33,13 @@ def test_bench_layer_prints_figures(tmp_path):
     dense, patch = rows[0], next(r for r in rows if r["name"].startswith("PatchMoE"))
     assert patch["gflop_per_step"] == pytest.approx(dense["gflop_per_step"])  # equal active FLOPs
     assert patch["router_units"] == 2 * 4 * 4 and all(r["ms_median"] > 0 for r in rows)
+    token = next(r for r in rows if r["name"].startswith("TokenMoE"))
+    assert token["router_units"] == 16 * patch["router_units"]  # routing work and metadata: 1/(P*P)
+    assert token["metadata_bytes"] == 16 * patch["metadata_bytes"]
+    ds = next(r for r in rows if r["name"].startswith("DeepSpeed"))
+    fs = next(r for r in rows if r["name"].startswith("fairscale"))
+    assert ds["ratio_to_deepspeed"] == 1.0 and fs["gflop_per_step"] == ds["gflop_per_step"] == dense["gflop_per_step"]
+    assert patch["ratio_to_deepspeed"] == pytest.approx(patch["ms_median"] / ds["ms_median"])
 
 
 def test_fit_learns(tmp_path):

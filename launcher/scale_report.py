@@ -1,0 +1,366 @@
+"""``msmoe report``: JSON lines from ``msmoe scale`` -> ``report.md`` + PNG plots.
+
+  msmoe report --points runs/scale/points.jsonl --out runs/scale
+  msmoe report --points points.jsonl --alpha-us 5 --beta-gbps 100   # project onto a network you know
+
+Measured: throughput vs ranks, strong and weak scaling efficiency, the step-time breakdown,
+all-to-all volume, peak memory per rank, expert-load heatmaps, the environment.
+
+Modelled (labelled so everywhere): an alpha-beta all-to-all model, t = alpha * (p - 1) +
+beta * bytes * (p - 1) / p per all-to-all and rank, fitted by least squares to the measured
+all-to-all stage times (dispatch + combine, minus the same stages of the EP=1 twin point), and
+used to project weak scaling (experts per rank and batch per rank fixed, EP = all ranks) to
+8-1024 GPUs. Compute time per rank is taken from the measured point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+STAGES = ("data", "route", "dispatch", "experts", "combine", "forward_other", "backward", "optimizer")
+PROJECT_RANKS = (8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+def load_points(path: str) -> list[dict]:
+    recs = []
+    with open(path) as fh:
+        for i, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    recs.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{i}: not a JSON line ({exc.msg}); was it written by msmoe scale?") from None
+    if not recs:
+        raise ValueError(f"{path} holds no points: run `msmoe scale` first")
+    return recs
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _label(r: dict) -> str:
+    return f"{r['mode'][0]} w{r['world_size']} ep{r['ep_size']} E{r['num_experts']}"
+
+
+def _series(recs: list[dict]):
+    """(mode, ep, experts) -> records sorted by world size; world 1 joins every mode's series."""
+    out: dict[tuple, list[dict]] = {}
+    for r in recs:
+        modes = ("strong", "weak") if r["world_size"] == 1 else (r["mode"],)
+        for m in modes:
+            out.setdefault((m, r["ep_size"], r["num_experts"]), []).append(r)
+    return {k: sorted(v, key=lambda r: r["world_size"]) for k, v in out.items()}
+
+
+def efficiency(recs: list[dict]) -> list[dict]:
+    """Scaling efficiency against the 1-rank point with the same experts (EP=1 there).
+
+    strong: samples/s(w) / (w * samples/s(1)); weak: per-rank samples/s(w) / samples/s(1)."""
+    base = {r["num_experts"]: r for r in recs if r["world_size"] == 1}
+    rows = []
+    for r in recs:
+        b = base.get(r["num_experts"])
+        if b is None or r["world_size"] == 1:
+            continue
+        ideal = b["samples_per_s"] * r["world_size"]
+        if r["mode"] == "weak":
+            eff = (r["samples_per_s"] / r["world_size"]) / b["samples_per_s"]
+        else:
+            eff = r["samples_per_s"] / ideal
+        rows.append({"point": _label(r), "mode": r["mode"], "world": r["world_size"], "ep": r["ep_size"],
+                     "experts": r["num_experts"], "samples_per_s": r["samples_per_s"], "efficiency": eff})
+    return rows
+
+
+@dataclass(frozen=True)
+class AlphaBeta:
+    alpha_s: float  # per peer and all-to-all
+    beta_s_per_byte: float
+    fitted_on: int  # points
+    note: str
+
+    def a2a_s(self, p: int, bytes_per_rank: float) -> float:
+        """One all-to-all of ``bytes_per_rank`` (rows this rank hands in) over p ranks."""
+        if p <= 1:
+            return 0.0
+        return self.alpha_s * (p - 1) + self.beta_s_per_byte * bytes_per_rank * (p - 1) / p
+
+
+def fit_alpha_beta(recs: list[dict]) -> AlphaBeta | None:
+    """Least squares (non-negative) of measured all-to-all time against (peers, off-rank bytes)."""
+    twins = {(r["mode"], r["world_size"], r["num_experts"]): r for r in recs if r["ep_size"] == 1}
+    rows, ys = [], []
+    for r in recs:
+        p, a2a = r["ep_size"], r["a2a_bytes_per_step"]
+        calls = a2a.get("calls") or 0
+        if p < 2 or not calls:
+            continue
+        ms = r["step_time_ms"]
+        t = (ms.get("dispatch", 0.0) + ms.get("combine", 0.0)) / 1e3
+        twin = twins.get((r["mode"], r["world_size"], r["num_experts"]))
+        if twin:
+            t -= (twin["step_time_ms"].get("dispatch", 0.0) + twin["step_time_ms"].get("combine", 0.0)) / 1e3
+        fwd_calls = calls / 2  # the forward half (dispatch + combine); backward is timed inside "backward"
+        per_call_bytes = a2a["forward"] / max(fwd_calls, 1)
+        rows.append([fwd_calls * (p - 1), fwd_calls * per_call_bytes * (p - 1) / p])
+        ys.append(max(t, 0.0))
+    if not rows:
+        return None
+    a, y = np.asarray(rows, float), np.asarray(ys, float)
+    sol, *_ = np.linalg.lstsq(a, y, rcond=None)
+    note = "least squares on (peers, bytes)"
+    if (sol < 0).any() or np.linalg.matrix_rank(a) < 2:  # too few distinct points: one parameter
+        beta = float((a[:, 1] @ y) / max(a[:, 1] @ a[:, 1], 1e-30))
+        sol = np.array([0.0, max(beta, 0.0)])
+        note = "bandwidth term only (the points do not separate latency from bandwidth)"
+    return AlphaBeta(float(sol[0]), float(sol[1]), len(ys), note)
+
+
+def project(recs: list[dict], ab: AlphaBeta, ranks=PROJECT_RANKS) -> list[dict]:
+    """Weak-scaling projection from the largest measured EP point (per-rank work fixed)."""
+    cands = [r for r in recs if r["ep_size"] >= 2] or recs
+    ref = max(cands, key=lambda r: (r["world_size"], r["ep_size"], r["samples_per_s"]))
+    ms = ref["step_time_ms"]
+    a2a = ref["a2a_bytes_per_step"]
+    calls = a2a.get("calls") or 0
+    per_call = a2a["total"] / calls if calls else 0.0
+    measured_a2a = calls * ab.a2a_s(ref["ep_size"], per_call)
+    compute_s = max(ms["step"] / 1e3 - measured_a2a, 1e-9)
+    per_rank_sps = ref["samples_per_s"] / ref["world_size"]
+    out = []
+    for p in ranks:
+        t_a2a = calls * ab.a2a_s(p, per_call)
+        step = compute_s + t_a2a
+        out.append({"gpus": p, "step_ms": 1e3 * step, "a2a_ms": 1e3 * t_a2a,
+                    "samples_per_s": p * per_rank_sps * (ms["step"] / 1e3) / step,
+                    "efficiency": compute_s / step})
+    return out
+
+
+# ------------------------------------------------------------------ plots
+def plot_throughput(recs, path):
+    plt = _plt()
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    for (mode, ep, e), rs in sorted(_series(recs).items()):
+        i = 0 if mode == "strong" else 1
+        ax[i].plot([r["world_size"] for r in rs], [r["samples_per_s"] for r in rs], marker="o", label=f"EP{ep} E{e}")
+    for i, mode in enumerate(("strong", "weak")):
+        ax[i].set_xlabel("ranks")
+        ax[i].set_ylabel("samples / s")
+        ax[i].set_title(f"throughput, {mode} scaling" + (" (global batch fixed)" if mode == "strong"
+                                                          else " (per-rank batch fixed)"))
+        ax[i].grid(alpha=0.3)
+        if ax[i].lines:
+            ax[i].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_efficiency(rows, path):
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    labels = [r["point"] for r in rows]
+    ax.bar(range(len(rows)), [100 * r["efficiency"] for r in rows],
+           color=["tab:blue" if r["mode"] == "strong" else "tab:orange" for r in rows])
+    ax.axhline(100, color="gray", ls="--", lw=1)
+    ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("scaling efficiency (%)")
+    ax.set_title("measured scaling efficiency (blue strong, orange weak)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_breakdown(recs, path):
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(7, 0.8 * len(recs) + 3), 4.5))
+    bottom = np.zeros(len(recs))
+    for stage in STAGES:
+        vals = np.array([r["step_time_ms"].get(stage, 0.0) for r in recs])
+        ax.bar(range(len(recs)), vals, bottom=bottom, label=stage)
+        bottom += vals
+    ax.set_xticks(range(len(recs)), [_label(r) for r in recs], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("ms per step")
+    ax.set_title("step-time breakdown (route/dispatch/experts/combine are inside the forward)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_bars(recs, values, ylabel, title, path, stacked_labels=None):
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(7, 0.8 * len(recs) + 3), 4))
+    x = np.arange(len(recs))
+    values = np.asarray(values, float)
+    if values.ndim == 1:
+        ax.bar(x, values)
+    else:
+        width = 0.8 / values.shape[1]
+        for j in range(values.shape[1]):
+            ax.bar(x + j * width - 0.4 + width / 2, values[:, j], width,
+                   label=stacked_labels[j] if stacked_labels else f"rank {j}")
+        ax.legend(fontsize=7)
+    ax.set_xticks(x, [_label(r) for r in recs], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_load(recs, path):
+    plt = _plt()
+    emax = max(len(f) for r in recs for f in r["expert_load_fraction"].values()) if recs else 1
+    rows, labels = [], []
+    for r in recs:
+        for layer, f in r["expert_load_fraction"].items():
+            rows.append(list(f) + [np.nan] * (emax - len(f)))
+            labels.append(f"{_label(r)} {layer}")
+    fig, ax = plt.subplots(figsize=(max(5, 0.5 * emax + 3), 0.3 * len(rows) + 1.5))
+    im = ax.imshow(np.asarray(rows, float), aspect="auto", cmap="viridis", vmin=0, interpolation="nearest")
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.set_xlabel("expert")
+    ax.set_title("share of routed patches per expert (whole run)")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_projection(proj, path):
+    plt = _plt()
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    g = [p["gpus"] for p in proj]
+    ax[0].plot(g, [p["samples_per_s"] for p in proj], marker="o", ls="--")
+    ax[0].set_xscale("log", base=2)
+    ax[0].set_yscale("log")
+    ax[0].set_xlabel("GPUs (ranks)")
+    ax[0].set_ylabel("samples / s")
+    ax[0].set_title("MODEL: projected weak-scaling throughput")
+    ax[1].plot(g, [100 * p["efficiency"] for p in proj], marker="o", ls="--", color="tab:red")
+    ax[1].set_xscale("log", base=2)
+    ax[1].set_ylim(0, 105)
+    ax[1].set_xlabel("GPUs (ranks)")
+    ax[1].set_ylabel("efficiency (%)")
+    ax[1].set_title("MODEL: alpha-beta all-to-all, not measured")
+    for a in ax:
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------ report
+def write_scale_report(recs: list[dict], out_dir: str, alpha_us: float | None = None,
+                       beta_gbps: float | None = None) -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    recs = sorted(recs, key=lambda r: (r["mode"], r["world_size"], r["ep_size"], r["num_experts"]))
+    eff = efficiency(recs)
+    ab = fit_alpha_beta(recs)
+    if alpha_us is not None or beta_gbps is not None:
+        base = ab or AlphaBeta(0.0, 0.0, 0, "")
+        ab = AlphaBeta(alpha_us * 1e-6 if alpha_us is not None else base.alpha_s,
+                       1 / (beta_gbps * 1e9 / 8) if beta_gbps else base.beta_s_per_byte, base.fitted_on,
+                       "given on the command line (--alpha-us / --beta-gbps)")
+    proj = project(recs, ab) if ab else []
+
+    plots = {"throughput.png": lambda p: plot_throughput(recs, p),
+             "breakdown.png": lambda p: plot_breakdown(recs, p),
+             "a2a_volume.png": lambda p: plot_bars(
+                 recs, [[r["a2a_bytes_per_step"]["total"] / 2**20, r["a2a_bytes_per_step"]["offrank"] / 2**20]
+                        for r in recs], "MiB per step and rank", "all-to-all volume per step (rank 0)", p,
+                 ["handed to all-to-all", "left the rank"]),
+             "memory.png": lambda p: plot_bars(
+                 recs, _pad([r["peak_mem_mb_per_rank"] for r in recs]), "peak MiB", "peak memory per rank", p),
+             "expert_load.png": lambda p: plot_load(recs, p)}
+    if eff:
+        plots["efficiency.png"] = lambda p: plot_efficiency(eff, p)
+    if proj:
+        plots["projection_model.png"] = lambda p: plot_projection(proj, p)
+    for name, fn in plots.items():
+        fn(os.path.join(out_dir, name))
+
+    env = recs[0].get("env", {})
+    L = ["# msmoe throughput scaling report", ""]
+    L += ["## Environment", "", "| | |", "|---|---|"]
+    for k, v in env.items():
+        L.append(f"| {k} | {v} |")
+    L.append(f"| device / backend | {recs[0]['device']} / {recs[0]['backend']} |")
+    L += ["", f"{len(recs)} measured points; each is a short `msmoe train` run (first 3 steps not timed).", ""]
+    L += ["## Measured points", "",
+          "| mode | ranks | EP | experts | global batch | samples/s | patches/s/rank | step ms | "
+          "a2a MiB/step (off-rank) | peak MiB (max rank) | load max/mean | dropped |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in recs:
+        imb = max(r["load_imbalance"].values()) if r["load_imbalance"] else 0.0
+        L.append(f"| {r['mode']} | {r['world_size']} | {r['ep_size']} | {r['num_experts']} | {r['global_batch']} | "
+                 f"{r['samples_per_s']:.1f} | {r['patches_per_s_per_rank']:.0f} | {r['step_time_ms']['step']:.1f} | "
+                 f"{r['a2a_bytes_per_step']['offrank'] / 2**20:.2f} | {max(r['peak_mem_mb_per_rank']):.0f} | "
+                 f"{imb:.2f} | {r['dropped_fraction']:.1%} |")
+    L += ["", "![throughput](throughput.png)", ""]
+    if eff:
+        L += ["## Scaling efficiency (measured)", "", "| point | mode | efficiency |", "|---|---|---|"]
+        L += [f"| {e['point']} | {e['mode']} | {e['efficiency']:.1%} |" for e in eff]
+        L += ["", "![efficiency](efficiency.png)", ""]
+    L += ["## Step-time breakdown (ms per step)", "",
+          "| point | " + " | ".join(STAGES) + " | step |", "|---|" + "---|" * (len(STAGES) + 1)]
+    for r in recs:
+        ms = r["step_time_ms"]
+        L.append(f"| {_label(r)} | " + " | ".join(f"{ms.get(s, 0.0):.1f}" for s in STAGES) + f" | {ms['step']:.1f} |")
+    L += ["", "![breakdown](breakdown.png)", "", "## All-to-all volume and memory", "",
+          "![a2a](a2a_volume.png)", "", "![memory](memory.png)", "", "## Expert load", "",
+          "![load](expert_load.png)", ""]
+    if proj:
+        L += ["## Projection to 8-1024 GPUs — a MODEL, not a measurement", "",
+              f"alpha = {ab.alpha_s * 1e6:.2f} us per peer and all-to-all, "
+              f"beta = {ab.beta_s_per_byte * 1e9:.4f} ns/byte ({8 / max(ab.beta_s_per_byte, 1e-30) / 1e9:.2f} Gb/s); "
+              f"{ab.note}; fitted on {ab.fitted_on} point(s). Weak scaling from the largest measured EP point: "
+              "per-rank batch and experts per rank fixed, EP = all ranks, compute per rank as measured. "
+              "The measured interconnect here may be nothing like a cluster's: pass --alpha-us/--beta-gbps "
+              "to project onto yours.", "",
+              "| GPUs | step ms | all-to-all ms | samples/s | efficiency |", "|---|---|---|---|---|"]
+        L += [f"| {p['gpus']} | {p['step_ms']:.1f} | {p['a2a_ms']:.1f} | {p['samples_per_s']:.0f} | "
+              f"{p['efficiency']:.1%} |" for p in proj]
+        L += ["", "![projection](projection_model.png)", ""]
+    path = os.path.join(out_dir, "report.md")
+    with open(path, "w") as fh:
+        fh.write("\n".join(L) + "\n")
+    return path
+
+
+def _pad(rows: list[list[float]]) -> list[list[float]]:
+    n = max(len(r) for r in rows)
+    return [list(r) + [0.0] * (n - len(r)) for r in rows]
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("report", help="scaling report (report.md + plots) from msmoe scale's JSON lines",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--points", default="runs/scale/points.jsonl")
+    p.add_argument("--out", default=None, help="directory for report.md and the plots (default: beside --points)")
+    p.add_argument("--alpha-us", type=float, default=None, help="projection: latency per peer (us), not fitted")
+    p.add_argument("--beta-gbps", type=float, default=None, help="projection: link bandwidth (Gb/s), not fitted")
+    p.set_defaults(func=run_report)
+
+
+def run_report(args) -> int:
+    if not os.path.isfile(args.points):
+        raise FileNotFoundError(f"--points {args.points}: no such file; make it with `msmoe scale`")
+    recs = load_points(args.points)
+    path = write_scale_report(recs, args.out or os.path.dirname(os.path.abspath(args.points)),
+                              args.alpha_us, args.beta_gbps)
+    print(f"report: {path}")
+    return 0
