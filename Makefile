@@ -3,13 +3,14 @@
 #   make test    set up, then run the whole test suite (what CI runs)
 #   make train   set up, make the default data if missing, train it with 2 processes and EP=2, evaluate, report
 #   make bench   set up, then print the layer benchmark
+#   make report  set up, run a small scaling sweep (1-2 processes, EP 1/2, 4/8 experts), write runs/scale/report.md
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test test-fast train bench clean
+.PHONY: setup test test-fast train bench report clean
 
 setup: $(STAMP)
 
@@ -36,6 +37,11 @@ train: setup
 
 bench: setup
 	$(VENV)/bin/msmoe bench layer
+
+report: setup
+	rm -rf runs/scale
+	$(VENV)/bin/msmoe scale --config configs/scale.yaml --world 1,2 --ep 1,2 --experts 4,8 --modes strong,weak
+	$(VENV)/bin/msmoe report --points runs/scale/points.jsonl
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
