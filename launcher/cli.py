@@ -27,9 +27,12 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from moe.resize import ResizeError
     from parallel.groups import ParallelConfigError
     from parallel.reshard import ReshardError
+    from launcher.trainer import CheckpointMismatch
+    from parallel.all_to_all import CollectiveError
     from reid.data import DataError
 
-    return (ConfigError, LaunchError, SubmitError, ScaleError, DataError, ReshardError, ResizeError, ParallelConfigError,
+    return (ConfigError, LaunchError, SubmitError, ScaleError, CheckpointMismatch, CollectiveError, DataError,
+            ReshardError, ResizeError, ParallelConfigError,
             FileNotFoundError)
 
 
@@ -69,6 +72,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except USER_ERRORS as exc:  # a bad setting or input: the message says what and how to fix it
         print(f"msmoe: error: {exc}", file=sys.stderr)
+        from parallel.all_to_all import CollectiveError
+
+        if isinstance(exc, CollectiveError):
+            from parallel.dist import exit_after_broken_collective
+
+            exit_after_broken_collective(2)
         return 2
 
 

@@ -108,7 +108,7 @@ def run_train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)  # bad config fails here, before any process group
     _setup_threads(cfg.train.threads)
-    world = init_distributed()
+    world = init_distributed(timeout_s=cfg.train.collective_timeout_s)
     _prepare_data(cfg, world, not args.no_progress)
     check_data(cfg)
     t_start = time.perf_counter()
@@ -116,12 +116,14 @@ def run_train(args) -> int:
     os.makedirs(cfg.run_dir, exist_ok=True)
     untrained_path = os.path.join(cfg.run_dir, "untrained.json")
     untrained = None
-    if args.auto_resume and os.path.isfile(os.path.join(trainer.ckpt_dir, "latest")):
-        args.resume = True
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if (args.auto_resume or restart > 0) and trainer.has_checkpoint():
+        args.resume = True  # a requeued job, or an elastic restart after a worker died: continue
     if args.resume:
         step = trainer.resume()
         if world.rank == 0:
-            print(f"resumed {cfg.name!r} at step {step}", flush=True)
+            why = f" (elastic restart {restart})" if restart else ""
+            print(f"resumed {cfg.name!r} at step {step}{why}", flush=True)
         if os.path.isfile(untrained_path):
             from reid.metrics import RetrievalMetrics
             import json
@@ -142,7 +144,14 @@ def run_train(args) -> int:
     if world.rank == 0:
         with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as fh:
             yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
-    trainer.train(stop_at=args.stop_at)
+    from launcher.guards import TrainingHalted
+
+    try:
+        trainer.train(stop_at=args.stop_at)
+    except TrainingHalted as exc:
+        if world.rank == 0:
+            print(f"msmoe: stopped: {exc}", file=sys.stderr, flush=True)
+        return 3
     if trainer.preempted:
         note = trainer.requeue()
         if world.rank == 0:

@@ -9,6 +9,7 @@ stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
@@ -22,7 +23,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from launcher import checkpoints, faults
 from launcher.evaluate import retrieval
+from launcher.guards import BadStepGuard, CollapseDetector, TrainingHalted
 from moe.timing import WallTimer
 from parallel.all_to_all import CommCounter
 from parallel.dist import WorldInfo
@@ -30,7 +33,7 @@ from parallel.ds_moe import shard_moe_layers
 from parallel.engine import build_engine, sync_batchnorm_stats
 from parallel.groups import ParallelGroups
 from reid.config import RunConfig
-from reid.data import Batch, DataError, PKSampler, dataset_summary, fetch, load_splits
+from reid.data import Batch, DataError, PKSampler, dataset_summary, fetch, image_size, load_splits
 from reid.losses import reid_loss
 from reid.model import ReIDModel
 
@@ -99,12 +102,17 @@ class Trainer:
         tc = cfg.train
 
         self.splits = load_splits(cfg.data.path)
+        h, w = image_size(self.splits)
+        stride = cfg.model.stem_stride
+        if h % stride or w % stride:
+            raise DataError(f"images of {h}x{w} in {cfg.data.path!r} do not divide by model.stem_stride={stride}: "
+                            f"use a stride that divides both, or data of another size")
         self.data_summary = dataset_summary(self.splits)
         train_pids = np.asarray(self.splits["train"]["pid"])
         self.label_of = {int(p): i for i, p in enumerate(np.unique(train_pids))}
         self.sampler = PKSampler(train_pids, tc.p, tc.k, self.world_size, self.rank, cfg.seed)
 
-        self.groups = ParallelGroups.build(tc.ep_size, cfg.model.num_experts)
+        self.groups = ParallelGroups.build(tc.ep_size, cfg.model.num_experts, timeout_s=tc.collective_timeout_s)
         self.timer = WallTimer()
         self.comm = CommCounter()
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank, for every EP size
@@ -134,6 +142,10 @@ class Trainer:
         self.timed_steps = 0
         self.a2a_per_step: dict = {}
         self.preempted = False
+        self.bad_steps = BadStepGuard(tc.max_bad_steps)
+        self.collapse = CollapseDetector(tc.collapse_share, tc.collapse_intervals,
+                                         [f"block{b}" for b in cfg.model.moe_blocks])
+        self.warnings: list[str] = []
 
     # ------------------------------------------------------------------ data
     def batch(self, step: int) -> tuple[Batch, torch.Tensor]:
@@ -146,28 +158,52 @@ class Trainer:
 
     # ------------------------------------------------------------ checkpoint
     def save(self) -> None:
+        """Atomic: written by every rank, then committed by rank 0 (see launcher/checkpoints.py)."""
         client = {"step": self.step, "history": self.history.as_dict(), "stage_s": self.stage_s,
-                  "train_time_s": self.train_time_s, "timed_steps": self.timed_steps}
-        self.engine.save_checkpoint(self.ckpt_dir, tag=f"step{self.step:07d}", client_state=client)
+                  "train_time_s": self.train_time_s, "timed_steps": self.timed_steps,
+                  "skipped_steps": self.bad_steps.skipped, "warnings": self.warnings,
+                  "collapse_events": self.collapse.events}
+        checkpoints.save(self.engine, self.ckpt_dir, self.step, client, self.cfg.train.keep_last, self.rank,
+                         self.world_size)
+
+    def has_checkpoint(self) -> bool:
+        return checkpoints.newest_complete(self.ckpt_dir) is not None
 
     def resume(self) -> int:
-        """Load the newest checkpoint of this run; returns the step it continues from."""
-        latest = os.path.join(self.ckpt_dir, "latest")
-        if not os.path.isfile(latest):
-            raise FileNotFoundError(f"--resume: no checkpoint in {self.ckpt_dir} (no 'latest' file); "
-                                    f"run without --resume to start {self.cfg.name!r} from scratch")
-        path, client = self.engine.load_checkpoint(self.ckpt_dir)
+        """Load the newest *complete* checkpoint of this run; returns the step it continues from."""
+        tag = checkpoints.newest_complete(self.ckpt_dir)
+        if tag is None:
+            partial = checkpoints.incomplete(self.ckpt_dir)
+            raise FileNotFoundError(f"--resume: no complete checkpoint in {self.ckpt_dir}"
+                                    + (f" (incomplete, ignored: {partial})" if partial else "")
+                                    + f"; run without --resume to start {self.cfg.name!r} from scratch")
+        path, client = self._load(self.ckpt_dir, tag=tag)
         if path is None:
-            raise RuntimeError(f"--resume: DeepSpeed could not load the checkpoint in {self.ckpt_dir}")
+            raise RuntimeError(f"--resume: DeepSpeed could not load {tag} in {self.ckpt_dir}")
         return self._restore(client)
+
+    def _load(self, ckpt_dir: str, **kwargs):
+        """DeepSpeed's load, with a clear error for a checkpoint of another model shape."""
+        try:
+            return self.engine.load_checkpoint(ckpt_dir, **kwargs)
+        except RuntimeError as exc:
+            text = str(exc)
+            if "size mismatch" in text or "Missing key" in text or "Unexpected key" in text:
+                first = next((ln.strip() for ln in text.splitlines() if "size mismatch" in ln or "key" in ln), "")
+                raise CheckpointMismatch(
+                    f"the checkpoint in {ckpt_dir} was saved by a model of another shape than config "
+                    f"{self.cfg.name!r} builds ({first[:200]}); train with the config it was saved with "
+                    f"(its run directory holds config.yaml), or change the expert count with `msmoe convert`"
+                ) from None
+            raise
 
     def load_weights(self, ckpt_dir: str) -> int:
         """Weights only (no optimizer state), e.g. a checkpoint converted to another expert count.
         Returns the step it was saved at (0 if unknown); training still starts at step 0."""
         if not os.path.isfile(os.path.join(ckpt_dir, "latest")):
             raise FileNotFoundError(f"no checkpoint in {ckpt_dir} (no 'latest' file)")
-        path, client = self.engine.load_checkpoint(ckpt_dir, load_module_only=True, load_optimizer_states=False,
-                                                   load_lr_scheduler_states=False)
+        path, client = self._load(ckpt_dir, load_module_only=True, load_optimizer_states=False,
+                                  load_lr_scheduler_states=False)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load the weights in {ckpt_dir}")
         return int((client or {}).get("step", 0))
@@ -178,6 +214,9 @@ class Trainer:
         self.stage_s = dict(client.get("stage_s", {}))
         self.train_time_s = float(client.get("train_time_s", 0.0))
         self.timed_steps = int(client.get("timed_steps", 0))
+        self.bad_steps.skipped = list(client.get("skipped_steps", []))
+        self.warnings = list(client.get("warnings", []))
+        self.collapse.events = list(client.get("collapse_events", []))
         return self.step
 
     # ----------------------------------------------------------------- train
@@ -201,6 +240,8 @@ class Trainer:
         self.engine.train()
         while self.step < end:
             s = self.step
+            faults.maybe("kill", s, self.rank)
+            faults.maybe("stall", s, self.rank)
             torch.manual_seed(step_seed(self.cfg.seed, s, self.rank))
             for group in self.engine.optimizer.param_groups:
                 group["lr"] = tc.lr_at(s)
@@ -211,11 +252,31 @@ class Trainer:
             out = self.engine(b)
             parts = reid_loss(out.logits, out.feat, labels, out.aux_loss, label_smoothing=tc.label_smoothing,
                               margin=tc.triplet_margin, triplet_weight=tc.triplet_weight)
+            if faults.active("nan_loss", s, self.rank):
+                parts = dataclasses.replace(parts, total=parts.total * float("nan"))
             t2 = time.perf_counter()
-            self.engine.backward(parts.total)
+            bad = not self._all_finite(parts.total)
+            if not bad:
+                self.engine.backward(parts.total)
+                bad = not self._all_finite(None)
             t3 = time.perf_counter()
-            self.moe_engine.clip_gradients()
-            self.engine.step()
+            if bad:  # skipped on every rank alike: no update, gradients dropped
+                self.engine.zero_grad()
+                if self.bad_steps.record(s, True):
+                    self.step += 1
+                    self.save()
+                    raise TrainingHalted(
+                        f"{self.bad_steps.in_a_row} steps in a row (up to step {s + 1}) had a non-finite loss or "
+                        f"gradients (train.max_bad_steps={tc.max_bad_steps}); stopped with a checkpoint at step "
+                        f"{self.step} in {self.ckpt_dir}. Lower train.lr, check the data for NaN pixels, or "
+                        "use precision=fp32")
+                if self.rank == 0:
+                    print(f"step {s + 1}: non-finite loss or gradients on some rank: step skipped "
+                          f"({self.bad_steps.in_a_row} in a row, {len(self.bad_steps.skipped)} in all)", flush=True)
+            else:
+                self.bad_steps.record(s, False)
+                self.moe_engine.clip_gradients()
+                self.engine.step()
             sync_batchnorm_stats(self.model, self.groups)
             t4 = time.perf_counter()
 
@@ -258,6 +319,10 @@ class Trainer:
                 h.fusion_load.append((reduced[nl:nl + ns] / self.world_size).tolist())
                 h.dropped.append(float(reduced[nl + ns]) / self.world_size)
                 h.active.append(float(reduced[nl + ns + 1]) / self.world_size)
+                for msg in self.collapse.update(self.step, h.load[-1]):
+                    self.warnings.append(msg)
+                    if self.rank == 0:
+                        print(f"warning: {msg}", flush=True)
                 interval_load = interval_fusion = None
                 interval_dropped, interval_active, interval_n = 0.0, 0.0, 0
             if self.step % tc.ckpt_every == 0 and self.step < end:
@@ -274,6 +339,17 @@ class Trainer:
                              "forward": self.comm.by_direction["forward"] / run,
                              "backward": self.comm.by_direction["backward"] / run, "calls": self.comm.calls / run}
         self.save()
+
+    def _all_finite(self, loss) -> bool:
+        """True when the loss (or, with None, every local gradient) is finite on every rank."""
+        if loss is not None:
+            ok = bool(torch.isfinite(loss.detach()).all())
+        else:
+            ok = all(bool(torch.isfinite(p.grad).all()) for p in self.model.parameters() if p.grad is not None)
+        flag = torch.tensor([0.0 if ok else 1.0], device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(flag)
+        return float(flag) == 0.0
 
     def requeue(self) -> str | None:
         """Under SLURM, put this job back in the queue (rank 0 only). Returns what happened."""
@@ -334,6 +410,9 @@ class Trainer:
             "dropped_fraction": h.dropped[-1] if h.dropped else 0.0,
             "active_experts_per_patch": h.active[-1] if h.active else None,
             "a2a_bytes_per_step": self.a2a_per_step,
+            "skipped_steps": self.bad_steps.skipped,
+            "warnings": self.warnings,
+            "expert_collapse": self.collapse.events,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "peak_mem_mb_per_rank": peak_mem_mb,
             "launcher": self.world.launcher,
@@ -345,6 +424,10 @@ class Trainer:
             "config": self.cfg.to_dict(),
         }
         return out
+
+
+class CheckpointMismatch(ValueError):
+    pass
 
 
 def write_json(path: str, obj) -> None:

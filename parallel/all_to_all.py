@@ -49,11 +49,27 @@ class CommCounter:
         self.by_direction = {"forward": 0, "backward": 0}
 
 
-def exchange(x: torch.Tensor, send_splits: list[int], recv_splits: list[int], group) -> torch.Tensor:
+class CollectiveError(RuntimeError):
+    """A collective failed or timed out: some rank of the group died or stopped calling it."""
+
+
+def collective(name: str, fn, *args, **kwargs):
+    """Run ``fn`` (a torch.distributed collective); a failure or timeout is re-raised naming it."""
+    try:
+        return fn(*args, **kwargs)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise CollectiveError(
+            f"collective '{name}' failed on rank {dist.get_rank()}: another rank died or stopped calling it "
+            f"(process-group timeout: train.collective_timeout_s). Cause: {first}") from exc
+
+
+def exchange(x: torch.Tensor, send_splits: list[int], recv_splits: list[int], group,
+             name: str = "all-to-all") -> torch.Tensor:
     """Plain all_to_all_single of rows: [sum(send), ...] -> [sum(recv), ...]."""
     out = x.new_empty((sum(recv_splits), *x.shape[1:]))
-    dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv_splits,
-                           input_split_sizes=send_splits, group=group)
+    collective(name, dist.all_to_all_single, out, x.contiguous(), output_split_sizes=recv_splits,
+               input_split_sizes=send_splits, group=group)
     return out
 
 
@@ -65,13 +81,14 @@ class AllToAll(torch.autograd.Function):
         ctx.splits = (send_splits, recv_splits)
         ctx.group, ctx.counter, ctx.self_index, ctx.ranks = group, counter, self_index, ranks
         counter.record(x, send_splits, self_index, "forward", ranks)
-        return exchange(x, send_splits, recv_splits, group)
+        return exchange(x, send_splits, recv_splits, group, "all-to-all of patch rows (forward)")
 
     @staticmethod
     def backward(ctx, g):  # noqa: D102
         send_splits, recv_splits = ctx.splits
         ctx.counter.record(g, recv_splits, ctx.self_index, "backward", ctx.ranks)
-        return exchange(g.contiguous(), recv_splits, send_splits, ctx.group), None, None, None, None, None, None
+        return exchange(g.contiguous(), recv_splits, send_splits, ctx.group,
+                        "all-to-all of patch-row gradients (backward)"), None, None, None, None, None, None
 
 
 def all_to_all_rows(x, send_splits, recv_splits, group, counter: CommCounter, self_index: int,

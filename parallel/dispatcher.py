@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from moe.dispatch import DispatchPlan, LocalDispatcher, expert_capacity
 from moe.indexing import gather_rows
-from parallel.all_to_all import CommCounter, all_to_all_rows, exchange
+from parallel.all_to_all import CommCounter, all_to_all_rows, collective, exchange
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,8 @@ class AllToAllDispatcher:
 
     def capacity(self, num_units: int, k: int, num_experts: int, factor: float) -> int:
         n = torch.tensor([num_units], dtype=torch.long, device=self._device())
-        dist.all_reduce(n, op=dist.ReduceOp.MAX, group=self.ep_group)
+        collective("all-reduce of the patch count (capacity)", dist.all_reduce, n, op=dist.ReduceOp.MAX,
+                   group=self.ep_group)
         return expert_capacity(int(n), k, num_experts, factor)
 
     def _device(self) -> torch.device:
@@ -69,7 +70,8 @@ class AllToAllDispatcher:
         p, el = self.ep_size, self.num_local_experts
         _, l, c = units_NLC.shape
         counts_E = plan.counts.to(self._device())
-        recv_PE = exchange(counts_E, [el] * p, [el] * p, self.ep_group).view(p, el)
+        recv_PE = exchange(counts_E, [el] * p, [el] * p, self.ep_group,
+                           "all-to-all of per-expert patch counts (dispatch)").view(p, el)
         send_splits = counts_E.view(p, el).sum(1).tolist()
         recv_splits = recv_PE.sum(1).tolist()
 

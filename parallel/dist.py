@@ -83,10 +83,14 @@ def init_distributed(backend: str | None = None, timeout_s: float = 300.0) -> Wo
     if cuda:
         torch.cuda.set_device(local_rank)
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(
-            dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s)
-        )
+        # our own rendezvous first (DeepSpeed adopts it): under torchrun every restart attempt gets
+        # its own key space in the agent's store, so a restarted worker never reads a dead one's address
+        timeout = timedelta(seconds=timeout_s)
+        torch.distributed.init_process_group(backend=backend, timeout=timeout, **_attempt_store(timeout))
         atexit.register(_destroy_at_exit)
+    deepspeed.init_distributed(  # adopts the group above
+        dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s)
+    )
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return WorldInfo(
         torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, launcher,
@@ -104,6 +108,22 @@ def shutdown_distributed() -> None:
         torch.distributed.destroy_process_group()
 
 
+def _attempt_store(timeout: timedelta) -> dict:
+    """Under torchrun (agent store): the agent's TCPStore behind a prefix per restart attempt.
+
+    torch's env:// rendezvous reuses keys across elastic restarts often enough that a restarted
+    gloo group dials the dead workers' ports ("Connection refused", seen with torch 2.13); a
+    prefix of our own per attempt rules that out. Elsewhere: plain env:// (rank 0 hosts the store)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true":
+        return {}
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    base = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                                      is_master=False, timeout=timeout)
+    store = torch.distributed.PrefixStore(f"/msmoe/attempt_{attempt}/", base)
+    return {"store": store, "rank": rank, "world_size": world}
+
+
 def _destroy_at_exit() -> None:
     """No barrier here: a rank leaving on an error must not wait for the others."""
     try:
@@ -111,3 +131,14 @@ def _destroy_at_exit() -> None:
             torch.distributed.destroy_process_group()
     except Exception:  # noqa: BLE001 - exiting anyway; the group may already be broken
         pass
+
+
+
+def exit_after_broken_collective(code: int) -> None:
+    """Leave now, without tearing the group down: a peer died, and destroying a process group
+    with a dead peer aborts the process ("terminate called without an active exception")."""
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -52,8 +52,13 @@ class ParallelGroups:
     name: str  # DeepSpeed's group name, "ep_size_<P>"
 
     @staticmethod
-    def build(ep_size: int, num_experts: int) -> "ParallelGroups":
-        """Create (or reuse) DeepSpeed's ep/edp groups for ``ep_size``; call after init_distributed."""
+    def build(ep_size: int, num_experts: int, timeout_s: float | None = None) -> "ParallelGroups":
+        """Create (or reuse) DeepSpeed's ep/edp groups for ``ep_size``; call after init_distributed.
+
+        ``timeout_s``: how long a collective on these groups waits for a silent rank before it
+        fails (DeepSpeed creates its subgroups with torch's 30-minute default otherwise)."""
+        from datetime import timedelta
+
         from deepspeed.utils import groups as ds_groups
 
         world, rank = tdist.get_world_size(), tdist.get_rank()
@@ -63,6 +68,11 @@ class ParallelGroups:
             ds_groups._create_expert_and_data_parallel(ep_size)
         ep_group = ds_groups._get_expert_parallel_group(name)
         edp_group = ds_groups._get_expert_data_parallel_group(name)
+        if timeout_s is not None:
+            from torch.distributed.distributed_c10d import _set_pg_timeout
+
+            for g in {id(g): g for g in (ep_group, edp_group, ds_groups._get_data_parallel_group())}.values():
+                _set_pg_timeout(timedelta(seconds=timeout_s), g)
         return ParallelGroups(
             world_size=world, rank=rank,
             ep_size=ep_size, ep_rank=tdist.get_rank(ep_group), ep_group=ep_group,

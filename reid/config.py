@@ -130,6 +130,11 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 200
     threads: int = 0  # torch threads per rank; 0 = cores / local ranks
+    keep_last: int = 3  # complete checkpoints kept (older ones are deleted after each commit)
+    collective_timeout_s: float = 300.0  # a rank silent this long makes the others fail, naming the collective
+    max_bad_steps: int = 5  # non-finite loss/gradients this many steps in a row: checkpoint and stop
+    collapse_share: float = 0.9  # one expert taking more than this share of a layer's patches ...
+    collapse_intervals: int = 3  # ... for this many logging intervals in a row is reported as a collapse
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, f"train.steps={self.steps} must be >= 1")
@@ -148,6 +153,12 @@ class TrainConfig:
         _require(self.log_every >= 1, f"train.log_every={self.log_every} must be >= 1")
         _require(self.ckpt_every >= 1, f"train.ckpt_every={self.ckpt_every} must be >= 1")
         _require(self.threads >= 0, f"train.threads={self.threads} must be >= 0")
+        _require(self.keep_last >= 1, f"train.keep_last={self.keep_last} must be >= 1")
+        _require(self.collective_timeout_s > 0,
+                 f"train.collective_timeout_s={self.collective_timeout_s} must be > 0 (seconds)")
+        _require(self.max_bad_steps >= 1, f"train.max_bad_steps={self.max_bad_steps} must be >= 1")
+        _require(0 < self.collapse_share <= 1, f"train.collapse_share={self.collapse_share} must be in (0, 1]")
+        _require(self.collapse_intervals >= 1, f"train.collapse_intervals={self.collapse_intervals} must be >= 1")
 
     def lr_at(self, step: int) -> float:
         import math

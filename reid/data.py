@@ -96,7 +96,35 @@ def load_splits(data_dir: str):
     missing = [s for s in SPLITS if s not in dd]
     if missing:
         raise DataError(f"dataset {data_dir!r} lacks split(s) {missing}")
-    return {s: dd[s].with_format("numpy") for s in SPLITS}
+    splits = {s: dd[s].with_format("numpy") for s in SPLITS}
+    check_layout(splits, data_dir)
+    return splits
+
+
+def image_size(splits) -> tuple[int, int]:
+    """(H, W) shared by every modality and split (checked by :func:`check_layout`)."""
+    shape = splits["train"].features["rgb"].shape
+    return int(shape[1]), int(shape[2])
+
+
+def check_layout(splits, data_dir: str) -> None:
+    """Every split holds rgb/nir/tir images with 3/1/1 channels of one size, and pid/camid columns."""
+    sizes = {}
+    for split, ds in splits.items():
+        for col in (*MODALITIES, "pid", "camid"):
+            if col not in ds.features:
+                raise DataError(f"dataset {data_dir!r}, split {split!r}: no column {col!r} "
+                                f"(has {sorted(ds.features)}); re-import it with `msmoe data`")
+        for m, channels in MODALITIES.items():
+            shape = tuple(getattr(ds.features[m], "shape", ()) or ())
+            if len(shape) != 3 or shape[0] != channels:
+                raise DataError(f"dataset {data_dir!r}, split {split!r}: {m} images have shape {shape}, expected "
+                                f"({channels}, H, W) - RGB 3 channels, NIR 1, TIR 1; re-import the data")
+            sizes[(split, m)] = shape[1:]
+    if len(set(sizes.values())) > 1:
+        listed = ", ".join(f"{s}/{m} {h}x{w}" for (s, m), (h, w) in sizes.items())
+        raise DataError(f"dataset {data_dir!r}: images differ in size across modalities or splits ({listed}); "
+                        "all must share one H x W")
 
 
 @dataclass(frozen=True)
@@ -144,6 +172,11 @@ def fetch(split, indices: list[int], flip: np.ndarray | None = None) -> Batch:
     rows = _rows(split, indices)
     out = {}
     for m in MODALITIES:
+        if rows[m].dtype.kind == "f" and not np.isfinite(rows[m]).all():
+            bad = np.nonzero(~np.isfinite(rows[m].reshape(len(indices), -1)).all(1))[0]
+            names = [str(rows["name"][i]) if "name" in rows else str(indices[i]) for i in bad[:5]]
+            raise DataError(f"non-finite pixels (NaN/inf) in the {m} image(s) {names}"
+                            f"{' and more' if len(bad) > 5 else ''}: fix or drop those records and re-import")
         x = torch.from_numpy(np.require(rows[m], requirements=["C", "W"])).float().div_(127.5).sub_(1.0)
         if flip is not None and flip.any():
             sel = torch.from_numpy(np.asarray(flip, dtype=bool))
