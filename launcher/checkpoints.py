@@ -22,6 +22,11 @@ import torch.distributed as dist
 from launcher import faults
 
 MARKER = "COMMITTED"
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint that does not fit the model the config builds (another shape)."""
+
 _TAG = re.compile(r"^step(\d{7,})$")
 
 

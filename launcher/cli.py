@@ -27,7 +27,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from moe.resize import ResizeError
     from parallel.groups import ParallelConfigError
     from parallel.reshard import ReshardError
-    from launcher.trainer import CheckpointMismatch
+    from launcher.checkpoints import CheckpointMismatch
     from parallel.all_to_all import CollectiveError
     from reid.data import DataError
 

@@ -190,7 +190,7 @@ class Trainer:
             text = str(exc)
             if "size mismatch" in text or "Missing key" in text or "Unexpected key" in text:
                 first = next((ln.strip() for ln in text.splitlines() if "size mismatch" in ln or "key" in ln), "")
-                raise CheckpointMismatch(
+                raise checkpoints.CheckpointMismatch(
                     f"the checkpoint in {ckpt_dir} was saved by a model of another shape than config "
                     f"{self.cfg.name!r} builds ({first[:200]}); train with the config it was saved with "
                     f"(its run directory holds config.yaml), or change the expert count with `msmoe convert`"
@@ -424,10 +424,6 @@ class Trainer:
             "config": self.cfg.to_dict(),
         }
         return out
-
-
-class CheckpointMismatch(ValueError):
-    pass
 
 
 def write_json(path: str, obj) -> None:

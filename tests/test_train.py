@@ -118,7 +118,7 @@ def test_resume_is_exact(tmp_path):
 
 @pytest.mark.slow
 def test_resume_without_checkpoint_says_so(tmp_path):
-    with pytest.raises(AssertionError, match="no checkpoint in"):
+    with pytest.raises(AssertionError, match="no complete checkpoint in"):
         _train(str(tmp_path), "fresh", 1, "train.steps=2", extra=("--resume",))
 
 
