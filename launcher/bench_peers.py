@@ -14,7 +14,9 @@ CUDA) if none exists.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import torch
@@ -27,7 +29,9 @@ def single_rank_group(device: torch.device) -> None:
 
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
-        store = dist.FileStore(os.path.join(tempfile.mkdtemp(prefix="msmoe-bench-"), "store"), 1)
+        tmp = tempfile.mkdtemp(prefix="msmoe-bench-")
+        atexit.register(shutil.rmtree, tmp, True)
+        store = dist.FileStore(os.path.join(tmp, "store"), 1)
         dist.init_process_group(backend, store=store, rank=0, world_size=1)
     deepspeed.init_distributed(dist_backend=backend)  # DeepSpeed's comm layer adopts the group above
 
