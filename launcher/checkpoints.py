@@ -80,6 +80,13 @@ def save(engine, ckpt_dir: str, step: int, client: dict, keep_last: int, rank: i
     return tag
 
 
+def mark_complete(ckpt_dir: str, tag: str) -> None:
+    """Commit a checkpoint written in one piece by another tool (e.g. ``msmoe convert``)."""
+    m = _TAG.match(tag)
+    _write_atomic(os.path.join(ckpt_dir, tag, MARKER), f"{int(m.group(1)) if m else 0}\n")
+    _write_atomic(os.path.join(ckpt_dir, "latest"), tag)
+
+
 def prune(ckpt_dir: str, keep_last: int) -> list[str]:
     """Delete all but the newest ``keep_last`` complete checkpoints, and incomplete ones older
     than the newest complete one. Returns the deleted tags."""
