@@ -117,6 +117,7 @@ def point_record(summary: dict, mode: str | None = None) -> dict:
         "name": name,
         "mode": mode or ("weak" if "-weak-" in name else "strong"),
         "world_size": world, "ep_size": summary["ep_size"], "num_experts": summary["num_experts"],
+        "threads_per_rank": summary.get("threads_per_rank"),
         "global_batch": cfg["train"]["p"] * cfg["train"]["k"],
         "per_rank_batch": cfg["train"]["p"] * cfg["train"]["k"] // world,
         "steps": summary["steps"], "moe_layers": summary["moe_layers"],

@@ -396,6 +396,7 @@ class Trainer:
             "final_loss": h.loss[-1] if h.loss else None,
             "samples_per_s": tc.p * tc.k * self.timed_steps / self.train_time_s if self.train_time_s else 0.0,
             "world_size": self.world_size,
+            "threads_per_rank": torch.get_num_threads(),
             "ep_size": self.groups.ep_size,
             "num_experts": self.cfg.model.num_experts,
             "moe_layers": len(self.moe_layers),
