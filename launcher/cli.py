@@ -69,7 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = list(args.overrides) + extra
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        from parallel.dist import leave_distributed
+
+        leave_distributed(code)  # returns only when this process joined no process group
+        return code
     except USER_ERRORS as exc:  # a bad setting or input: the message says what and how to fix it
         print(f"msmoe: error: {exc}", file=sys.stderr)
         from parallel.all_to_all import CollectiveError
