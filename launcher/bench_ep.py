@@ -163,6 +163,6 @@ if __name__ == "__main__":
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None)  # the deepspeed launcher adds it
     _shape_args(ap)
     _worker(ap.parse_args())
-    from parallel.dist import shutdown_distributed
+    from parallel.dist import leave_distributed
 
-    shutdown_distributed()
+    leave_distributed(0)

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from reid.report import _plt  # matplotlib on the Agg backend, as for run reports
+
 STAGES = ("data", "route", "dispatch", "experts", "combine", "forward_other", "backward", "optimizer")
 PROJECT_RANKS = (8, 16, 32, 64, 128, 256, 512, 1024)
 
@@ -38,15 +40,6 @@ def load_points(path: str) -> list[dict]:
     if not recs:
         raise ValueError(f"{path} holds no points: run `msmoe scale` first")
     return recs
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _label(r: dict) -> str:

@@ -343,10 +343,11 @@ class Trainer:
     def _all_finite(self, loss) -> bool:
         """True when the loss (or, with None, every local gradient) is finite on every rank."""
         if loss is not None:
-            ok = bool(torch.isfinite(loss.detach()).all())
-        else:
-            ok = all(bool(torch.isfinite(p.grad).all()) for p in self.model.parameters() if p.grad is not None)
-        flag = torch.tensor([0.0 if ok else 1.0], device=self.device)
+            bad = ~torch.isfinite(loss.detach()).all()
+        else:  # one fused norm per gradient, one check: no host sync per parameter
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            bad = ~torch.isfinite(torch.stack(torch._foreach_norm(grads))).all() if grads else torch.tensor(False)
+        flag = bad.float().reshape(1).to(self.device)
         if self.world_size > 1:
             dist.all_reduce(flag)
         return float(flag) == 0.0

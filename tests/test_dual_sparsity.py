@@ -76,6 +76,7 @@ def test_keep_fraction_validated():
 def test_top_p_active_experts_move_with_p():
     torch.manual_seed(0)
     x = torch.randn(4, 16, 16, 8)
+    pooled_NC = x.view(4, 4, 4, 4, 4, 8).mean((2, 4)).reshape(-1, 8)  # one row per 4x4 patch
     active = []
     for p in (0.2, 0.5, 0.8, 0.99):
         torch.manual_seed(1)
@@ -83,5 +84,14 @@ def test_top_p_active_experts_move_with_p():
             num_experts=8, dynamic_top_p=p, k_min=1, k_max=8, temperature=0.3),
             expert=ExpertConfig(kind="ffn", hidden_dim=16, dropout=0.0)))
         active.append(layer(x).stats.active_experts)
+        # by hand: per patch, take experts by falling probability while the mass before them is < p
+        ks = []
+        for row in layer.router(pooled_NC).probs.detach().tolist():
+            mass, k = 0.0, 0
+            for q in sorted(row, reverse=True):
+                if mass >= p:
+                    break
+                mass, k = mass + q, k + 1
+            ks.append(min(max(k, 1), 8))
+        assert float(active[-1]) == pytest.approx(sum(ks) / len(ks), rel=1e-6), (p, active[-1])
     assert active == sorted(active) and active[0] < active[-1], active
-    assert 1.0 <= active[0] and active[-1] <= 8.0
