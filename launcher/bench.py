@@ -50,10 +50,20 @@ class BenchRow:
     router_units: int
     router_mflop: float  # forward gate matmul
     metadata_bytes: int  # expert id (int64) + weight (fp32) per routed unit and choice
-    ratio_to_dense: float
-    ratio_to_deepspeed: float | None
+    ratio_to_dense: float  # median over rounds of (this step's time / the dense step's time, same round)
+    ratio_to_deepspeed: float | None  # the same against DeepSpeed's layer
+    page_faults_per_step: float  # minor page faults of the process per step (mean over the rounds)
+    ms_rounds: list[float]  # every timed step, round by round
     tflops: float  # achieved on the expert/FFN matmuls
     fraction_of_gemm_peak: float | None  # CUDA only
+
+
+def _minor_faults() -> int:
+    try:
+        import resource
+    except ImportError:  # not Unix
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
@@ -75,7 +85,7 @@ def _contenders(args, c: int, f: int, e: int, k: int, device, dtype) -> list[tup
     b, h, w = args.batch, args.height, args.width
     dense = nn.Sequential(nn.Linear(c, k * f), nn.GELU(), nn.Linear(k * f, c)).to(device, dtype)
     out: list[tuple[str, nn.Module, int]] = [("dense FFN (hidden K*F)", dense, 0)]
-    impls = ("grouped_mm", "bmm") if args.all_impls else (args.impl,)
+    impls = ("grouped_mm", "bmm", "fused") if args.all_impls else (args.impl,)
     for impl in impls:
         for patch in (args.patch, 1):
             cfg = PatchMoEConfig(dim=c, patch_size=patch, router=RouterConfig(num_experts=e, top_k=k),
@@ -109,7 +119,7 @@ def run_layer_bench(args: argparse.Namespace) -> tuple[list[BenchRow], dict]:
     gflop = 3 * points * 2 * (2 * c * k * f) / 1e9
     candidates = _contenders(args, c, f, e, k, device, dtype)
 
-    live, times = [], {}
+    live, times, faults = [], {}, {}
     for name, module, units in candidates:  # warm-up, and drop what cannot run here
         try:
             for _ in range(args.warmup):
@@ -119,9 +129,12 @@ def run_layer_bench(args: argparse.Namespace) -> tuple[list[BenchRow], dict]:
             continue
         live.append((name, module, units))
         times[name] = []
+        faults[name] = 0
     for _ in range(args.repeats):  # alternate: one step of each contender per round
         for name, module, _units in live:
+            f0 = _minor_faults()
             times[name].append(_step(module, x, grad))
+            faults[name] += _minor_faults() - f0
 
     peak = None
     if device.type == "cuda":
@@ -129,8 +142,11 @@ def run_layer_bench(args: argparse.Namespace) -> tuple[list[BenchRow], dict]:
 
         peak = dense_gemm_peak_tflops(device, dtype)
     med = {name: statistics.median(t) for name, t in times.items()}
-    dense_ms = med[live[0][0]]
-    ds_ms = next((m for n, m in med.items() if n.startswith("DeepSpeed")), None)
+    dense_t = times[live[0][0]]
+    ds_t = next((t for n, t in times.items() if n.startswith("DeepSpeed")), None)
+
+    def paired(t: list[float], ref: list[float]) -> float:  # robust to the machine's drift
+        return statistics.median(a / b for a, b in zip(t, ref))
     rows = []
     for name, _module, units in live:
         m = med[name]
@@ -138,9 +154,14 @@ def run_layer_bench(args: argparse.Namespace) -> tuple[list[BenchRow], dict]:
         rows.append(BenchRow(
             name=name, ms_median=m, ms_min=min(times[name]), points_per_s=points / (m / 1e3), gflop_per_step=gflop,
             router_units=units, router_mflop=2 * c * e * units / 1e6, metadata_bytes=12 * k * units,
-            ratio_to_dense=m / dense_ms, ratio_to_deepspeed=(m / ds_ms) if ds_ms else None, tflops=tflops,
+            ratio_to_dense=paired(times[name], dense_t),
+            ratio_to_deepspeed=paired(times[name], ds_t) if ds_t else None,
+            page_faults_per_step=faults[name] / args.repeats, ms_rounds=list(times[name]), tflops=tflops,
             fraction_of_gemm_peak=(tflops / peak) if peak else None))
+    from launcher import allocator
+
     env = {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
+           "allocator": allocator.describe(),
            "cpu": platform.processor() or platform.machine(), "gemm_peak_tflops": peak,
            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
     return rows, env
@@ -150,20 +171,23 @@ def print_rows(args: argparse.Namespace, rows: list[BenchRow], env: dict) -> Non
     print(f"layer bench: B={args.batch} H={args.height} W={args.width} C={args.dim} F={args.hidden} "
           f"E={args.experts} K={args.top_k} P={args.patch} dtype={args.dtype} device={env['device']} "
           f"threads={env['threads']} rounds={args.repeats} (contenders alternate)")
+    print(f"host allocator: {env['allocator']}")
     cuda = env["gemm_peak_tflops"] is not None
     head = (f"{'':44s} {'median ms':>10s} {'min ms':>8s} {'points/s':>11s} {'x dense':>8s} {'x DS':>6s} "
-            f"{'routed units':>12s} {'router MFLOP':>12s} {'meta KiB':>9s}")
+            f"{'routed units':>12s} {'router MFLOP':>12s} {'meta KiB':>9s} {'faults/step':>11s}")
     print(head + (f" {'TFLOP/s':>8s} {'% peak':>7s}" if cuda else ""))
     for r in rows:
         ds = f"{r.ratio_to_deepspeed:6.2f}" if r.ratio_to_deepspeed is not None else f"{'-':>6s}"
         line = (f"{r.name:44s} {r.ms_median:10.2f} {r.ms_min:8.2f} {r.points_per_s:11.0f} {r.ratio_to_dense:8.2f} "
-                f"{ds} {r.router_units:12d} {r.router_mflop:12.2f} {r.metadata_bytes / 1024:9.1f}")
+                f"{ds} {r.router_units:12d} {r.router_mflop:12.2f} {r.metadata_bytes / 1024:9.1f} "
+                f"{r.page_faults_per_step:11.0f}")
         if cuda:
             line += f" {r.tflops:8.1f} {100 * r.fraction_of_gemm_peak:6.1f}%"
         print(line)
     if cuda:
         print(f"dense GEMM peak measured: {env['gemm_peak_tflops']:.1f} TFLOP/s ({args.dtype})")
-    print("x dense / x DS: time relative to the dense FFN / DeepSpeed's layer (lower is faster); "
+    print("x dense / x DS: median over rounds of the time relative to the dense FFN / DeepSpeed's layer "
+          "in the same round (lower is faster; DS throughput / ours = x DS); faults/step: minor page faults; "
           "GFLOP per step (fwd+bwd, expert matmuls): " + f"{rows[0].gflop_per_step:.2f}")
 
 
@@ -178,7 +202,7 @@ def add_layer_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--patch", type=int, default=8)
     p.add_argument("--capacity-factor", type=float, default=None, help="default: dropless")
-    p.add_argument("--impl", choices=["auto", "grouped_mm", "bmm"], default="auto",
+    p.add_argument("--impl", choices=["auto", "grouped_mm", "bmm", "fused"], default="auto",
                    help="our expert matmul implementation")
     p.add_argument("--all-impls", action="store_true", help="time our layers with both grouped_mm and bmm")
     p.add_argument("--skip", default="", help="comma list of peers to leave out: deepspeed,fairscale")

@@ -16,7 +16,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from launcher import bench, bench_ep, convert, data_cmd, fit, launch, scale, scale_report, submit, train
+from launcher import allocator
+
+allocator.tune()  # before torch is imported: see launcher/allocator.py
+
+from launcher import bench, bench_ep, convert, data_cmd, fit, launch, scale, scale_report, submit, train  # noqa: E402
 
 
 def _user_errors() -> tuple[type[Exception], ...]:

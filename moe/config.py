@@ -131,17 +131,20 @@ class ExpertConfig:
                           (needs patch routing).
     hidden_dim: F, the hidden width (seed 000: 2 x model dim).
     dropout:    dropout inside the seed expert (seed 000: 0.1).
-    impl:       batched-matmul backend: "auto", "grouped_mm" or "bmm" (see moe/grouped.py).
+    impl:       batched-matmul backend: "auto", "grouped_mm", "bmm" (see moe/grouped.py) or
+                "fused": ffn experts as one function with per-expert GEMMs, the bias inside
+                and a hand-written backward (moe/fused_ffn.py); "auto" takes it for ffn
+                experts on CPU. Other expert kinds treat "fused" as "auto".
     """
 
     kind: ExpertKind = "seed"
     hidden_dim: int = 1024
     dropout: float = 0.1
-    impl: Literal["auto", "grouped_mm", "bmm"] = "auto"
+    impl: Literal["auto", "grouped_mm", "bmm", "fused"] = "auto"
 
     def __post_init__(self) -> None:
         _one_of("expert.kind", self.kind, ("seed", "ffn", "conv"))
-        _one_of("expert.impl", self.impl, ("auto", "grouped_mm", "bmm"))
+        _one_of("expert.impl", self.impl, ("auto", "grouped_mm", "bmm", "fused"))
         _require(self.hidden_dim >= 1, f"expert.hidden_dim={self.hidden_dim} must be >= 1")
         _require(0 <= self.dropout < 1, f"expert.dropout={self.dropout} must be in [0, 1)")
 

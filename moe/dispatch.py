@@ -23,8 +23,10 @@ from typing import Any, Protocol
 
 import torch
 
+from moe.combine import slot_sum
 from moe.indexing import gather_rows
 from moe.router import RoutingDecision
+from moe.units import PatchView, take_units
 
 
 @dataclass(frozen=True)
@@ -76,8 +78,13 @@ def plan_dispatch(
 def unpermute(rows_RLC: torch.Tensor, plan: DispatchPlan, weights_NK: torch.Tensor) -> torch.Tensor:
     """Weighted sum of each unit's expert outputs: rows [R, L, C] -> units [N, L, C].
 
-    A dropped slot has no row and contributes zero.
+    A dropped slot has no row and contributes zero. When every slot has a row (dropless
+    top-k) the sum is one gather and one batched matmul (:func:`moe.combine.slot_sum`).
     """
+    n, k = weights_NK.shape
+    if rows_RLC.shape[0] == n * k and n * k > 0:
+        out_ND = slot_sum(rows_RLC.reshape(n * k, -1), weights_NK, plan.slot_of_row)
+        return out_ND.view(n, *rows_RLC.shape[1:])
     w_R = gather_rows(weights_NK.reshape(-1), plan.slot_of_row).to(rows_RLC.dtype)
     out = rows_RLC.new_zeros(plan.num_units, *rows_RLC.shape[1:])
     return out.index_add(0, plan.unit_of_row, rows_RLC * w_R[:, None, None])
@@ -91,8 +98,9 @@ class Dispatcher(Protocol):
     def capacity(self, num_units: int, k: int, num_experts: int, factor: float) -> int:
         """Capacity per expert per rank, identical on every rank of the expert group."""
 
-    def dispatch(self, units_NLC: torch.Tensor, plan: DispatchPlan) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        """-> (rows for the local experts [U, L, C] sorted by local expert, counts [E_local], meta)."""
+    def dispatch(self, units_NLC: "torch.Tensor | PatchView", plan: DispatchPlan) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """Units are a tensor [N, L, C] or a map read in place (gather them with ``take_units``).
+        -> (rows for the local experts [U, L, C] sorted by local expert, counts [E_local], meta)."""
 
     def combine(self, expert_out_ULC: torch.Tensor, meta: Any) -> torch.Tensor:
         """Expert outputs back to this rank, in plan row order: [R, L, C]."""
@@ -114,8 +122,8 @@ class LocalDispatcher:
     def capacity(self, num_units: int, k: int, num_experts: int, factor: float) -> int:
         return expert_capacity(num_units, k, num_experts, factor)
 
-    def dispatch(self, units_NLC: torch.Tensor, plan: DispatchPlan) -> tuple[torch.Tensor, torch.Tensor, LocalMeta]:
-        rows = gather_rows(units_NLC, plan.unit_of_row)
+    def dispatch(self, units_NLC: "torch.Tensor | PatchView", plan: DispatchPlan):
+        rows = take_units(units_NLC, plan.unit_of_row)
         return rows, plan.counts, LocalMeta(rows.shape[0])
 
     def combine(self, expert_out_ULC: torch.Tensor, meta: LocalMeta) -> torch.Tensor:

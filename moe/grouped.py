@@ -8,7 +8,8 @@ Two backends, same result:
               multiples of 4 in fp32, of 8 in bf16); on CUDA it needs bf16 and sm90+.
   bmm         rows scattered into an [E, M, D] buffer (M = the largest expert's row count),
               one ``torch.bmm``, gathered back. Works for every dtype, device and shape.
-``impl="auto"`` takes grouped_mm where it applies and bmm elsewhere.
+``impl="auto"`` takes grouped_mm where it applies and bmm elsewhere ("fused" too: it changes only
+the FFN experts, see moe/fused_ffn.py).
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def _grouped_mm_ok(x_TD: torch.Tensor, w_EDF: torch.Tensor) -> bool:
 
 def grouped_matmul(x_TD: torch.Tensor, w_EDF: torch.Tensor, batch: ExpertBatch, impl: Impl = "auto") -> torch.Tensor:
     """y[t] = x[t] @ w[expert(t)]: [T, D] x [E, D, F] -> [T, F]."""
-    use_gmm = impl == "grouped_mm" or (impl == "auto" and _grouped_mm_ok(x_TD, w_EDF))
+    use_gmm = impl == "grouped_mm" or (impl in ("auto", "fused") and _grouped_mm_ok(x_TD, w_EDF))
     if impl == "grouped_mm" and not _grouped_mm_ok(x_TD, w_EDF):
         raise ValueError(
             f"expert.impl='grouped_mm' cannot run dtype={x_TD.dtype}, D={x_TD.shape[1]}, "

@@ -26,13 +26,14 @@ import torch
 import torch.nn as nn
 
 from moe.balance import MoEOutput, routing_stats
+from moe.combine import slot_sum_to_map
 from moe.config import PatchMoEConfig
 from moe.dispatch import Dispatcher, LocalDispatcher, plan_dispatch, unpermute
 from moe.experts import build_experts
 from moe.indexing import gather_rows
 from moe.router import Router
 from moe.timing import NullTimer, StageTimer
-from moe.units import make_grid, patchify, pool_units, unpatchify
+from moe.units import PatchView, make_grid, patchify, pool_units, unpatchify
 
 
 class PatchMoE(nn.Module):
@@ -65,15 +66,20 @@ class PatchMoE(nn.Module):
         if x_BHWC.shape[-1] != cfg.dim:
             raise ValueError(f"PatchMoE(dim={cfg.dim}) got a map with C={x_BHWC.shape[-1]} channels")
         e, k = cfg.router.num_experts, cfg.router.max_k
+        in_place = self.scorer is None and not grid.padded  # read patches from the map, write back into it
         with self.timer.stage("route"):
-            units_NLC = patchify(x_BHWC, grid)
-            pooled_NC = pool_units(units_NLC, grid)
+            if in_place:
+                view = PatchView.of(x_BHWC, grid)
+                units_NLC, pooled_NC = view, view.pooled()
+            else:
+                units_NLC = patchify(x_BHWC, grid)
+                pooled_NC = pool_units(units_NLC, grid)
             keep_idx, keep_scale = self._prune(pooled_NC, grid)
             if keep_idx is not None:
                 routed_NLC, pooled_NC = gather_rows(units_NLC, keep_idx), gather_rows(pooled_NC, keep_idx)
             else:
                 routed_NLC = units_NLC
-            n_routed = routed_NLC.shape[0]
+            n_routed = pooled_NC.shape[0]
             decision = self.router(pooled_NC)
             capacity = None
             if cfg.capacity_factor is not None:
@@ -85,11 +91,14 @@ class PatchMoE(nn.Module):
             out_ULC = self.experts(rows_ULC, local_counts)
         with self.timer.stage("combine"):
             back_RLC = self.dispatcher.combine(out_ULC, meta)
-            y_NLC = unpermute(back_RLC, plan, decision.weights)
-            if keep_idx is not None:
-                base = units_NLC if cfg.pruned_output == "identity" else torch.zeros_like(units_NLC)
-                y_NLC = base.index_copy(0, keep_idx, y_NLC * keep_scale.to(y_NLC.dtype)[:, None, None])
-            y_NLC = unpatchify(y_NLC, grid)
+            if in_place and back_RLC.shape[0] == n_routed * k:
+                y_NLC = slot_sum_to_map(back_RLC, decision.weights, plan.slot_of_row, grid)
+            else:
+                y_NLC = unpermute(back_RLC, plan, decision.weights)
+                if keep_idx is not None:
+                    base = units_NLC if cfg.pruned_output == "identity" else torch.zeros_like(units_NLC)
+                    y_NLC = base.index_copy(0, keep_idx, y_NLC * keep_scale.to(y_NLC.dtype)[:, None, None])
+                y_NLC = unpatchify(y_NLC, grid)
 
         load_E = plan.routed.float()
         if self.training and cfg.router.bias_update_rate > 0:

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from moe.indexing import gather_rows
+
 
 @dataclass(frozen=True)
 class PatchGrid:
@@ -86,3 +88,68 @@ def pool_units(u_NLC: torch.Tensor, grid: PatchGrid) -> torch.Tensor:
         return u_NLC.mean(dim=1)
     mask_NL = valid_points(grid, u_NLC.device).to(u_NLC.dtype)
     return (u_NLC * mask_NL.unsqueeze(-1)).sum(1) / mask_NL.sum(1, keepdim=True)
+
+
+@dataclass(frozen=True)
+class PatchView:
+    """An unpadded [B, H, W, C] map read as units [N, L, C] without copying the patches out.
+
+    A *strip* is one row of one patch: P points x C channels, contiguous in the map. Unit n =
+    (b, i, j) is the P strips (b, i*P + r, j) for r = 0..P-1, so the map viewed as strips
+    [B*H*nw, P*C] serves any gather of whole units: :meth:`take` returns the same rows as
+    ``patchify(x)[idx]`` (points row-major inside the patch), and its backward scatters
+    straight into the map's gradient.
+    """
+
+    x_BHWC: torch.Tensor
+    grid: PatchGrid
+
+    @staticmethod
+    def of(x_BHWC: torch.Tensor, grid: PatchGrid) -> "PatchView":
+        if grid.padded:
+            raise ValueError("PatchView needs H and W divisible by the patch size; use patchify")
+        return PatchView(x_BHWC.contiguous(), grid)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        p = self.grid.patch
+        return (self.grid.num_units, p * p, self.x_BHWC.shape[-1])
+
+    @property
+    def device(self) -> torch.device:
+        return self.x_BHWC.device
+
+    def strips(self) -> torch.Tensor:
+        """The map as strips [B*H*nw, P*C] (a view)."""
+        return self.x_BHWC.reshape(-1, self.grid.patch * self.x_BHWC.shape[-1])
+
+    def take(self, unit_idx_R: torch.Tensor) -> torch.Tensor:
+        """Rows of the units ``unit_idx_R``: [R] -> [R, L, C]."""
+        n, l, c = self.shape
+        rows = gather_rows(self.strips(), strips_of_units(unit_idx_R, self.grid).reshape(-1))
+        return rows.view(-1, l, c)
+
+    def pooled(self) -> torch.Tensor:
+        """Mean over each unit's points: [N, C] (what the gate sees).
+
+        Summed in two passes that read the map in memory order (the P strip rows of a patch
+        row, then the P points of a strip); a strided mean over (2, 4) is about 3x slower on CPU.
+        """
+        g, c = self.grid, self.x_BHWC.shape[-1]
+        p = g.patch
+        rows = self.x_BHWC.view(g.batch * g.n_h, p, g.n_w * p * c).sum(1)  # [B*nh, nw*P*C]
+        return rows.view(g.num_units, p, c).sum(1) / (p * p)
+
+
+def strips_of_units(unit_idx_R: torch.Tensor, grid: PatchGrid) -> torch.Tensor:
+    """Strip indices [R, P] of units [R] (unit n = (b*nh + i)*nw + j, strip (b*H + i*P + r)*nw + j)."""
+    p, nw = grid.patch, grid.n_w
+    r_P = torch.arange(p, device=unit_idx_R.device)
+    return ((unit_idx_R // nw * p)[:, None] + r_P[None, :]) * nw + (unit_idx_R % nw)[:, None]
+
+
+def take_units(units, unit_idx_R: torch.Tensor) -> torch.Tensor:
+    """``units[idx]`` for a units tensor [N, L, C] or a :class:`PatchView`: -> [R, L, C]."""
+    if isinstance(units, PatchView):
+        return units.take(unit_idx_R)
+    return gather_rows(units, unit_idx_R)

@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from moe.dispatch import DispatchPlan, LocalDispatcher, expert_capacity
 from moe.indexing import gather_rows
+from moe.units import PatchView, take_units
 from parallel.all_to_all import CommCounter, all_to_all_rows, collective, exchange
 
 
@@ -66,7 +67,7 @@ class AllToAllDispatcher:
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
-    def dispatch(self, units_NLC: torch.Tensor, plan: DispatchPlan):
+    def dispatch(self, units_NLC: "torch.Tensor | PatchView", plan: DispatchPlan):
         p, el = self.ep_size, self.num_local_experts
         _, l, c = units_NLC.shape
         counts_E = plan.counts.to(self._device())
@@ -75,7 +76,7 @@ class AllToAllDispatcher:
         send_splits = counts_E.view(p, el).sum(1).tolist()
         recv_splits = recv_PE.sum(1).tolist()
 
-        rows_RD = gather_rows(units_NLC, plan.unit_of_row).reshape(-1, l * c)
+        rows_RD = take_units(units_NLC, plan.unit_of_row).reshape(-1, l * c)
         recv_UD = all_to_all_rows(rows_RD, send_splits, recv_splits, self.ep_group, self.counter, self.ep_rank,
                                   self.ranks)
 

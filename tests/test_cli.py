@@ -1,5 +1,7 @@
 import json
+
 import os
+import statistics
 import subprocess
 import sys
 
@@ -39,7 +41,12 @@ def test_bench_layer_prints_figures(tmp_path):
     ds = next(r for r in rows if r["name"].startswith("DeepSpeed"))
     fs = next(r for r in rows if r["name"].startswith("fairscale"))
     assert ds["ratio_to_deepspeed"] == 1.0 and fs["gflop_per_step"] == ds["gflop_per_step"] == dense["gflop_per_step"]
-    assert patch["ratio_to_deepspeed"] == pytest.approx(patch["ms_median"] / ds["ms_median"])
+    # ratios are paired: the median over rounds of (this step / the other's step in the same round)
+    paired = statistics.median(a / b for a, b in zip(patch["ms_rounds"], ds["ms_rounds"]))
+    assert patch["ratio_to_deepspeed"] == pytest.approx(paired) and len(patch["ms_rounds"]) == 2
+    assert patch["ratio_to_dense"] == pytest.approx(
+        statistics.median(a / b for a, b in zip(patch["ms_rounds"], dense["ms_rounds"])))
+    assert all(r["page_faults_per_step"] >= 0 for r in rows)
 
 
 def test_fit_learns(tmp_path):
