@@ -6,7 +6,7 @@ into the [B, H, W, C] map, one strip of P points (J = N*P, D = P*C; see ``moe.un
 
   forward   Y_JKD = rows[src_JK]                 one gather of the rows into slot order
             out_JD = w_J1K @ Y_JKD               one batched matmul (reads Y once, writes out once)
-  backward  dw_JK = Y_JKD @ g_JD                 one batched matmul (summed over a unit's parts)
+  backward  dw_JK = g_J1D @ Y_JKD^T              one batched matmul (summed over a unit's parts)
             d_rows = w[slot] * g[part]           one gather, scaled in place
 
 The general path (``index_add`` of weighted rows, :func:`moe.dispatch.unpermute`) makes a
@@ -41,7 +41,9 @@ class _SlotSum(torch.autograd.Function):
         g_JD = g_JD.contiguous()
         d_rows = d_w = None
         if ctx.needs_input_grad[1]:
-            d_w = torch.bmm(y_JKD, g_JD.unsqueeze(2)).view(j, k).to(w_JK.dtype)
+            # [J,1,D] @ [J,D,K]: row-vector times matrix; the [J,K,D] @ [J,D,1] form runs as
+            # J separate matrix-vector products and was 3-8x slower on CPU.
+            d_w = torch.bmm(g_JD.unsqueeze(1), y_JKD.transpose(1, 2)).view(j, k).to(w_JK.dtype)
             if unit_of_J is not None:
                 d_w = d_w.new_zeros(ctx.num_units, k).index_add_(0, unit_of_J, d_w)
         if ctx.needs_input_grad[0]:
