@@ -59,7 +59,7 @@ def _compare(layer, x, expect_drop=None):
 
 
 @pytest.mark.parametrize("kind", ["seed", "ffn", "conv"])
-@pytest.mark.parametrize("impl", ["bmm", "grouped_mm"])
+@pytest.mark.parametrize("impl", ["bmm", "grouped_mm", "fused"])
 def test_matches_reference_per_expert_kind(kind, impl):
     layer = _layer(kind, impl)
     _compare(layer, torch.randn(2, 8, 12, 8), expect_drop=False)
