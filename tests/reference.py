@@ -234,7 +234,7 @@ def route_unit(router, x_D: torch.Tensor):
             if len(chosen) >= cfg.k_min and mass >= cfg.dynamic_top_p:
                 break
             chosen.append(e)
-            mass += float(probs[e])
+            mass += float(probs[e].detach())
     w = [probs[e] for e in chosen]
     if cfg.normalize_topk:
         total = sum(w)
