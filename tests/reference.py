@@ -246,7 +246,7 @@ def capacity_keep(routes: list[list[tuple[int, torch.Tensor]]], num_experts: int
     """Which (unit, slot) pairs survive the capacity cut, visiting slots in priority order."""
     slots = [(n, k) for k in range(max(len(r) for r in routes)) for n in range(len(routes)) if k < len(routes[n])]
     if priority == "score":
-        slots = sorted(slots, key=lambda s: -float(routes[s[0]][s[1]][1]))  # stable: ties keep order
+        slots = sorted(slots, key=lambda s: -float(routes[s[0]][s[1]][1].detach()))  # stable: ties keep order
     used = [0] * num_experts
     keep = set()
     for n, k in slots:
