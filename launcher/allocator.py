@@ -9,11 +9,13 @@ about 2,000 minor faults per step and ran 80 ms instead of 62 ms.
 ``tune()`` (called by the ``msmoe`` command before torch is imported) sets, for this process:
   M_TRIM_THRESHOLD  1 GiB  - freed memory stays in the process for the next step
   M_MMAP_THRESHOLD  32 MiB - blocks up to 32 MiB (glibc's maximum) come from the reusable heap
-  THP_MEM_ALLOC_ENABLE=1   - torch backs blocks of 2 MiB or more with transparent huge pages
-                             (when the kernel offers them), so the blocks above 32 MiB that
-                             are still mapped fresh fault once per 2 MiB, not per 4 KiB
 The cost is resident memory: the process keeps its peak heap instead of shrinking between
-steps. ``MSMOE_CPU_ALLOCATOR=system`` leaves every setting as the system has it.
+steps. ``MSMOE_CPU_ALLOCATOR=system`` leaves glibc as the system has it.
+
+Transparent huge pages for torch's blocks (torch's own ``THP_MEM_ALLOC_ENABLE=1``) are left
+to the user: they remove the faults of blocks above 32 MiB (large maps), but on this VM they
+made the small-image ReID training slower (2 processes, 150 steps: 169-173 samples/s against
+193-202 without them), the kernel compacting memory to find huge pages.
 No torch import here: this runs before torch allocates anything.
 """
 
@@ -22,7 +24,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
-from pathlib import Path
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -31,14 +32,6 @@ MMAP_BYTES = 32 << 20
 ENV = "MSMOE_CPU_ALLOCATOR"
 
 _state: dict[str, str] = {}
-
-
-def _thp_available() -> bool:
-    try:
-        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
-    except OSError:
-        return False
-    return "[never]" not in mode
 
 
 def tune() -> dict[str, str]:
@@ -57,10 +50,8 @@ def tune() -> dict[str, str]:
             done.append("glibc trim 1 GiB, mmap 32 MiB")
     except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune this way
         pass
-    if "THP_MEM_ALLOC_ENABLE" not in os.environ and _thp_available():
-        os.environ["THP_MEM_ALLOC_ENABLE"] = "1"  # read by torch at its first allocation
     if os.environ.get("THP_MEM_ALLOC_ENABLE") == "1":
-        done.append("huge pages for blocks >= 2 MiB")
+        done.append("huge pages for blocks >= 2 MiB (THP_MEM_ALLOC_ENABLE=1)")
     _state["allocator"] = ", ".join(done) if done else "system defaults (no glibc mallopt here)"
     return dict(_state)
 

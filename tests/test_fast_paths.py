@@ -134,50 +134,43 @@ def test_patch_view_takes_and_pools_like_patchify():
         PatchView.of(torch.randn(1, 6, 8, 2), make_grid(torch.randn(1, 6, 8, 2), 4))
 
 
-_FAULTS = textwrap.dedent("""
-    import resource
+_HEAP = textwrap.dedent("""
+    import os
     from launcher import allocator
     print(allocator.tune()["allocator"])
     import torch
-    def step():  # activations alive together, freed at the end of the step: 4 x 20 MiB + 64 MiB
-        live = [torch.ones(5 << 20) for _ in range(4)] + [torch.ones(16 << 20)]
-        del live
-    for _ in range(4):  # let the heap settle
-        step()
-    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(3):
-        step()
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 3)
+    def rss_mib():
+        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    def heap_ranges():
+        for line in open("/proc/self/maps"):
+            if line.rstrip().endswith("[heap]"):
+                lo, hi = (int(a, 16) for a in line.split()[0].split("-"))
+                yield lo, hi
+    live = [torch.ones(7 << 20) for _ in range(4)]  # four 28 MiB activations of one step
+    addr = live[0].data_ptr()
+    in_heap = any(lo <= addr < hi for lo, hi in heap_ranges())
+    peak = rss_mib()
+    del live  # the step ends
+    print(in_heap, round(peak - rss_mib()))
 """)
 
 
-def _faults(mode: str) -> tuple[str, float]:
-    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-    env["MSMOE_CPU_ALLOCATOR"] = mode
-    out = subprocess.run([sys.executable, "-c", _FAULTS], capture_output=True, text=True, env=env, timeout=120)
+def _heap(mode: str) -> tuple[str, bool, float]:
+    env = dict(os.environ, MSMOE_CPU_ALLOCATOR=mode)
+    out = subprocess.run([sys.executable, "-c", _HEAP], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
-    desc, faults = out.stdout.strip().splitlines()
-    return desc, float(faults)
+    desc, result = out.stdout.strip().splitlines()
+    in_heap, freed = result.split()
+    return desc, in_heap == "True", float(freed)
 
 
-def _thp() -> bool:
-    try:
-        return "[never]" not in open("/sys/kernel/mm/transparent_hugepage/enabled").read()
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
-def test_tuned_allocator_stops_faulting_step_memory_back_in():
-    desc_sys, faults_sys = _faults("system")
-    desc, faults = _faults("tuned")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt, /proc")
+def test_tuned_allocator_keeps_step_memory_for_the_next_step():
+    desc_sys, heap_sys, freed_sys = _heap("system")
+    desc, heap, freed = _heap("tuned")
     assert "system defaults" in desc_sys and "glibc trim 1 GiB, mmap 32 MiB" in desc
-    # System defaults: the 64 MiB block is above glibc's largest mmap threshold, so it is mapped
-    # fresh and faulted in page by page every step (16384 faults of 4 KiB), and the 20 MiB
-    # blocks are sometimes trimmed too.
-    assert faults_sys >= 16000
-    if _thp():
-        # Tuned: the 20 MiB blocks stay in the heap, the 64 MiB one faults per 2 MiB huge page
-        # (measured here: about 2,100 per step, some pages falling back to 4 KiB).
-        assert "huge pages" in desc
-        assert faults < 0.35 * faults_sys
+    # System defaults: a fresh process maps each 28 MiB block on its own and unmaps it when
+    # freed, so the next step faults 112 MiB back in page by page.
+    assert not heap_sys and freed_sys > 100
+    # Tuned: the blocks come from the heap and stay resident for the next step.
+    assert heap and freed < 10
