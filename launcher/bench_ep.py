@@ -32,7 +32,10 @@ import torch
 
 
 def _worker(args: argparse.Namespace) -> None:
-    """Runs on every rank under torchrun."""
+    """Runs on every rank under torchrun (started as ``-m launcher.bench_ep``, not through the CLI)."""
+    from launcher import allocator
+
+    allocator.tune()  # as every msmoe command does
     from moe import BalanceConfig, ExpertConfig, PatchMoE, PatchMoEConfig, RouterConfig
     from moe.timing import WallTimer
     from parallel.all_to_all import CommCounter
