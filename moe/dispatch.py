@@ -98,8 +98,10 @@ class Dispatcher(Protocol):
     def capacity(self, num_units: int, k: int, num_experts: int, factor: float) -> int:
         """Capacity per expert per rank, identical on every rank of the expert group."""
 
-    def dispatch(self, units_NLC: "torch.Tensor | PatchView", plan: DispatchPlan) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        """Units are a tensor [N, L, C] or a map read in place (gather them with ``take_units``).
+    def dispatch(self, units_NLC: "torch.Tensor | PatchView",
+                 plan: DispatchPlan) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """Units: a tensor [N, L, C] or a map read in place (gather either with ``take_units``).
+
         -> (rows for the local experts [U, L, C] sorted by local expert, counts [E_local], meta)."""
 
     def combine(self, expert_out_ULC: torch.Tensor, meta: Any) -> torch.Tensor:
@@ -122,7 +124,8 @@ class LocalDispatcher:
     def capacity(self, num_units: int, k: int, num_experts: int, factor: float) -> int:
         return expert_capacity(num_units, k, num_experts, factor)
 
-    def dispatch(self, units_NLC: "torch.Tensor | PatchView", plan: DispatchPlan):
+    def dispatch(self, units_NLC: "torch.Tensor | PatchView",
+                 plan: DispatchPlan) -> tuple[torch.Tensor, torch.Tensor, LocalMeta]:
         rows = take_units(units_NLC, plan.unit_of_row)
         return rows, plan.counts, LocalMeta(rows.shape[0])
 
