@@ -27,6 +27,7 @@ MARKER = "COMMITTED"
 class CheckpointMismatch(ValueError):
     """A checkpoint that does not fit the model the config builds (another shape)."""
 
+
 _TAG = re.compile(r"^step(\d{7,})$")
 
 

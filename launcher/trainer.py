@@ -255,10 +255,8 @@ class Trainer:
             if faults.active("nan_loss", s, self.rank):
                 parts = dataclasses.replace(parts, total=parts.total * float("nan"))
             t2 = time.perf_counter()
+            self.engine.backward(parts.total)  # every rank, always: the backward's all-to-alls pair up
             bad = not self._all_finite(parts.total)
-            if not bad:
-                self.engine.backward(parts.total)
-                bad = not self._all_finite(None)
             t3 = time.perf_counter()
             if bad:  # skipped on every rank alike: no update, gradients dropped
                 self.engine.zero_grad()
@@ -341,13 +339,12 @@ class Trainer:
         self.save()
 
     def _all_finite(self, loss) -> bool:
-        """True when the loss (or, with None, every local gradient) is finite on every rank."""
-        if loss is not None:
-            bad = ~torch.isfinite(loss.detach()).all()
-        else:  # one fused norm per gradient, one check: no host sync per parameter
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            bad = ~torch.isfinite(torch.stack(torch._foreach_norm(grads))).all() if grads else torch.tensor(False)
-        flag = bad.float().reshape(1).to(self.device)
+        """True when the loss and every local gradient are finite on every rank: one fused norm per
+        gradient, one all-reduce and one host sync per step."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        norms = torch.stack([loss.detach().float().reshape(()), *torch._foreach_norm(grads)]) if grads \
+            else loss.detach().float().reshape(1)
+        flag = (~torch.isfinite(norms).all()).float().reshape(1).to(self.device)
         if self.world_size > 1:
             dist.all_reduce(flag)
         return float(flag) == 0.0

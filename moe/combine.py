@@ -47,17 +47,17 @@ class _SlotSum(torch.autograd.Function):
             if unit_of_J is not None:
                 d_w = d_w.new_zeros(ctx.num_units, k).index_add_(0, unit_of_J, d_w)
         if ctx.needs_input_grad[0]:
-            slot_of_row = torch.empty_like(src_JK).view(-1)
-            slot_of_row[src_JK.reshape(-1)] = torch.arange(j * k, device=src_JK.device)
+            slot_of_row = _inverse(src_JK.reshape(-1))
             w_R = w_JK.reshape(-1).index_select(0, slot_of_row).to(g_JD.dtype)
             d_rows = g_JD.index_select(0, slot_of_row // k).mul_(w_R.unsqueeze(1))
         return d_rows, d_w, None, None
 
 
-def _row_of_slot(slot_of_row: torch.Tensor) -> torch.Tensor:
-    row_of_slot = torch.empty_like(slot_of_row)
-    row_of_slot[slot_of_row] = torch.arange(slot_of_row.shape[0], device=slot_of_row.device)
-    return row_of_slot
+def _inverse(perm: torch.Tensor) -> torch.Tensor:
+    """The inverse of a permutation of 0..n-1: inv[perm[i]] = i."""
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.shape[0], device=perm.device)
+    return inv
 
 
 def slot_sum(rows_RD: torch.Tensor, weights_NK: torch.Tensor, slot_of_row: torch.Tensor) -> torch.Tensor:
@@ -65,7 +65,7 @@ def slot_sum(rows_RD: torch.Tensor, weights_NK: torch.Tensor, slot_of_row: torch
     n, k = weights_NK.shape
     if rows_RD.shape[0] != n * k:
         raise ValueError(f"slot_sum needs a row for every slot: {rows_RD.shape[0]} rows for {n}x{k} slots")
-    return _SlotSum.apply(rows_RD.contiguous(), weights_NK, _row_of_slot(slot_of_row).view(n, k), None)
+    return _SlotSum.apply(rows_RD.contiguous(), weights_NK, _inverse(slot_of_row).view(n, k), None)
 
 
 def slot_sum_to_map(rows_RLC: torch.Tensor, weights_NK: torch.Tensor, slot_of_row: torch.Tensor,
@@ -80,7 +80,7 @@ def slot_sum_to_map(rows_RLC: torch.Tensor, weights_NK: torch.Tensor, slot_of_ro
     strip_J = torch.arange(n * p, device=dev)
     unit_of_J = strip_J // (p * nw) * nw + strip_J % nw  # strip (bh*P + r)*nw + j -> unit bh*nw + j
     r_of_J = strip_J // nw % p
-    row_of_slot_NK = _row_of_slot(slot_of_row).view(n, k)
+    row_of_slot_NK = _inverse(slot_of_row).view(n, k)
     src_JK = row_of_slot_NK.index_select(0, unit_of_J) * p + r_of_J[:, None]
     out = _SlotSum.apply(rows_RLC.contiguous().view(r * p, p * c), weights_NK, src_JK, unit_of_J)
     return out.view(grid.batch, grid.height, grid.width, c)

@@ -125,7 +125,7 @@ class PatchView:
 
     def take(self, unit_idx_R: torch.Tensor) -> torch.Tensor:
         """Rows of the units ``unit_idx_R``: [R] -> [R, L, C]."""
-        n, l, c = self.shape
+        _, l, c = self.shape
         rows = gather_rows(self.strips(), strips_of_units(unit_idx_R, self.grid).reshape(-1))
         return rows.view(-1, l, c)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -133,15 +134,16 @@ def _destroy_at_exit() -> None:
         pass
 
 
+def _exit_now(code: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
 
 def exit_after_broken_collective(code: int) -> None:
     """Leave now, without tearing the group down: a peer died, and destroying a process group
     with a dead peer aborts the process ("terminate called without an active exception")."""
-    import sys
-
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    _exit_now(code)
 
 
 def leave_distributed(code: int) -> None:
@@ -150,8 +152,6 @@ def leave_distributed(code: int) -> None:
     interpreter's normal shutdown instead, a rank sometimes aborted in a C++ destructor
     ("terminate called without an active exception", about 1 run in 30 here) after its work was
     done, turning a finished run into a failed one. Returns if no group exists."""
-    import sys
-
     if not torch.distributed.is_initialized():
         return
     if code == 0:
@@ -160,6 +160,4 @@ def leave_distributed(code: int) -> None:
         except Exception as exc:  # noqa: BLE001 - the work is done; report and leave
             print(f"msmoe: warning: leaving the process group: {exc}", file=sys.stderr)
     atexit._run_exitfuncs()  # Python's exit handlers still run (temp files, logs); C++ teardown does not
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    _exit_now(code)

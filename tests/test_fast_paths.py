@@ -82,18 +82,23 @@ def _weighted_index_add(rows_RD, w_NK, plan):
     return torch.zeros(plan.num_units, rows_RD.shape[1]).index_add(0, plan.unit_of_row, rows_RD * w_R[:, None])
 
 
+def _same_values_and_grads(out, ref, leaf_pairs):
+    """out == ref, and after one backward of the same gradient, each leaf pair's grads agree."""
+    torch.testing.assert_close(out, ref, **TOL)
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref.backward(g)
+    for mine, theirs in leaf_pairs:
+        torch.testing.assert_close(mine.grad, theirs.grad, **TOL)
+
+
 def test_slot_sum_matches_weighted_index_add():
     n, k, d = 9, 3, 5
     plan = _plan(n, k, 6)
     rows, w = _leaves((n * k, d), (n, k))
     rows2, w2 = (t.detach().clone().requires_grad_() for t in (rows, w))
     out, ref = slot_sum(rows, w, plan.slot_of_row), _weighted_index_add(rows2, w2, plan)
-    torch.testing.assert_close(out, ref, **TOL)
-    g = torch.randn_like(out)
-    out.backward(g)
-    ref.backward(g)
-    torch.testing.assert_close(rows.grad, rows2.grad, **TOL)
-    torch.testing.assert_close(w.grad, w2.grad, **TOL)
+    _same_values_and_grads(out, ref, [(rows, rows2), (w, w2)])
     with pytest.raises(ValueError, match="a row for every slot"):
         slot_sum(rows[1:], w, plan.slot_of_row[1:])
 
@@ -107,12 +112,7 @@ def test_slot_sum_to_map_matches_unpatchify():
     rows2, w2 = (t.detach().clone().requires_grad_() for t in (rows, w))
     out = slot_sum_to_map(rows, w, plan.slot_of_row, grid)
     ref = unpatchify(_weighted_index_add(rows2.reshape(n * k, -1), w2, plan).view(n, p * p, c), grid)
-    torch.testing.assert_close(out, ref, **TOL)
-    g = torch.randn_like(out)
-    out.backward(g)
-    ref.backward(g)
-    torch.testing.assert_close(rows.grad, rows2.grad, **TOL)
-    torch.testing.assert_close(w.grad, w2.grad, **TOL)
+    _same_values_and_grads(out, ref, [(rows, rows2), (w, w2)])
 
 
 def test_patch_view_takes_and_pools_like_patchify():
