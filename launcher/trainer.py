@@ -40,6 +40,20 @@ from reid.model import ReIDModel
 CKPT_DIR = "checkpoints"
 
 
+def bf16_reduction(zero_stage: int) -> dict:
+    """DeepSpeed settings for bf16 weights with fp32 gradient arithmetic.
+
+    Gradients are all-reduced / reduce-scattered in fp32 (``communication_data_type``: bf16 sums
+    over ranks lose the low bits of every gradient). At ZeRO 1, fp32 gradient accumulation selects
+    DeepSpeed's BF16 optimizer (fp32 master weights and gradients); ZeRO 0 and 2 keep fp32 master
+    weights in their own optimizer wrappers (DeepSpeed allows fp32 accumulation at stage 1 only).
+    """
+    cfg: dict = {"communication_data_type": "fp32"}
+    if zero_stage == 1:
+        cfg["data_types"] = {"grad_accum_dtype": "fp32"}
+    return cfg
+
+
 def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**31 - 1)
 
@@ -62,6 +76,56 @@ class History:
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
+
+
+WARMUP_STEPS = 3  # first steps left out of throughput and stage timing (first calls, allocator)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What the host learns of a step, from its one all-reduce (means over ranks)."""
+
+    bad: bool  # the loss or a gradient was not finite on some rank: the step was skipped
+    loss: float
+    id: float
+    triplet: float
+    aux: float
+    active: float  # mean active experts per patch over the MoE layers
+    preempt: bool  # some rank was signalled
+
+
+class IntervalStats:
+    """Routing statistics of a logging interval, accumulated on the device (read at log steps).
+
+    load [layers, E] routed patches; fusion [S] mean fusion weight; dropped and active: sums over
+    steps of the per-step mean over layers."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.load = self.fusion = self.dropped = self.active = None
+
+    def add(self, out) -> torch.Tensor:
+        """Add one step's statistics; returns the step's mean active experts per patch (0-d)."""
+        fw = out.fusion_weights.detach().float().mean(0)
+        if out.moe_stats:
+            load = torch.stack([st.load.float() for st in out.moe_stats])
+            dropped = torch.stack([st.dropped_fraction for st in out.moe_stats]).mean()
+            active = torch.stack([st.active_experts for st in out.moe_stats]).mean()
+        else:
+            load, dropped, active = fw.new_zeros(0), fw.new_zeros(()), fw.new_zeros(())
+        first = self.steps == 0
+        self.load = load if first else self.load + load
+        self.fusion = fw if first else self.fusion + fw
+        self.dropped = dropped if first else self.dropped + dropped
+        self.active = active if first else self.active + active
+        self.steps += 1
+        return active
+
+    def packed(self) -> torch.Tensor:
+        """[load..., fusion mean..., dropped mean, active mean] as one float64 vector (one all-reduce)."""
+        n = self.steps
+        return torch.cat([self.load.flatten().double(), self.fusion.double() / n,
+                          torch.stack([self.dropped, self.active]).double() / n])
 
 
 PREEMPT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
@@ -128,6 +192,8 @@ class Trainer:
             "bf16": {"enabled": tc.precision == "bf16"},
             "steps_per_print": 10**9,
         }
+        if tc.precision == "bf16":
+            ds_config.update(bf16_reduction(tc.zero_stage))
         self.moe_engine = build_engine(
             model.to(self.device), self.groups, ds_config,
             lambda groups: torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay),
@@ -137,7 +203,8 @@ class Trainer:
         self.model = self.engine.module
         self.history = History()
         self.step = 0
-        self.stage_s: dict[str, float] = {}
+        self.stage_s: dict[str, float] = {}  # seconds per stage, summed over the sampled steps
+        self.stage_samples = 0  # steps whose stages were measured
         self.train_time_s = 0.0
         self.timed_steps = 0
         self.a2a_per_step: dict = {}
@@ -160,7 +227,7 @@ class Trainer:
     def save(self) -> None:
         """Atomic: written by every rank, then committed by rank 0 (see launcher/checkpoints.py)."""
         client = {"step": self.step, "history": self.history.as_dict(), "stage_s": self.stage_s,
-                  "train_time_s": self.train_time_s, "timed_steps": self.timed_steps,
+                  "train_time_s": self.train_time_s, "timed_steps": self.timed_steps, "stage_samples": self.stage_samples,
                   "skipped_steps": self.bad_steps.skipped, "warnings": self.warnings,
                   "collapse_events": self.collapse.events}
         checkpoints.save(self.engine, self.ckpt_dir, self.step, client, self.cfg.train.keep_last, self.rank,
@@ -214,24 +281,82 @@ class Trainer:
         self.stage_s = dict(client.get("stage_s", {}))
         self.train_time_s = float(client.get("train_time_s", 0.0))
         self.timed_steps = int(client.get("timed_steps", 0))
+        self.stage_samples = int(client.get("stage_samples", self.timed_steps))
         self.bad_steps.skipped = list(client.get("skipped_steps", []))
         self.warnings = list(client.get("warnings", []))
         self.collapse.events = list(client.get("collapse_events", []))
         return self.step
 
     # ----------------------------------------------------------------- train
-    def _mean(self, values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)  # NCCL reduces device tensors only
+    def _clock(self, sync: bool) -> float:
+        """perf_counter, after the device's queued work when ``sync`` (sampled steps on CUDA only)."""
+        if sync and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def train_step(self, s: int, interval: "IntervalStats", sampled: bool = False) -> StepResult:
+        """One optimizer step (step ``s``): batch, forward, loss, backward, then - after the step's one
+        all-reduce (finiteness, losses, preemption: the one host read) - the update or a skip.
+
+        Routing statistics are added to ``interval`` on the device. ``sampled`` measures the stage
+        breakdown (synchronising a GPU between stages); other steps do not wait for the device
+        except for the all-to-all split sizes (one per dispatching layer) and the host read above."""
+        tc = self.cfg.train
+        torch.manual_seed(step_seed(self.cfg.seed, s, self.rank))
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = tc.lr_at(s)
+        self.timer.active = sampled
+        self.timer.reset()
+        t0 = self._clock(sampled)
+        b, labels = self.batch(s)
+        t1 = self._clock(sampled)
+        out = self.engine(b)
+        parts = reid_loss(out.logits, out.feat, labels, out.aux_loss, label_smoothing=tc.label_smoothing,
+                          margin=tc.triplet_margin, triplet_weight=tc.triplet_weight)
+        if faults.active("nan_loss", s, self.rank):
+            parts = dataclasses.replace(parts, total=parts.total * float("nan"))
+        t2 = self._clock(sampled)
+        self.engine.backward(parts.total)  # every rank, always: the backward's all-to-alls pair up
+        t3 = self._clock(sampled)
+        active = interval.add(out)
+        flag = 1.0 if self.preemption.signal is not None else 0.0
+        host = self._reduce_step(parts, active, flag)
+        if host.bad:  # skipped on every rank alike: no update, gradients dropped
+            self.engine.zero_grad()
+        else:
+            self.moe_engine.clip_gradients()
+            self.engine.step()
+        sync_batchnorm_stats(self.model, self.groups)
+        t4 = self._clock(sampled)
+        if sampled:
+            self.stage_samples += 1
+            for name, secs in (("data", t1 - t0), ("forward", t2 - t1), ("backward", t3 - t2),
+                               ("optimizer", t4 - t3), *self.timer.as_dict().items()):
+                self.stage_s[name] = self.stage_s.get(name, 0.0) + secs
+        return host
+
+    def _reduce_step(self, parts, active: torch.Tensor, flag: float) -> StepResult:
+        """The step's one all-reduce and one host read: non-finite flag (loss or any local gradient),
+        loss parts, active experts and the preemption flag, all summed over ranks at once."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        norms = torch.stack([parts.total.detach().float().reshape(()),
+                             *[n.float() for n in torch._foreach_norm(grads)]]) if grads \
+            else parts.total.detach().float().reshape(1)
+        bad = (~torch.isfinite(norms).all()).double()
+        vec = torch.stack([bad, parts.total.detach().double(), parts.id.double(), parts.triplet.double(),
+                           parts.aux.double(), active.double(),
+                           torch.tensor(flag, dtype=torch.float64, device=bad.device)])
+        vec = vec.to(self.device)  # NCCL reduces device tensors only
         if self.world_size > 1:
-            dist.all_reduce(t)
-        return (t / self.world_size).tolist()
+            dist.all_reduce(vec)
+        bad_n, total, ce, tri, aux, act, preempt = vec.tolist()
+        w = self.world_size
+        return StepResult(bad_n > 0, total / w, ce / w, tri / w, aux / w, act / w, preempt > 0)
 
     def train(self, stop_at: int | None = None) -> None:
         tc = self.cfg.train
         end = min(tc.steps, stop_at) if stop_at is not None else tc.steps
-        interval_load = None
-        interval_fusion = None
-        interval_dropped, interval_active, interval_n = 0.0, 0.0, 0
+        interval = IntervalStats()
         bar = tqdm(total=tc.steps, initial=self.step, desc=f"train {self.cfg.name}", disable=not self.progress,
                    unit="step", dynamic_ncols=True)
         samples_per_step = tc.p * tc.k
@@ -242,93 +367,30 @@ class Trainer:
             s = self.step
             faults.maybe("kill", s, self.rank)
             faults.maybe("stall", s, self.rank)
-            torch.manual_seed(step_seed(self.cfg.seed, s, self.rank))
-            for group in self.engine.optimizer.param_groups:
-                group["lr"] = tc.lr_at(s)
+            sampled = tc.stage_timing == "sampled" and s >= WARMUP_STEPS and (s - WARMUP_STEPS) % tc.log_every == 0
             t0 = time.perf_counter()
-            self.timer.reset()
-            b, labels = self.batch(s)
-            t1 = time.perf_counter()
-            out = self.engine(b)
-            parts = reid_loss(out.logits, out.feat, labels, out.aux_loss, label_smoothing=tc.label_smoothing,
-                              margin=tc.triplet_margin, triplet_weight=tc.triplet_weight)
-            if faults.active("nan_loss", s, self.rank):
-                parts = dataclasses.replace(parts, total=parts.total * float("nan"))
-            t2 = time.perf_counter()
-            self.engine.backward(parts.total)  # every rank, always: the backward's all-to-alls pair up
-            bad = not self._all_finite(parts.total)
-            t3 = time.perf_counter()
-            if bad:  # skipped on every rank alike: no update, gradients dropped
-                self.engine.zero_grad()
-                if self.bad_steps.record(s, True):
-                    self.step += 1
-                    self.save()
-                    raise TrainingHalted(
-                        f"{self.bad_steps.in_a_row} steps in a row (up to step {s + 1}) had a non-finite loss or "
-                        f"gradients (train.max_bad_steps={tc.max_bad_steps}); stopped with a checkpoint at step "
-                        f"{self.step} in {self.ckpt_dir}. Lower train.lr, check the data for NaN pixels, or "
-                        "use precision=fp32")
-                if self.rank == 0:
-                    print(f"step {s + 1}: non-finite loss or gradients on some rank: step skipped "
-                          f"({self.bad_steps.in_a_row} in a row, {len(self.bad_steps.skipped)} in all)", flush=True)
+            r = self.train_step(s, interval, sampled)
+            if r.bad:
+                self._bad_step(s)
             else:
                 self.bad_steps.record(s, False)
-                self.moe_engine.clip_gradients()
-                self.engine.step()
-            sync_batchnorm_stats(self.model, self.groups)
-            t4 = time.perf_counter()
-
-            loads = torch.stack([st.load for st in out.moe_stats]) if out.moe_stats else torch.zeros(0)
-            interval_load = loads if interval_load is None else interval_load + loads
-            fw = out.fusion_weights.detach().float().mean(0)
-            interval_fusion = fw if interval_fusion is None else interval_fusion + fw
-            if out.moe_stats:
-                interval_dropped += float(np.mean([st.dropped_fraction for st in out.moe_stats]))
-                interval_active += float(np.mean([st.active_experts for st in out.moe_stats]))
-            interval_n += 1
-
-            active = float(np.mean([st.active_experts for st in out.moe_stats])) if out.moe_stats else 0.0
-            flag = 1.0 if self.preemption.signal is not None else 0.0
-            total, ce, tri, aux, active, flag = self._mean([float(parts.total.detach()), parts.id, parts.triplet,
-                                                            parts.aux, active, flag])
             h = self.history
-            h.loss.append(total), h.id.append(ce), h.triplet.append(tri), h.aux.append(aux), h.lr.append(tc.lr_at(s))
-            h.active_per_step.append(active)
+            h.loss.append(r.loss), h.id.append(r.id), h.triplet.append(r.triplet), h.aux.append(r.aux)
+            h.lr.append(tc.lr_at(s))
+            h.active_per_step.append(r.active)
             self.step += 1
-            step_time = time.perf_counter() - t0
-            if s >= 3:  # leave start-up (first calls, allocator) out of throughput
-                self.train_time_s += step_time
+            if s >= WARMUP_STEPS:  # leave start-up (first calls, allocator) out of throughput
+                self.train_time_s += time.perf_counter() - t0
                 self.timed_steps += 1
-                for name, secs in (("data", t1 - t0), ("forward", t2 - t1), ("backward", t3 - t2),
-                                   ("optimizer", t4 - t3), *self.timer.as_dict().items()):
-                    self.stage_s[name] = self.stage_s.get(name, 0.0) + secs
             if self.step % tc.log_every == 0 or self.step == end:
-                reduced = torch.cat([interval_load.flatten().double().cpu(), interval_fusion.double().cpu() / interval_n,
-                                     torch.tensor([interval_dropped / interval_n, interval_active / interval_n],
-                                                  dtype=torch.float64)])
-                if self.world_size > 1:
-                    reduced = reduced.to(self.device)
-                    dist.all_reduce(reduced)
-                    reduced = reduced.cpu()
-                nl = interval_load.numel()
-                ns = interval_fusion.numel()
-                h.load_steps.append(self.step)
-                h.load.append(reduced[:nl].reshape(interval_load.shape).tolist())
-                h.fusion_load.append((reduced[nl:nl + ns] / self.world_size).tolist())
-                h.dropped.append(float(reduced[nl + ns]) / self.world_size)
-                h.active.append(float(reduced[nl + ns + 1]) / self.world_size)
-                for msg in self.collapse.update(self.step, h.load[-1]):
-                    self.warnings.append(msg)
-                    if self.rank == 0:
-                        print(f"warning: {msg}", flush=True)
-                interval_load = interval_fusion = None
-                interval_dropped, interval_active, interval_n = 0.0, 0.0, 0
+                self._log_interval(interval)
+                interval = IntervalStats()
             if self.step % tc.ckpt_every == 0 and self.step < end:
                 self.save()
             sps = samples_per_step * self.timed_steps / self.train_time_s if self.train_time_s else 0.0
-            bar.set_postfix(loss=f"{total:.3f}", id=f"{ce:.3f}", tri=f"{tri:.3f}", samples_s=f"{sps:.1f}")
+            bar.set_postfix(loss=f"{r.loss:.3f}", id=f"{r.id:.3f}", tri=f"{r.triplet:.3f}", samples_s=f"{sps:.1f}")
             bar.update(1)
-            if flag > 0:  # some rank was signalled: every rank stops after this same step
+            if r.preempt:  # some rank was signalled: every rank stops after this same step
                 self.preempted = True
                 break
         bar.close()
@@ -338,16 +400,41 @@ class Trainer:
                              "backward": self.comm.by_direction["backward"] / run, "calls": self.comm.calls / run}
         self.save()
 
-    def _all_finite(self, loss) -> bool:
-        """True when the loss and every local gradient are finite on every rank: one fused norm per
-        gradient, one all-reduce and one host sync per step."""
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        norms = torch.stack([loss.detach().float().reshape(()), *torch._foreach_norm(grads)]) if grads \
-            else loss.detach().float().reshape(1)
-        flag = (~torch.isfinite(norms).all()).float().reshape(1).to(self.device)
+    def _bad_step(self, s: int) -> None:
+        """A skipped step: count it; too many in a row checkpoint and halt."""
+        tc = self.cfg.train
+        if self.bad_steps.record(s, True):
+            self.step = s + 1
+            self.save()
+            raise TrainingHalted(
+                f"{self.bad_steps.in_a_row} steps in a row (up to step {s + 1}) had a non-finite loss or "
+                f"gradients (train.max_bad_steps={tc.max_bad_steps}); stopped with a checkpoint at step "
+                f"{self.step} in {self.ckpt_dir}. Lower train.lr, check the data for NaN pixels, or "
+                "use precision=fp32")
+        if self.rank == 0:
+            print(f"step {s + 1}: non-finite loss or gradients on some rank: step skipped "
+                  f"({self.bad_steps.in_a_row} in a row, {len(self.bad_steps.skipped)} in all)", flush=True)
+
+    def _log_interval(self, interval: "IntervalStats") -> None:
+        """A logging step: the interval's routing statistics, summed over ranks, read on the host."""
+        if interval.steps == 0:
+            return
+        reduced = interval.packed().to(self.device)
         if self.world_size > 1:
-            dist.all_reduce(flag)
-        return float(flag) == 0.0
+            dist.all_reduce(reduced)
+        reduced = reduced.cpu()
+        w = self.world_size
+        nl, ns = interval.load.numel(), interval.fusion.numel()
+        h = self.history
+        h.load_steps.append(self.step)
+        h.load.append(reduced[:nl].reshape(interval.load.shape).tolist())
+        h.fusion_load.append((reduced[nl:nl + ns] / w).tolist())
+        h.dropped.append(float(reduced[nl + ns]) / w)
+        h.active.append(float(reduced[nl + ns + 1]) / w)
+        for msg in self.collapse.update(self.step, h.load[-1]):
+            self.warnings.append(msg)
+            if self.rank == 0:
+                print(f"warning: {msg}", flush=True)
 
     def requeue(self) -> str | None:
         """Under SLURM, put this job back in the queue (rank 0 only). Returns what happened."""
@@ -381,7 +468,7 @@ class Trainer:
     def summary(self, metrics, untrained, elapsed_s: float, peak_mem_mb: list[float] | None = None) -> dict:
         tc = self.cfg.train
         timed = max(self.timed_steps, 1)
-        stage_ms = {k: 1000 * v / timed for k, v in self.stage_s.items()}
+        stage_ms = {k: 1000 * v / max(self.stage_samples, 1) for k, v in self.stage_s.items()}
         stage_ms["step"] = 1000 * self.train_time_s / timed
         h = self.history
         last = np.asarray(h.load[-1]) if h.load else np.zeros((0, 0))

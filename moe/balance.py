@@ -13,9 +13,10 @@ from moe.config import BalanceConfig
 
 
 def slot_load(expert_ids_NK: torch.Tensor, slot_mask_NK: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Live slots routed to each expert (before any capacity drop): [E] float."""
-    ids = expert_ids_NK[slot_mask_NK]
-    return torch.bincount(ids, minlength=num_experts).float()
+    """Live slots routed to each expert (before any capacity drop): [E] float. No host sync."""
+    ids_S = torch.where(slot_mask_NK, expert_ids_NK, num_experts).reshape(-1)
+    load = torch.zeros(num_experts + 1, dtype=torch.long, device=ids_S.device)
+    return load.scatter_add_(0, ids_S, torch.ones_like(ids_S))[:num_experts].float()
 
 
 def load_balance_loss(probs_NE: torch.Tensor, load_E: torch.Tensor) -> torch.Tensor:
@@ -48,37 +49,46 @@ def variance_loss(probs_NE: torch.Tensor) -> torch.Tensor:
 class RoutingStats:
     """One layer's routing in one step. Every tensor is detached except ``aux_loss``.
 
+    The statistics stay on the device (0-d tensors): a layer never makes the host wait for
+    them; the trainer accumulates them as tensors and reads them at logging steps only.
+
     load:              [E] live slots routed to each expert (before capacity drops)
     kept:              [E] slots each expert actually processed
-    dropped_fraction:  dropped live slots / live slots
-    active_experts:    mean number of live slots (experts) per unit
-    num_units:         units routed (patches or tokens)
-    load_balance_loss, z_loss, variance_loss: the raw losses (for logging)
+    dropped_fraction:  0-d, dropped live slots / live slots
+    active_experts:    0-d, mean number of live slots (experts) per unit
+    num_units:         units routed (patches or tokens), a host int
+    load_balance_loss, z_loss, variance_loss: 0-d, the raw losses (for logging)
     aux_loss:          coefficient-weighted sum, with gradient; add it to the training loss
     """
 
     load: torch.Tensor
     kept: torch.Tensor
-    dropped_fraction: float
-    active_experts: float
+    dropped_fraction: torch.Tensor
+    active_experts: torch.Tensor
     num_units: int
-    load_balance_loss: float
-    z_loss: float
-    variance_loss: float
+    load_balance_loss: torch.Tensor
+    z_loss: torch.Tensor
+    variance_loss: torch.Tensor
     aux_loss: torch.Tensor
     pruned_units: int = 0  # units a dual-sparsity scorer pruned (never routed)
 
+    def scalars(self) -> torch.Tensor:
+        """[5] dropped_fraction, active_experts, load_balance_loss, z_loss, variance_loss (one tensor)."""
+        return torch.stack([self.dropped_fraction, self.active_experts, self.load_balance_loss, self.z_loss,
+                            self.variance_loss]).float()
+
     def as_dict(self) -> dict[str, object]:
-        """Plain-Python view for logs and JSON reports."""
+        """Plain-Python view for logs and JSON reports (reads the device: not for the hot path)."""
+        dropped, active, lb, zl, vl = self.scalars().tolist()
         return {
             "load": self.load.tolist(),
             "kept": self.kept.tolist(),
-            "dropped_fraction": self.dropped_fraction,
-            "active_experts": self.active_experts,
+            "dropped_fraction": dropped,
+            "active_experts": active,
             "num_units": self.num_units,
-            "load_balance_loss": self.load_balance_loss,
-            "z_loss": self.z_loss,
-            "variance_loss": self.variance_loss,
+            "load_balance_loss": lb,
+            "z_loss": zl,
+            "variance_loss": vl,
             "aux_loss": float(self.aux_loss.detach()),
             "pruned_units": self.pruned_units,
         }
@@ -90,27 +100,29 @@ def routing_stats(
     logits_HNE: torch.Tensor | None,
     load_E: torch.Tensor,
     kept_E: torch.Tensor,
-    active_slots: torch.Tensor,
+    active_slots: torch.Tensor | int,
     num_units: int,
     coefs: BalanceConfig,
     pruned_units: int = 0,
 ) -> RoutingStats:
-    """Compute the balance losses and package the step's statistics."""
+    """Compute the balance losses and package the step's statistics (no host sync)."""
     lb = load_balance_loss(probs_NE, load_E)
     zl = router_z_loss(logits_HNE) if logits_HNE is not None else probs_NE.sum() * 0.0
     vl = variance_loss(probs_NE)
     aux = coefs.load_balance_coef * lb + coefs.z_loss_coef * zl + coefs.variance_coef * vl
-    live = float(load_E.sum())
-    kept = float(kept_E.sum())
+    live = load_E.detach().float().sum()
+    kept = kept_E.detach().float()
+    dropped = torch.where(live > 0, (live - kept.sum()) / live.clamp_min(1e-12), torch.zeros_like(live))
+    active = torch.as_tensor(active_slots, device=live.device).float() / max(num_units, 1)
     return RoutingStats(
         load=load_E.detach(),
-        kept=kept_E.detach().float(),
-        dropped_fraction=(live - kept) / live if live > 0 else 0.0,
-        active_experts=float(active_slots) / max(num_units, 1),
+        kept=kept,
+        dropped_fraction=dropped,
+        active_experts=active,
         num_units=num_units,
-        load_balance_loss=float(lb.detach()),
-        z_loss=float(zl.detach()),
-        variance_loss=float(vl.detach()),
+        load_balance_loss=lb.detach().float(),
+        z_loss=zl.detach().float(),
+        variance_loss=vl.detach().float(),
         aux_loss=aux,
         pruned_units=pruned_units,
     )

@@ -17,6 +17,7 @@ Capacity priority when an expert overflows
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -31,14 +32,43 @@ from moe.units import PatchView, take_units
 
 @dataclass(frozen=True)
 class DispatchPlan:
-    """Which slot feeds which row; read by the dispatcher and by :func:`unpermute`."""
+    """Which slot feeds which row; read by the dispatcher and by :func:`unpermute`.
 
-    slot_of_row: torch.Tensor  # [R] slot index n*K + k of each kept row, rows sorted by expert
-    unit_of_row: torch.Tensor  # [R] unit index n of each kept row
+    Everything here stays on the device. The number of kept rows R is known on the host without
+    reading the device only in dropless top-k (R = N*K); otherwise (dynamic k, capacity) the
+    dispatcher reads it once, together with the split sizes it needs anyway, and hands the
+    resolved plan (:meth:`with_rows`) back in its metadata: one host sync per layer at most.
+    """
+
+    order_S: torch.Tensor  # [S] slot index n*K + k: kept slots first, sorted by expert; then the rest
     counts: torch.Tensor  # [E] kept rows per expert
     routed: torch.Tensor  # [E] live slots per expert before the capacity cut
     capacity: int | None  # rows an expert may take from this rank (None = dropless)
     num_units: int  # N
+    top_k: int  # K
+    num_rows: int | None = None  # R, once known on the host
+
+    def with_rows(self, num_rows: int) -> "DispatchPlan":
+        """This plan with R set (from counts the dispatcher read)."""
+        return dataclasses.replace(self, num_rows=int(num_rows))
+
+    def host_counts(self) -> tuple["DispatchPlan", list[int]]:
+        """Read ``counts`` on the host (one sync) and return the resolved plan with them."""
+        counts = self.counts.tolist()
+        return self.with_rows(sum(counts)), counts
+
+    @property
+    def slot_of_row(self) -> torch.Tensor:
+        """[R] slot index of each kept row, rows sorted by expert."""
+        if self.num_rows is None:
+            raise RuntimeError("the dispatch plan's row count is not known yet: the dispatcher resolves it "
+                               "(DispatchPlan.with_rows) before rows are taken")
+        return self.order_S[: self.num_rows]
+
+    @property
+    def unit_of_row(self) -> torch.Tensor:
+        """[R] unit index n of each kept row."""
+        return self.slot_of_row // self.top_k
 
 
 def expert_capacity(num_units: int, k: int, num_experts: int, factor: float) -> int:
@@ -46,10 +76,17 @@ def expert_capacity(num_units: int, k: int, num_experts: int, factor: float) -> 
     return max(1, math.ceil(factor * num_units * k / num_experts))
 
 
+def slot_counts(expert_S: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[E] int64 number of slots per expert; ids equal to ``num_experts`` (dead slots) are not
+    counted. A scatter-add: no host sync (``bincount`` reads the largest id first on CUDA)."""
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=expert_S.device)
+    return counts.scatter_add_(0, expert_S, torch.ones_like(expert_S))[:num_experts]
+
+
 def plan_dispatch(
     decision: RoutingDecision, num_experts: int, capacity: int | None, priority: str = "order"
 ) -> DispatchPlan:
-    """Sort live slots by expert and cut each expert at ``capacity`` (no cut if None)."""
+    """Sort live slots by expert and cut each expert at ``capacity`` (no cut if None). No host sync."""
     ids_NK, mask_NK = decision.expert_ids, decision.slot_mask
     n, k = ids_NK.shape
     device = ids_NK.device
@@ -60,19 +97,16 @@ def plan_dispatch(
         prio_S = prio_S[torch.sort(-w_S, stable=True).indices]
     expert_S = torch.where(mask_NK, ids_NK, num_experts).reshape(-1)  # dead slots sort last
     order_S = prio_S[torch.sort(expert_S[prio_S], stable=True).indices]
-    sorted_expert = expert_S[order_S]
-    routed_E = torch.bincount(ids_NK[mask_NK], minlength=num_experts)
-    live = sorted_expert < num_experts
+    routed_E = slot_counts(expert_S, num_experts)
     if capacity is None:
-        keep = live
-        counts_E = routed_E
-    else:
-        starts_E = torch.cumsum(routed_E, 0) - routed_E
-        pos = torch.arange(n * k, device=device) - starts_E[sorted_expert.clamp(max=num_experts - 1)]
-        keep = live & (pos < capacity)
-        counts_E = routed_E.clamp(max=capacity)
-    slot_of_row = order_S[keep]
-    return DispatchPlan(slot_of_row, slot_of_row // k, counts_E, routed_E, capacity, n)
+        num_rows = n * k if decision.all_live else None
+        return DispatchPlan(order_S, routed_E, routed_E, None, n, k, num_rows)
+    sorted_expert = expert_S[order_S]
+    starts_E = torch.cumsum(routed_E, 0) - routed_E
+    pos = torch.arange(n * k, device=device) - starts_E[sorted_expert.clamp(max=num_experts - 1)]
+    keep = (sorted_expert < num_experts) & (pos < capacity)
+    order_S = order_S[torch.sort((~keep).to(torch.uint8), stable=True).indices]  # kept rows first
+    return DispatchPlan(order_S, routed_E.clamp(max=capacity), routed_E, capacity, n, k)
 
 
 def unpermute(rows_RLC: torch.Tensor, plan: DispatchPlan, weights_NK: torch.Tensor) -> torch.Tensor:
@@ -102,7 +136,10 @@ class Dispatcher(Protocol):
                  plan: DispatchPlan) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """Units: a tensor [N, L, C] or a map read in place (gather either with ``take_units``).
 
-        -> (rows for the local experts [U, L, C] sorted by local expert, counts [E_local], meta)."""
+        -> (rows for the local experts [U, L, C] sorted by local expert, counts [E_local], meta).
+
+        ``meta.plan`` is ``plan`` with its row count resolved (read by the combine step);
+        ``meta.host_counts`` the local counts as a host list when the dispatcher read them."""
 
     def combine(self, expert_out_ULC: torch.Tensor, meta: Any) -> torch.Tensor:
         """Expert outputs back to this rank, in plan row order: [R, L, C]."""
@@ -110,7 +147,8 @@ class Dispatcher(Protocol):
 
 @dataclass(frozen=True)
 class LocalMeta:
-    rows: int
+    plan: DispatchPlan  # resolved: R known
+    host_counts: list | None  # [E] rows per expert when they were read (None: not needed)
 
 
 class LocalDispatcher:
@@ -126,8 +164,11 @@ class LocalDispatcher:
 
     def dispatch(self, units_NLC: "torch.Tensor | PatchView",
                  plan: DispatchPlan) -> tuple[torch.Tensor, torch.Tensor, LocalMeta]:
+        host = None
+        if plan.num_rows is None:  # dynamic k or capacity: the one host read of this layer
+            plan, host = plan.host_counts()
         rows = take_units(units_NLC, plan.unit_of_row)
-        return rows, plan.counts, LocalMeta(rows.shape[0])
+        return rows, plan.counts, LocalMeta(plan, host)
 
     def combine(self, expert_out_ULC: torch.Tensor, meta: LocalMeta) -> torch.Tensor:
         return expert_out_ULC

@@ -40,9 +40,10 @@ class GroupedExperts(nn.Module):
         self.num_local = num_local
         self.impl = impl
 
-    def forward(self, x_ULC: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_ULC: torch.Tensor, counts_E: torch.Tensor, host_counts=None) -> torch.Tensor:
+        """``host_counts``: ``counts_E`` as a host list when the dispatcher already read it."""
         u, l, c = x_ULC.shape
-        batch = ExpertBatch.from_counts(counts_E, repeat=l)  # one row per point
+        batch = ExpertBatch.from_counts(counts_E, repeat=l, total=u * l, host_counts=host_counts)  # a row per point
         return self._compute(x_ULC, batch)
 
     def _compute(self, x_ULC: torch.Tensor, batch: ExpertBatch) -> torch.Tensor:
@@ -95,12 +96,13 @@ class FFNExperts(GroupedExperts):
         self.w2 = _stacked(num_local, hidden, hidden, dim)
         self.b2 = _stacked(num_local, hidden, dim)
 
-    def forward(self, x_ULC: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_ULC: torch.Tensor, counts_E: torch.Tensor, host_counts=None) -> torch.Tensor:
         # "fused" (the default on CPU): per-expert GEMMs with the bias inside, backward by hand.
+        # It walks the experts on the host, so it needs the counts there (a read unless given).
         if not (self.impl == "fused" or (self.impl == "auto" and not x_ULC.is_cuda)):
-            return super().forward(x_ULC, counts_E)
+            return super().forward(x_ULC, counts_E, host_counts)
         u, l, c = x_ULC.shape
-        counts = [n * l for n in counts_E.tolist()]
+        counts = [n * l for n in (host_counts if host_counts is not None else counts_E.tolist())]
         y = expert_ffn(x_ULC.reshape(u * l, c), self.w1, self.b1, self.w2, self.b2, counts)
         return y.reshape(u, l, c)
 

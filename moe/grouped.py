@@ -6,14 +6,16 @@ Two backends, same result:
   grouped_mm  ``torch._grouped_mm`` with cumulative row offsets (no padding, no host sync).
               Needs fp32/bf16/fp16 and row strides that are multiples of 16 bytes (D and F
               multiples of 4 in fp32, of 8 in bf16); on CUDA it needs bf16 and sm90+.
-  bmm         rows scattered into an [E, M, D] buffer (M = the largest expert's row count),
-              one ``torch.bmm``, gathered back. Works for every dtype, device and shape.
+  bmm         rows scattered into an [E, M, D] buffer (M = the largest expert's row count,
+              one host read when the counts are not on the host already), one ``torch.bmm``,
+              gathered back. Works for every dtype, device and shape.
 ``impl="auto"`` takes grouped_mm where it applies and bmm elsewhere ("fused" too: it changes only
 the FFN experts, see moe/fused_ffn.py).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -25,26 +27,40 @@ Impl = str  # "auto" | "grouped_mm" | "bmm"
 
 @dataclass(frozen=True)
 class ExpertBatch:
-    """Where each expert's rows sit in a row-sorted batch; built once, read by every matmul."""
+    """Where each expert's rows sit in a row-sorted batch; built once, read by every matmul.
+
+    Built without reading the device: the row count comes from the caller (the rows' shape),
+    and the largest count (bmm's padding) is read only if the bmm backend asks for it.
+    """
 
     counts: torch.Tensor  # [E] int64 rows per expert
     offsets: torch.Tensor  # [E] int32 cumulative row ends (grouped_mm's ``offs``)
     row_expert: torch.Tensor  # [T] int64 expert of each row
     row_pos: torch.Tensor  # [T] int64 position of each row inside its expert's block
-    max_count: int  # M, the largest count (bmm padding)
+    host_counts: tuple | None = None  # [E] the counts on the host, when the caller has them
 
     @staticmethod
-    def from_counts(counts_E: torch.Tensor, repeat: int = 1) -> "ExpertBatch":
-        """Rows sorted by expert, ``counts_E[e] * repeat`` rows for expert e."""
+    def from_counts(counts_E: torch.Tensor, repeat: int = 1, total: int | None = None,
+                    host_counts=None) -> "ExpertBatch":
+        """Rows sorted by expert, ``counts_E[e] * repeat`` rows for expert e; ``total`` = T when known
+        (else read from the device: one sync), ``host_counts`` = ``counts_E`` as a host list if known."""
         counts = counts_E.long() * repeat
         e = counts.shape[0]
         device = counts.device
-        total = int(counts.sum())
+        host = tuple(n * repeat for n in host_counts) if host_counts is not None else None
+        if total is None:
+            total = sum(host) if host is not None else int(counts.sum())
         starts = torch.cumsum(counts, 0) - counts
         row_expert = torch.repeat_interleave(torch.arange(e, device=device), counts, output_size=total)
         row_pos = torch.arange(total, device=device) - starts[row_expert]
-        max_count = int(counts.max()) if e else 0
-        return ExpertBatch(counts, torch.cumsum(counts, 0).int(), row_expert, row_pos, max_count)
+        return ExpertBatch(counts, torch.cumsum(counts, 0).int(), row_expert, row_pos, host)
+
+    @functools.cached_property
+    def max_count(self) -> int:
+        """M, the largest count (bmm padding): a host read unless the counts are on the host."""
+        if self.counts.shape[0] == 0:
+            return 0
+        return max(self.host_counts) if self.host_counts is not None else int(self.counts.max())
 
     @property
     def num_rows(self) -> int:

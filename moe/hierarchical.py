@@ -107,7 +107,8 @@ class HierarchicalMoE(nn.Module):
         joint_NGF = pc_NG.unsqueeze(-1) * f_probs
         probs_NE = torch.zeros(n, g_count * f_count, device=pooled_NC.device, dtype=joint_NGF.dtype)
         probs_NE = probs_NE.index_copy(1, self.expert_id.flatten(), joint_NGF.flatten(1))
-        decision = RoutingDecision(ids_NK, w_NK * mask_NK, mask_NK, probs_NE, logits)
+        all_live = (self.coarse is None or cfg.coarse.dynamic_top_p is None) and cfg.fine.dynamic_top_p is None
+        decision = RoutingDecision(ids_NK, w_NK * mask_NK, mask_NK, probs_NE, logits, all_live=all_live)
         expert_NKcKf = self.expert_id[cg_NKc.unsqueeze(-1), sel_ids]
         return HierRoute(decision, cg_NKc, cw_NKc * cmask, expert_NKcKf, sel_w * sel_mask, sel_mask)
 
@@ -133,8 +134,9 @@ class HierarchicalMoE(nn.Module):
                 plan = plan_dispatch(decision, e, None)
             with self.timer.stage("dispatch"):
                 rows_ULC, local_counts, meta = self.dispatcher.dispatch(units_NLC, plan)
+                plan = meta.plan  # row count resolved
             with self.timer.stage("experts"):
-                out_ULC = self.experts(rows_ULC, local_counts)
+                out_ULC = self.experts(rows_ULC, local_counts, meta.host_counts)
             with self.timer.stage("combine"):
                 back_RLC = self.dispatcher.combine(out_ULC, meta)
                 y_NLC = unpermute(back_RLC, plan, decision.weights)
@@ -157,8 +159,9 @@ class HierarchicalMoE(nn.Module):
             fine = RoutingDecision(ids1, w1 * mask1, mask1, None, None)
             plan2 = plan_dispatch(fine, t.num_node_experts, None)
             rows2, counts2, meta2 = t.fine.dispatch(rows1, plan2)
+            plan2 = meta2.plan
         with self.timer.stage("experts"):
-            out2 = self.experts(rows2, counts2)
+            out2 = self.experts(rows2, counts2, meta2.host_counts)
         with self.timer.stage("combine"):
             z = unpermute(t.fine.combine(out2, meta2), plan2, fine.weights)
             back = t.from_groups(z, meta1).view(n, kc, *units_NLC.shape[1:])

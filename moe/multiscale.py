@@ -79,6 +79,6 @@ class MultiScaleMoE(nn.Module):
         soft_load = weights_BS.detach().sum(0)
         stats = routing_stats(
             probs_NE=weights_BS, logits_HNE=logits_HBS, load_E=soft_load, kept_E=soft_load,
-            active_slots=torch.tensor(b * s), num_units=b, coefs=self.cfg.balance,
+            active_slots=b * s, num_units=b, coefs=self.cfg.balance,
         )
         return MoEOutput(fused_BD, stats, weights_BS)

@@ -87,8 +87,9 @@ class PatchMoE(nn.Module):
             plan = plan_dispatch(decision, e, capacity, cfg.capacity_priority)
         with self.timer.stage("dispatch"):
             rows_ULC, local_counts, meta = self.dispatcher.dispatch(routed_NLC, plan)
+            plan = meta.plan  # row count resolved
         with self.timer.stage("experts"):
-            out_ULC = self.experts(rows_ULC, local_counts)
+            out_ULC = self.experts(rows_ULC, local_counts, meta.host_counts)
         with self.timer.stage("combine"):
             back_RLC = self.dispatcher.combine(out_ULC, meta)
             if in_place and back_RLC.shape[0] == n_routed * k:

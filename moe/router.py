@@ -35,6 +35,7 @@ class RoutingDecision:
     slot_mask: torch.Tensor  # [N, K] bool
     probs: torch.Tensor  # [N, E] fp32
     logits: torch.Tensor  # [H, N, E] fp32, before temperature
+    all_live: bool = False  # every slot is live (plain top-k): the row count N*K is known on the host
 
     @property
     def num_units(self) -> int:
@@ -112,7 +113,8 @@ class Router(nn.Module):
         weights_NK = probs_NE.gather(1, ids_NK) * mask_NK
         if cfg.normalize_topk:
             weights_NK = weights_NK / weights_NK.sum(-1, keepdim=True).clamp_min(1e-20)
-        return RoutingDecision(ids_NK, weights_NK, mask_NK, probs_NE, logits_HNE)
+        return RoutingDecision(ids_NK, weights_NK, mask_NK, probs_NE, logits_HNE,
+                               all_live=cfg.dynamic_top_p is None)
 
     def _select(self, probs_NE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pick expert ids [N, K] and live-slot mask [N, K] (no gradient flows here)."""

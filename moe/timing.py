@@ -28,16 +28,21 @@ class NullTimer:
 
 
 class WallTimer:
-    """Accumulates wall-clock seconds per stage; synchronises CUDA around each stage so the
-    figures are real (which costs overlap: use it for measurement runs, not peak throughput)."""
+    """Accumulates wall-clock seconds per stage while ``active``; on CUDA it synchronises around
+    each stage so the figures are real, which costs overlap and host syncs. The trainer
+    therefore switches it on for sampled steps only (one per logging interval)."""
 
-    def __init__(self, cuda_sync: bool | None = None):
+    def __init__(self, cuda_sync: bool | None = None, active: bool = True):
         self.cuda_sync = torch.cuda.is_available() if cuda_sync is None else cuda_sync
+        self.active = active
         self.seconds: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
 
+    def stage(self, name: str) -> AbstractContextManager:
+        return self._measure(name) if self.active else nullcontext()
+
     @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
+    def _measure(self, name: str) -> Iterator[None]:
         if self.cuda_sync:
             torch.cuda.synchronize()
         t0 = time.perf_counter()

@@ -35,6 +35,8 @@ class AllToAllMeta:
     recv_splits: list  # [P] rows this rank received from each rank
     order: torch.Tensor  # [U] received-row index of each expert-major row
     row_shape: tuple  # (L, C)
+    plan: DispatchPlan  # the caller's plan, row count resolved
+    host_counts: list  # [El] rows each local expert received
 
 
 class AllToAllDispatcher:
@@ -73,19 +75,25 @@ class AllToAllDispatcher:
         counts_E = plan.counts.to(self._device())
         recv_PE = exchange(counts_E, [el] * p, [el] * p, self.ep_group,
                            "all-to-all of per-expert patch counts (dispatch)").view(p, el)
-        send_splits = counts_E.view(p, el).sum(1).tolist()
-        recv_splits = recv_PE.sum(1).tolist()
+        # The one host read of this layer: what this rank sends per expert and receives per (rank, expert).
+        host = torch.cat([counts_E, recv_PE.reshape(-1)]).tolist()
+        sent_E, recv_host = host[: p * el], host[p * el:]
+        send_splits = [sum(sent_E[r * el:(r + 1) * el]) for r in range(p)]
+        recv_splits = [sum(recv_host[r * el:(r + 1) * el]) for r in range(p)]
+        local_host = [sum(recv_host[r * el + e] for r in range(p)) for e in range(el)]
+        plan = plan.with_rows(sum(send_splits)) if plan.num_rows is None else plan
 
         rows_RD = take_units(units_NLC, plan.unit_of_row).reshape(-1, l * c)
         recv_UD = all_to_all_rows(rows_RD, send_splits, recv_splits, self.ep_group, self.counter, self.ep_rank,
                                   self.ranks)
 
+        total = sum(recv_splits)
         local_of_row = torch.arange(el, device=recv_PE.device).repeat(p)
-        local_of_row = torch.repeat_interleave(local_of_row, recv_PE.reshape(-1)).to(units_NLC.device)
-        order = torch.sort(local_of_row, stable=True).indices
+        local_of_row = torch.repeat_interleave(local_of_row, recv_PE.reshape(-1), output_size=total)
+        order = torch.sort(local_of_row.to(units_NLC.device), stable=True).indices
         expert_in = gather_rows(recv_UD, order).reshape(-1, l, c)
         local_counts = recv_PE.sum(0).to(units_NLC.device)
-        return expert_in, local_counts, AllToAllMeta(send_splits, recv_splits, order, (l, c))
+        return expert_in, local_counts, AllToAllMeta(send_splits, recv_splits, order, (l, c), plan, local_host)
 
     def combine(self, expert_out_ULC: torch.Tensor, meta: AllToAllMeta) -> torch.Tensor:
         l, c = meta.row_shape

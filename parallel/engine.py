@@ -19,7 +19,6 @@ this rank's local experts summed over the expert-parallel group only.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -52,9 +51,10 @@ class MoEEngine:
     zero_stage: int
     grad_clip: float
 
-    def clip_gradients(self) -> float | None:
-        """Call between ``engine.backward`` and ``engine.step``. Returns the global norm when
-        msmoe clipped (ZeRO 0); at ZeRO 1/2 DeepSpeed clips inside ``step`` and this is None."""
+    def clip_gradients(self) -> torch.Tensor | None:
+        """Call between ``engine.backward`` and ``engine.step``. Returns the global norm (0-d tensor,
+        not read on the host) when msmoe clipped (ZeRO 0); at ZeRO 1/2 DeepSpeed clips inside
+        ``step`` and this is None."""
         if self.zero_stage > 0 or self.grad_clip <= 0:
             return None
         return clip_grad_norm_ep(self.engine.module.parameters(), self.grad_clip, self.groups)
@@ -87,37 +87,43 @@ def build_engine(
     return MoEEngine(engine, groups, stage, clip)
 
 
+def _sum_of_squares(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """sum ||g||^2 over ``grads`` as a 0-d float64 tensor on ``device``: one fused norm, no host read."""
+    if not grads:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    return torch.stack(torch._foreach_norm(grads, 2.0)).double().square().sum()
+
+
 def grad_norm_ep(params: Iterable[torch.Tensor], groups: ParallelGroups) -> torch.Tensor:
-    """Global L2 norm of reduced gradients, each expert and each dense parameter counted once."""
-    dense_sq = torch.zeros((), dtype=torch.float64)
-    expert_sq = torch.zeros((), dtype=torch.float64)
-    device = None
-    for p in params:
-        if p.grad is None:
-            continue
-        device = p.grad.device
-        sq = p.grad.detach().double().square().sum().cpu()
-        if is_expert_param(p):
-            expert_sq += sq
-        else:
-            dense_sq += sq
-    comm_device = device if (device is not None and device.type == "cuda") else torch.device("cpu")
-    expert_sq = expert_sq.to(comm_device)
+    """Global L2 norm of reduced gradients, each expert and each dense parameter counted once.
+
+    A 0-d float64 tensor on the gradients' device; computed without reading it on the host (the
+    expert part is all-reduced over the EP group on the device)."""
+    grads = [(p.grad.detach(), is_expert_param(p)) for p in params if p.grad is not None]
+    device = grads[0][0].device if grads else torch.device("cpu")
+    dense_sq = _sum_of_squares([g for g, e in grads if not e], device)
+    expert_sq = _sum_of_squares([g for g, e in grads if e], device)
     if groups.ep_size > 1:
+        if device.type != "cuda":
+            expert_sq = expert_sq.cpu()  # gloo reduces host tensors (a no-op on CPU)
         dist.all_reduce(expert_sq, group=groups.ep_group)
-    return (dense_sq.to(comm_device) + expert_sq).sqrt()
+    return (dense_sq + expert_sq.to(device)).sqrt()
 
 
-def clip_grad_norm_ep(params: Iterable[torch.Tensor], max_norm: float, groups: ParallelGroups) -> float:
-    """Scale gradients so the global norm is at most ``max_norm``; returns the norm before."""
+def clip_grad_norm_ep(params: Iterable[torch.Tensor], max_norm: float, groups: ParallelGroups) -> torch.Tensor:
+    """Scale gradients so the global norm is at most ``max_norm``; returns the norm before (0-d).
+
+    No host sync: the scale min(1, max_norm / norm) is applied as a tensor (1 when the norm is
+    not finite, so a non-finite step is left for the finiteness check to skip)."""
     params = [p for p in params if p.grad is not None]
-    total = float(grad_norm_ep(params, groups))
-    if not math.isfinite(total):
-        return total
-    coef = max_norm / (total + 1e-6)
-    if coef < 1.0:
-        for p in params:
-            p.grad.detach().mul_(coef)
+    total = grad_norm_ep(params, groups)
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    coef = torch.where(torch.isfinite(total), coef, torch.ones_like(coef))
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p in params:
+        by_dtype.setdefault(p.grad.dtype, []).append(p.grad.detach())
+    for dtype, grads in by_dtype.items():
+        torch._foreach_mul_(grads, coef.to(dtype))
     return total
 
 

@@ -101,7 +101,7 @@ class NodeTransport:
         node_of_group = torch.tensor(self.group_node, device=group_NKc.device)
         dest = node_of_group[group_NKc] * self.node_size + self.ep_rank % self.node_size  # [N, Kc]
         live = torch.ones_like(dest, dtype=torch.bool)
-        plan = plan_dispatch(RoutingDecision(dest, live.float(), live, None, None), self.ep_size, None)
+        plan = plan_dispatch(RoutingDecision(dest, live.float(), live, None, None, all_live=True), self.ep_size, None)
         counts = plan.counts.to(self._device())
         recv_counts = exchange(counts, [1] * self.ep_size, [1] * self.ep_size, self.ep_group)
         send, recv = counts.tolist(), recv_counts.tolist()

@@ -128,6 +128,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     precision: Literal["fp32", "bf16"] = "fp32"
     log_every: int = 10
+    stage_timing: Literal["sampled", "off"] = "sampled"  # stage breakdown measured on one step per log_every
     ckpt_every: int = 200
     threads: int = 0  # torch threads per rank; 0 = cores / local ranks
     keep_last: int = 3  # complete checkpoints kept (older ones are deleted after each commit)
@@ -151,6 +152,9 @@ class TrainConfig:
         _require(self.grad_clip >= 0, f"train.grad_clip={self.grad_clip} must be >= 0 (0 = off)")
         _require(self.precision in ("fp32", "bf16"), f"train.precision={self.precision!r} must be 'fp32' or 'bf16'")
         _require(self.log_every >= 1, f"train.log_every={self.log_every} must be >= 1")
+        _require(self.stage_timing in ("sampled", "off"),
+                 f"train.stage_timing={self.stage_timing!r} must be 'sampled' (one step per log_every, "
+                 "synchronised on GPUs) or 'off'")
         _require(self.ckpt_every >= 1, f"train.ckpt_every={self.ckpt_every} must be >= 1")
         _require(self.threads >= 0, f"train.threads={self.threads} must be >= 0")
         _require(self.keep_last >= 1, f"train.keep_last={self.keep_last} must be >= 1")

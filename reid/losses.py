@@ -32,21 +32,23 @@ def batch_hard_triplet(feat_BD: torch.Tensor, pid_B: torch.Tensor, margin: float
     hardest_pos = dist.masked_fill(~pos_mask, float("-inf")).amax(1)
     hardest_neg = dist.masked_fill(~neg_mask, float("inf")).amin(1)
     valid = pos_mask.any(1) & neg_mask.any(1)
-    if not valid.any():
-        return dist.sum() * 0.0
-    return F.relu(hardest_pos[valid] - hardest_neg[valid] + margin).mean()
+    # Mean over valid anchors without a host sync (no boolean indexing); 0 when none is valid.
+    per_anchor = torch.where(valid, F.relu(hardest_pos - hardest_neg + margin), torch.zeros_like(hardest_pos))
+    return per_anchor.sum() / valid.sum().clamp_min(1)
 
 
 @dataclass(frozen=True)
 class LossParts:
+    """The loss and its parts; the parts are detached 0-d tensors (read on the host when logged)."""
+
     total: torch.Tensor
-    id: float
-    triplet: float
-    aux: float
+    id: torch.Tensor
+    triplet: torch.Tensor
+    aux: torch.Tensor
 
 
 def reid_loss(logits_BC, feat_BD, labels_B, aux, *, label_smoothing: float, margin: float, triplet_weight: float) -> LossParts:
     ce = F.cross_entropy(logits_BC.float(), labels_B, label_smoothing=label_smoothing)
     tri = batch_hard_triplet(feat_BD, labels_B, margin)
     total = ce + triplet_weight * tri + aux
-    return LossParts(total, float(ce.detach()), float(tri.detach()), float(aux.detach()))
+    return LossParts(total, ce.detach(), tri.detach(), aux.detach().float())

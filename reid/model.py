@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from moe import HierarchicalMoE, MoEOutput, MultiScaleMoE, PatchMoE, RoutingStats
 from reid.config import ModelConfig
@@ -77,6 +78,28 @@ class Block(nn.Module):
         return x_BhwD + self.ffn(h), None
 
 
+class BNNeck(nn.BatchNorm1d):
+    """BatchNorm1d that normalises in fp32 whatever the weights' and input's dtype.
+
+    Under bf16 training DeepSpeed casts parameters to bf16 but keeps buffers (the running mean
+    and variance) in fp32: a plain BatchNorm then mixes dtypes and fails. Here the statistics
+    stay fp32, the affine parameters are read as fp32 and the output comes back in the input's
+    dtype, so the same module trains in fp32 and bf16 and loads either checkpoint."""
+
+    def forward(self, x_BD: torch.Tensor) -> torch.Tensor:
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+        use_batch = self.training or not self.track_running_stats
+        y = F.batch_norm(
+            x_BD.float(),
+            self.running_mean.float() if not use_batch and self.running_mean is not None else self.running_mean,
+            self.running_var.float() if not use_batch and self.running_var is not None else self.running_var,
+            self.weight.float() if self.weight is not None else None,
+            self.bias.float() if self.bias is not None else None,
+            use_batch, self.momentum, self.eps)
+        return y.to(x_BD.dtype)
+
+
 @dataclass(frozen=True)
 class ReIDOutput:
     feat: torch.Tensor  # [B, D] before BNNeck (triplet loss)
@@ -97,7 +120,7 @@ class ReIDModel(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i in cfg.moe_blocks) for i in range(cfg.depth))
         self.norm_out = nn.LayerNorm(cfg.dim)
         self.fusion = MultiScaleMoE(cfg.multiscale_config())
-        self.bnneck = nn.BatchNorm1d(cfg.dim)
+        self.bnneck = BNNeck(cfg.dim)  # momentum 0.1 (a fixed factor: no host read of the batch count)
         self.bnneck.bias.requires_grad_(False)
         self.classifier = nn.Linear(cfg.dim, num_classes, bias=False)
         nn.init.normal_(self.classifier.weight, std=0.001)

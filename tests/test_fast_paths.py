@@ -73,8 +73,8 @@ def _plan(n, k, e):
     """A dropless plan: every slot (n, k) gets a row, rows sorted by a random expert."""
     ids = torch.stack([torch.randperm(e)[:k] for _ in range(n)])
     order = torch.sort(ids.reshape(-1), stable=True).indices
-    return DispatchPlan(order, order // k, torch.bincount(ids.reshape(-1), minlength=e),
-                        torch.bincount(ids.reshape(-1), minlength=e), None, n)
+    counts = torch.bincount(ids.reshape(-1), minlength=e)
+    return DispatchPlan(order, counts, counts, None, n, k, num_rows=n * k)
 
 
 def _weighted_index_add(rows_RD, w_NK, plan):

@@ -115,7 +115,7 @@ def main():
             ds_norms.append(float(ds_clip_grad_norm_(list(engine.module.parameters()), 1e30)))
         norm = moe_engine.clip_gradients()
         if norm is not None:
-            norms.append(norm)
+            norms.append(float(norm))
         engine.step()
         if args.clip > 0 and args.zero > 0:
             norms.append(float(engine.get_global_grad_norm()))
