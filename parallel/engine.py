@@ -104,8 +104,8 @@ def grad_norm_ep(params: Iterable[torch.Tensor], groups: ParallelGroups) -> torc
     dense_sq = _sum_of_squares([g for g, e in grads if not e], device)
     expert_sq = _sum_of_squares([g for g, e in grads if e], device)
     if groups.ep_size > 1:
-        if device.type != "cuda":
-            expert_sq = expert_sq.cpu()  # gloo reduces host tensors (a no-op on CPU)
+        if device.type not in ("cuda", "cpu"):
+            expert_sq = expert_sq.cpu()  # gloo reduces host tensors
         dist.all_reduce(expert_sq, group=groups.ep_group)
     return (dense_sq + expert_sq.to(device)).sqrt()
 

@@ -1,0 +1,63 @@
+"""Worker (under torchrun, or alone): host syncs per training step of the ReID job.
+
+Builds the real trainer (DeepSpeed engine, EP dispatcher, data) for a config plus overrides,
+runs warm-up steps, then counts the calls that would make a GPU wait (tests/syncs.py) over
+steps that are not logging steps, and writes one JSON per rank: syncs per step and the call
+sites. The budget (DESIGN.md, GPU principles): one per dispatching MoE layer (the all-to-all
+split sizes) plus one per step (the loss / finiteness / preemption all-reduce).
+"""
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
+
+import torch.distributed as dist  # noqa: E402
+
+from syncs import SyncCounter  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default="configs/tiny.yaml")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+
+    from launcher.trainer import IntervalStats, Trainer
+    from parallel.dist import init_distributed, shutdown_distributed
+    from reid.config import load_config
+    from reid.synth import ensure_synth
+
+    cfg = load_config(args.config, [*args.overrides, "train.log_every=1000", "train.ckpt_every=1000"])
+    world = init_distributed()
+    if world.rank == 0:
+        ensure_synth(cfg.data.path, cfg.data.synth_spec(), progress=False)
+    if world.world_size > 1:
+        dist.barrier()
+    trainer = Trainer(cfg, world, progress=False)
+    trainer.engine.train()
+    interval = IntervalStats()
+    for s in range(args.warmup):
+        trainer.train_step(s, interval)
+    per_step = []
+    sites: dict = {}
+    for s in range(args.warmup, args.warmup + args.steps):
+        with SyncCounter() as counter:
+            trainer.train_step(s, interval)
+        per_step.append(counter.total)
+        for site, n in counter.counts.items():
+            sites[site] = sites.get(site, 0) + n
+    report = {"rank": world.rank, "per_step": per_step, "sites": sites,
+              "moe_layers": len(trainer.moe_layers), "ep_size": trainer.groups.ep_size}
+    with open(os.path.join(args.out, f"rank{world.rank}.json"), "w") as fh:
+        json.dump(report, fh, indent=1)
+    shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main()
