@@ -394,6 +394,7 @@ class Trainer:
                 self.preempted = True
                 break
         bar.close()
+        self.timer.active = False  # evaluation is not timed
         run = max(self.step - first_step, 1)
         self.a2a_per_step = {"total": self.comm.total_bytes / run, "offrank": self.comm.offrank_bytes / run,
                              "forward": self.comm.by_direction["forward"] / run,
@@ -487,6 +488,7 @@ class Trainer:
             "moe_layers": len(self.moe_layers),
             "steps": self.step,
             "step_time_ms": stage_ms,
+            "stage_timing": {"mode": tc.stage_timing, "sampled_steps": self.stage_samples},
             "expert_load": {
                 f"block{b}": {"last_interval": last[i].tolist(), "whole_run": total_load[i].tolist(),
                               "fraction": (total_load[i] / max(total_load[i].sum(), 1)).tolist()}

@@ -187,6 +187,10 @@ def write_report(summary: dict, run_dir: str, fusion_weights: np.ndarray | None 
         "| stage | ms |",
         "|---|---|",
     ]
+    timing = summary.get("stage_timing") or {}
+    if timing.get("mode") == "sampled":
+        lines.insert(-3, f"Stages measured on {timing['sampled_steps']} sampled steps (one per logging interval; "
+                         "synchronised on GPUs); `step` is the mean over every timed step.\n")
     for k in ("data", "forward", "route", "dispatch", "experts", "combine", "backward", "optimizer", "step"):
         if k in st:
             prefix = "&nbsp;&nbsp;MoE " if k in ("route", "dispatch", "experts", "combine") else ""
