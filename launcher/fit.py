@@ -49,7 +49,7 @@ def run_fit(args: argparse.Namespace) -> dict:
         loss.backward()
         opt.step()
         history.append(float(mse))
-        bar.set_postfix(mse=f"{float(mse):.4f}", drop=f"{res.stats.dropped_fraction:.2f}")
+        bar.set_postfix(mse=f"{float(mse):.4f}", drop=f"{float(res.stats.dropped_fraction):.2f}")
     elapsed = time.perf_counter() - t0
     summary = {
         "steps": args.steps,

@@ -146,14 +146,14 @@ def main():
         "rank": rank, "ep_size": groups.ep_size, "edp_size": groups.edp_size, "errors": errors,
         "num_units": res.stats.num_units, "load": res.stats.load.tolist(), "kept": res.stats.kept.tolist(),
         "ref_load": ref_stats.load.tolist(), "ref_kept": ref_stats.kept.tolist(),
-        "dropped_fraction": res.stats.dropped_fraction,
+        "dropped_fraction": float(res.stats.dropped_fraction),
         "bytes_forward": disp.counter.by_direction["forward"],
         "bytes_backward": disp.counter.by_direction["backward"],
         "analytic_forward": 2 * kept_rows * row_bytes,  # dispatch + combine of every kept slot
         "analytic_dropless": 2 * int(res.stats.load.sum()) * row_bytes,  # every live slot, dispatched + combined
         "analytic_topk": 2 * K * res.stats.num_units * row_bytes,
         "pruned_units": res.stats.pruned_units,
-        "active_experts": res.stats.active_experts,
+        "active_experts": float(res.stats.active_experts),
         "capacity": cap,
     }
     os.makedirs(args.out, exist_ok=True)
