@@ -89,10 +89,10 @@ def build(case: Case, s: Sizes) -> torch.nn.Module:
     if case.layer in ("patch", "token"):
         return PatchMoE(PatchMoEConfig(dim=s.dim, router=RouterConfig(num_experts=s.experts, top_k=2), expert=expert,
                                        patch_size=s.patch if case.layer == "patch" else 1))
-    if case.layer == "hier":
+    if case.layer == "hier":  # coarse top-2: with top-1 the renormalised weight is 1 and its gradient 0
         return HierarchicalMoE(HierarchicalMoEConfig(
             dim=s.dim, patch_size=s.patch, num_groups=3, experts_per_group=2, coarse_mode=case.options["coarse_mode"],
-            coarse=RouterConfig(num_experts=3, top_k=1), fine=RouterConfig(num_experts=2, top_k=2), expert=expert))
+            coarse=RouterConfig(num_experts=3, top_k=2), fine=RouterConfig(num_experts=2, top_k=2), expert=expert))
     return MultiScaleMoE(MultiScaleMoEConfig(dim=s.dim, hidden_dim=s.hidden, dropout=0.0))
 
 
