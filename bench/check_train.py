@@ -9,7 +9,7 @@ Runs, as a user would (each a process of its own, logs in the workdir):
       train.zero_stage=Z train.precision=PRECISION
 and reads each run's summary.json: loss first/last, mAP against the untrained model's, samples/s
 (steps after the third), peak GPU memory. A run passes when it exits 0, its loss falls and its mAP
-is at least ``MAP_GAIN`` above the untrained model's.
+is at least ``MAP_GAIN`` above the untrained model's (with --quick: when it completes).
 """
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ def check(args) -> tuple[bool, str, dict, list]:
             s = json.load(fh)
         losses = s["loss_history"]
         untrained = (s.get("untrained") or {}).get("map")
-        gain = MAP_GAIN if not args.quick else 0.0
-        ok = losses[-1] < losses[0] and untrained is not None and s["map"] >= untrained + gain
+        # --quick (a few steps of the tiny config) checks that the job runs, not that it learns
+        ok = args.quick or (losses[-1] < losses[0] and untrained is not None and s["map"] >= untrained + MAP_GAIN)
         mem = s.get("peak_mem_mb_per_rank") or []
         rows.append({**row, "status": "ok" if ok else "FAIL", "loss_first": losses[0], "loss_last": losses[-1],
                      "map": s["map"], "map_untrained": untrained, "rank1": s.get("rank1"),
