@@ -13,6 +13,7 @@ a new torch changes this file and nothing else.
   sync_debug(mode)            context: ``torch.cuda.set_sync_debug_mode`` ("warn"/"error") and back;
                               does nothing without CUDA
   foreach_norm(tensors)       ``torch._foreach_norm`` (one fused launch), or a loop of norms
+  gelu_backward_(grad, h)     GELU's backward written into ``grad`` (aten's out variant), or computed
 
 Check on a machine:  python3 -c "import moe.compat as c, torch; print(c.report(torch.device('cuda')))"
 """
@@ -115,6 +116,14 @@ def foreach_norm(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     if fn is not None:
         return list(fn(list(tensors)))
     return [torch.linalg.vector_norm(t) for t in tensors]
+
+
+def gelu_backward_(grad: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """d GELU(h) / dh * grad (exact erf GELU), written into ``grad`` where aten's out variant exists."""
+    op = getattr(torch.ops.aten.gelu_backward, "grad_input", None)
+    if op is not None:
+        return op(grad, h, grad_input=grad)
+    return grad.copy_(torch.ops.aten.gelu_backward(grad, h))
 
 
 def report(device: torch.device) -> dict:

@@ -84,6 +84,16 @@ def test_foreach_norm_and_its_fallback(monkeypatch):
         torch.testing.assert_close(got, ref)
 
 
+def test_gelu_backward_in_place_matches_autograd():
+    h = torch.randn(5, 7, requires_grad=True)
+    g = torch.randn(5, 7)
+    torch.nn.functional.gelu(h).backward(g)
+    buf = g.clone()
+    out = compat.gelu_backward_(buf, h.detach())
+    assert out.data_ptr() == buf.data_ptr()
+    torch.testing.assert_close(out, h.grad)
+
+
 def test_report_on_cpu():
     r = compat.report(CPU)
     assert r["capability"] == [0, 0] and set(r["grouped_mm"]) == {"float32", "bfloat16", "float16"}
