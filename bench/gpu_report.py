@@ -39,7 +39,8 @@ def _train(r: dict) -> list[str]:
            "|---|---|---|---|---|---|---|---|"]
     for x in runs:
         if "map" in x:
-            out.append(f"| {x['run']} | {x['status']} | {x['loss_first']:.3f} -> {x['loss_last']:.3f} | "
+            status = "fp32 for reference" if x.get("reference_only") else x["status"]
+            out.append(f"| {x['run']} | {status} | {x['loss_first']:.3f} -> {x['loss_last']:.3f} | "
                        f"{x['map']:.1%} ({_f(x['map_untrained'], '.1%')}) | {_f(x.get('rank1'), '.1%')} | "
                        f"{x['samples_per_s']:.0f} | {_f(x.get('step_ms'), '.1f')} | {_f(x.get('peak_mem_mb'), '.0f')} |")
         else:
