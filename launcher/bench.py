@@ -18,7 +18,7 @@ The router adds 2*C*E multiply-adds per routed unit and its metadata (expert id 
   msmoe bench layer                            # B=8 32x32 C=128, CPU
   msmoe bench layer --shape thesis             # the thesis map [B, 80, 80, 256] with 8x8 patches
   msmoe bench layer --device cuda --dtype bf16 --shape thesis --json out.json   # + TFLOP/s, % of GEMM peak
-  msmoe bench layer --device cuda --dtype bf16 --shape gpu --skip fairscale      # B=16 80x80 C=512 F=2048 E=16
+  msmoe bench layer --device cuda --dtype bf16 --shape gpu --skip fairscale --deepspeed-group 16384   # fills an H100
 """
 
 from __future__ import annotations
@@ -102,7 +102,9 @@ def _contenders(args, c: int, f: int, e: int, k: int, device, dtype) -> list[tup
         from launcher.bench_peers import DeepSpeedMoE, single_rank_group
 
         single_rank_group(device)
-        out.append(("DeepSpeed MoE (top-2)", DeepSpeedMoE(c, f, e).to(device, dtype), b * h * w))
+        groups = f" (groups of {args.deepspeed_group})" if args.deepspeed_group else ""
+        out.append((f"DeepSpeed MoE (top-2){groups}", DeepSpeedMoE(c, f, e, group_tokens=args.deepspeed_group)
+                    .to(device, dtype), b * h * w))
     if k == 2 and "fairscale" not in args.skip:
         from launcher.bench_peers import FairscaleMoE, single_rank_group
 
@@ -211,6 +213,9 @@ def add_layer_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--all-impls", action="store_true", help="time our layers with both grouped_mm and bmm")
     p.add_argument("--skip", default="", help="comma list of peers to leave out: deepspeed,fairscale")
     p.add_argument("--fairscale-group", type=int, default=2048, help="tokens per fairscale MOELayer call")
+    p.add_argument("--deepspeed-group", type=int, default=0,
+                   help="tokens per DeepSpeed MoE call (0: all in one; its gating memory grows with tokens^2: "
+                        "use 16384 at --shape gpu)")
     p.add_argument("--repeats", type=int, default=10, help="timed rounds")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
