@@ -6,8 +6,8 @@
 
 Sections, each a process of its own with its own time budget (a crash, hang or CUDA error in one
 loses nothing else); ``--only layers,bench`` runs some of them:
-  tests     the fast test suite (-m "not slow") under the node's own Python and torch; it runs
-            beside layers/dispatch/syncs/train (CPU-side work), never beside the benchmark
+  tests     the fast test suite (-m "not slow") under the node's own Python and torch, in parallel
+            shards beside layers/dispatch/syncs/train, never beside the benchmark (bench/suite.py)
   layers    every MoE layer on CUDA vs the float64 loop reference, fp32 and bf16 (bench/check_layers.py)
   dispatch  the all-to-all dispatcher: one-rank NCCL, two processes over gloo (bench/check_dispatch.py)
   syncs     host syncs per training step, CUDA's sync debug mode (bench/check_syncs.py)
@@ -31,6 +31,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+from bench.suite import SuiteRun
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEADLINE_S = 470  # the whole check, on one H100; 8 minutes with start-up to spare
 
@@ -51,7 +53,6 @@ SECTIONS = (
     Section("bench", "bench.check_bench", 90, ("--run-timeout", "80")),
 )
 TESTS_BUDGET_S = 300
-TEST_THREADS = "4"  # the suite shares the node's cores with the sections running beside it
 
 
 class Log:
@@ -95,13 +96,6 @@ def section_command(s: Section, args, out: str) -> list[str]:
     return cmd + (["--quick"] if args.quick else [])
 
 
-def tests_command(args, out: str) -> list[str]:
-    junit = os.path.join(out, "tests.xml")
-    targets = ["tests/test_compat.py", "tests/test_grouped.py"] if args.quick else ["tests"]
-    return [sys.executable, "-m", "pytest", "-q", "-m", "not slow", "-p", "no:cacheprovider",
-            f"--junitxml={junit}", *targets]
-
-
 def run_section(s: Section, cmd: list[str], out: str, log: Log, budget: float) -> dict:
     log(f"[{s.name}] {' '.join(cmd)}  (budget {budget:.0f} s)")
     path = os.path.join(out, f"{s.name}.log")
@@ -128,30 +122,10 @@ def finish_section(name: str, code: int, secs: float, out: str, log: Log, budget
     return res
 
 
-def tests_result(code: int, secs: float, out: str, log: Log) -> dict:
-    """The suite's outcome from its JUnit XML (counts), written as tests.json like the other sections."""
-    import xml.etree.ElementTree as ET
-
-    figures, failed = {}, []
-    junit = os.path.join(out, "tests.xml")
-    if os.path.isfile(junit) and code != 124:
-        root = ET.parse(junit).getroot()
-        suite = root if root.tag == "testsuite" else root.find("testsuite")
-        figures = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
-        for case in suite.iter("testcase"):
-            if case.find("failure") is not None or case.find("error") is not None:
-                failed.append(f"{case.get('classname')}::{case.get('name')}")
-        figures["passed"] = figures["tests"] - figures["failures"] - figures["errors"] - figures["skipped"]
-        secs = float(suite.get("time", secs))  # the suite's own time (it may have ended long before we looked)
-        summary = (f"{figures['passed']} passed, {figures['failures'] + figures['errors']} failed, "
-                   f"{figures['skipped']} skipped (not slow)")
-    else:
-        summary = f"over its budget of {TESTS_BUDGET_S} s" if code == 124 else f"pytest exited {code} without a report"
-    res = {"section": "tests", "passed": code == 0, "summary": summary, "figures": figures,
-           "rows": [{"failed": f} for f in failed[:50]]}
-    with open(os.path.join(out, "tests.json"), "w") as fh:
-        json.dump(res, fh, indent=2)
-    return finish_section("tests", code, secs, out, log, TESTS_BUDGET_S)
+def finish_tests(suite: "SuiteRun", out: str, log: Log) -> dict:
+    res = suite.wait()
+    return finish_section("tests", 0 if res["passed"] else 1, res["figures"].get("suite_s", 0.0), out, log,
+                          TESTS_BUDGET_S)
 
 
 def environment(device: str) -> dict:
@@ -188,18 +162,15 @@ def run_all(args) -> int:
     t_start = time.perf_counter()
     results: dict[str, dict] = {}
 
-    tests_proc, tests_t0 = None, 0.0
+    suite = None
     if "tests" in wanted:
-        cmd = tests_command(args, out)
-        log(f"[tests] {' '.join(cmd)}  (budget {TESTS_BUDGET_S} s, beside the correctness sections)")
-        tests_t0 = time.perf_counter()
-        tests_log = open(os.path.join(out, "tests.log"), "w")
-        tests_proc = subprocess.Popen(cmd, stdout=tests_log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                      env={**os.environ, "OMP_NUM_THREADS": TEST_THREADS})
+        suite = SuiteRun(ROOT, out, args.quick, TESTS_BUDGET_S)
+        for cmd in suite.commands():
+            log(f"[tests] {cmd}  (budget {TESTS_BUDGET_S} s, beside the correctness sections)")
     for s in SECTIONS:
-        if s.name == "bench" and tests_proc is not None:  # timings alone on the machine
-            results["tests"] = wait_tests(tests_proc, tests_t0, out, log)
-            tests_proc = None
+        if s.name == "bench" and suite is not None:  # timings alone on the machine
+            results["tests"] = finish_tests(suite, out, log)
+            suite = None
         if s.name not in wanted:
             continue
         left = DEADLINE_S - (time.perf_counter() - t_start)
@@ -208,8 +179,8 @@ def run_all(args) -> int:
                                "figures": {}, "rows": []}
             continue
         results[s.name] = run_section(s, section_command(s, args, out), out, log, min(s.budget_s, left))
-    if tests_proc is not None:
-        results["tests"] = wait_tests(tests_proc, tests_t0, out, log)
+    if suite is not None:
+        results["tests"] = finish_tests(suite, out, log)
 
     wall = time.perf_counter() - t_start
     with open(os.path.join(out, "results.json"), "w") as fh:
@@ -223,17 +194,6 @@ def run_all(args) -> int:
         + ", ".join(f"{n} {'ok' if r['passed'] else 'FAIL'}" for n, r in results.items())
         + f"; results: {os.path.join(out, 'results.md')}")
     return 0 if passed else 1
-
-
-def wait_tests(proc: subprocess.Popen, t0: float, out: str, log: Log) -> dict:
-    left = max(1.0, TESTS_BUDGET_S - (time.perf_counter() - t0))
-    try:
-        code = proc.wait(timeout=left)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        code = 124
-    return tests_result(code, time.perf_counter() - t0, out, log)
 
 
 def main(argv: list[str] | None = None) -> int:
