@@ -104,3 +104,13 @@ def test_dry_run_of_every_section_on_cpu(tmp_path):
     md = (tmp_path / "results.md").read_text()
     assert "MoE layers vs the float64 loop reference" in md and "Layer benchmark" in md
     assert (tmp_path / "gpu-check.log").stat().st_size > 0
+
+
+def test_sync_budget_follows_the_config():
+    from bench.check_syncs import sync_budget
+    from reid.config import load_config
+
+    cfg = load_config(os.path.join(ROOT, "configs", "h100.yaml"))
+    assert sync_budget(cfg) == 1 + len(cfg.model.moe_blocks)  # one per dropless MoE layer + one per step
+    capped = load_config(os.path.join(ROOT, "configs", "h100.yaml"), ["model.patch_moe.capacity_factor=1.25"])
+    assert sync_budget(capped) == 1
