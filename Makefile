@@ -60,7 +60,13 @@ gpu-check:
 	@$(GPU_PYTHON) -m bench.gpu_check --preflight
 	@ls .whl/*.whl >/dev/null 2>&1 || { echo "gpu-check: no wheels in .whl/: run make gpu-bundle where the package registry is reachable and bring .whl/ with the checkout" >&2; exit 2; }
 	rm -rf $(GPU_SITE)
-	$(GPU_PYTHON) -m pip install -q --no-index --no-deps --target $(GPU_SITE) .whl/*.whl
+	@if $(GPU_PYTHON) -m pip --version >/dev/null 2>&1; then \
+		echo "$(GPU_PYTHON) -m pip install -q --no-index --no-deps --target $(GPU_SITE) .whl/*.whl"; \
+		$(GPU_PYTHON) -m pip install -q --no-index --no-deps --target $(GPU_SITE) .whl/*.whl; \
+	else \
+		echo "gpu-check: $(GPU_PYTHON) has no pip: unpacking the wheels into $(GPU_SITE)"; \
+		$(GPU_PYTHON) -m bench.gpu_bundle --out .whl --unpack-into $(GPU_SITE); \
+	fi
 	PYTHONPATH=$(GPU_SITE):. $(GPU_PYTHON) -m bench.gpu_check --out $(OUT)
 
 clean:

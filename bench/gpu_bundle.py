@@ -13,7 +13,9 @@ writes exactly those, for CPython 3.12 manylinux x86-64, into ``.whl/`` (git-ign
   .venv/bin/python -m bench.gpu_bundle                 # what make gpu-bundle runs
   .venv/bin/python -m bench.gpu_bundle --out /tmp/whl  # elsewhere
 Idempotent: wheels already present are kept. Fails above ``--max-mib`` (40).
-On the node: python3 -m pip install -q --no-index --no-deps --target /tmp/msmoe-site .whl/*.whl
+On the node: python3 -m pip install -q --no-index --no-deps --target /tmp/msmoe-site .whl/*.whl, or
+where that interpreter has no pip (make gpu-check falls back to it):
+  python3 -m bench.gpu_bundle --unpack-into /tmp/msmoe-site      # wheels are zip files: unpacked as pip would
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -145,12 +148,34 @@ def build(out: str, requirements_txt: str) -> list[str]:
     return sorted(f for f in os.listdir(out) if f.endswith(".whl"))
 
 
+def unpack_into(folder: str, target: str) -> list[str]:
+    """Install the wheels of ``folder`` into ``target`` without pip: unzip each, then lift its
+    ``<name>.data/purelib`` and ``platlib`` into ``target`` (scripts and headers are not needed)."""
+    os.makedirs(target, exist_ok=True)
+    wheels = sorted(f for f in os.listdir(folder) if f.endswith(".whl"))
+    for f in wheels:
+        with zipfile.ZipFile(os.path.join(folder, f)) as zf:
+            zf.extractall(target)
+    for data in [d for d in os.listdir(target) if d.endswith(".data")]:
+        for lib in ("purelib", "platlib"):
+            src = os.path.join(target, data, lib)
+            if os.path.isdir(src):
+                shutil.copytree(src, target, dirs_exist_ok=True)
+        shutil.rmtree(os.path.join(target, data))
+    return wheels
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(ROOT, ".whl"))
     p.add_argument("--requirements", default=os.path.join(ROOT, "requirements.txt"))
     p.add_argument("--max-mib", type=float, default=40.0)
+    p.add_argument("--unpack-into", default=None, help="install --out's wheels into this folder without pip")
     args = p.parse_args(argv)
+    if args.unpack_into:
+        wheels = unpack_into(args.out, args.unpack_into)
+        print(f"gpu-bundle: {len(wheels)} wheels unpacked into {args.unpack_into}")
+        return 0 if wheels else 1
     wheels = build(args.out, args.requirements)
     total = 0
     for f in wheels:

@@ -2,6 +2,7 @@
 
 import os
 import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -36,3 +37,24 @@ def test_make_gpu_bundle():
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
         assert "MiB in" in proc.stdout and "limit 40 MiB" in proc.stdout
     check_bundle(os.path.join(ROOT, ".whl"))
+
+
+def test_unpack_without_pip(tmp_path):
+    """Where the node's python3 has no pip, make gpu-check unzips the wheels as pip would."""
+    import zipfile
+
+    from bench.gpu_bundle import unpack_into
+
+    wheels = tmp_path / "whl"
+    wheels.mkdir()
+    with zipfile.ZipFile(wheels / "toy-1.0-py3-none-any.whl", "w") as zf:
+        zf.writestr("toy/__init__.py", "VALUE = 1\n")
+        zf.writestr("toy-1.0.dist-info/METADATA", "Name: toy\nVersion: 1.0\n")
+        zf.writestr("toy-1.0.data/purelib/toy_extra.py", "EXTRA = 2\n")
+        zf.writestr("toy-1.0.data/scripts/toy", "#!/bin/sh\n")
+    site = tmp_path / "site"
+    assert unpack_into(str(wheels), str(site)) == ["toy-1.0-py3-none-any.whl"]
+    out = subprocess.run([sys.executable, "-c", "import toy, toy_extra; print(toy.VALUE + toy_extra.EXTRA)"],
+                         env={**os.environ, "PYTHONPATH": str(site)}, capture_output=True, text=True)
+    assert out.stdout.strip() == "3", out.stderr
+    assert not any(p.name.endswith(".data") for p in site.iterdir())
