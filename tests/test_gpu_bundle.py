@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import zipfile
 from collections import Counter
 
 import pytest
@@ -27,6 +28,10 @@ def check_bundle(folder: str) -> list[str]:
     for f in wheels:
         assert parse_wheel_filename(f)[3] & TARGET, f"{f} does not install on CPython 3.12 manylinux x86-64"
     assert sum(os.path.getsize(os.path.join(folder, f)) for f in wheels) < 40 * 2**20
+    ours = {"moe", "parallel", "reid", "launcher", "bench", "tests", "configs"}
+    for f in wheels:  # the bundle comes first on PYTHONPATH: it must not shadow a package of ours
+        with zipfile.ZipFile(os.path.join(folder, f)) as zf:
+            assert not {n.split("/")[0] for n in zf.namelist()} & ours, f
     return wheels
 
 
@@ -41,8 +46,6 @@ def test_make_gpu_bundle():
 
 def test_unpack_without_pip(tmp_path):
     """Where the node's python3 has no pip, make gpu-check unzips the wheels as pip would."""
-    import zipfile
-
     from bench.gpu_bundle import unpack_into
 
     wheels = tmp_path / "whl"
