@@ -46,21 +46,18 @@ class SuiteRun:
                    f"--junitxml={os.path.join(out, f'tests-{i}.xml')}", *files]
             log = open(os.path.join(out, f"tests-{i}.log"), "w")
             self.procs.append((cmd, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root,
-                                                     env={**os.environ, "OMP_NUM_THREADS": THREADS}), log))
+                                                     env={**os.environ, "OMP_NUM_THREADS": THREADS},
+                                                     start_new_session=True), log))
 
     def commands(self) -> list[str]:
         return [" ".join(cmd) for cmd, _, _ in self.procs]
 
     def wait(self) -> dict:
+        from bench.gpu_check import wait_or_kill
+
         codes = []
         for _, proc, log in self.procs:
-            left = max(1.0, self.budget_s - (time.perf_counter() - self.t0))
-            try:
-                codes.append(proc.wait(timeout=left))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                codes.append(124)
+            codes.append(wait_or_kill(proc, max(1.0, self.budget_s - (time.perf_counter() - self.t0))))
             log.close()
         with open(os.path.join(self.out, "tests.log"), "w") as fh:
             for i in range(len(self.procs)):
