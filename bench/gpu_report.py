@@ -20,9 +20,11 @@ def _layers(r: dict) -> list[str]:
     if "worst" not in f:
         return []
     out = ["", "### MoE layers vs the float64 loop reference (||ours - ref|| / ||ref||, worst case)", "",
-           "| dtype | output | input grad | parameter grads | bound |", "|---|---|---|---|---|"]
+           "| dtype | output | input grad | expert grads | bound | router grads | router bound |",
+           "|---|---|---|---|---|---|---|"]
     for d, w in f["worst"].items():
-        out.append(f"| {d} | {w['out']:.1e} | {w['x_grad']:.1e} | {w['param_grad']:.1e} | {f['bound'][d]:.0e} |")
+        out.append(f"| {d} | {w['out']:.1e} | {w['x_grad']:.1e} | {w['param_grad']:.1e} | {f['bound'][d]:.0e} | "
+                   f"{w.get('router_grad', 0.0):.1e} | {f.get('router_bound', {}).get(d, 0.0):.0e} |")
     cap = f.get("capability") or [0, 0]
     out.append("")
     out.append(f"`expert.impl=auto`, bf16, sm{cap[0]}{cap[1]}: {f.get('auto_bf16_grouped_mm_calls')} calls of "
