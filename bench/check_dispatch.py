@@ -121,6 +121,7 @@ def _free_port() -> int:
 def one_rank(device: torch.device) -> dict:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
+        device = torch.device("cuda", device.index or 0)  # set_device refuses a device without an index
         torch.cuda.set_device(device)
     store = dist.TCPStore("127.0.0.1", _free_port(), 1, is_master=True, timeout=timedelta(seconds=60))
     dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timedelta(seconds=60))
