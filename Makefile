@@ -4,13 +4,21 @@
 #   make train   set up, make the default data if missing, train it with 2 processes and EP=2, evaluate, report
 #   make bench   set up, then print the layer benchmark
 #   make report  set up, run a small scaling sweep (1-2 processes, EP 1/2, 4/8 experts), write runs/scale/report.md
+#   make gpu-bundle  set up, then download into .whl/ the wheels a GPU node without network lacks (deepspeed built
+#                here, its requirements, datasets, fairscale; cp312 manylinux; never torch); prints the size (< 40 MiB)
+#   make gpu-check OUT=dir  on the GPU node, with its own python3 and torch: install .whl/ into /tmp/msmoe-site and
+#                run the prepared check (<= 8 min on one H100): log, results.json, results.md in OUT (runs/gpu-check)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test test-fast train bench report clean
+GPU_PYTHON ?= python3
+GPU_SITE   ?= /tmp/msmoe-site
+OUT        ?= runs/gpu-check
+
+.PHONY: setup test test-fast train bench report gpu-bundle gpu-check clean
 
 setup: $(STAMP)
 
@@ -42,6 +50,24 @@ report: setup
 	rm -rf runs/scale
 	$(VENV)/bin/msmoe scale --config configs/scale.yaml --world 1,2 --ep 1,2 --experts 4,8 --modes strong,weak
 	$(VENV)/bin/msmoe report --points runs/scale/points.jsonl
+
+gpu-bundle: setup
+	$(PY) -m bench.gpu_bundle --out .whl
+
+# Not the venv: the node's own interpreter and torch. The preflight says in one line why the
+# check cannot run here (no torch, no CUDA) before anything is installed.
+gpu-check:
+	@$(GPU_PYTHON) -m bench.gpu_check --preflight
+	@ls .whl/*.whl >/dev/null 2>&1 || { echo "gpu-check: no wheels in .whl/: run make gpu-bundle where the package registry is reachable and bring .whl/ with the checkout" >&2; exit 2; }
+	rm -rf $(GPU_SITE)
+	@if $(GPU_PYTHON) -m pip --version >/dev/null 2>&1; then \
+		echo "$(GPU_PYTHON) -m pip install -q --no-index --no-deps --target $(GPU_SITE) .whl/*.whl"; \
+		$(GPU_PYTHON) -m pip install -q --no-index --no-deps --target $(GPU_SITE) .whl/*.whl; \
+	else \
+		echo "gpu-check: $(GPU_PYTHON) has no pip: unpacking the wheels into $(GPU_SITE)"; \
+		$(GPU_PYTHON) -m bench.gpu_bundle --out .whl --unpack-into $(GPU_SITE); \
+	fi
+	PYTHONPATH=$(GPU_SITE):. $(GPU_PYTHON) -m bench.gpu_check --out $(OUT)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

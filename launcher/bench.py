@@ -18,6 +18,7 @@ The router adds 2*C*E multiply-adds per routed unit and its metadata (expert id 
   msmoe bench layer                            # B=8 32x32 C=128, CPU
   msmoe bench layer --shape thesis             # the thesis map [B, 80, 80, 256] with 8x8 patches
   msmoe bench layer --device cuda --dtype bf16 --shape thesis --json out.json   # + TFLOP/s, % of GEMM peak
+  msmoe bench layer --device cuda --dtype bf16 --shape gpu --skip fairscale --deepspeed-group 16384   # fills an H100
 """
 
 from __future__ import annotations
@@ -34,10 +35,13 @@ import torch.nn as nn
 
 from moe import ExpertConfig, PatchMoE, PatchMoEConfig, RouterConfig
 
-SHAPES = {  # preset: (batch, height, width, dim, hidden)
-    "small": (8, 32, 32, 128, 256),
-    "thesis": (2, 80, 80, 256, 512),
+SHAPES = {  # preset: (batch, height, width, dim, hidden, experts)
+    "small": (8, 32, 32, 128, 256, 8),
+    "thesis": (2, 80, 80, 256, 512, 8),
+    # fills one H100: 102,400 points, dense hidden K*F = 4096: 3 x 102400 x 2 x 2 x 512 x 4096 = 2.6 TFLOP per step
+    "gpu": (16, 80, 80, 512, 2048, 16),
 }
+PRESET_FIELDS = ("batch", "height", "width", "dim", "hidden", "experts")
 
 
 @dataclass(frozen=True)
@@ -98,7 +102,9 @@ def _contenders(args, c: int, f: int, e: int, k: int, device, dtype) -> list[tup
         from launcher.bench_peers import DeepSpeedMoE, single_rank_group
 
         single_rank_group(device)
-        out.append(("DeepSpeed MoE (top-2)", DeepSpeedMoE(c, f, e).to(device, dtype), b * h * w))
+        groups = f" (groups of {args.deepspeed_group})" if args.deepspeed_group else ""
+        out.append((f"DeepSpeed MoE (top-2){groups}", DeepSpeedMoE(c, f, e, group_tokens=args.deepspeed_group)
+                    .to(device, dtype), b * h * w))
     if k == 2 and "fairscale" not in args.skip:
         from launcher.bench_peers import FairscaleMoE, single_rank_group
 
@@ -195,10 +201,10 @@ def add_layer_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("layer", help="MoE layer fwd+bwd vs dense FFN, DeepSpeed MoE and fairscale at equal FLOPs",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), default="small",
-                   help="preset B,H,W,C,F (small: 8,32,32,128,256; thesis: 2,80,80,256,512)")
-    for name in ("batch", "height", "width", "dim", "hidden"):
+                   help="preset B,H,W,C,F,E (small: 8,32,32,128,256,8; thesis: 2,80,80,256,512,8; "
+                        "gpu: 16,80,80,512,2048,16)")
+    for name in PRESET_FIELDS:
         p.add_argument(f"--{name}", type=int, default=None, help="overrides the preset")
-    p.add_argument("--experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--patch", type=int, default=8)
     p.add_argument("--capacity-factor", type=float, default=None, help="default: dropless")
@@ -207,6 +213,9 @@ def add_layer_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--all-impls", action="store_true", help="time our layers with both grouped_mm and bmm")
     p.add_argument("--skip", default="", help="comma list of peers to leave out: deepspeed,fairscale")
     p.add_argument("--fairscale-group", type=int, default=2048, help="tokens per fairscale MOELayer call")
+    p.add_argument("--deepspeed-group", type=int, default=0,
+                   help="tokens per DeepSpeed MoE call (0: all in one; its gating memory grows with tokens^2: "
+                        "use 16384 at --shape gpu)")
     p.add_argument("--repeats", type=int, default=10, help="timed rounds")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
@@ -217,7 +226,7 @@ def add_layer_parser(sub: argparse._SubParsersAction) -> None:
 
 def _main_layer(args: argparse.Namespace) -> int:
     preset = SHAPES[args.shape]
-    for name, value in zip(("batch", "height", "width", "dim", "hidden"), preset):
+    for name, value in zip(PRESET_FIELDS, preset):
         if getattr(args, name) is None:
             setattr(args, name, value)
     args.skip = [s for s in args.skip.split(",") if s]

@@ -41,19 +41,30 @@ def _ffn(c: int, f: int) -> nn.Module:
 
 
 class DeepSpeedMoE(nn.Module):
-    """[B, H, W, C] -> [B, H, W, C] through DeepSpeed's MoE layer (EP=1)."""
+    """[B, H, W, C] -> [B, H, W, C] through DeepSpeed's MoE layer (EP=1).
 
-    def __init__(self, c: int, f: int, e: int, k: int = 2):
+    ``group_tokens`` = 0 feeds every token in one call (one gating group, as DeepSpeed does with a
+    rank's micro-batch); > 0 feeds groups of that many tokens, one call each. Its gating builds
+    [tokens, E, capacity] tensors with capacity ~ 2 * tokens / E without token dropping, so memory
+    grows with tokens^2: the GPU shape's 102,400 points in one group need ~100 GB for one of them.
+    """
+
+    def __init__(self, c: int, f: int, e: int, k: int = 2, group_tokens: int = 0):
         super().__init__()
         from deepspeed.moe.layer import MoE
 
+        self.group_tokens = group_tokens
         self.moe = MoE(hidden_size=c, expert=_ffn(c, f), num_experts=e, ep_size=1, k=k, capacity_factor=1.0,
                        eval_capacity_factor=1.0, min_capacity=4, drop_tokens=False, use_rts=False)
         self.moe.set_deepspeed_parallelism()
 
     def forward(self, x_BHWC: torch.Tensor) -> torch.Tensor:
-        out, _aux, _counts = self.moe(x_BHWC)
-        return out
+        if not self.group_tokens:
+            out, _aux, _counts = self.moe(x_BHWC)
+            return out
+        c = x_BHWC.shape[-1]
+        outs = [self.moe(chunk)[0] for chunk in x_BHWC.reshape(-1, c).split(self.group_tokens)]
+        return torch.cat(outs).reshape(x_BHWC.shape)
 
 
 class FairscaleMoE(nn.Module):

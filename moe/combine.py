@@ -26,12 +26,13 @@ class _SlotSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows_RD, weights_NK, src_JK, unit_of_J):  # noqa: D102
         j, k = src_JK.shape
-        y_JKD = rows_RD.index_select(0, src_JK.reshape(-1)).view(j, k, -1)
+        d = rows_RD.shape[1]  # not -1: a rank with no patches has j = 0
+        y_JKD = rows_RD.index_select(0, src_JK.reshape(-1)).view(j, k, d)
         w_JK = weights_NK if unit_of_J is None else weights_NK.index_select(0, unit_of_J)
         out_J1D = torch.bmm(w_JK.to(rows_RD.dtype).unsqueeze(1), y_JKD)
         ctx.save_for_backward(y_JKD, w_JK, src_JK, unit_of_J)
         ctx.num_units = weights_NK.shape[0]
-        return out_J1D.view(j, -1)
+        return out_J1D.view(j, d)
 
     @staticmethod
     @once_differentiable

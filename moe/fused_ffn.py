@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from moe import compat
+
 
 def _blocks(counts: list[int]):
     start = 0
@@ -72,7 +74,7 @@ class _ExpertFFN(torch.autograd.Function):
             if need_b2:
                 torch.sum(dy, 0, out=db2[e])
             da = torch.mm(dy, w2[e].t())
-            dh = torch.ops.aten.gelu_backward.grad_input(da, h, grad_input=da)  # in place
+            dh = compat.gelu_backward_(da, h)  # in place
             if need_x:
                 torch.mm(dh, w1[e].t(), out=dx_TC[rows])
             if need_w1:

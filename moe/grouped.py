@@ -5,7 +5,8 @@ Legend: T rows (sorted by expert), D in-features, F out-features, E local expert
 Two backends, same result:
   grouped_mm  ``torch._grouped_mm`` with cumulative row offsets (no padding, no host sync).
               Needs fp32/bf16/fp16 and row strides that are multiples of 16 bytes (D and F
-              multiples of 4 in fp32, of 8 in bf16); on CUDA it needs bf16 and sm90+.
+              multiples of 4 in fp32, of 8 in bf16); on CUDA it needs bf16 and sm90+. Whether
+              this torch has it on this device is moe/compat.py's business.
   bmm         rows scattered into an [E, M, D] buffer (M = the largest expert's row count,
               one host read when the counts are not on the host already), one ``torch.bmm``,
               gathered back. Works for every dtype, device and shape.
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moe import compat
 from moe.indexing import gather_rows
 
 Impl = str  # "auto" | "grouped_mm" | "bmm"
@@ -79,30 +81,16 @@ class _ContiguousGrad(torch.autograd.Function):
         return g.contiguous()
 
 
-def _grouped_mm_ok(x_TD: torch.Tensor, w_EDF: torch.Tensor) -> bool:
-    if not hasattr(torch, "_grouped_mm") or x_TD.dtype != w_EDF.dtype:
-        return False
-    if x_TD.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return False
-    if x_TD.is_cuda:
-        if x_TD.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x_TD.device)[0] < 9:
-            return False
-    elif x_TD.device.type != "cpu":
-        return False
-    align = 16 // x_TD.element_size()
-    return x_TD.shape[1] % align == 0 and w_EDF.shape[2] % align == 0
-
-
 def grouped_matmul(x_TD: torch.Tensor, w_EDF: torch.Tensor, batch: ExpertBatch, impl: Impl = "auto") -> torch.Tensor:
     """y[t] = x[t] @ w[expert(t)]: [T, D] x [E, D, F] -> [T, F]."""
-    use_gmm = impl == "grouped_mm" or (impl in ("auto", "fused") and _grouped_mm_ok(x_TD, w_EDF))
-    if impl == "grouped_mm" and not _grouped_mm_ok(x_TD, w_EDF):
+    use_gmm = impl == "grouped_mm" or (impl in ("auto", "fused") and compat.grouped_mm_supported(x_TD, w_EDF))
+    if impl == "grouped_mm" and not compat.grouped_mm_supported(x_TD, w_EDF):
         raise ValueError(
             f"expert.impl='grouped_mm' cannot run dtype={x_TD.dtype}, D={x_TD.shape[1]}, "
             f"F={w_EDF.shape[2]} on {x_TD.device}; use impl='auto' or 'bmm'"
         )
     if use_gmm:
-        y = torch._grouped_mm(x_TD.contiguous(), w_EDF, offs=batch.offsets)
+        y = compat.grouped_mm(x_TD.contiguous(), w_EDF, batch.offsets)
         return _ContiguousGrad.apply(y)
     e, d, f = w_EDF.shape
     buf_EMD = x_TD.new_zeros(e, batch.max_count, d)

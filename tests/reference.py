@@ -78,6 +78,47 @@ class SeedMultiScaleMoE(nn.Module):
         return fused_feature, expert_weights
 
 
+def copy_gate_into_seed(gate, seed_gate, head=0):
+    """Load head `head` of our GateNetwork into one seed GatingNetwork (Linear-LN-GELU-Drop-Linear)."""
+    lin = [m for m in seed_gate.gate if isinstance(m, nn.Linear)]
+    ln = [m for m in seed_gate.gate if isinstance(m, nn.LayerNorm)]
+    with torch.no_grad():
+        for i, m in enumerate(lin):
+            m.weight.copy_(gate.weights[i][head].T)
+            m.bias.copy_(gate.biases[i][head, 0])
+        for i, m in enumerate(ln):
+            m.weight.copy_(gate.norm_w[i][head, 0])
+            m.bias.copy_(gate.norm_b[i][head, 0])
+
+
+def seed_gate_grads(seed_gate) -> dict[str, torch.Tensor]:
+    """Gradients of one seed GatingNetwork in our GateNetwork's layout (one head): weights.i, ..."""
+    lin = [m for m in seed_gate.gate if isinstance(m, nn.Linear)]
+    ln = [m for m in seed_gate.gate if isinstance(m, nn.LayerNorm)]
+    out = {}
+    for i, m in enumerate(lin):
+        out[f"weights.{i}"], out[f"biases.{i}"] = m.weight.grad.T[None], m.bias.grad[None, None]
+    for i, m in enumerate(ln):
+        out[f"norm_w.{i}"], out[f"norm_b.{i}"] = m.weight.grad[None, None], m.bias.grad[None, None]
+    return out
+
+
+def multiscale_to_seed(ours):
+    """Seed 000's MultiScaleMoE (its gate and one ExpertNetwork per scale) holding copies of the
+    weights of our MultiScaleMoE; -> (seed model, list of experts)."""
+    cfg = ours.cfg
+    s, d = len(cfg.scales), cfg.dim
+    if cfg.num_heads == 1:
+        gate = GatingNetwork(s * d, s, cfg.temperature, dropout=0.0)
+        copy_gate_into_seed(ours.gate, gate)
+    else:
+        gate = MultiHeadGatingNetwork(s * d, s, cfg.num_heads, cfg.temperature, dropout=0.0)
+        for h, head in enumerate(gate.heads):
+            copy_gate_into_seed(ours.gate, head, h)
+    experts = seed_experts_to_modules(ours.experts, dropout=0.0)
+    return SeedMultiScaleMoE(gate, experts), experts
+
+
 def expert_balance_loss(expert_weights):
     expert_usage = torch.mean(expert_weights, dim=0)
     return torch.var(expert_usage)
@@ -204,7 +245,7 @@ def modules_grads(kind: str, mods):
 # ---- gate: one head at a time, Linear by Linear -----------------------------------------------
 def gate_head_logits(gate, head: int, x_D: torch.Tensor) -> torch.Tensor:
     """One unit through one head of a GateNetwork, written layer by layer."""
-    h = x_D.float()
+    h = x_D.to(torch.promote_types(x_D.dtype, torch.float32))  # fp32, or fp64 for a float64 reference
     n_layers = len(gate.weights)
     for i in range(n_layers):
         h = h @ gate.weights[i][head] + gate.biases[i][head, 0]

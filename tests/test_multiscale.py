@@ -6,43 +6,9 @@ import torch.nn as nn
 
 from moe.config import BalanceConfig, MultiScaleMoEConfig
 from moe.multiscale import MultiScaleMoE, window_features
-from reference import (
-    GatingNetwork,
-    MultiHeadGatingNetwork,
-    SeedMultiScaleMoE,
-    expert_balance_loss,
-    seed_experts_to_modules,
-    seed_modules_grads,
-)
+from reference import expert_balance_loss, multiscale_to_seed, seed_experts_to_modules, seed_modules_grads
 
 TOL = dict(rtol=1e-5, atol=1e-5)
-
-
-def _copy_gate_into_seed(gate, seed_gate, head=0):
-    """Load head `head` of our GateNetwork into one seed GatingNetwork (Linear-LN-GELU-Drop-Linear)."""
-    lin = [m for m in seed_gate.gate if isinstance(m, nn.Linear)]
-    ln = [m for m in seed_gate.gate if isinstance(m, nn.LayerNorm)]
-    with torch.no_grad():
-        for i, m in enumerate(lin):
-            m.weight.copy_(gate.weights[i][head].T)
-            m.bias.copy_(gate.biases[i][head, 0])
-        for i, m in enumerate(ln):
-            m.weight.copy_(gate.norm_w[i][head, 0])
-            m.bias.copy_(gate.norm_b[i][head, 0])
-
-
-def _seed_model(ours: MultiScaleMoE):
-    cfg = ours.cfg
-    s, d = len(cfg.scales), cfg.dim
-    if cfg.num_heads == 1:
-        gate = GatingNetwork(s * d, s, cfg.temperature, dropout=0.0)
-        _copy_gate_into_seed(ours.gate, gate)
-    else:
-        gate = MultiHeadGatingNetwork(s * d, s, cfg.num_heads, cfg.temperature, dropout=0.0)
-        for h, head in enumerate(gate.heads):
-            _copy_gate_into_seed(ours.gate, head, h)
-    experts = seed_experts_to_modules(ours.experts, dropout=0.0)
-    return SeedMultiScaleMoE(gate, experts), experts
 
 
 @pytest.mark.parametrize("heads", [1, 3])
@@ -51,7 +17,7 @@ def test_fusion_matches_seed_code(heads, temperature):
     cfg = MultiScaleMoEConfig(dim=16, temperature=temperature, num_heads=heads, dropout=0.0,
                               balance=BalanceConfig(0.0, 0.0, 1.0))
     ours = MultiScaleMoE(cfg)
-    seed, experts = _seed_model(ours)
+    seed, experts = multiscale_to_seed(ours)
     feats = [torch.randn(5, 16) for _ in range(3)]
     f1 = [f.clone().requires_grad_() for f in feats]
     f2 = [f.clone().requires_grad_() for f in feats]

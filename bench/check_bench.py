@@ -1,0 +1,94 @@
+"""gpu-check section "bench": the layer benchmark at the GPU shape, against the issue's goals.
+
+  python3 -m bench.check_bench --json runs/gpu-check/bench.json                  # cuda, bf16, --shape gpu
+  python -m bench.check_bench --json /tmp/b.json --device cpu --quick             # small shape, fp32
+
+Runs the real command (a process of its own):
+  python3 -m launcher.cli bench layer --device cuda --dtype bf16 --shape gpu --skip fairscale --json ...
+(B=16, 80x80, C=512, F=2048, E=16, K=2, P=8; fairscale's dense dispatch is left out at this size,
+DeepSpeed's layer is fed 16,384 tokens per call: its gating tensors grow with tokens^2)
+and reads its rows: TFLOP/s of every contender, its share of the dense bf16 GEMM rate measured in
+the same run, and its time against DeepSpeed's layer. Goals (issue 13), reported as met or not:
+  PatchMoE fwd+bwd >= ``GOAL_GEMM_SHARE`` of the measured dense bf16 GEMM rate
+  PatchMoE throughput >= ``GOAL_VS_DEEPSPEED`` x DeepSpeed's layer
+The section passes when the benchmark ran; the goals are targets, reported beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from bench import section
+
+GOAL_GEMM_SHARE = 0.5
+GOAL_VS_DEEPSPEED = 1.5
+OURS = "PatchMoE P="
+DEEPSPEED_GROUP = 16384  # tokens per DeepSpeed MoE call at the GPU shape (all 102,400 at once: ~100 GB of gating)
+
+
+def bench_command(args) -> list[str]:
+    out = os.path.join(args.workdir, "layer.json")
+    if args.quick:
+        shape = ["--shape", "small", "--batch", "2", "--height", "16", "--width", "16", "--repeats", "2", "--warmup", "1"]
+    else:
+        # DeepSpeed's gating is quadratic in tokens per call: 16,384 per call (a usual micro-batch)
+        shape = ["--shape", "gpu", "--repeats", "10", "--warmup", "3", "--deepspeed-group", str(DEEPSPEED_GROUP)]
+    dtype = "bf16" if args.device.startswith("cuda") else "fp32"
+    return [sys.executable, "-m", "launcher.cli", "bench", "layer", "--device", args.device, "--dtype", dtype,
+            *shape, "--skip", "fairscale", "--json", out]
+
+
+def goals(rows: list[dict]) -> dict:
+    ours = next((r for r in rows if r["name"].startswith(OURS)), None)
+    ds = next((r for r in rows if r["name"].startswith("DeepSpeed")), None)
+    out = {}
+    share = ours.get("fraction_of_gemm_peak") if ours else None
+    out["PatchMoE share of dense GEMM rate"] = {
+        "value": share, "target": GOAL_GEMM_SHARE, "met": None if share is None else share >= GOAL_GEMM_SHARE}
+    speedup = 1.0 / ours["ratio_to_deepspeed"] if ours and ours.get("ratio_to_deepspeed") else None
+    out["PatchMoE throughput / DeepSpeed's"] = {
+        "value": speedup, "target": GOAL_VS_DEEPSPEED, "met": None if speedup is None else speedup >= GOAL_VS_DEEPSPEED}
+    return out
+
+
+def check(args) -> tuple[bool, str, dict, list]:
+    cmd = bench_command(args)
+    log = os.path.join(args.workdir, "layer.log")
+    with open(log, "w") as fh:
+        code = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, timeout=args.run_timeout).returncode
+    with open(log) as fh:
+        text = fh.read()
+    result = os.path.join(args.workdir, "layer.json")
+    if code != 0 or not os.path.isfile(result):
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        return False, f"bench layer exited {code}: {lines[-1][:300] if lines else ''}", {}, [{"tail": text[-3000:]}]
+    with open(result) as fh:
+        data = json.load(fh)
+    rows = [{k: r[k] for k in ("name", "ms_median", "tflops", "fraction_of_gemm_peak", "ratio_to_dense",
+                                "ratio_to_deepspeed")} for r in data["rows"]]
+    g = goals(rows)
+    peak = data["env"].get("gemm_peak_tflops")
+
+    def fmt(goal):
+        v = goal["value"]
+        return "n/a" if v is None else f"{v:.2f} ({'met' if goal['met'] else 'NOT met'}, goal {goal['target']:g})"
+    summary = (f"{len(rows)} contenders; dense GEMM {peak:.0f} TFLOP/s; " if peak else f"{len(rows)} contenders; ") + \
+        "; ".join(f"{name}: {fmt(goal)}" for name, goal in g.items())
+    figures = {"gemm_peak_tflops": peak, "goals": g, "shape": data["args"].get("shape"), "dtype": data["args"]["dtype"],
+               "gpu": data["env"].get("gpu"), "printed": text[-2500:]}
+    return True, summary, figures, rows
+
+
+def _options(p) -> None:
+    p.add_argument("--run-timeout", type=float, default=150.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return section.run("bench", check, __doc__, argv, extra=_options)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

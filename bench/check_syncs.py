@@ -1,0 +1,106 @@
+"""gpu-check section "syncs": host-device synchronisations per training step, counted by CUDA.
+
+  python3 -m bench.check_syncs --json runs/gpu-check/syncs.json                  # configs/h100.yaml
+  python -m bench.check_syncs --json /tmp/s.json --device cpu --quick             # code path only (no CUDA: 0)
+
+Builds the trainer in this process as ``msmoe train`` does for one process, trains ``WARMUP``
+steps, then two windows of N1 and N2 steps with ``torch.cuda.set_sync_debug_mode("warn")`` (through
+moe/compat.py), recording the warnings. Only the trainer's public API is used
+(``Trainer(cfg, world)``, ``.train(stop_at=...)``, ``.step``): each ``train`` call ends with one
+logging step and a checkpoint, so syncs per ordinary step = (count2 - count1) / (N2 - N1), and the
+rest of a window is the logging step and the save.
+
+Budget (issue 13): one sync per dispatching MoE layer (the row counts a dropless layer must size its
+buffers by: all-to-all split sizes under EP, the expert batch at EP 1; none in capacity mode, whose
+sizes are fixed) plus one per step (loss / finiteness / preemption): ``sync_budget``.
+If the config's precision fails to train, the count is taken again in fp32 and both are reported.
+
+The trainer lives in launcher/ for now (DESIGN.md puts it in training/, which bench may import):
+this module's one import against the launcher -> bench direction, done inside ``measure``.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+from bench import section
+from moe import compat
+
+WARMUP, N1, N2 = 3, 2, 6
+
+
+def sync_budget(cfg) -> int:
+    """Allowed host syncs per training step for a run config (see the module docstring)."""
+    capacity = cfg.model.patch_moe.get("capacity_factor") is not None
+    return 1 + (0 if capacity else len(cfg.model.moe_blocks))
+
+
+def measure(config: str, workdir: str, precision: str, quick: bool) -> dict:
+    from launcher.trainer import Trainer  # see the module docstring
+    from parallel.dist import init_distributed
+    from reid.config import load_config
+    from reid.synth import ensure_synth
+
+    overrides = [f"out_dir={workdir}", f"name=syncs-{precision}", f"train.precision={precision}",
+                 f"train.steps={WARMUP + N1 + N2}", "train.log_every=100000", "train.ckpt_every=100000"]
+    cfg = load_config(config, overrides)
+    world = init_distributed(timeout_s=cfg.train.collective_timeout_s)
+    if cfg.data.source == "synth":
+        ensure_synth(cfg.data.path, cfg.data.synth_spec(), progress=False)
+    trainer = Trainer(cfg, world, progress=False)
+    trainer.train(stop_at=WARMUP)
+    counts, active = [], False
+    for n in (N1, N2):
+        start = trainer.step
+        with warnings.catch_warnings(record=True) as seen, compat.sync_debug("warn") as active:
+            warnings.simplefilter("always")
+            trainer.train(stop_at=start + n)
+        counts.append(sum(compat.is_sync_warning(str(w.message)) for w in seen))
+    per_step = (counts[1] - counts[0]) / (N2 - N1)
+    return {"precision": precision, "measured": active, "syncs_per_step": per_step if active else None,
+            "window_counts": dict(zip((f"{N1} steps", f"{N2} steps"), counts)),
+            "logging_step_and_save": counts[0] - N1 * per_step if active else None,
+            "moe_layers": len(cfg.model.moe_blocks), "ep_size": cfg.train.ep_size, "device": str(world.device),
+            "budget": sync_budget(cfg)}
+
+
+def check(args) -> tuple[bool, str, dict, list]:
+    config = args.config or ("configs/tiny.yaml" if args.quick else "configs/h100.yaml")
+    rows = []
+    for precision in (args.precision, "fp32") if args.precision != "fp32" else ("fp32",):
+        try:
+            rows.append({"status": "ok", **measure(config, args.workdir, precision, args.quick)})
+            break
+        except Exception as exc:  # noqa: BLE001 - e.g. bf16 training not working yet: count in fp32
+            rows.append({"status": "FAIL", "precision": precision, "why": f"{type(exc).__name__}: {str(exc)[:300]}"})
+    done = [r for r in rows if r["status"] == "ok"]
+    if not done:
+        return False, "; ".join(f"{r['precision']}: {r['why']}" for r in rows), {}, rows
+    r = done[0]
+    if not r["measured"]:
+        return True, f"not measured: no CUDA sync debug mode on {r['device']} (code path ran, {r['precision']})", \
+            {"syncs_per_step": None}, rows
+    budget = r["budget"]
+    within = r["syncs_per_step"] <= budget
+    failed_first = f" ({rows[0]['precision']} failed: {rows[0]['why'][:120]})" if rows[0]["status"] == "FAIL" else ""
+    summary = (f"{r['syncs_per_step']:.1f} syncs per step in {r['precision']} (budget {budget}: "
+               f"{'within' if within else 'over'}); logging step + save: {r['logging_step_and_save']:.0f}"
+               + failed_first)
+    figures = {"syncs_per_step": r["syncs_per_step"], "budget": budget, "within_budget": within,
+               "precision": r["precision"]}
+    # the count is the result; being over budget is reported, not a failure of the check itself
+    return True, summary, figures, rows
+
+
+def _options(p) -> None:
+    p.add_argument("--config", default=None, help="default: configs/h100.yaml (configs/tiny.yaml with --quick)")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    return section.run("syncs", check, __doc__, argv, extra=_options)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
