@@ -3,16 +3,14 @@
   python3 -m bench.check_syncs --json runs/gpu-check/syncs.json                  # configs/h100.yaml
   python -m bench.check_syncs --json /tmp/s.json --device cpu --quick             # code path only (no CUDA: 0)
 
-Builds the trainer in this process as ``msmoe train`` does for one process, trains ``WARMUP``
-steps, then two windows of N1 and N2 steps with ``torch.cuda.set_sync_debug_mode("warn")`` (through
-moe/compat.py), recording the warnings. Only the trainer's public API is used
-(``Trainer(cfg, world)``, ``.train(stop_at=...)``, ``.step``): each ``train`` call ends with one
-logging step and a checkpoint, so syncs per ordinary step = (count2 - count1) / (N2 - N1), and the
-rest of a window is the logging step and the save.
+Builds the trainer in this process as ``msmoe train`` does for one process, runs ``WARMUP``
+steps, then ``N`` ordinary steps (``Trainer.train_step``: no logging step, no checkpoint) with
+``torch.cuda.set_sync_debug_mode("warn")`` (through moe/compat.py), recording each warning and the
+file:line that raised it, so the JSON names every sync site (ours and DeepSpeed's).
 
-Budget (issue 13): one sync per dispatching MoE layer (the row counts a dropless layer must size its
-buffers by: all-to-all split sizes under EP, the expert batch at EP 1; none in capacity mode, whose
-sizes are fixed) plus one per step (loss / finiteness / preemption): ``sync_budget``.
+Budget (issue 13, DESIGN.md): one sync per dispatching MoE layer (the all-to-all split sizes, or
+the row count of a dynamic-k / capacity plan; dropless top-k on one rank needs none) plus one per
+step (the loss / finiteness / preemption all-reduce): ``sync_budget``.
 If the config's precision fails to train, the count is taken again in fp32 and both are reported.
 
 The trainer lives in launcher/ for now (DESIGN.md puts it in training/, which bench may import):
@@ -27,40 +25,45 @@ import warnings
 from bench import section
 from moe import compat
 
-WARMUP, N1, N2 = 3, 2, 6
+WARMUP, N = 3, 4
 
 
 def sync_budget(cfg) -> int:
     """Allowed host syncs per training step for a run config (see the module docstring)."""
-    capacity = cfg.model.patch_moe.get("capacity_factor") is not None
-    return 1 + (0 if capacity else len(cfg.model.moe_blocks))
+    return 1 + len(cfg.model.moe_blocks)
 
 
 def measure(config: str, workdir: str, precision: str, quick: bool) -> dict:
-    from launcher.trainer import Trainer  # see the module docstring
+    from launcher.trainer import IntervalStats, Trainer  # see the module docstring
     from parallel.dist import init_distributed
     from reid.config import load_config
     from reid.synth import ensure_synth
 
     overrides = [f"out_dir={workdir}", f"name=syncs-{precision}", f"train.precision={precision}",
-                 f"train.steps={WARMUP + N1 + N2}", "train.log_every=100000", "train.ckpt_every=100000"]
+                 f"train.steps={WARMUP + N}", "train.log_every=100000", "train.ckpt_every=100000"]
     cfg = load_config(config, overrides)
     world = init_distributed(timeout_s=cfg.train.collective_timeout_s)
     if cfg.data.source == "synth":
         ensure_synth(cfg.data.path, cfg.data.synth_spec(), progress=False)
     trainer = Trainer(cfg, world, progress=False)
-    trainer.train(stop_at=WARMUP)
-    counts, active = [], False
-    for n in (N1, N2):
-        start = trainer.step
+    trainer.engine.train()
+    interval = IntervalStats()
+    for s in range(WARMUP):
+        trainer.train_step(s, interval)
+    sites: dict[str, int] = {}
+    per_step, active = [], False
+    for s in range(WARMUP, WARMUP + N):
         with warnings.catch_warnings(record=True) as seen, compat.sync_debug("warn") as active:
             warnings.simplefilter("always")
-            trainer.train(stop_at=start + n)
-        counts.append(sum(compat.is_sync_warning(str(w.message)) for w in seen))
-    per_step = (counts[1] - counts[0]) / (N2 - N1)
-    return {"precision": precision, "measured": active, "syncs_per_step": per_step if active else None,
-            "window_counts": dict(zip((f"{N1} steps", f"{N2} steps"), counts)),
-            "logging_step_and_save": counts[0] - N1 * per_step if active else None,
+            trainer.train_step(s, interval)
+        syncs = [w for w in seen if compat.is_sync_warning(str(w.message))]
+        per_step.append(len(syncs))
+        for w in syncs:
+            site = f"{w.filename}:{w.lineno}"
+            sites[site] = sites.get(site, 0) + 1
+    top = dict(sorted(sites.items(), key=lambda kv: -kv[1])[:12])
+    return {"precision": precision, "measured": active,
+            "syncs_per_step": max(per_step) if active else None, "per_step": per_step, "sites": top,
             "moe_layers": len(cfg.model.moe_blocks), "ep_size": cfg.train.ep_size, "device": str(world.device),
             "budget": sync_budget(cfg)}
 
@@ -84,9 +87,8 @@ def check(args) -> tuple[bool, str, dict, list]:
     budget = r["budget"]
     within = r["syncs_per_step"] <= budget
     failed_first = f" ({rows[0]['precision']} failed: {rows[0]['why'][:120]})" if rows[0]["status"] == "FAIL" else ""
-    summary = (f"{r['syncs_per_step']:.1f} syncs per step in {r['precision']} (budget {budget}: "
-               f"{'within' if within else 'over'}); logging step + save: {r['logging_step_and_save']:.0f}"
-               + failed_first)
+    summary = (f"{r['syncs_per_step']} syncs per step in {r['precision']} (budget {budget}: "
+               f"{'within' if within else 'over'}); top sites: {list(r['sites'].items())[:3]}" + failed_first)
     figures = {"syncs_per_step": r["syncs_per_step"], "budget": budget, "within_budget": within,
                "precision": r["precision"]}
     # the count is the result; being over budget is reported, not a failure of the check itself

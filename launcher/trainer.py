@@ -26,6 +26,7 @@ from tqdm import tqdm
 from launcher import checkpoints, faults
 from launcher.evaluate import retrieval
 from launcher.guards import BadStepGuard, CollapseDetector, TrainingHalted
+from moe import compat
 from moe.timing import WallTimer
 from parallel.all_to_all import CommCounter
 from parallel.dist import WorldInfo
@@ -340,7 +341,7 @@ class Trainer:
         loss parts, active experts and the preemption flag, all summed over ranks at once."""
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         norms = torch.stack([parts.total.detach().float().reshape(()),
-                             *[n.float() for n in torch._foreach_norm(grads)]]) if grads \
+                             *[n.float() for n in compat.foreach_norm(grads)]]) if grads \
             else parts.total.detach().float().reshape(1)
         bad = (~torch.isfinite(norms).all()).double()
         vec = torch.stack([bad, parts.total.detach().double(), parts.id.double(), parts.triplet.double(),

@@ -118,6 +118,16 @@ def foreach_norm(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [torch.linalg.vector_norm(t) for t in tensors]
 
 
+def foreach_mul_(tensors: Sequence[torch.Tensor], scale: torch.Tensor) -> None:
+    """t *= scale for each tensor, ``scale`` a 0-d tensor (read on the device, never on the host)."""
+    fn = getattr(torch, "_foreach_mul_", None)
+    if fn is not None and tensors:
+        fn(list(tensors), scale)
+        return
+    for t in tensors:
+        t.mul_(scale)
+
+
 def gelu_backward_(grad: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """d GELU(h) / dh * grad (exact erf GELU), written into ``grad`` where aten's out variant exists."""
     op = getattr(torch.ops.aten.gelu_backward, "grad_input", None)

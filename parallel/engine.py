@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from moe import compat
 from parallel.groups import ParallelGroups
 
 
@@ -91,7 +92,7 @@ def _sum_of_squares(grads: list[torch.Tensor], device: torch.device) -> torch.Te
     """sum ||g||^2 over ``grads`` as a 0-d float64 tensor on ``device``: one fused norm, no host read."""
     if not grads:
         return torch.zeros((), dtype=torch.float64, device=device)
-    return torch.stack(torch._foreach_norm(grads, 2.0)).double().square().sum()
+    return torch.stack([n.double() for n in compat.foreach_norm(grads)]).square().sum()
 
 
 def grad_norm_ep(params: Iterable[torch.Tensor], groups: ParallelGroups) -> torch.Tensor:
@@ -123,7 +124,7 @@ def clip_grad_norm_ep(params: Iterable[torch.Tensor], max_norm: float, groups: P
     for p in params:
         by_dtype.setdefault(p.grad.dtype, []).append(p.grad.detach())
     for dtype, grads in by_dtype.items():
-        torch._foreach_mul_(grads, coef.to(dtype))
+        compat.foreach_mul_(grads, coef.to(dtype))
     return total
 
 
