@@ -152,6 +152,8 @@ def run_train(args) -> int:
         if world.rank == 0:
             print(f"msmoe: stopped: {exc}", file=sys.stderr, flush=True)
         return 3
+    finally:
+        trainer.close()  # the batch prefetch thread, whatever ended the loop
     if trainer.preempted:
         note = trainer.requeue()
         if world.rank == 0:
