@@ -51,10 +51,24 @@ def _common(p) -> None:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
+CPU_FIX = 'CUDA_VISIBLE_DEVICES="" to train on the CPU'
+
+
+def check_nproc_gpus(nproc: int, count=None) -> None:
+    """On a CUDA node (``count`` devices; None: ask torch), ``--nproc`` must not exceed the GPUs;
+    without CUDA the processes train on the CPU and any number works."""
+    from parallel.devices import check_gpu_count, cuda_device_count
+
+    found = cuda_device_count() if count is None else count
+    if found:
+        check_gpu_count(nproc, "--nproc", CPU_FIX, found)
+
+
 def _relaunch(nproc: int) -> int | None:
     """Re-run this command under torchrun when asked for >1 process and not yet launched."""
     if nproc <= 1 or "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ or "PMI_RANK" in os.environ:
         return None
+    check_nproc_gpus(nproc)  # before any worker starts
     argv = sys.argv[1:]
     cleaned, skip = [], False
     for i, a in enumerate(argv):

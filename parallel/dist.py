@@ -82,6 +82,11 @@ def init_distributed(backend: str | None = None, timeout_s: float = 300.0) -> Wo
     backend = backend or ("nccl" if cuda else "gloo")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
+        from parallel.devices import check_gpu_count
+
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1))
+        # more local processes than GPUs would fail below with "invalid device ordinal"
+        check_gpu_count(max(local_world, local_rank + 1), "--nproc_per_node", 'CUDA_VISIBLE_DEVICES="" to run on the CPU')
         torch.cuda.set_device(local_rank)
     if not torch.distributed.is_initialized():
         # our own rendezvous first (DeepSpeed adopts it): under torchrun every restart attempt gets

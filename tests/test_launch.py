@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from parallel.devices import DeviceCountError
 from launcher.launch import LaunchError, LaunchSpec, build_commands, check_devices, check_environment, \
     check_hosts_reachable
 
@@ -65,7 +66,8 @@ def test_torchrun_lines_per_node_and_errors():
 def test_clear_errors():
     with pytest.raises(LaunchError, match="do not resolve: no-such-host.invalid"):
         check_hosts_reachable(["localhost", "no-such-host.invalid"])
-    with pytest.raises(LaunchError, match="--nproc-per-node 4 is more than the 2 CUDA device"):
+    with pytest.raises(DeviceCountError, match=r"--nproc-per-node 4 asks for 4 processes .* but 2 CUDA device\(s\) "
+                                               r"are present: use --nproc-per-node 2, or --device cpu"):
         check_devices(LaunchSpec("torchrun", nproc_per_node=4, device="cuda"), cuda_count=2)
     check_devices(LaunchSpec("torchrun", nproc_per_node=4, device="cpu"), cuda_count=0)
     with pytest.raises(LaunchError, match="inside another launcher .*RANK=3"):
@@ -83,7 +85,9 @@ def test_cli_errors(tmp_path):
     assert p.returncode != 0 and "inside another launcher" in p.stderr
     p = _msmoe("launch", "--launcher", "torchrun", "--nproc-per-node", "2", "--device", "cuda", "--",
                "--config", "configs/tiny.yaml", check=False)
-    assert p.returncode != 0 and "CUDA device(s) present" in p.stderr
+    assert p.returncode == 2 and "--nproc-per-node 2 asks for 2 processes on this node, one per GPU, but 0 CUDA " \
+        "device(s) are present: there is no CUDA device to use, or --device cpu" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
     env = {"PATH": os.path.dirname(sys.executable)}  # no sbatch here
     p = _msmoe("submit", "--nodes", "1", "--gpus-per-node", "2", "--time", "1:00", "--", "--config",
                "configs/tiny.yaml", f"out_dir={tmp_path}", env=env, check=False)
