@@ -83,16 +83,22 @@ def _relaunch(nproc: int) -> int | None:
         cleaned.append(a)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "launcher.cli", *cleaned]
-    return subprocess.call(cmd)
+    from launcher.threads import threads_per_worker
+
+    # torchrun would set OMP_NUM_THREADS=1 for its workers: give them this machine's share instead, unless set
+    env = dict(os.environ)
+    if not env.get("OMP_NUM_THREADS"):
+        env["OMP_NUM_THREADS"] = str(threads_per_worker(0, {**env, "LOCAL_WORLD_SIZE": str(nproc)}))
+    return subprocess.call(cmd, env=env)
 
 
 def _setup_threads(threads: int) -> None:
+    """torch threads for this worker: ``train.threads``, else from the environment (launcher/threads.py)."""
     import torch
 
-    if threads == 0:
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        threads = max(1, (os.cpu_count() or 1) // local)
-    torch.set_num_threads(threads)
+    from launcher.threads import threads_per_worker
+
+    torch.set_num_threads(threads_per_worker(threads))
 
 
 def _prepare_data(cfg, world, progress: bool = True) -> None:

@@ -111,3 +111,30 @@ def test_every_launcher_trains_the_same(tmp_path):
     for launcher, (curve, how, _) in curves.items():
         assert all(abs(a - b) <= 1e-5 * max(1, abs(b)) for a, b in zip(curve, ref)), (launcher, curve, ref)
     assert curves["mpirun"][1] == "mpi" and curves["torchrun"][1] == "env"
+
+
+def test_submit_asks_for_cpus_and_sets_threads_from_the_allocation():
+    from launcher.submit import SubmitError, resolve_cpus_per_task
+
+    out = _msmoe("submit", "--nodes", "1", "--gpus-per-node", "2", "--device", "cpu", "--cpus-per-task", "6",
+                 "--time", "1:00:00", "--dry-run", "--", "--config", "configs/tiny.yaml").stdout
+    assert "#SBATCH --cpus-per-task=6\n" in out and "srun --ntasks-per-node=1 --cpus-per-task=$SLURM_CPUS_PER_TASK" in out
+    threads = subprocess.run(  # the script's two thread lines, run by bash as SLURM would
+        ["bash", "-c", "\n".join(ln for ln in out.splitlines() if "threads" in ln) + "\necho $OMP_NUM_THREADS"],
+        capture_output=True, text=True, env={"PATH": os.environ["PATH"], "SLURM_CPUS_PER_TASK": "6"})
+    assert threads.stdout.strip() == "3"  # 6 CPUs over 2 processes
+    user = subprocess.run(["bash", "-c", "\n".join(ln for ln in out.splitlines() if "threads" in ln) +
+                           "\necho $OMP_NUM_THREADS"], capture_output=True, text=True,
+                          env={"PATH": os.environ["PATH"], "SLURM_CPUS_PER_TASK": "1", "OMP_NUM_THREADS": "5"})
+    assert user.stdout.strip() == "5"  # the user's own setting wins
+
+    class Sinfo:  # what `sinfo --noheader --format=%c` prints for a partition of 48- and 64-CPU nodes
+        def __init__(self, out, code=0):
+            self.stdout, self.returncode = out, code
+
+    assert resolve_cpus_per_task("node", "cuda", 8, "gpu", True, run=lambda *a, **k: Sinfo("64\n48+\n")) == 48
+    assert resolve_cpus_per_task("node", "cuda", 8, "gpu", True, run=lambda *a, **k: Sinfo("", 1)) == 64
+    assert resolve_cpus_per_task("node", "cpu", 2, None, False) == 2
+    assert resolve_cpus_per_task("12", "cuda", 8, "gpu", True) == 12
+    with pytest.raises(SubmitError, match=r"--cpus-per-task 'zero' must be a number >= 1, or 'node'"):
+        resolve_cpus_per_task("zero", "cuda", 8, "gpu", True)
