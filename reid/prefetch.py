@@ -82,10 +82,11 @@ class Prefetcher(Generic[T]):
     ``depth`` 0: no thread, ``get(s)`` calls ``make(s)`` itself.
     """
 
-    def __init__(self, make: Callable[[int], T], depth: int, end: int | None = None, name: str = "msmoe-prefetch"):
+    def __init__(self, make: Callable[[int], T], depth: int, end: int | None = None, name: str = "msmoe-prefetch",
+                 on_start: Callable[[], None] | None = None):
         if depth < 0:
             raise ValueError(f"prefetch depth={depth} must be >= 0")
-        self.make, self.depth, self.end, self.name = make, depth, end, name
+        self.make, self.depth, self.end, self.name, self.on_start = make, depth, end, name, on_start
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._queue: queue.Queue = queue.Queue()
@@ -146,8 +147,12 @@ class Prefetcher(Generic[T]):
 
     # ------------------------------------------------------------ worker side
     def _work(self, step: int, stop: threading.Event, q: queue.Queue) -> None:
+        started = self.on_start is None
         while not stop.is_set() and (self.end is None or step < self.end):
             try:
+                if not started:  # once per thread
+                    self.on_start()
+                    started = True
                 item = self.make(step)
             except BaseException as exc:  # noqa: BLE001 - handed to the main thread as is
                 item = _Failed(step, exc)
@@ -171,7 +176,9 @@ class BatchFeed:
         self.device, self.dtype, self.cuda = device, dtype, cuda
         # on CUDA: pinned fp32 on the host, cast after the copy; on CPU the host batch is the batch
         self.batches = StepBatches(split, sampler, pin=cuda, dtype=None if cuda else dtype)
-        self.prefetcher: Prefetcher[StepBatch] = Prefetcher(self.batches, depth, end)
+        # the CUDA device is per thread: pin (cudaHostAlloc) under this rank's GPU, not GPU 0
+        on_start = (lambda: torch.cuda.set_device(device)) if cuda else None
+        self.prefetcher: Prefetcher[StepBatch] = Prefetcher(self.batches, depth, end, on_start=on_start)
 
     def get(self, step: int) -> StepBatch:
         sb = self.prefetcher.get(step)

@@ -152,3 +152,15 @@ def test_prefetch_config_is_checked(value):
     with pytest.raises(ConfigError, match=rf"train.prefetch={value!r} must be a whole number of batches in 0..64"):
         TrainConfig(prefetch=value)
     TrainConfig(prefetch=0), TrainConfig(prefetch=4)
+
+
+def test_on_start_runs_in_every_worker_thread_first():
+    seen = []
+    p = Prefetcher(lambda s: (threading.current_thread().name, s), depth=1, end=10,
+                   on_start=lambda: seen.append(threading.current_thread()))
+    try:
+        assert p.get(0)[1] == 0
+        assert p.get(5)[1] == 5  # restarted: a new thread, set up again
+    finally:
+        p.close()
+    assert len(seen) == 2 and seen[0] is not seen[1] and threading.main_thread() not in seen
