@@ -232,7 +232,10 @@ def run_launch(args) -> int:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     if spec.device == "cpu":
-        env["CUDA_VISIBLE_DEVICES"] = ""  # --device cpu: the workers train on the CPU (gloo) even on a GPU node
+        from parallel.devices import cuda_device_count
+
+        if cuda_device_count():  # --device cpu on a GPU node: hide the GPUs, the workers train on the CPU (gloo)
+            env["CUDA_VISIBLE_DEVICES"] = ""
     if spec.launcher == "accelerate":
         env["ACCELERATE_CONFIG_FILE"] = os.path.join(root, ACCELERATE_CONFIG)
         cmd = [c if c != ACCELERATE_CONFIG else os.path.join(root, ACCELERATE_CONFIG) for c in cmd]
