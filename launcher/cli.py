@@ -33,10 +33,11 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from parallel.reshard import ReshardError
     from launcher.checkpoints import CheckpointMismatch
     from parallel.all_to_all import CollectiveError
+    from parallel.devices import DeviceCountError
     from reid.data import DataError
 
     return (ConfigError, LaunchError, SubmitError, ScaleError, CheckpointMismatch, CollectiveError, DataError,
-            ReshardError, ResizeError, ParallelConfigError,
+            ReshardError, ResizeError, ParallelConfigError, DeviceCountError,
             FileNotFoundError)
 
 

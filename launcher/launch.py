@@ -95,15 +95,13 @@ def check_environment(environ: dict | None = None) -> None:
 
 
 def check_devices(spec: LaunchSpec, cuda_count: int | None = None) -> None:
+    """``--nproc-per-node`` at most the CUDA devices present (``cuda_count``; None: ask torch)."""
+    from parallel.devices import check_gpu_count, cuda_device_count
+
     if spec.device != "cuda":
         return
-    if cuda_count is None:
-        import torch
-
-        cuda_count = torch.cuda.device_count()
-    if spec.nproc_per_node > cuda_count:
-        raise LaunchError(f"--nproc-per-node {spec.nproc_per_node} is more than the {cuda_count} CUDA device(s) "
-                          f"present; use --nproc-per-node {max(cuda_count, 1)} or --device cpu")
+    check_gpu_count(spec.nproc_per_node, "--nproc-per-node", "--device cpu",
+                    cuda_device_count if cuda_count is None else cuda_count)
 
 
 def build_commands(spec: LaunchSpec, train_args: list[str]) -> list[list[str]]:
@@ -233,6 +231,11 @@ def run_launch(args) -> int:
         cmd = [os.path.join(bindir, cmd[0]), *cmd[1:]]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    if spec.device == "cpu":
+        from parallel.devices import cuda_device_count
+
+        if cuda_device_count():  # --device cpu on a GPU node: hide the GPUs, the workers train on the CPU (gloo)
+            env["CUDA_VISIBLE_DEVICES"] = ""
     if spec.launcher == "accelerate":
         env["ACCELERATE_CONFIG_FILE"] = os.path.join(root, ACCELERATE_CONFIG)
         cmd = [c if c != ACCELERATE_CONFIG else os.path.join(root, ACCELERATE_CONFIG) for c in cmd]

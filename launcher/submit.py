@@ -62,6 +62,36 @@ def sweep_points(sweeps: list[str]) -> list[list[str]]:
     return [list(p) for p in itertools.product(*axes)] if axes else [[]]
 
 
+CPUS_PER_PROCESS = {"cuda": 8, "cpu": 1}  # the default when the node's size is not known (--dry-run)
+
+
+def default_cpus_per_task(device: str, procs_per_node: int) -> int:
+    return CPUS_PER_PROCESS[device] * procs_per_node
+
+
+def node_cpus(partition: str | None, run=subprocess.run) -> int | None:
+    """CPUs of the smallest node of ``partition`` (``sinfo``); None if SLURM does not say."""
+    cmd = ["sinfo", "--noheader", "--format=%c"] + ([f"--partition={partition}"] if partition else [])
+    try:
+        proc = run(cmd, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    counts = [int(tok.rstrip("+")) for tok in proc.stdout.split() if tok.rstrip("+").isdigit()]
+    return min(counts) if proc.returncode == 0 and counts else None
+
+
+def resolve_cpus_per_task(requested: str, device: str, procs_per_node: int, partition: str | None,
+                          ask_slurm: bool, run=subprocess.run) -> int:
+    """``--cpus-per-task``: a number, or "node" (default): every CPU of a node of the partition, as
+    ``sinfo`` reports it; without SLURM to ask (``--dry-run``) 8 per GPU process, 1 per CPU process."""
+    if requested != "node":
+        if not requested.isdigit() or int(requested) < 1:
+            raise SubmitError(f"--cpus-per-task {requested!r} must be a number >= 1, or 'node' (all CPUs of a node)")
+        return int(requested)
+    found = node_cpus(partition, run) if ask_slurm else None
+    return found if found else default_cpus_per_task(device, procs_per_node)
+
+
 def render_script(*, name: str, run_dir: str, nodes: int, procs_per_node: int, time: str, partition: str | None,
                   device: str, train_args: list[str], python: str, root: str, port: int = 29500,
                   signal_warn_s: int = 120, cpus_per_task: int | None = None, points: list[list[str]] | None = None,
@@ -76,8 +106,9 @@ def render_script(*, name: str, run_dir: str, nodes: int, procs_per_node: int, t
     ]
     if device == "cuda":
         lines.append(f"#SBATCH --gpus-per-node={procs_per_node}")
-    if cpus_per_task:
-        lines.append(f"#SBATCH --cpus-per-task={cpus_per_task}")
+    if cpus_per_task is None:
+        cpus_per_task = default_cpus_per_task(device, procs_per_node)
+    lines.append(f"#SBATCH --cpus-per-task={cpus_per_task}")  # the one task per node runs all its processes
     lines += [f"#SBATCH --time={time}"]
     if partition:
         lines.append(f"#SBATCH --partition={partition}")
@@ -118,8 +149,10 @@ def render_script(*, name: str, run_dir: str, nodes: int, procs_per_node: int, t
     # non-zero whenever it was signalled, even when the signal came after the last step (during the
     # final evaluation) and the workers finished normally: that is still a finished job.
     lines.append(f'rm -f "$run_dir/{COMPLETE}"')
-    if device == "cpu":
-        lines.append(f"export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-1}}")
+    # threads per worker from the allocation, unless set: the task's CPUs over its processes (at least 1);
+    # `msmoe train` gives torch the same count (launcher/threads.py)
+    lines.append(f"threads=$(( ${{SLURM_CPUS_PER_TASK:-{procs_per_node}}} / {procs_per_node} ))")
+    lines.append('export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( threads > 0 ? threads : 1 ))}')
     torchrun = [python, "-m", "torch.distributed.run", "--nnodes=$SLURM_NNODES", f"--nproc_per_node={procs_per_node}",
                 "--rdzv_backend=c10d", f"--rdzv_endpoint=$head_node:{port}", f"--rdzv_id={rdzv_id}",
                 "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout=300",
@@ -129,7 +162,8 @@ def render_script(*, name: str, run_dir: str, nodes: int, procs_per_node: int, t
     cmd += " " + " ".join(shlex.quote(a) for a in train_args) + extra
     lines += [
         "status=0",
-        f"srun --ntasks-per-node=1 --kill-on-bad-exit=1 {cmd} || status=$?",
+        # srun does not inherit --cpus-per-task from sbatch (SLURM >= 22.05): ask again, or the task gets one CPU
+        f"srun --ntasks-per-node=1 --cpus-per-task=$SLURM_CPUS_PER_TASK --kill-on-bad-exit=1 {cmd} || status=$?",
         f'if [ "$status" -ne 0 ] && [ -f "$run_dir/{COMPLETE}" ]; then',
         '  echo "msmoe: the run finished; the launcher exited $status after a late signal: job complete"',
         "  status=0",
@@ -147,7 +181,10 @@ def add_parser(sub) -> None:
     p.add_argument("--time", required=True, help="time limit, e.g. 04:00:00")
     p.add_argument("--partition", default=None)
     p.add_argument("--account", default=None)
-    p.add_argument("--cpus-per-task", type=int, default=None)
+    p.add_argument("--cpus-per-task", default="node",
+                   help="CPUs for the one task per node that runs torchrun and its processes; 'node' (default): "
+                        "all CPUs of a node of the partition (sinfo; 8 per GPU with --dry-run). Threads per "
+                        "process: these CPUs over --gpus-per-node, unless OMP_NUM_THREADS is set")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                    help="cpu: processes per node without requesting GPUs")
     p.add_argument("--port", type=int, default=29500, help="rendezvous port on the first node")
@@ -169,10 +206,12 @@ def run_submit(args) -> int:
     run_dir = os.path.abspath(os.path.join(out_dir, name)) if not args.dry_run else os.path.join(out_dir, name)
     python = sys.executable if not args.dry_run else "python"
     root = ROOT if not args.dry_run else "/path/to/msmoe"
+    cpus = resolve_cpus_per_task(str(args.cpus_per_task), args.device, args.gpus_per_node, args.partition,
+                                 ask_slurm=not args.dry_run)
     script = render_script(name=name, run_dir=run_dir, nodes=args.nodes, procs_per_node=args.gpus_per_node,
                            time=args.time, partition=args.partition, device=args.device, train_args=train_args,
                            python=python, root=root, port=args.port, signal_warn_s=args.signal_warn,
-                           cpus_per_task=args.cpus_per_task, points=points, account=args.account)
+                           cpus_per_task=cpus, points=points, account=args.account)
     if args.dry_run:
         sys.stdout.write(script)
         return 0

@@ -51,10 +51,24 @@ def _common(p) -> None:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
+CPU_FIX = 'CUDA_VISIBLE_DEVICES="" to train on the CPU'
+
+
+def check_nproc_gpus(nproc: int, count=None) -> None:
+    """On a CUDA node (``count`` devices; None: ask torch), ``--nproc`` must not exceed the GPUs;
+    without CUDA the processes train on the CPU and any number works."""
+    from parallel.devices import check_gpu_count, cuda_device_count
+
+    found = cuda_device_count() if count is None else count
+    if found:
+        check_gpu_count(nproc, "--nproc", CPU_FIX, found)
+
+
 def _relaunch(nproc: int) -> int | None:
     """Re-run this command under torchrun when asked for >1 process and not yet launched."""
     if nproc <= 1 or "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ or "PMI_RANK" in os.environ:
         return None
+    check_nproc_gpus(nproc)  # before any worker starts
     argv = sys.argv[1:]
     cleaned, skip = [], False
     for i, a in enumerate(argv):
@@ -69,16 +83,22 @@ def _relaunch(nproc: int) -> int | None:
         cleaned.append(a)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "launcher.cli", *cleaned]
-    return subprocess.call(cmd)
+    from launcher.threads import threads_per_worker
+
+    # torchrun would set OMP_NUM_THREADS=1 for its workers: give them this machine's share instead, unless set
+    env = dict(os.environ)
+    if not env.get("OMP_NUM_THREADS"):
+        env["OMP_NUM_THREADS"] = str(threads_per_worker(0, {**env, "LOCAL_WORLD_SIZE": str(nproc)}))
+    return subprocess.call(cmd, env=env)
 
 
 def _setup_threads(threads: int) -> None:
+    """torch threads for this worker: ``train.threads``, else from the environment (launcher/threads.py)."""
     import torch
 
-    if threads == 0:
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        threads = max(1, (os.cpu_count() or 1) // local)
-    torch.set_num_threads(threads)
+    from launcher.threads import threads_per_worker
+
+    torch.set_num_threads(threads_per_worker(threads))
 
 
 def _prepare_data(cfg, world, progress: bool = True) -> None:
@@ -152,6 +172,8 @@ def run_train(args) -> int:
         if world.rank == 0:
             print(f"msmoe: stopped: {exc}", file=sys.stderr, flush=True)
         return 3
+    finally:
+        trainer.close()  # the batch prefetch thread, whatever ended the loop
     if trainer.preempted:
         note = trainer.requeue()
         if world.rank == 0:

@@ -34,8 +34,9 @@ from parallel.ds_moe import shard_moe_layers
 from parallel.engine import build_engine, sync_batchnorm_stats
 from parallel.groups import ParallelGroups
 from reid.config import RunConfig
-from reid.data import Batch, DataError, PKSampler, dataset_summary, fetch, image_size, load_splits
+from reid.data import Batch, DataError, PKSampler, dataset_summary, image_size, load_splits
 from reid.losses import reid_loss
+from reid.prefetch import BatchFeed
 from reid.model import ReIDModel
 
 CKPT_DIR = "checkpoints"
@@ -184,6 +185,7 @@ class Trainer:
         model = ReIDModel(cfg.model, num_classes=len(self.label_of))
         self.moe_layers = shard_moe_layers(model, self.groups, self.comm, self.timer)
         self.dtype = torch.bfloat16 if tc.precision == "bf16" else torch.float32
+        self.feed = BatchFeed(self.splits["train"], self.sampler, self.device, self.dtype, tc.prefetch, end=tc.steps)
         ds_config = {
             "train_micro_batch_size_per_gpu": tc.p * tc.k // self.world_size,
             "gradient_accumulation_steps": 1,
@@ -217,12 +219,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
     def batch(self, step: int) -> tuple[Batch, torch.Tensor]:
-        idx = self.sampler.indices(step)
-        b = fetch(self.splits["train"], idx, self.sampler.flips(step)).to(self.device)
-        labels = torch.tensor([self.label_of[int(p)] for p in b.pid], device=self.device)
-        if self.dtype != torch.float32:
-            b = Batch(b.rgb.to(self.dtype), b.nir.to(self.dtype), b.tir.to(self.dtype), b.pid, b.camid)
-        return b, labels
+        """Step ``step``'s batch and labels on the device, made ahead by the prefetch thread
+        (``train.prefetch``; reid/prefetch.py). Asking for another step than the next one (a resume)
+        restarts the thread there."""
+        sb = self.feed.get(step)
+        return sb.batch, sb.labels
+
+    def close(self) -> None:
+        """Stop the prefetch thread (also after an error or a preemption; safe to call twice)."""
+        self.feed.close()
 
     # ------------------------------------------------------------ checkpoint
     def save(self) -> None:

@@ -8,6 +8,7 @@ swapped (what was sent is received back), so the function is symmetric.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -53,9 +54,28 @@ class CollectiveError(RuntimeError):
     """A collective failed or timed out: some rank of the group died or stopped calling it."""
 
 
-def collective(name: str, fn, *args, **kwargs):
-    """Run ``fn`` (a torch.distributed collective); a failure or timeout is re-raised naming it."""
+_host_wait_s: float | None = None  # NCCL: see parallel/nccl.py; None on gloo (it raises in the caller itself)
+
+
+def set_host_wait_timeout(seconds: float | None) -> None:
+    """How long a ``host_reads`` collective is waited for in the calling thread before it fails
+    (``train.collective_timeout_s`` on NCCL; set by ``parallel.dist.init_distributed``)."""
+    global _host_wait_s
+    _host_wait_s = seconds
+
+
+def collective(name: str, fn, *args, host_reads: bool = False, **kwargs):
+    """Run ``fn`` (a torch.distributed collective); a failure or timeout is re-raised naming it.
+
+    ``host_reads``: the caller reads the result on the host right after (split sizes), so waiting
+    for it here costs nothing; on NCCL the wait then has a timeout and fails in this thread, named,
+    instead of leaving the rank blocked until the watchdog ends the process."""
     try:
+        if host_reads and _host_wait_s is not None:
+            work = fn(*args, async_op=True, **kwargs)
+            if work is not None and work.wait(timedelta(seconds=_host_wait_s)) is False:
+                raise RuntimeError(f"Timed out after {_host_wait_s:g} s waiting for the other ranks")
+            return None
         return fn(*args, **kwargs)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
@@ -65,11 +85,11 @@ def collective(name: str, fn, *args, **kwargs):
 
 
 def exchange(x: torch.Tensor, send_splits: list[int], recv_splits: list[int], group,
-             name: str = "all-to-all") -> torch.Tensor:
+             name: str = "all-to-all", host_reads: bool = False) -> torch.Tensor:
     """Plain all_to_all_single of rows: [sum(send), ...] -> [sum(recv), ...]."""
     out = x.new_empty((sum(recv_splits), *x.shape[1:]))
     collective(name, dist.all_to_all_single, out, x.contiguous(), output_split_sizes=recv_splits,
-               input_split_sizes=send_splits, group=group)
+               input_split_sizes=send_splits, group=group, host_reads=host_reads)
     return out
 
 

@@ -61,7 +61,7 @@ class AllToAllDispatcher:
     def capacity(self, num_units: int, k: int, num_experts: int, factor: float) -> int:
         n = torch.tensor([num_units], dtype=torch.long, device=self._device())
         collective("all-reduce of the patch count (capacity)", dist.all_reduce, n, op=dist.ReduceOp.MAX,
-                   group=self.ep_group)
+                   group=self.ep_group, host_reads=True)
         return expert_capacity(int(n), k, num_experts, factor)
 
     def _device(self) -> torch.device:
@@ -74,7 +74,7 @@ class AllToAllDispatcher:
         _, l, c = units_NLC.shape
         counts_E = plan.counts.to(self._device())
         recv_PE = exchange(counts_E, [el] * p, [el] * p, self.ep_group,
-                           "all-to-all of per-expert patch counts (dispatch)").view(p, el)
+                           "all-to-all of per-expert patch counts (dispatch)", host_reads=True).view(p, el)
         # The one host read of this layer: what this rank sends per expert and receives per (rank, expert).
         host = torch.cat([counts_E, recv_PE.reshape(-1)]).tolist()
         sent_E, recv_host = host[: p * el], host[p * el:]

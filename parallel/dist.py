@@ -21,6 +21,9 @@ from datetime import timedelta
 
 import torch
 
+from parallel.all_to_all import set_host_wait_timeout
+from parallel.nccl import apply_nccl_env, group_timeout_s
+
 MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
 
 
@@ -82,15 +85,23 @@ def init_distributed(backend: str | None = None, timeout_s: float = 300.0) -> Wo
     backend = backend or ("nccl" if cuda else "gloo")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
+        from parallel.devices import check_gpu_count
+
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1))
+        # more local processes than GPUs would fail below with "invalid device ordinal"
+        check_gpu_count(max(local_world, local_rank + 1), "--nproc_per_node", 'CUDA_VISIBLE_DEVICES="" to run on the CPU')
         torch.cuda.set_device(local_rank)
+    if backend == "nccl":  # before the process group exists: see parallel/nccl.py
+        apply_nccl_env()
+        set_host_wait_timeout(timeout_s)
     if not torch.distributed.is_initialized():
         # our own rendezvous first (DeepSpeed adopts it): under torchrun every restart attempt gets
         # its own key space in the agent's store, so a restarted worker never reads a dead one's address
-        timeout = timedelta(seconds=timeout_s)
+        timeout = timedelta(seconds=group_timeout_s(backend, timeout_s))
         torch.distributed.init_process_group(backend=backend, timeout=timeout, **_attempt_store(timeout))
         atexit.register(_destroy_at_exit)
     deepspeed.init_distributed(  # adopts the group above
-        dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s)
+        dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(seconds=group_timeout_s(backend, timeout_s))
     )
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return WorldInfo(

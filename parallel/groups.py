@@ -71,8 +71,11 @@ class ParallelGroups:
         if timeout_s is not None:
             from torch.distributed.distributed_c10d import _set_pg_timeout
 
+            from parallel.nccl import group_timeout_s
+
+            seconds = group_timeout_s(tdist.get_backend(), timeout_s)  # NCCL: the watchdog's, see parallel/nccl.py
             for g in {id(g): g for g in (ep_group, edp_group, ds_groups._get_data_parallel_group())}.values():
-                _set_pg_timeout(timedelta(seconds=timeout_s), g)
+                _set_pg_timeout(timedelta(seconds=seconds), g)
         return ParallelGroups(
             world_size=world, rank=rank,
             ep_size=ep_size, ep_rank=tdist.get_rank(ep_group), ep_group=ep_group,

@@ -131,6 +131,7 @@ class TrainConfig:
     stage_timing: Literal["sampled", "off"] = "sampled"  # stage breakdown measured on one step per log_every
     ckpt_every: int = 200
     threads: int = 0  # torch threads per rank; 0 = cores / local ranks
+    prefetch: int = 2  # batches prepared ahead of the step by a background thread; 0 = in the step itself
     keep_last: int = 3  # complete checkpoints kept (older ones are deleted after each commit)
     collective_timeout_s: float = 300.0  # a rank silent this long makes the others fail, naming the collective
     max_bad_steps: int = 5  # non-finite loss/gradients this many steps in a row: checkpoint and stop
@@ -157,6 +158,9 @@ class TrainConfig:
                  "synchronised on GPUs) or 'off'")
         _require(self.ckpt_every >= 1, f"train.ckpt_every={self.ckpt_every} must be >= 1")
         _require(self.threads >= 0, f"train.threads={self.threads} must be >= 0")
+        _require(isinstance(self.prefetch, int) and not isinstance(self.prefetch, bool) and 0 <= self.prefetch <= 64,
+                 f"train.prefetch={self.prefetch!r} must be a whole number of batches in 0..64 "
+                 "(2 is plenty: it only has to stay ahead of one step; 0 turns prefetching off)")
         _require(self.keep_last >= 1, f"train.keep_last={self.keep_last} must be >= 1")
         _require(self.collective_timeout_s > 0,
                  f"train.collective_timeout_s={self.collective_timeout_s} must be > 0 (seconds)")

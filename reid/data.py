@@ -137,8 +137,10 @@ class Batch:
     pid: torch.Tensor
     camid: torch.Tensor
 
-    def to(self, device) -> "Batch":
-        return Batch(*(t.to(device) for t in (self.rgb, self.nir, self.tir, self.pid, self.camid)))
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        """``non_blocking``: an asynchronous copy (overlaps with the host) when the source is pinned."""
+        return Batch(*(t.to(device, non_blocking=non_blocking) for t in (self.rgb, self.nir, self.tir, self.pid,
+                                                                           self.camid)))
 
     def __len__(self) -> int:
         return self.pid.shape[0]

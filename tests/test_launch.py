@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from parallel.devices import DeviceCountError
 from launcher.launch import LaunchError, LaunchSpec, build_commands, check_devices, check_environment, \
     check_hosts_reachable
 
@@ -65,7 +66,8 @@ def test_torchrun_lines_per_node_and_errors():
 def test_clear_errors():
     with pytest.raises(LaunchError, match="do not resolve: no-such-host.invalid"):
         check_hosts_reachable(["localhost", "no-such-host.invalid"])
-    with pytest.raises(LaunchError, match="--nproc-per-node 4 is more than the 2 CUDA device"):
+    with pytest.raises(DeviceCountError, match=r"--nproc-per-node 4 asks for 4 processes .* but 2 CUDA device\(s\) "
+                                               r"are present: use --nproc-per-node 2, or --device cpu"):
         check_devices(LaunchSpec("torchrun", nproc_per_node=4, device="cuda"), cuda_count=2)
     check_devices(LaunchSpec("torchrun", nproc_per_node=4, device="cpu"), cuda_count=0)
     with pytest.raises(LaunchError, match="inside another launcher .*RANK=3"):
@@ -83,7 +85,9 @@ def test_cli_errors(tmp_path):
     assert p.returncode != 0 and "inside another launcher" in p.stderr
     p = _msmoe("launch", "--launcher", "torchrun", "--nproc-per-node", "2", "--device", "cuda", "--",
                "--config", "configs/tiny.yaml", check=False)
-    assert p.returncode != 0 and "CUDA device(s) present" in p.stderr
+    assert p.returncode == 2 and "--nproc-per-node 2 asks for 2 processes on this node, one per GPU, but 0 CUDA " \
+        "device(s) are present: there is no CUDA device to use, or --device cpu" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
     env = {"PATH": os.path.dirname(sys.executable)}  # no sbatch here
     p = _msmoe("submit", "--nodes", "1", "--gpus-per-node", "2", "--time", "1:00", "--", "--config",
                "configs/tiny.yaml", f"out_dir={tmp_path}", env=env, check=False)
@@ -107,3 +111,30 @@ def test_every_launcher_trains_the_same(tmp_path):
     for launcher, (curve, how, _) in curves.items():
         assert all(abs(a - b) <= 1e-5 * max(1, abs(b)) for a, b in zip(curve, ref)), (launcher, curve, ref)
     assert curves["mpirun"][1] == "mpi" and curves["torchrun"][1] == "env"
+
+
+def test_submit_asks_for_cpus_and_sets_threads_from_the_allocation():
+    from launcher.submit import SubmitError, resolve_cpus_per_task
+
+    out = _msmoe("submit", "--nodes", "1", "--gpus-per-node", "2", "--device", "cpu", "--cpus-per-task", "6",
+                 "--time", "1:00:00", "--dry-run", "--", "--config", "configs/tiny.yaml").stdout
+    assert "#SBATCH --cpus-per-task=6\n" in out and "srun --ntasks-per-node=1 --cpus-per-task=$SLURM_CPUS_PER_TASK" in out
+    threads = subprocess.run(  # the script's two thread lines, run by bash as SLURM would
+        ["bash", "-c", "\n".join(ln for ln in out.splitlines() if "threads" in ln) + "\necho $OMP_NUM_THREADS"],
+        capture_output=True, text=True, env={"PATH": os.environ["PATH"], "SLURM_CPUS_PER_TASK": "6"})
+    assert threads.stdout.strip() == "3"  # 6 CPUs over 2 processes
+    user = subprocess.run(["bash", "-c", "\n".join(ln for ln in out.splitlines() if "threads" in ln) +
+                           "\necho $OMP_NUM_THREADS"], capture_output=True, text=True,
+                          env={"PATH": os.environ["PATH"], "SLURM_CPUS_PER_TASK": "1", "OMP_NUM_THREADS": "5"})
+    assert user.stdout.strip() == "5"  # the user's own setting wins
+
+    class Sinfo:  # what `sinfo --noheader --format=%c` prints for a partition of 48- and 64-CPU nodes
+        def __init__(self, out, code=0):
+            self.stdout, self.returncode = out, code
+
+    assert resolve_cpus_per_task("node", "cuda", 8, "gpu", True, run=lambda *a, **k: Sinfo("64\n48+\n")) == 48
+    assert resolve_cpus_per_task("node", "cuda", 8, "gpu", True, run=lambda *a, **k: Sinfo("", 1)) == 64
+    assert resolve_cpus_per_task("node", "cpu", 2, None, False) == 2
+    assert resolve_cpus_per_task("12", "cuda", 8, "gpu", True) == 12
+    with pytest.raises(SubmitError, match=r"--cpus-per-task 'zero' must be a number >= 1, or 'node'"):
+        resolve_cpus_per_task("zero", "cuda", 8, "gpu", True)
