@@ -28,7 +28,7 @@ from launcher.evaluate import retrieval
 from launcher.guards import BadStepGuard, CollapseDetector, TrainingHalted
 from moe import compat
 from moe.timing import WallTimer
-from parallel.all_to_all import CommCounter
+from parallel.all_to_all import CommCounter, collective
 from parallel.dist import WorldInfo
 from parallel.ds_moe import shard_moe_layers
 from parallel.engine import build_engine, sync_batchnorm_stats
@@ -354,7 +354,8 @@ class Trainer:
                            torch.tensor(flag, dtype=torch.float64, device=bad.device)])
         vec = vec.to(self.device)  # NCCL reduces device tensors only
         if self.world_size > 1:
-            dist.all_reduce(vec)
+            collective("all-reduce of the step's losses, finiteness and preemption flag", dist.all_reduce, vec,
+                       host_reads=True)
         bad_n, total, ce, tri, aux, act, preempt = vec.tolist()
         w = self.world_size
         return StepResult(bad_n > 0, total / w, ce / w, tri / w, aux / w, act / w, preempt > 0)
@@ -428,7 +429,7 @@ class Trainer:
             return
         reduced = interval.packed().to(self.device)
         if self.world_size > 1:
-            dist.all_reduce(reduced)
+            collective("all-reduce of the interval's routing statistics", dist.all_reduce, reduced, host_reads=True)
         reduced = reduced.cpu()
         w = self.world_size
         nl, ns = interval.load.numel(), interval.fusion.numel()
