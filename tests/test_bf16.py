@@ -7,17 +7,12 @@ Bounds (stated once, used below):
   LOSS_ATOL      |bf16 loss - fp32 loss| per step over the first steps of the tiny model
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from moe.experts import ConvExperts, FFNExperts, SeedExperts
 from moe.indexing import scatter_add_rows
-from test_train import ROOT, _summary, _train
+from test_train import _eval, _summary, _train
 
 GRAD_RTOL = 3e-2
 LOSS_ATOL = 0.1
@@ -79,12 +74,7 @@ def test_tiny_model_trains_in_bf16_at_ep2_close_to_fp32_and_evaluates_from_its_c
         assert len(losses) == 8 and all(abs(a - b) < LOSS_ATOL for a, b in zip(losses, ref)), (zero, losses, ref)
         assert losses[-1] < losses[0]  # it learns
         assert s["skipped_steps"] == []
-    run_dir = os.path.join(tmp, "runs", "bf16_z1")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    proc = subprocess.run([sys.executable, "-m", "launcher.cli", "eval", "--run-dir", run_dir, "--nproc", "2"],
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ev = json.load(open(os.path.join(run_dir, "eval.json")))
+    ev = _eval(tmp, "bf16_z1", nproc=2)
     s = _summary(tmp, "bf16_z1")
     assert ev["step"] == 8 and abs(ev["map"] - s["map"]) < 1e-6
 

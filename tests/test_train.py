@@ -50,6 +50,17 @@ def _weights(tmp, name, tag):
     return out
 
 
+def _eval(tmp, name, nproc):
+    """`msmoe eval` of a run's newest checkpoint; returns its eval.json."""
+    run_dir = os.path.join(tmp, "runs", name)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    proc = subprocess.run([sys.executable, "-m", "launcher.cli", "eval", "--run-dir", run_dir, "--nproc", str(nproc)],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(run_dir, "eval.json")) as fh:
+        return json.load(fh)
+
+
 @pytest.mark.slow
 def test_ep2_equals_ep1_on_the_full_model(tmp_path):
     tmp = str(tmp_path)
@@ -71,12 +82,7 @@ def test_ep2_equals_ep1_on_the_full_model(tmp_path):
                 "num_experts", "steps", "step_time_ms", "expert_load"):
         assert key in two
     # `msmoe eval` on the saved checkpoint reproduces the run's own final evaluation
-    run_dir = os.path.join(tmp, "runs", "ep2")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    proc = subprocess.run([sys.executable, "-m", "launcher.cli", "eval", "--run-dir", run_dir, "--nproc", "2"],
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ev = json.load(open(os.path.join(run_dir, "eval.json")))
+    ev = _eval(tmp, "ep2", nproc=2)
     assert ev["step"] == 6 and abs(ev["map"] - two["map"]) < 1e-6 and ev["cmc"] == pytest.approx(two["cmc"])
 
 
