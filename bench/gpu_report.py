@@ -78,9 +78,12 @@ def markdown(env: dict, sections: dict, wall_s: float) -> str:
         head.append(f"| {name} | {'PASS' if r['passed'] else 'FAIL'} | {r.get('seconds', '-')} | {summary} |")
     syncs = (sections.get("syncs") or {}).get("figures") or {}
     if syncs.get("syncs_per_step") is not None:
-        head += ["", f"Host syncs per training step ({syncs['precision']}, CUDA sync debug mode): "
-                     f"{syncs['syncs_per_step']:.1f} (budget {syncs['budget']}: "
-                     f"{'within' if syncs['within_budget'] else 'over'})"]
+        head += ["", f"Host syncs per training step ({syncs['precision']}, {syncs.get('how', 'CUDA sync debug mode')}): "
+                     f"{syncs['syncs_per_step']} (budget {syncs['budget']}: "
+                     f"{'within' if syncs['within_budget'] else 'over'})", ""]
+        if syncs.get("sites"):
+            head += ["| sync site | calls over the counted steps |", "|---|---|"]
+            head += [f"| `{site}` | {n} |" for site, n in syncs["sites"].items()]
     for name, part in (("layers", _layers), ("train", _train), ("bench", _bench)):
         if name in sections:
             head += part(sections[name])

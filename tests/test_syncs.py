@@ -1,4 +1,4 @@
-"""Host syncs on the hot path, counted on CPU (tests/syncs.py wraps what would sync on a GPU).
+"""Host syncs on the hot path, counted on CPU (bench/host_syncs.py wraps what would sync on a GPU).
 
 Budget (DESIGN.md): one per dispatching MoE layer - the all-to-all split sizes, or the row count
 of a dynamic-k / capacity plan - and one per training step (the loss / finiteness / preemption
@@ -14,7 +14,7 @@ import torch
 
 from distributed import run_torchrun
 from moe import ExpertConfig, PatchMoE, PatchMoEConfig, RouterConfig
-from syncs import SyncCounter
+from bench.host_syncs import SyncCounter
 
 
 def test_the_counter_sees_each_kind_of_sync():

@@ -1,7 +1,7 @@
 """Worker (under torchrun, or alone): host syncs per training step of the ReID job.
 
 Builds the real trainer (DeepSpeed engine, EP dispatcher, data) for a config plus overrides,
-runs warm-up steps, then counts the calls that would make a GPU wait (tests/syncs.py) over
+runs warm-up steps, then counts the calls that would make a GPU wait (bench/host_syncs.py) over
 steps that are not logging steps, and writes one JSON per rank: syncs per step and the call
 sites. The budget (DESIGN.md, GPU principles): one per dispatching MoE layer (the all-to-all
 split sizes) plus one per step (the loss / finiteness / preemption all-reduce).
@@ -10,13 +10,10 @@ split sizes) plus one per step (the loss / finiteness / preemption all-reduce).
 import argparse
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
+import torch.distributed as dist
 
-import torch.distributed as dist  # noqa: E402
-
-from syncs import SyncCounter  # noqa: E402
+from bench.host_syncs import SyncCounter
 
 
 def main():
