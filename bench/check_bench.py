@@ -43,7 +43,6 @@ def bench_command(args) -> list[str]:
 
 def goals(rows: list[dict]) -> dict:
     ours = next((r for r in rows if r["name"].startswith(OURS)), None)
-    ds = next((r for r in rows if r["name"].startswith("DeepSpeed")), None)
     out = {}
     share = ours.get("fraction_of_gemm_peak") if ours else None
     out["PatchMoE share of dense GEMM rate"] = {

@@ -35,7 +35,8 @@ def sync_budget(cfg) -> int:
 
 
 def measure(config: str, workdir: str, precision: str, quick: bool) -> dict:
-    from launcher.trainer import IntervalStats, Trainer  # see the module docstring
+    from launcher.metrics import IntervalStats
+    from launcher.trainer import Trainer  # see the module docstring
     from parallel.dist import init_distributed
     from reid.config import load_config
     from reid.synth import ensure_synth

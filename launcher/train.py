@@ -119,7 +119,8 @@ def run_train(args) -> int:
     if code is not None:
         return code
     from launcher.submit import COMPLETE
-    from launcher.trainer import Preemption, Trainer, check_data, write_json
+    from launcher.preemption import Preemption, requeue
+    from launcher.trainer import Trainer, check_data, write_json
     from parallel.dist import init_distributed
     from reid.config import load_config
     from reid.report import write_report
@@ -175,7 +176,7 @@ def run_train(args) -> int:
     finally:
         trainer.close()  # the batch prefetch thread, whatever ended the loop
     if trainer.preempted:
-        note = trainer.requeue()
+        note = requeue(world.rank)
         if world.rank == 0:
             print(f"preempted (signal {preemption.signal}): checkpoint at step {trainer.step} in {trainer.ckpt_dir}"
                   + (f"; {note}" if note else "; continue with --resume"), flush=True)

@@ -13,10 +13,7 @@ import dataclasses
 import json
 import os
 import resource
-import signal
-import subprocess
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -25,13 +22,15 @@ from tqdm import tqdm
 
 from launcher import checkpoints, faults
 from launcher.evaluate import retrieval
+from launcher.metrics import History, IntervalStats, StepResult
+from launcher.preemption import Preemption
 from launcher.guards import BadStepGuard, CollapseDetector, TrainingHalted
 from moe import compat
 from moe.timing import WallTimer
 from parallel.all_to_all import CommCounter, collective
 from parallel.dist import WorldInfo
 from parallel.ds_moe import shard_moe_layers
-from parallel.engine import build_engine, sync_batchnorm_stats
+from parallel.engine import bf16_reduction, build_engine, sync_batchnorm_stats
 from parallel.groups import ParallelGroups
 from reid.config import RunConfig
 from reid.data import Batch, DataError, PKSampler, dataset_summary, image_size, load_splits
@@ -42,110 +41,11 @@ from reid.model import ReIDModel
 CKPT_DIR = "checkpoints"
 
 
-def bf16_reduction(zero_stage: int) -> dict:
-    """DeepSpeed settings for bf16 weights with fp32 gradient arithmetic.
-
-    Gradients are all-reduced / reduce-scattered in fp32 (``communication_data_type``: bf16 sums
-    over ranks lose the low bits of every gradient). At ZeRO 1, fp32 gradient accumulation selects
-    DeepSpeed's BF16 optimizer (fp32 master weights and gradients); ZeRO 0 and 2 keep fp32 master
-    weights in their own optimizer wrappers (DeepSpeed allows fp32 accumulation at stage 1 only).
-    """
-    cfg: dict = {"communication_data_type": "fp32"}
-    if zero_stage == 1:
-        cfg["data_types"] = {"grad_accum_dtype": "fp32"}
-    return cfg
-
-
 def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**31 - 1)
 
 
-@dataclass
-class History:
-    """Per-step means over ranks, plus per-layer expert load per logging interval."""
-
-    loss: list = field(default_factory=list)
-    id: list = field(default_factory=list)
-    triplet: list = field(default_factory=list)
-    aux: list = field(default_factory=list)
-    lr: list = field(default_factory=list)
-    load_steps: list = field(default_factory=list)  # step at the end of each interval
-    load: list = field(default_factory=list)  # [interval][layer][expert] routed patches (world sum)
-    fusion_load: list = field(default_factory=list)  # [interval][scale] mean gate weight
-    dropped: list = field(default_factory=list)  # [interval] dropped fraction (mean over layers)
-    active: list = field(default_factory=list)  # [interval] mean active experts per patch
-    active_per_step: list = field(default_factory=list)  # [step] mean active experts per patch (top-p)
-
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
 WARMUP_STEPS = 3  # first steps left out of throughput and stage timing (first calls, allocator)
-
-
-@dataclass(frozen=True)
-class StepResult:
-    """What the host learns of a step, from its one all-reduce (means over ranks)."""
-
-    bad: bool  # the loss or a gradient was not finite on some rank: the step was skipped
-    loss: float
-    id: float
-    triplet: float
-    aux: float
-    active: float  # mean active experts per patch over the MoE layers
-    preempt: bool  # some rank was signalled
-
-
-class IntervalStats:
-    """Routing statistics of a logging interval, accumulated on the device (read at log steps).
-
-    load [layers, E] routed patches; fusion [S] mean fusion weight; dropped and active: sums over
-    steps of the per-step mean over layers."""
-
-    def __init__(self) -> None:
-        self.steps = 0
-        self.load = self.fusion = self.dropped = self.active = None
-
-    def add(self, out) -> torch.Tensor:
-        """Add one step's statistics; returns the step's mean active experts per patch (0-d)."""
-        fw = out.fusion_weights.detach().float().mean(0)
-        if out.moe_stats:
-            load = torch.stack([st.load.float() for st in out.moe_stats])
-            dropped = torch.stack([st.dropped_fraction for st in out.moe_stats]).mean()
-            active = torch.stack([st.active_experts for st in out.moe_stats]).mean()
-        else:
-            load, dropped, active = fw.new_zeros(0), fw.new_zeros(()), fw.new_zeros(())
-        first = self.steps == 0
-        self.load = load if first else self.load + load
-        self.fusion = fw if first else self.fusion + fw
-        self.dropped = dropped if first else self.dropped + dropped
-        self.active = active if first else self.active + active
-        self.steps += 1
-        return active
-
-    def packed(self) -> torch.Tensor:
-        """[load..., fusion mean..., dropped mean, active mean] as one float64 vector (one all-reduce)."""
-        n = self.steps
-        return torch.cat([self.load.flatten().double(), self.fusion.double() / n,
-                          torch.stack([self.dropped, self.active]).double() / n])
-
-
-PREEMPT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-
-
-class Preemption:
-    """Remembers the first SIGUSR1/SIGTERM; install it as early as possible in a worker."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-
-    def install(self) -> "Preemption":
-        def handler(signum, frame):
-            if self.signal is None:
-                self.signal = signum
-        for sig in PREEMPT_SIGNALS:
-            signal.signal(sig, handler)
-        return self
 
 
 class Trainer:
@@ -154,7 +54,7 @@ class Trainer:
     Preemption: SIGUSR1 (SLURM's warning, ``--signal=USR1@T``) or SIGTERM sets a flag; at the
     end of the step every rank learns of it (it rides on the per-step all-reduce), all stop after
     the *same* step, save a checkpoint and, under SLURM, rank 0 requeues the job
-    (``scontrol requeue``); the requeued job resumes from that checkpoint (``--auto-resume``).
+    (launcher/preemption.py); the requeued job resumes from that checkpoint (``--auto-resume``).
     """
 
     def __init__(self, cfg: RunConfig, world: WorldInfo, progress: bool = True, preemption: Preemption | None = None):
@@ -443,17 +343,6 @@ class Trainer:
             self.warnings.append(msg)
             if self.rank == 0:
                 print(f"warning: {msg}", flush=True)
-
-    def requeue(self) -> str | None:
-        """Under SLURM, put this job back in the queue (rank 0 only). Returns what happened."""
-        job = os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID") and \
-            f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}" or os.environ.get("SLURM_JOB_ID")
-        if self.rank != 0 or not job:
-            return None
-        proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-        if proc.returncode != 0:
-            return f"scontrol requeue {job} failed: {proc.stderr.strip()}"
-        return f"requeued SLURM job {job}"
 
     # ------------------------------------------------------------------ eval
     def evaluate(self):

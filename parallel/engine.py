@@ -61,6 +61,20 @@ class MoEEngine:
         return clip_grad_norm_ep(self.engine.module.parameters(), self.grad_clip, self.groups)
 
 
+def bf16_reduction(zero_stage: int) -> dict:
+    """DeepSpeed settings for bf16 weights with fp32 gradient arithmetic.
+
+    Gradients are all-reduced / reduce-scattered in fp32 (``communication_data_type``: bf16 sums
+    over ranks lose the low bits of every gradient). At ZeRO 1, fp32 gradient accumulation selects
+    DeepSpeed's BF16 optimizer (fp32 master weights and gradients); ZeRO 0 and 2 keep fp32 master
+    weights in their own optimizer wrappers (DeepSpeed allows fp32 accumulation at stage 1 only).
+    """
+    cfg: dict = {"communication_data_type": "fp32"}
+    if zero_stage == 1:
+        cfg["data_types"] = {"grad_accum_dtype": "fp32"}
+    return cfg
+
+
 def build_engine(
     model: nn.Module,
     groups: ParallelGroups,

@@ -25,7 +25,8 @@ def main():
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
 
-    from launcher.trainer import IntervalStats, Trainer
+    from launcher.metrics import IntervalStats
+    from launcher.trainer import Trainer
     from parallel.dist import init_distributed, shutdown_distributed
     from reid.config import load_config
     from reid.synth import ensure_synth
