@@ -149,9 +149,10 @@ def worker(args) -> int:
 def two_proc(args) -> dict:
     for old in glob.glob(os.path.join(args.workdir, "rank*.json")):
         os.remove(old)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "bench.check_dispatch", "--worker", "--json", args.json, "--device", args.device,
-           "--workdir", args.workdir]
+    from parallel.launchenv import torchrun_command
+
+    cmd = torchrun_command(2, ["-m", "bench.check_dispatch", "--worker", "--json", args.json, "--device",
+                               args.device, "--workdir", args.workdir])
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     files = sorted(glob.glob(os.path.join(args.workdir, "rank*.json")))

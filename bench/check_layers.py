@@ -5,7 +5,7 @@
 
 Cases: PatchMoE (expert kinds seed / ffn / conv x impls auto / bmm / grouped_mm, and fused for
 ffn), token routing (PatchMoE with patch_size 1), HierarchicalMoE (learned and given coarse
-routing) and MultiScaleMoE (the seed's soft fusion). Each runs on the device in fp32 and bf16 and is
+routing) and MultiScaleMoE (the thesis's soft fusion of 4/8/16 windows). Each runs on the device in fp32 and bf16 and is
 compared with tests/reference.py's loop formulation in float64 on CPU: the output, the input's
 gradient and every parameter's gradient, as ||ours - ref|| / ||ref||, against ``BOUND[dtype]``
 (router parameters: ``ROUTER_BOUND[dtype]``).
@@ -103,7 +103,7 @@ def build(case: Case, s: Sizes) -> torch.nn.Module:
 
 
 def inputs(case: Case, s: Sizes, gen: torch.Generator) -> dict:
-    """x (map, or the seed's per-scale feature list), upstream gradient, modality: on the bf16 grid."""
+    """x (map, or the multi-scale fusion's per-scale feature list), upstream gradient, modality: on the bf16 grid."""
     def draw(*shape):
         return torch.randn(*shape, generator=gen).bfloat16().float()
 

@@ -12,9 +12,6 @@ Budget (issue 13, DESIGN.md): one sync per dispatching MoE layer (the all-to-all
 the row count of a dynamic-k / capacity plan; dropless top-k on one rank needs none) plus one per
 step (the loss / finiteness / preemption all-reduce): ``sync_budget``.
 If the config's precision fails to train, the count is taken again in fp32 and both are reported.
-
-The trainer lives in launcher/ for now (DESIGN.md puts it in training/, which bench may import):
-this module's one import against the launcher -> bench direction, done inside ``measure``.
 """
 
 from __future__ import annotations
@@ -35,10 +32,10 @@ def sync_budget(cfg) -> int:
 
 
 def measure(config: str, workdir: str, precision: str, quick: bool) -> dict:
-    from launcher.metrics import IntervalStats
-    from launcher.trainer import Trainer  # see the module docstring
     from parallel.dist import init_distributed
-    from reid.config import load_config
+    from training.config import load_config
+    from training.metrics import IntervalStats
+    from training.trainer import Trainer
     from reid.synth import ensure_synth
 
     overrides = [f"out_dir={workdir}", f"name=syncs-{precision}", f"train.precision={precision}",

@@ -3,8 +3,7 @@
 PyTorch's CPU tensors come from glibc ``malloc``. By default glibc hands blocks of more than
 a few MiB back to the kernel when they are freed (``munmap``, or trimming the heap top), so a
 training step that frees its activations gets fresh pages next step and faults on every 4 KiB
-of them. Measured on a 2-core VM (``msmoe bench layer``, small shape): the dense FFN took
-about 2,000 minor faults per step and ran 80 ms instead of 62 ms.
+of them (``msmoe bench layer`` prints the minor page faults per step of every contender).
 
 ``tune()`` (called by the ``msmoe`` command before torch is imported) sets, for this process:
   M_TRIM_THRESHOLD  1 GiB  - freed memory stays in the process for the next step
@@ -13,9 +12,9 @@ The cost is resident memory: the process keeps its peak heap instead of shrinkin
 steps. ``MSMOE_CPU_ALLOCATOR=system`` leaves glibc as the system has it.
 
 Transparent huge pages for torch's blocks (torch's own ``THP_MEM_ALLOC_ENABLE=1``) are left
-to the user: they remove the faults of blocks above 32 MiB (large maps), but on this VM they
-made the small-image ReID training slower (2 processes, 150 steps: 169-173 samples/s against
-193-202 without them), the kernel compacting memory to find huge pages.
+to the user: they remove the faults of blocks above 32 MiB (large maps), but they can make
+small-image training slower, the kernel compacting memory to find huge pages (measure with
+``make train`` both ways).
 No torch import here: this runs before torch allocates anything.
 """
 

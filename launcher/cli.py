@@ -1,4 +1,5 @@
-"""The ``msmoe`` command line. Each subcommand lives in its own module; this file only wires them.
+"""The ``msmoe`` command line. Each command lives in its own module (parse, build, call); this file
+only wires them and turns user errors into one line and exit code 2.
 
   msmoe --help
   msmoe bench layer
@@ -20,21 +21,21 @@ from launcher import allocator
 
 allocator.tune()  # before torch is imported: see launcher/allocator.py
 
-from launcher import bench, bench_ep, convert, data_cmd, fit, launch, scale, scale_report, submit, train  # noqa: E402
+from launcher import bench, convert, data, fit, launch, scale, submit, train  # noqa: E402
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
+    from bench.scale_sweep import ScaleError
     from launcher.launch import LaunchError
-    from launcher.scale import ScaleError
     from launcher.submit import SubmitError
     from moe.config import ConfigError
     from moe.resize import ResizeError
-    from parallel.groups import ParallelConfigError
-    from parallel.reshard import ReshardError
-    from launcher.checkpoints import CheckpointMismatch
     from parallel.all_to_all import CollectiveError
     from parallel.devices import DeviceCountError
+    from parallel.groups import ParallelConfigError
+    from parallel.reshard import ReshardError
     from reid.data import DataError
+    from training.checkpoint import CheckpointMismatch
 
     return (ConfigError, LaunchError, SubmitError, ScaleError, CheckpointMismatch, CollectiveError, DataError,
             ReshardError, ResizeError, ParallelConfigError, DeviceCountError,
@@ -51,16 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks (layer, ep)")
     bench_sub = b.add_subparsers(dest="bench_command", metavar="BENCH")
     bench_sub.required = True
-    bench.add_layer_parser(bench_sub)
-    bench_ep.add_ep_parser(bench_sub)
+    bench.add_parsers(bench_sub)
     fit.add_parser(sub)
-    data_cmd.add_parser(sub)
+    data.add_parser(sub)
     train.add_parsers(sub)
     convert.add_parser(sub)
     launch.add_parser(sub)
     submit.add_parser(sub)
-    scale.add_parser(sub)
-    scale_report.add_parser(sub)
+    scale.add_parsers(sub)
     return parser
 
 

@@ -38,9 +38,9 @@ def add_parser(sub) -> None:
 def run_convert(args: argparse.Namespace) -> int:
     from parallel.reshard import ReshardError, reshard_checkpoint, resize_experts_checkpoint
 
-    from launcher import checkpoints
+    from training import checkpoint
 
-    tag = args.tag or checkpoints.newest_complete(args.src)
+    tag = args.tag or checkpoint.newest_complete(args.src)
     if tag is None:
         latest = os.path.join(args.src, "latest")
         if not os.path.isfile(latest):
@@ -50,11 +50,11 @@ def run_convert(args: argparse.Namespace) -> int:
         raise ReshardError("give exactly one of --ep-size (reshard) or --num-experts (upcycle/prune/merge)")
     if args.ep_size is not None:
         info = reshard_checkpoint(args.src, tag, args.out, args.ep_size)
-        checkpoints.mark_complete(args.out, tag)
+        checkpoint.mark_complete(args.out, tag)
         print(f"converted {tag}: EP {info['from_ep_size']} -> {info['to_ep_size']}, written to {info['out']}")
         return 0
     info = resize_experts_checkpoint(args.src, tag, args.out, args.num_experts, _transform(args))
-    checkpoints.mark_complete(args.out, tag)
+    checkpoint.mark_complete(args.out, tag)
     print(f"converted {tag}: experts {info['from_experts']} -> {info['to_experts']} per layer ({args.mode}), "
           f"weights only, written to {info['out']}")
     return 0

@@ -31,8 +31,6 @@ from dataclasses import dataclass
 
 LAUNCHERS = ("torchrun", "deepspeed", "mpirun", "accelerate")
 ACCELERATE_CONFIG = "configs/accelerate/deepspeed.yaml"
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK",
-                 "TORCHELASTIC_RUN_ID", "ACCELERATE_MIXED_PRECISION")
 
 
 class LaunchError(ValueError):
@@ -86,8 +84,10 @@ def check_hosts_reachable(hosts: list[str]) -> None:
 
 
 def check_environment(environ: dict | None = None) -> None:
+    from parallel.launchenv import launcher_vars
+
     env = os.environ if environ is None else environ
-    found = [v for v in LAUNCHER_VARS if v in env]
+    found = launcher_vars(env)
     if found:
         raise LaunchError(
             f"msmoe launch was started inside another launcher ({', '.join(f'{v}={env[v]}' for v in found)}): "
@@ -118,11 +118,12 @@ def build_commands(spec: LaunchSpec, train_args: list[str]) -> list[list[str]]:
     g, n = spec.nproc_per_node, spec.nnodes
     master = spec.hosts[0] if spec.hosts else spec.master_addr
     if spec.launcher == "torchrun":
+        from parallel.launchenv import torchrun_command
+
         if n == 1:
-            return [[spec.python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={g}", *train]]
-        return [[spec.python, "-m", "torch.distributed.run", f"--nnodes={n}", f"--nproc_per_node={g}",
-                 f"--node_rank={r}", "--rdzv_backend=c10d", f"--rdzv_endpoint={master}:{spec.master_port}",
-                 f"--rdzv_id={spec.job_id}", *train] for r in range(n)]
+            return [torchrun_command(g, train, python=spec.python)]
+        return [torchrun_command(g, train, python=spec.python, nnodes=n, node_rank=r,
+                                 rdzv_endpoint=f"{master}:{spec.master_port}", rdzv_id=spec.job_id) for r in range(n)]
     if spec.launcher == "deepspeed":
         cmd = ["deepspeed", f"--num_nodes={n}", f"--num_gpus={g}", f"--master_port={spec.master_port}", "--no_local_rank"]
         if n > 1 or spec.hosts:

@@ -1,54 +1,12 @@
-"""``msmoe scale``: a throughput sweep over world size, EP size and expert count, as JSON lines.
-
-Each point is a short, real ``msmoe train`` run (DeepSpeed engine, expert parallel, the ReID
-model); its ``summary.json`` becomes one JSON line with samples/s, patches/s per rank, the
-step-time breakdown, all-to-all bytes, peak memory per rank, expert load balance and the
-dropped fraction. Modes: ``strong`` keeps the global batch (train.p identities x train.k) fixed
-as ranks grow; ``weak`` keeps the per-rank batch fixed (train.p grows with the world size).
-
-  msmoe scale --config configs/scale.yaml --world 1,2 --ep 1,2 --experts 4,8     # local torchrun
-  msmoe scale ... --slurm --gpus-per-node 8 --partition gpu --time 00:30:00      # one SLURM job per
-                                                                                 # world size (arrays)
-  msmoe scale --collect runs/scale --out runs/scale/points.jsonl                 # summaries -> JSON lines
-  msmoe report --points runs/scale/points.jsonl --out runs/scale                 # report.md + plots
-
-EP sizes that do not divide the world size or the expert count are skipped (and said so).
-"""
+"""``msmoe scale`` and ``msmoe report``: parse, then call the sweep (bench/scale_sweep.py) and the
+report (bench/scale_report.py, bench/scale_model.py)."""
 
 from __future__ import annotations
 
 import argparse
-import glob
-import json
 import os
-import platform
-import subprocess
-import sys
-from dataclasses import dataclass
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-POINT_PREFIX = "scale"
-
-
-class ScaleError(ValueError):
-    pass
-
-
-@dataclass(frozen=True)
-class Point:
-    mode: str  # "strong" | "weak"
-    world: int
-    ep: int
-    experts: int
-
-    @property
-    def name(self) -> str:
-        return f"{POINT_PREFIX}-{self.mode}-w{self.world}-ep{self.ep}-e{self.experts}"
-
-    def overrides(self, base_p: int) -> list[str]:
-        p = base_p * self.world if self.mode == "weak" else base_p
-        return [f"name={self.name}", f"train.ep_size={self.ep}", f"train.p={p}",
-                f"model.patch_moe.router.num_experts={self.experts}"]
+from bench import scale_report, scale_sweep
 
 
 def _ints(s: str) -> list[int]:
@@ -58,158 +16,9 @@ def _ints(s: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{s!r} must be a comma list of integers, e.g. 1,2,4") from None
 
 
-def plan(worlds: list[int], eps: list[int], experts: list[int], modes: list[str]) -> tuple[list[Point], list[str]]:
-    """The points to run, and why the others are left out. Weak and strong agree at one rank: run it once."""
-    points, skipped = [], []
-    for mode in modes:
-        for w in worlds:
-            if mode == "weak" and w == 1 and "strong" in modes:
-                continue
-            for ep in eps:
-                for e in experts:
-                    if w % ep or e % ep:
-                        skipped.append(f"world {w}, EP {ep}, {e} experts: EP must divide both")
-                        continue
-                    points.append(Point(mode, w, ep, e))
-    return points, skipped
-
-
-def environment() -> dict:
-    """What the numbers were measured on (recorded in every line and in the report)."""
-    import torch
-
-    def version(mod):
-        try:
-            return __import__(mod).__version__
-        except Exception:  # noqa: BLE001 - an optional peer missing is a fact to record, not an error
-            return None
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {
-        "python": platform.python_version(), "torch": torch.__version__, "deepspeed": version("deepspeed"),
-        "host": platform.node(), "os": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
-        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
-        "cuda": torch.version.cuda, "git_commit": commit.stdout.strip() or None,
-    }
-
-
-def point_record(summary: dict, mode: str | None = None) -> dict:
-    """One JSON line from a run's summary.json."""
-    cfg = summary["config"]
-    ms = dict(summary["step_time_ms"])
-    moe_ms = sum(ms.get(k, 0.0) for k in ("route", "dispatch", "experts", "combine"))
-    ms["forward_other"] = max(ms.get("forward", 0.0) - moe_ms, 0.0)
-    world = summary["world_size"]
-    steps = max(summary["steps"], 1)
-    loads = summary["history"]["load"]  # [interval][layer][expert], routed (unit, expert) pairs over all ranks
-    routed_per_step = sum(sum(sum(layer) for layer in interval) for interval in loads) / steps
-    step_s = ms["step"] / 1000 if ms.get("step") else 0.0
-    fractions = {k: v["fraction"] for k, v in summary["expert_load"].items()}
-    imbalance = {k: (max(f) * len(f) if f else 0.0) for k, f in fractions.items()}  # max/mean share, 1 = even
-    name = summary["name"]
-    return {
-        "name": name,
-        "mode": mode or ("weak" if "-weak-" in name else "strong"),
-        "world_size": world, "ep_size": summary["ep_size"], "num_experts": summary["num_experts"],
-        "threads_per_rank": summary.get("threads_per_rank"),
-        "global_batch": cfg["train"]["p"] * cfg["train"]["k"],
-        "per_rank_batch": cfg["train"]["p"] * cfg["train"]["k"] // world,
-        "steps": summary["steps"], "moe_layers": summary["moe_layers"],
-        "samples_per_s": summary["samples_per_s"],
-        "patches_per_s_per_rank": (routed_per_step / step_s / world) if step_s else 0.0,
-        "step_time_ms": ms,
-        "a2a_bytes_per_step": summary["a2a_bytes_per_step"],
-        "peak_mem_mb_per_rank": summary.get("peak_mem_mb_per_rank") or [summary["peak_rss_mb"]],
-        "expert_load_fraction": fractions,
-        "load_imbalance": imbalance,
-        "dropped_fraction": summary["dropped_fraction"],
-        "final_loss": summary["final_loss"], "map": summary.get("map"),
-        "device": summary["device"], "backend": summary["backend"],
-    }
-
-
-def collect(run_root: str, out: str, env: dict | None = None) -> list[dict]:
-    """Every ``<run_root>/scale-*/summary.json`` -> one JSON line each (sorted), written to ``out``."""
-    paths = sorted(glob.glob(os.path.join(run_root, f"{POINT_PREFIX}-*", "summary.json")))
-    if not paths:
-        raise FileNotFoundError(f"no {POINT_PREFIX}-*/summary.json under {run_root}: run `msmoe scale` first")
-    env = env or environment()
-    records = []
-    for p in paths:
-        with open(p) as fh:
-            rec = point_record(json.load(fh))
-        rec["env"] = env
-        records.append(rec)
-    records.sort(key=lambda r: (r["mode"], r["world_size"], r["ep_size"], r["num_experts"]))
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as fh:
-        for r in records:
-            fh.write(json.dumps(r) + "\n")
-    return records
-
-
-def _run_local(points: list[Point], args, extra: list[str]) -> None:
-    from reid.config import load_config
-
-    base = load_config(args.config, extra)
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    for i, pt in enumerate(points, 1):
-        over = [*extra, *pt.overrides(base.train.p), f"out_dir={args.run_root}", "eval.untrained=false",
-                f"train.steps={args.steps}", f"train.ckpt_every={10**9}", f"train.log_every={max(args.steps // 4, 1)}"]
-        load_config(args.config, over)  # a point the config cannot run fails here, named
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={pt.world}",
-               "-m", "launcher.cli", "train", "--config", args.config, "--no-progress", *over]
-        print(f"[{i}/{len(points)}] {pt.mode:6s} world {pt.world}  EP {pt.ep}  {pt.experts} experts", flush=True)
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"scale point {pt.name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-        with open(os.path.join(args.run_root, pt.name, "summary.json")) as fh:
-            s = json.load(fh)
-        print(f"      {s['samples_per_s']:8.1f} samples/s   step {s['step_time_ms']['step']:7.1f} ms", flush=True)
-
-
-def _run_slurm(points: list[Point], args, extra: list[str]) -> None:
-    """One ``msmoe submit`` per (mode, world size): a job array over the EP sizes and expert counts."""
-    from reid.config import load_config
-
-    base = load_config(args.config, extra)
-    by_world: dict[tuple[str, int], list[Point]] = {}
-    for pt in points:
-        by_world.setdefault((pt.mode, pt.world), []).append(pt)
-    for (mode, world), pts in by_world.items():
-        if world % args.gpus_per_node:
-            raise ScaleError(f"world size {world} is not a multiple of --gpus-per-node {args.gpus_per_node}")
-        nodes = world // args.gpus_per_node
-        p = base.train.p * world if mode == "weak" else base.train.p
-        sweeps = [f"train.ep_size={','.join(str(v) for v in sorted({q.ep for q in pts}))}",
-                  f"model.patch_moe.router.num_experts={','.join(str(v) for v in sorted({q.experts for q in pts}))}"]
-        cmd = [sys.executable, "-m", "launcher.cli", "submit", "--nodes", str(nodes), "--gpus-per-node",
-               str(args.gpus_per_node), "--time", args.time, "--device", args.device]
-        if args.partition:
-            cmd += ["--partition", args.partition]
-        for sw in sweeps:
-            cmd += ["--sweep", sw]
-        if args.dry_run:
-            cmd.append("--dry-run")
-        cmd += ["--", "--config", args.config, *extra, f"name={POINT_PREFIX}-{mode}-w{world}", f"train.p={p}",
-                f"out_dir={args.run_root}", "eval.untrained=false", f"train.steps={args.steps}"]
-        print(" ".join(cmd), flush=True)
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        sys.stdout.write(proc.stdout)
-        if proc.returncode != 0:
-            raise RuntimeError(proc.stderr.strip())
-    print(f"when the jobs are done: msmoe scale --collect {args.run_root} --out {args.out}")
-
-
-def add_parser(sub) -> None:
+def add_parsers(sub) -> None:
     p = sub.add_parser("scale", help="throughput sweep (world x EP x experts) -> JSON lines",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=scale_sweep.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/scale.yaml")
     p.add_argument("--world", type=_ints, default=[1, 2], help="world sizes, e.g. 1,2,4")
     p.add_argument("--ep", type=_ints, default=[1, 2], help="EP sizes")
@@ -228,28 +37,51 @@ def add_parser(sub) -> None:
     p.add_argument("overrides", nargs="*", help="config overrides for every point")
     p.set_defaults(func=run_scale)
 
+    r = sub.add_parser("report", help="scaling report (report.md + plots) from msmoe scale's JSON lines",
+                       description=scale_report.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("--points", default="runs/scale/points.jsonl")
+    r.add_argument("--out", default=None, help="directory for report.md and the plots (default: beside --points)")
+    r.add_argument("--alpha-us", type=float, default=None, help="projection: latency per peer (us), not fitted")
+    r.add_argument("--beta-gbps", type=float, default=None, help="projection: link bandwidth (Gb/s), not fitted")
+    r.set_defaults(func=run_report)
+
 
 def run_scale(args) -> int:
     if args.collect:
         out = args.out or os.path.join(args.collect, "points.jsonl")
-        recs = collect(args.collect, out)
+        recs = scale_sweep.collect(args.collect, out)
         print(f"{len(recs)} points -> {out}")
         return 0
-    args.out = args.out or os.path.join(args.run_root, "points.jsonl")
+    spec = scale_sweep.SweepSpec(
+        config=args.config, steps=args.steps, run_root=args.run_root,
+        out=args.out or os.path.join(args.run_root, "points.jsonl"), gpus_per_node=args.gpus_per_node,
+        partition=args.partition, time=args.time, device=args.device, dry_run=args.dry_run)
     modes = [m for m in args.modes.split(",") if m]
     bad = [m for m in modes if m not in ("strong", "weak")]
     if bad:
-        raise ScaleError(f"--modes {args.modes!r}: {bad} not in strong, weak")
-    points, skipped = plan(args.world, args.ep, args.experts, modes)
+        raise scale_sweep.ScaleError(f"--modes {args.modes!r}: {bad} not in strong, weak")
+    points, skipped = scale_sweep.plan(args.world, args.ep, args.experts, modes)
     for why in skipped:
         print(f"skipped: {why}")
     if not points:
-        raise ScaleError("no point left to run: check --world, --ep and --experts")
+        raise scale_sweep.ScaleError("no point left to run: check --world, --ep and --experts")
     extra = list(args.overrides)
     if args.slurm:
-        _run_slurm(points, args, extra)
+        scale_sweep.run_slurm(points, spec, extra)
         return 0
-    _run_local(points, args, extra)
-    recs = collect(args.run_root, args.out)
-    print(f"{len(recs)} points -> {args.out}   (next: msmoe report --points {args.out})")
+    scale_sweep.run_local(points, spec, extra)
+    recs = scale_sweep.collect(spec.run_root, spec.out)
+    print(f"{len(recs)} points -> {spec.out}   (next: msmoe report --points {spec.out})")
+    return 0
+
+
+def run_report(args) -> int:
+    from bench.scale_model import load_points
+
+    if not os.path.isfile(args.points):
+        raise FileNotFoundError(f"--points {args.points}: no such file; make it with `msmoe scale`")
+    path = scale_report.write_scale_report(load_points(args.points),
+                                           args.out or os.path.dirname(os.path.abspath(args.points)),
+                                           args.alpha_us, args.beta_gbps)
+    print(f"report: {path}")
     return 0

@@ -24,8 +24,10 @@ import shutil
 import subprocess
 import sys
 
+from parallel.launchenv import FORWARDED_SIGNALS, torchrun_command
+from training.checkpoint import COMPLETE
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMPLETE = "COMPLETE"  # written by `msmoe train` into the run directory when the run is finished
 
 
 class SubmitError(ValueError):
@@ -34,7 +36,7 @@ class SubmitError(ValueError):
 
 def _name_and_outdir(train_args: list[str]) -> tuple[str, str]:
     """The run name and out_dir the training will use (config file + overrides), to place files."""
-    from reid.config import load_config
+    from training.config import load_config
 
     config, overrides, i = None, [], 0
     while i < len(train_args):
@@ -150,13 +152,13 @@ def render_script(*, name: str, run_dir: str, nodes: int, procs_per_node: int, t
     # final evaluation) and the workers finished normally: that is still a finished job.
     lines.append(f'rm -f "$run_dir/{COMPLETE}"')
     # threads per worker from the allocation, unless set: the task's CPUs over its processes (at least 1);
-    # `msmoe train` gives torch the same count (launcher/threads.py)
+    # `msmoe train` gives torch the same count (parallel/threads.py)
     lines.append(f"threads=$(( ${{SLURM_CPUS_PER_TASK:-{procs_per_node}}} / {procs_per_node} ))")
     lines.append('export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( threads > 0 ? threads : 1 ))}')
-    torchrun = [python, "-m", "torch.distributed.run", "--nnodes=$SLURM_NNODES", f"--nproc_per_node={procs_per_node}",
-                "--rdzv_backend=c10d", f"--rdzv_endpoint=$head_node:{port}", f"--rdzv_id={rdzv_id}",
-                "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout=300",
-                "-m", "launcher.cli", "train", "--auto-resume", "--no-progress"]
+    torchrun = torchrun_command(procs_per_node, ["-m", "launcher.cli", "train", "--auto-resume", "--no-progress"],
+                                python=python, nnodes="$SLURM_NNODES", rdzv_endpoint=f"$head_node:{port}",
+                                rdzv_id=rdzv_id, options=[f"--signals-to-handle={FORWARDED_SIGNALS}",
+                                                          "--shutdown-timeout=300"])
     cmd = " ".join(shlex.quote(c) if not c.startswith(("--nnodes=$", "--rdzv_endpoint=$", "--rdzv_id=$")) else c
                    for c in torchrun)
     cmd += " " + " ".join(shlex.quote(a) for a in train_args) + extra

@@ -6,8 +6,8 @@ time with a message that names the field, the value and what would be accepted.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from typing import Any, Literal, Mapping
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, Literal, Mapping, get_type_hints
 
 ScoreFn = Literal["softmax", "sigmoid"]
 NoiseKind = Literal["none", "gaussian", "jitter"]
@@ -284,21 +284,32 @@ class MultiScaleMoEConfig:
         return self.hidden_dim or 2 * self.dim
 
 
-def from_dict(cls: type, data: Mapping[str, Any], path: str = "") -> Any:
-    """Build a (nested) config dataclass from a plain mapping, rejecting unknown keys."""
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(data) - set(known))
+def from_dict(cls: type, data: Mapping[str, Any] | None, path: str = "") -> Any:
+    """Build a (nested) config dataclass from a plain mapping, typed by its annotations: nested
+    dataclasses from nested mappings, tuples from lists, numbers checked (an int where a float is
+    declared is widened). Unknown keys, non-numbers and missing fields raise ConfigError naming the
+    dotted path. The one builder of every config family (moe, reid, training)."""
+    where = path or "the config"
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where} must be a mapping, got {data!r}")
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
     if unknown:
-        where = f" in {path}" if path else ""
-        raise ConfigError(f"unknown key(s) {unknown}{where}; known keys: {sorted(known)}")
-    nested = {"router": RouterConfig, "coarse": RouterConfig, "fine": RouterConfig,
-              "expert": ExpertConfig, "balance": BalanceConfig}
+        raise ConfigError(f"unknown key(s) {unknown} in {where}; known keys: {sorted(known)}")
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
-        if name in nested and isinstance(value, Mapping):
-            value = from_dict(nested[name], value, f"{path}.{name}" if path else name)
-        if name == "scales" and isinstance(value, list):
+        hint, key = hints[name], f"{path}.{name}" if path else name
+        if is_dataclass(hint) and not isinstance(value, hint):
+            value = from_dict(hint, value, key)
+        elif getattr(hint, "__origin__", None) is tuple and isinstance(value, list):
             value = tuple(value)
+        elif hint in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ConfigError(f"{key}={value!r} must be a number")
+        elif hint is float and isinstance(value, int):
+            value = float(value)
         kwargs[name] = value
     try:
         return cls(**kwargs)

@@ -22,9 +22,9 @@ from datetime import timedelta
 import torch
 
 from parallel.all_to_all import set_host_wait_timeout
+from parallel.launchenv import discover_launcher
 from parallel.nccl import apply_nccl_env, group_timeout_s
 
-MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
 
 
 @dataclass(frozen=True)
@@ -41,15 +41,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def discover_launcher(environ: dict | None = None) -> str:
-    env = os.environ if environ is None else environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return "env"
-    if any(v in env for v in MPI_RANK_VARS):
-        return "mpi"
-    return "single"
 
 
 def _env_from_mpi() -> None:

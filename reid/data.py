@@ -107,6 +107,14 @@ def image_size(splits) -> tuple[int, int]:
     return int(shape[1]), int(shape[2])
 
 
+def check_image_size(splits, data_dir: str, stem_stride: int) -> None:
+    """The images' height and width divide by the model's stem stride."""
+    h, w = image_size(splits)
+    if h % stem_stride or w % stem_stride:
+        raise DataError(f"images of {h}x{w} in {data_dir!r} do not divide by model.stem_stride={stem_stride}: "
+                        f"use a stride that divides both, or data of another size")
+
+
 def check_layout(splits, data_dir: str) -> None:
     """Every split holds rgb/nir/tir images with 3/1/1 channels of one size, and pid/camid columns."""
     sizes = {}

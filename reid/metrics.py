@@ -31,6 +31,11 @@ class RetrievalMetrics:
                 "cmc": [float(c) for c in self.cmc], "num_valid_queries": self.num_valid_queries,
                 "num_skipped_queries": self.num_skipped_queries}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "RetrievalMetrics":
+        """The inverse of :meth:`as_dict` (e.g. a run's saved untrained baseline)."""
+        return cls(d["map"], np.asarray(d["cmc"]), d["num_valid_queries"], d["num_skipped_queries"])
+
 
 def evaluate(dist_QG: np.ndarray, q_pids, g_pids, q_cams, g_cams, max_rank: int = 20) -> RetrievalMetrics:
     dist_QG = np.asarray(dist_QG, dtype=np.float64)

@@ -33,7 +33,7 @@ def run_synth(args: argparse.Namespace) -> int:
     import dataclasses
     import shutil
 
-    from reid.config import load_config
+    from training.config import load_config
     from reid.data import dataset_summary, load_splits
     from reid.synth import ensure_synth
 

@@ -1,4 +1,5 @@
-"""``msmoe report``: JSON lines from ``msmoe scale`` -> ``report.md`` + PNG plots.
+"""The scaling report (``msmoe report``; command line in launcher/scale.py): JSON lines from
+``msmoe scale`` -> ``report.md`` + PNG plots.
 
   msmoe report --points runs/scale/points.jsonl --out runs/scale
   msmoe report --points points.jsonl --alpha-us 5 --beta-gbps 100   # project onto a network you know
@@ -6,44 +7,20 @@
 Measured: throughput vs ranks, strong and weak scaling efficiency, the step-time breakdown,
 all-to-all volume, peak memory per rank, expert-load heatmaps, the environment.
 
-Modelled (labelled so everywhere): an alpha-beta all-to-all model, t = alpha * (p - 1) +
-beta * bytes * (p - 1) / p per all-to-all and rank, fitted by least squares to the measured
-all-to-all stage times (dispatch + combine, minus the same stages of the EP=1 twin point), and
-used to project weak scaling (experts per rank and batch per rank fixed, EP = all ranks) to
-8-1024 GPUs. Compute time per rank is taken from the measured point.
+Modelled (labelled so everywhere): the alpha-beta all-to-all model and projection of
+bench/scale_model.py.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-from dataclasses import dataclass
 
 import numpy as np
 
-from reid.report import _plt  # matplotlib on the Agg backend, as for run reports
+from bench.scale_model import efficiency, network_model, point_label, project
+from training.report import pyplot  # matplotlib on the Agg backend, as for run reports
 
 STAGES = ("data", "route", "dispatch", "experts", "combine", "forward_other", "backward", "optimizer")
-PROJECT_RANKS = (8, 16, 32, 64, 128, 256, 512, 1024)
-
-
-def load_points(path: str) -> list[dict]:
-    recs = []
-    with open(path) as fh:
-        for i, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    recs.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{i}: not a JSON line ({exc.msg}); was it written by msmoe scale?") from None
-    if not recs:
-        raise ValueError(f"{path} holds no points: run `msmoe scale` first")
-    return recs
-
-
-def _label(r: dict) -> str:
-    return f"{r['mode'][0]} w{r['world_size']} ep{r['ep_size']} E{r['num_experts']}"
 
 
 def _series(recs: list[dict]):
@@ -56,94 +33,9 @@ def _series(recs: list[dict]):
     return {k: sorted(v, key=lambda r: r["world_size"]) for k, v in out.items()}
 
 
-def efficiency(recs: list[dict]) -> list[dict]:
-    """Scaling efficiency against the 1-rank point with the same experts (EP=1 there).
-
-    strong: samples/s(w) / (w * samples/s(1)); weak: per-rank samples/s(w) / samples/s(1)."""
-    base = {r["num_experts"]: r for r in recs if r["world_size"] == 1}
-    rows = []
-    for r in recs:
-        b = base.get(r["num_experts"])
-        if b is None or r["world_size"] == 1:
-            continue
-        ideal = b["samples_per_s"] * r["world_size"]
-        if r["mode"] == "weak":
-            eff = (r["samples_per_s"] / r["world_size"]) / b["samples_per_s"]
-        else:
-            eff = r["samples_per_s"] / ideal
-        rows.append({"point": _label(r), "mode": r["mode"], "world": r["world_size"], "ep": r["ep_size"],
-                     "experts": r["num_experts"], "samples_per_s": r["samples_per_s"], "efficiency": eff})
-    return rows
-
-
-@dataclass(frozen=True)
-class AlphaBeta:
-    alpha_s: float  # per peer and all-to-all
-    beta_s_per_byte: float
-    fitted_on: int  # points
-    note: str
-
-    def a2a_s(self, p: int, bytes_per_rank: float) -> float:
-        """One all-to-all of ``bytes_per_rank`` (rows this rank hands in) over p ranks."""
-        if p <= 1:
-            return 0.0
-        return self.alpha_s * (p - 1) + self.beta_s_per_byte * bytes_per_rank * (p - 1) / p
-
-
-def fit_alpha_beta(recs: list[dict]) -> AlphaBeta | None:
-    """Least squares (non-negative) of measured all-to-all time against (peers, off-rank bytes)."""
-    twins = {(r["mode"], r["world_size"], r["num_experts"]): r for r in recs if r["ep_size"] == 1}
-    rows, ys = [], []
-    for r in recs:
-        p, a2a = r["ep_size"], r["a2a_bytes_per_step"]
-        calls = a2a.get("calls") or 0
-        if p < 2 or not calls:
-            continue
-        ms = r["step_time_ms"]
-        t = (ms.get("dispatch", 0.0) + ms.get("combine", 0.0)) / 1e3
-        twin = twins.get((r["mode"], r["world_size"], r["num_experts"]))
-        if twin:
-            t -= (twin["step_time_ms"].get("dispatch", 0.0) + twin["step_time_ms"].get("combine", 0.0)) / 1e3
-        fwd_calls = calls / 2  # the forward half (dispatch + combine); backward is timed inside "backward"
-        per_call_bytes = a2a["forward"] / max(fwd_calls, 1)
-        rows.append([fwd_calls * (p - 1), fwd_calls * per_call_bytes * (p - 1) / p])
-        ys.append(max(t, 0.0))
-    if not rows:
-        return None
-    a, y = np.asarray(rows, float), np.asarray(ys, float)
-    sol, *_ = np.linalg.lstsq(a, y, rcond=None)
-    note = "least squares on (peers, bytes)"
-    if (sol < 0).any() or np.linalg.matrix_rank(a) < 2:  # too few distinct points: one parameter
-        beta = float((a[:, 1] @ y) / max(a[:, 1] @ a[:, 1], 1e-30))
-        sol = np.array([0.0, max(beta, 0.0)])
-        note = "bandwidth term only (the points do not separate latency from bandwidth)"
-    return AlphaBeta(float(sol[0]), float(sol[1]), len(ys), note)
-
-
-def project(recs: list[dict], ab: AlphaBeta, ranks=PROJECT_RANKS) -> list[dict]:
-    """Weak-scaling projection from the largest measured EP point (per-rank work fixed)."""
-    cands = [r for r in recs if r["ep_size"] >= 2] or recs
-    ref = max(cands, key=lambda r: (r["world_size"], r["ep_size"], r["samples_per_s"]))
-    ms = ref["step_time_ms"]
-    a2a = ref["a2a_bytes_per_step"]
-    calls = a2a.get("calls") or 0
-    per_call = a2a["total"] / calls if calls else 0.0
-    measured_a2a = calls * ab.a2a_s(ref["ep_size"], per_call)
-    compute_s = max(ms["step"] / 1e3 - measured_a2a, 1e-9)
-    per_rank_sps = ref["samples_per_s"] / ref["world_size"]
-    out = []
-    for p in ranks:
-        t_a2a = calls * ab.a2a_s(p, per_call)
-        step = compute_s + t_a2a
-        out.append({"gpus": p, "step_ms": 1e3 * step, "a2a_ms": 1e3 * t_a2a,
-                    "samples_per_s": p * per_rank_sps * (ms["step"] / 1e3) / step,
-                    "efficiency": compute_s / step})
-    return out
-
-
 # ------------------------------------------------------------------ plots
 def plot_throughput(recs, path):
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     for (mode, ep, e), rs in sorted(_series(recs).items()):
         i = 0 if mode == "strong" else 1
@@ -162,7 +54,7 @@ def plot_throughput(recs, path):
 
 
 def plot_efficiency(rows, path):
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     labels = [r["point"] for r in rows]
     ax.bar(range(len(rows)), [100 * r["efficiency"] for r in rows],
@@ -177,14 +69,14 @@ def plot_efficiency(rows, path):
 
 
 def plot_breakdown(recs, path):
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(7, 0.8 * len(recs) + 3), 4.5))
     bottom = np.zeros(len(recs))
     for stage in STAGES:
         vals = np.array([r["step_time_ms"].get(stage, 0.0) for r in recs])
         ax.bar(range(len(recs)), vals, bottom=bottom, label=stage)
         bottom += vals
-    ax.set_xticks(range(len(recs)), [_label(r) for r in recs], rotation=30, ha="right", fontsize=8)
+    ax.set_xticks(range(len(recs)), [point_label(r) for r in recs], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("ms per step")
     ax.set_title("step-time breakdown (route/dispatch/experts/combine are inside the forward)")
     ax.legend(fontsize=7, ncol=2)
@@ -194,7 +86,7 @@ def plot_breakdown(recs, path):
 
 
 def plot_bars(recs, values, ylabel, title, path, stacked_labels=None):
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(7, 0.8 * len(recs) + 3), 4))
     x = np.arange(len(recs))
     values = np.asarray(values, float)
@@ -206,7 +98,7 @@ def plot_bars(recs, values, ylabel, title, path, stacked_labels=None):
             ax.bar(x + j * width - 0.4 + width / 2, values[:, j], width,
                    label=stacked_labels[j] if stacked_labels else f"rank {j}")
         ax.legend(fontsize=7)
-    ax.set_xticks(x, [_label(r) for r in recs], rotation=30, ha="right", fontsize=8)
+    ax.set_xticks(x, [point_label(r) for r in recs], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     fig.tight_layout()
@@ -215,13 +107,13 @@ def plot_bars(recs, values, ylabel, title, path, stacked_labels=None):
 
 
 def plot_load(recs, path):
-    plt = _plt()
+    plt = pyplot()
     emax = max(len(f) for r in recs for f in r["expert_load_fraction"].values()) if recs else 1
     rows, labels = [], []
     for r in recs:
         for layer, f in r["expert_load_fraction"].items():
             rows.append(list(f) + [np.nan] * (emax - len(f)))
-            labels.append(f"{_label(r)} {layer}")
+            labels.append(f"{point_label(r)} {layer}")
     fig, ax = plt.subplots(figsize=(max(5, 0.5 * emax + 3), 0.3 * len(rows) + 1.5))
     im = ax.imshow(np.asarray(rows, float), aspect="auto", cmap="viridis", vmin=0, interpolation="nearest")
     ax.set_yticks(range(len(labels)), labels, fontsize=7)
@@ -234,7 +126,7 @@ def plot_load(recs, path):
 
 
 def plot_projection(proj, path):
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     g = [p["gpus"] for p in proj]
     ax[0].plot(g, [p["samples_per_s"] for p in proj], marker="o", ls="--")
@@ -262,12 +154,7 @@ def write_scale_report(recs: list[dict], out_dir: str, alpha_us: float | None = 
     os.makedirs(out_dir, exist_ok=True)
     recs = sorted(recs, key=lambda r: (r["mode"], r["world_size"], r["ep_size"], r["num_experts"]))
     eff = efficiency(recs)
-    ab = fit_alpha_beta(recs)
-    if alpha_us is not None or beta_gbps is not None:
-        base = ab or AlphaBeta(0.0, 0.0, 0, "")
-        ab = AlphaBeta(alpha_us * 1e-6 if alpha_us is not None else base.alpha_s,
-                       1 / (beta_gbps * 1e9 / 8) if beta_gbps else base.beta_s_per_byte, base.fitted_on,
-                       "given on the command line (--alpha-us / --beta-gbps)")
+    ab = network_model(recs, alpha_us, beta_gbps)
     proj = project(recs, ab) if ab else []
 
     plots = {"throughput.png": lambda p: plot_throughput(recs, p),
@@ -314,7 +201,7 @@ def write_scale_report(recs: list[dict], out_dir: str, alpha_us: float | None = 
           "| point | " + " | ".join(STAGES) + " | step |", "|---|" + "---|" * (len(STAGES) + 1)]
     for r in recs:
         ms = r["step_time_ms"]
-        L.append(f"| {_label(r)} | " + " | ".join(f"{ms.get(s, 0.0):.1f}" for s in STAGES) + f" | {ms['step']:.1f} |")
+        L.append(f"| {point_label(r)} | " + " | ".join(f"{ms.get(s, 0.0):.1f}" for s in STAGES) + f" | {ms['step']:.1f} |")
     L += ["", "![breakdown](breakdown.png)", "", "## All-to-all volume and memory", "",
           "![a2a](a2a_volume.png)", "", "![memory](memory.png)", "", "## Expert load", "",
           "![load](expert_load.png)", ""]
@@ -339,23 +226,3 @@ def write_scale_report(recs: list[dict], out_dir: str, alpha_us: float | None = 
 def _pad(rows: list[list[float]]) -> list[list[float]]:
     n = max(len(r) for r in rows)
     return [list(r) + [0.0] * (n - len(r)) for r in rows]
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("report", help="scaling report (report.md + plots) from msmoe scale's JSON lines",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--points", default="runs/scale/points.jsonl")
-    p.add_argument("--out", default=None, help="directory for report.md and the plots (default: beside --points)")
-    p.add_argument("--alpha-us", type=float, default=None, help="projection: latency per peer (us), not fitted")
-    p.add_argument("--beta-gbps", type=float, default=None, help="projection: link bandwidth (Gb/s), not fitted")
-    p.set_defaults(func=run_report)
-
-
-def run_report(args) -> int:
-    if not os.path.isfile(args.points):
-        raise FileNotFoundError(f"--points {args.points}: no such file; make it with `msmoe scale`")
-    recs = load_points(args.points)
-    path = write_scale_report(recs, args.out or os.path.dirname(os.path.abspath(args.points)),
-                              args.alpha_us, args.beta_gbps)
-    print(f"report: {path}")
-    return 0

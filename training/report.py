@@ -2,7 +2,7 @@
 
 Plots: loss curves, CMC (trained vs untrained), one expert-load heatmap per PatchMoE block
 (experts x training progress, share of routed patches), the multi-scale fusion gate weights
-(seed 000's expert-weight heatmap: scales x samples), and the step-time breakdown.
+(the thesis fusion's expert-weight heatmap: scales x samples), and the step-time breakdown.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import os
 import numpy as np
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -29,7 +29,7 @@ def _smooth(y, n: int = 10):
 
 
 def plot_losses(summary: dict, path: str) -> None:
-    plt = _plt()
+    plt = pyplot()
     h = summary["history"]
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     steps = np.arange(1, len(h["loss"]) + 1)
@@ -53,7 +53,7 @@ def plot_losses(summary: dict, path: str) -> None:
 
 
 def plot_cmc(summary: dict, path: str) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4))
     ranks = np.arange(1, len(summary["cmc"]) + 1)
     ax.plot(ranks, summary["cmc"], marker="o", ms=3, label=f"trained (mAP {summary['map']:.1%})")
@@ -72,7 +72,7 @@ def plot_cmc(summary: dict, path: str) -> None:
 
 
 def plot_expert_load(summary: dict, layer: int, name: str, path: str) -> None:
-    plt = _plt()
+    plt = pyplot()
     h = summary["history"]
     load = np.asarray([interval[layer] for interval in h["load"]], dtype=float)  # [T, E]
     share = load / np.maximum(load.sum(1, keepdims=True), 1)
@@ -91,8 +91,8 @@ def plot_expert_load(summary: dict, layer: int, name: str, path: str) -> None:
 
 
 def plot_fusion_weights(weights_NS: np.ndarray, scales, path: str, max_samples: int = 40) -> None:
-    """Seed 000's visualize_expert_weights: gate weight of each scale expert per sample."""
-    plt = _plt()
+    """The multi-scale fusion's gate weight of each scale expert (4/8/16 windows) per sample."""
+    plt = pyplot()
     w = np.asarray(weights_NS)[:max_samples]
     fig, ax = plt.subplots(figsize=(10, 0.5 * len(scales) + 1.8))
     im = ax.imshow(w.T, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
@@ -106,7 +106,7 @@ def plot_fusion_weights(weights_NS: np.ndarray, scales, path: str, max_samples: 
 
 
 def plot_step_time(summary: dict, path: str) -> None:
-    plt = _plt()
+    plt = pyplot()
     st = summary["step_time_ms"]
     outer = [k for k in ("data", "forward", "backward", "optimizer") if k in st]
     inner = [k for k in ("route", "dispatch", "experts", "combine") if k in st]

@@ -1,0 +1,54 @@
+"""Which launcher started this process, and the torchrun command line, each written once.
+
+torchrun, ``deepspeed`` and ``accelerate launch`` export RANK / WORLD_SIZE; mpirun (Open MPI,
+MPICH, MVAPICH, PMIx) exports its own rank variable, from which parallel/dist.py fills the
+torch ones through mpi4py.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Mapping, Sequence
+
+MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
+# set by some launcher in the processes it starts: a second launcher inside would nest
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", *MPI_RANK_VARS, "TORCHELASTIC_RUN_ID",
+                 "ACCELERATE_MIXED_PRECISION")
+# what torchrun forwards to its workers when the job is signalled (SLURM's warning is USR1)
+FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+
+
+def discover_launcher(environ: Mapping[str, str] | None = None) -> str:
+    """"env" (torchrun / deepspeed / accelerate), "mpi" (mpirun) or "single" (no launcher)."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return "env"
+    if any(v in env for v in MPI_RANK_VARS):
+        return "mpi"
+    return "single"
+
+
+def launcher_vars(environ: Mapping[str, str] | None = None) -> list[str]:
+    """The launcher variables present in ``environ`` (empty: no launcher started this process)."""
+    env = os.environ if environ is None else environ
+    return [v for v in LAUNCHER_VARS if v in env]
+
+
+def torchrun_command(nproc_per_node: int | str, target: Sequence[str], *, python: str | None = None,
+                     nnodes: int | str = 1, node_rank: int | None = None, rdzv_endpoint: str | None = None,
+                     rdzv_id: str | None = None, options: Sequence[str] = ()) -> list[str]:
+    """``python -m torch.distributed.run ... <target>``. One node without a rendezvous endpoint runs
+    ``--standalone``; otherwise the c10d rendezvous at ``rdzv_endpoint`` (host:port). ``target`` is
+    ``["-m", "module", args...]`` or ``[script, args...]``; ``options`` are further torchrun flags."""
+    cmd = [python or sys.executable, "-m", "torch.distributed.run"]
+    if rdzv_endpoint is None:
+        cmd += ["--standalone", f"--nproc_per_node={nproc_per_node}"]
+    else:
+        cmd += [f"--nnodes={nnodes}", f"--nproc_per_node={nproc_per_node}"]
+        if node_rank is not None:
+            cmd.append(f"--node_rank={node_rank}")
+        cmd += ["--rdzv_backend=c10d", f"--rdzv_endpoint={rdzv_endpoint}"]
+        if rdzv_id is not None:
+            cmd.append(f"--rdzv_id={rdzv_id}")
+    return [*cmd, *options, *target]

@@ -1,0 +1,200 @@
+"""Run configuration: typed, validated up front, loaded from YAML with ``key=value`` overrides.
+
+A YAML file may start with ``base: other.yaml`` (relative to itself): the base is loaded first
+and this file's keys override it, recursively. Overrides on the command line use dotted keys
+(``train.steps=50 model.patch_moe.router.num_experts=8``); values are parsed as YAML.
+Unknown keys and bad values fail before anything starts, naming the key, the value and the fix.
+The sections ``data`` and ``model`` are reid's (reid/config.py); ``train`` and ``eval`` are here.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Literal, Mapping
+
+import yaml
+
+from moe.config import ConfigError, from_dict
+from reid.config import DataConfig, ModelConfig
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """p identities x k images per *global* batch; lr warms up linearly then follows a cosine to
+    lr * min_lr_ratio at ``steps`` (a function of the step only, so resuming is exact)."""
+
+    steps: int = 600
+    p: int = 16
+    k: int = 4
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 30
+    min_lr_ratio: float = 0.05
+    label_smoothing: float = 0.1
+    triplet_margin: float = 0.3
+    triplet_weight: float = 1.0
+    ep_size: int = 1
+    zero_stage: int = 0
+    grad_clip: float = 1.0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    log_every: int = 10
+    stage_timing: Literal["sampled", "off"] = "sampled"  # stage breakdown measured on one step per log_every
+    ckpt_every: int = 200
+    threads: int = 0  # torch threads per rank; 0 = cores / local ranks
+    prefetch: int = 2  # batches prepared ahead of the step by a background thread; 0 = in the step itself
+    keep_last: int = 3  # complete checkpoints kept (older ones are deleted after each commit)
+    collective_timeout_s: float = 300.0  # a rank silent this long makes the others fail, naming the collective
+    max_bad_steps: int = 5  # non-finite loss/gradients this many steps in a row: checkpoint and stop
+    collapse_share: float = 0.9  # one expert taking more than this share of a layer's patches ...
+    collapse_intervals: int = 3  # ... for this many logging intervals in a row is reported as a collapse
+
+    def __post_init__(self) -> None:
+        _require(self.steps >= 1, f"train.steps={self.steps} must be >= 1")
+        _require(self.p >= 2, f"train.p={self.p} must be >= 2 (the triplet loss needs negatives)")
+        _require(self.k >= 2, f"train.k={self.k} must be >= 2 (the triplet loss needs positives)")
+        _require(self.lr > 0, f"train.lr={self.lr} must be > 0")
+        _require(self.weight_decay >= 0, f"train.weight_decay={self.weight_decay} must be >= 0")
+        _require(0 <= self.warmup_steps, f"train.warmup_steps={self.warmup_steps} must be >= 0")
+        _require(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        _require(0 <= self.label_smoothing < 1, f"train.label_smoothing={self.label_smoothing} must be in [0, 1)")
+        _require(self.triplet_margin >= 0, f"train.triplet_margin={self.triplet_margin} must be >= 0")
+        _require(self.ep_size >= 1, f"train.ep_size={self.ep_size} must be >= 1")
+        _require(self.zero_stage in (0, 1, 2), f"train.zero_stage={self.zero_stage} must be 0, 1 or 2")
+        _require(self.grad_clip >= 0, f"train.grad_clip={self.grad_clip} must be >= 0 (0 = off)")
+        _require(self.precision in ("fp32", "bf16"), f"train.precision={self.precision!r} must be 'fp32' or 'bf16'")
+        _require(self.log_every >= 1, f"train.log_every={self.log_every} must be >= 1")
+        _require(self.stage_timing in ("sampled", "off"),
+                 f"train.stage_timing={self.stage_timing!r} must be 'sampled' (one step per log_every, "
+                 "synchronised on GPUs) or 'off'")
+        _require(self.ckpt_every >= 1, f"train.ckpt_every={self.ckpt_every} must be >= 1")
+        _require(self.threads >= 0, f"train.threads={self.threads} must be >= 0")
+        _require(isinstance(self.prefetch, int) and not isinstance(self.prefetch, bool) and 0 <= self.prefetch <= 64,
+                 f"train.prefetch={self.prefetch!r} must be a whole number of batches in 0..64 "
+                 "(2 is plenty: it only has to stay ahead of one step; 0 turns prefetching off)")
+        _require(self.keep_last >= 1, f"train.keep_last={self.keep_last} must be >= 1")
+        _require(self.collective_timeout_s > 0,
+                 f"train.collective_timeout_s={self.collective_timeout_s} must be > 0 (seconds)")
+        _require(self.max_bad_steps >= 1, f"train.max_bad_steps={self.max_bad_steps} must be >= 1")
+        _require(0 < self.collapse_share <= 1, f"train.collapse_share={self.collapse_share} must be in (0, 1]")
+        _require(self.collapse_intervals >= 1, f"train.collapse_intervals={self.collapse_intervals} must be >= 1")
+
+    def deepspeed_config(self, world_size: int) -> dict:
+        """DeepSpeed's config for this run (batch, ZeRO stage, clipping, bf16 with fp32 reductions)."""
+        out = {
+            "train_micro_batch_size_per_gpu": self.p * self.k // world_size,
+            "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": self.zero_stage},
+            "zero_allow_untested_optimizer": True,
+            "gradient_clipping": self.grad_clip,
+            "bf16": {"enabled": self.precision == "bf16"},
+            "steps_per_print": 10**9,
+        }
+        if self.precision == "bf16":
+            from parallel.engine import bf16_reduction
+
+            out.update(bf16_reduction(self.zero_stage))
+        return out
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        t = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+        lo = self.lr * self.min_lr_ratio
+        return lo + (self.lr - lo) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    batch_size: int = 64
+    untrained: bool = True  # also evaluate the model before training (the baseline in reports)
+    max_rank: int = 20  # CMC curve length
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size >= 1, f"eval.batch_size={self.batch_size} must be >= 1")
+        _require(self.max_rank >= 10, f"eval.max_rank={self.max_rank} must be >= 10 (Rank-10 is reported)")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "default"
+    seed: int = 0
+    out_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name) and "/" not in self.name, f"name={self.name!r} must be a non-empty name without '/'")
+        e, ep = self.model.num_experts, self.train.ep_size
+        _require(e % ep == 0, f"model.patch_moe.router.num_experts={e} is not divisible by train.ep_size={ep}")
+
+    @property
+    def run_dir(self) -> str:
+        return os.path.join(self.out_dir, self.name)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _merge(base: dict, over: Mapping) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def load_yaml(path: str, _seen: tuple = ()) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    real = os.path.realpath(path)
+    if real in _seen:
+        raise ConfigError(f"config {path!r} includes itself through 'base'")
+    with open(path) as fh:
+        data = yaml.safe_load(fh) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path!r} must be a YAML mapping")
+    base = data.pop("base", None)
+    if base:
+        data = _merge(load_yaml(os.path.join(os.path.dirname(path), base), _seen + (real,)), data)
+    return data
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    out = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {p!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return out
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
+    data = load_yaml(path) if path else {}
+    return config_from_dict(apply_overrides(data, list(overrides)))
+
+
+def config_from_dict(data: Mapping) -> RunConfig:
+    """Defaults, overridden key by key (nested dicts merge) by ``data``."""
+    try:
+        return from_dict(RunConfig, _merge(asdict(RunConfig()), data))
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from exc

@@ -1,0 +1,158 @@
+"""A whole run on this rank: config -> threads -> process group -> data -> trainer -> train ->
+evaluate -> summary.json, report.md and the COMPLETE marker. ``msmoe train`` and ``msmoe eval``
+(launcher/train.py) parse their command line and call :func:`train` / :func:`evaluate`.
+
+Exit codes: 0 finished, stopped at ``--stop-at`` or preempted (with a checkpoint); 3 halted by a
+guard (too many non-finite steps, with a checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import yaml
+
+from training.config import RunConfig, load_config
+from training.checkpoint import COMPLETE
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    config: str  # YAML run config
+    overrides: tuple[str, ...] = ()  # dotted key=value
+    resume: bool = False  # continue from the newest complete checkpoint
+    auto_resume: bool = False  # resume if there is a checkpoint, else start (requeued jobs)
+    init_from: str | None = None  # start from these weights (e.g. made by msmoe convert)
+    stop_at: int | None = None  # stop after this step (checkpointed)
+    progress: bool = True
+
+
+def setup_threads(threads: int) -> None:
+    """torch threads for this worker: ``train.threads``, else from the environment (parallel/threads.py)."""
+    import torch
+
+    from parallel.threads import threads_per_worker
+
+    torch.set_num_threads(threads_per_worker(threads))
+
+
+def prepare_data(cfg: RunConfig, world, progress: bool = True) -> None:
+    """Generate the synthetic set where it is configured and missing (local rank 0 of each node),
+    then check that a dataset is there."""
+    import torch.distributed as dist
+
+    from reid.data import DataError, read_meta
+    from reid.synth import ensure_synth
+
+    if cfg.data.source == "synth" and world.local_rank == 0:
+        made = ensure_synth(cfg.data.path, cfg.data.synth_spec(), progress=world.rank == 0 and progress)
+        if made and world.rank == 0:
+            print(f"generated the synthetic multi-spectral ReID set in {cfg.data.path}", flush=True)
+    if world.world_size > 1:
+        dist.barrier()
+    if read_meta(cfg.data.path) is None:
+        raise DataError(f"no dataset at data.path={cfg.data.path!r}: run `msmoe data synth --out {cfg.data.path}` "
+                        "(or import one with `msmoe data rgbnt201`)")
+
+
+def _say(world, text: str, file=sys.stdout) -> None:
+    if world.rank == 0:
+        print(text, file=file, flush=True)
+
+
+def train(req: TrainRequest) -> int:
+    from parallel.dist import init_distributed
+    from reid.metrics import RetrievalMetrics
+    from training.faults import FaultPlan
+    from training.guards import TrainingHalted
+    from training.metrics import write_json
+    from training.preemption import Preemption, requeue
+    from training.report import write_report
+    from training.trainer import Trainer
+
+    preemption = Preemption().install()  # before anything slow: a signal during start-up is kept too
+    cfg = load_config(req.config, list(req.overrides))  # a bad config fails here, before any process group
+    faults = FaultPlan.from_env()
+    setup_threads(cfg.train.threads)
+    world = init_distributed(timeout_s=cfg.train.collective_timeout_s)
+    prepare_data(cfg, world, req.progress)
+    t_start = time.perf_counter()
+    trainer = Trainer(cfg, world, progress=req.progress, preemption=preemption, faults=faults)
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    untrained_path = os.path.join(cfg.run_dir, "untrained.json")
+    untrained = None
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    # a requeued job, or an elastic restart after a worker died: continue
+    resume = req.resume or ((req.auto_resume or restart > 0) and trainer.has_checkpoint())
+    if resume:
+        step = trainer.resume()
+        _say(world, f"resumed {cfg.name!r} at step {step}" + (f" (elastic restart {restart})" if restart else ""))
+        if os.path.isfile(untrained_path):
+            with open(untrained_path) as fh:
+                untrained = RetrievalMetrics.from_dict(json.load(fh))
+    elif req.init_from:
+        step = trainer.load_weights(req.init_from)
+        _say(world, f"initialised {cfg.name!r} from {req.init_from} (saved at step {step})")
+    if not resume and cfg.eval.untrained:
+        untrained, _ = trainer.evaluate()
+        if world.rank == 0:
+            write_json(untrained_path, untrained.as_dict())
+        _say(world, f"untrained model: mAP {untrained.map:.1%}  Rank-1 {untrained.rank(1):.1%}")
+    if world.rank == 0:
+        with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as fh:
+            yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
+
+    try:
+        trainer.train(stop_at=req.stop_at)
+    except TrainingHalted as exc:
+        _say(world, f"msmoe: stopped: {exc}", file=sys.stderr)
+        return 3
+    finally:
+        trainer.close()  # the batch prefetch thread, whatever ended the loop
+    if trainer.preempted:
+        note = requeue(world.rank)
+        _say(world, f"preempted (signal {preemption.signal}): checkpoint at step {trainer.step} in "
+                    f"{trainer.ckpt_dir}" + (f"; {note}" if note else "; continue with --resume"))
+        return 0
+    if trainer.step < cfg.train.steps:
+        _say(world, f"stopped at step {trainer.step} of {cfg.train.steps}; checkpoint in {trainer.ckpt_dir}; "
+                    f"continue with --resume")
+        return 0
+    metrics, q = trainer.evaluate()
+    peak_mem = trainer.gather_peak_memory_mb()  # every rank takes part
+    if world.rank == 0:
+        summary = trainer.summary(metrics, untrained, time.perf_counter() - t_start, peak_mem)
+        write_json(os.path.join(cfg.run_dir, "summary.json"), summary)
+        write_report(summary, cfg.run_dir, q.fusion_weights)
+        base = f"  (untrained {untrained.map:.1%})" if untrained is not None else ""
+        print(f"{cfg.name}: mAP {metrics.map:.1%}{base}  Rank-1 {metrics.rank(1):.1%}  Rank-5 {metrics.rank(5):.1%}  "
+              f"Rank-10 {metrics.rank(10):.1%}  |  {summary['samples_per_s']:.1f} samples/s", flush=True)
+        print(f"report: {os.path.join(cfg.run_dir, 'report.md')}", flush=True)
+        if preemption.signal is not None:
+            print(f"signal {preemption.signal} arrived after the last step: the run is complete", flush=True)
+        with open(os.path.join(cfg.run_dir, COMPLETE), "w") as fh:  # job scripts read it (msmoe submit)
+            fh.write(f"{trainer.step}\n")
+    return 0
+
+
+def evaluate(run_dir: str, overrides: tuple[str, ...] = (), checkpoint_dir: str | None = None) -> int:
+    """Re-evaluate a run's checkpoint (default: its newest) with the run's config; writes eval.json."""
+    from parallel.dist import init_distributed
+    from training.metrics import write_json
+    from training.trainer import Trainer
+
+    cfg = load_config(os.path.join(run_dir, "config.yaml"), list(overrides))
+    setup_threads(cfg.train.threads)
+    world = init_distributed()
+    trainer = Trainer(cfg, world, progress=False)
+    step = trainer.load_weights(checkpoint_dir or os.path.join(run_dir, "checkpoints"))
+    metrics, _ = trainer.evaluate()
+    if world.rank == 0:
+        write_json(os.path.join(run_dir, "eval.json"), {"step": step, **metrics.as_dict()})
+        print(f"{cfg.name} @ step {step}: mAP {metrics.map:.1%}  Rank-1 {metrics.rank(1):.1%}  "
+              f"Rank-5 {metrics.rank(5):.1%}  Rank-10 {metrics.rank(10):.1%}", flush=True)
+    return 0

@@ -1,0 +1,219 @@
+"""What the trainer learns of its steps: per-step history, the step's host-read result, the routing
+statistics of a logging interval (accumulated on the device, read at logging steps), the stage
+clock of a sampled step and the run's progress (saved with every checkpoint)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+@dataclass
+class History:
+    """Per-step means over ranks, plus per-layer expert load per logging interval."""
+
+    loss: list = field(default_factory=list)
+    id: list = field(default_factory=list)
+    triplet: list = field(default_factory=list)
+    aux: list = field(default_factory=list)
+    lr: list = field(default_factory=list)
+    load_steps: list = field(default_factory=list)  # step at the end of each interval
+    load: list = field(default_factory=list)  # [interval][layer][expert] routed patches (world sum)
+    fusion_load: list = field(default_factory=list)  # [interval][scale] mean gate weight
+    dropped: list = field(default_factory=list)  # [interval] dropped fraction (mean over layers)
+    active: list = field(default_factory=list)  # [interval] mean active experts per patch
+    active_per_step: list = field(default_factory=list)  # [step] mean active experts per patch (top-p)
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What the host learns of a step, from its one all-reduce (means over ranks)."""
+
+    bad: bool  # the loss or a gradient was not finite on some rank: the step was skipped
+    loss: float
+    id: float
+    triplet: float
+    aux: float
+    active: float  # mean active experts per patch over the MoE layers
+    preempt: bool  # some rank was signalled
+
+
+class IntervalStats:
+    """Routing statistics of a logging interval, accumulated on the device (read at log steps).
+
+    load [layers, E] routed patches; fusion [S] mean fusion weight; dropped and active: sums over
+    steps of the per-step mean over layers."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.load = self.fusion = self.dropped = self.active = None
+
+    def add(self, out) -> torch.Tensor:
+        """Add one step's statistics; returns the step's mean active experts per patch (0-d)."""
+        fw = out.fusion_weights.detach().float().mean(0)
+        if out.moe_stats:
+            load = torch.stack([st.load.float() for st in out.moe_stats])
+            dropped = torch.stack([st.dropped_fraction for st in out.moe_stats]).mean()
+            active = torch.stack([st.active_experts for st in out.moe_stats]).mean()
+        else:
+            load, dropped, active = fw.new_zeros(0), fw.new_zeros(()), fw.new_zeros(())
+        first = self.steps == 0
+        self.load = load if first else self.load + load
+        self.fusion = fw if first else self.fusion + fw
+        self.dropped = dropped if first else self.dropped + dropped
+        self.active = active if first else self.active + active
+        self.steps += 1
+        return active
+
+    def packed(self) -> torch.Tensor:
+        """[load..., fusion mean..., dropped mean, active mean] as one float64 vector (one all-reduce)."""
+        n = self.steps
+        return torch.cat([self.load.flatten().double(), self.fusion.double() / n,
+                          torch.stack([self.dropped, self.active]).double() / n])
+
+
+class StageClock:
+    """Stage boundaries of one step: ``mark(name)`` closes the stage that began at the previous
+    mark. Only a sampled step measures (on CUDA it waits for the queued work at each mark); the
+    layers' own stage timer is switched on and reset with it."""
+
+    def __init__(self, device: torch.device, sampled: bool, layer_timer) -> None:
+        self.device, self.sampled, self.layer_timer = device, sampled, layer_timer
+        layer_timer.active = sampled
+        layer_timer.reset()
+        self.stages: dict[str, float] = {}
+        self._last = self._now()
+
+    def _now(self) -> float:
+        if self.sampled and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        if self.sampled:
+            now = self._now()
+            self.stages[name] = now - self._last
+            self._last = now
+
+    def measured(self) -> dict[str, float]:
+        """This step's seconds per stage (the step's and the layers'); empty unless sampled."""
+        return {**self.stages, **self.layer_timer.as_dict()} if self.sampled else {}
+
+
+@dataclass
+class RunProgress:
+    """What a run has done so far, saved in every checkpoint: the history, the throughput clock
+    (steps after the warm-up) and the sampled stage times."""
+
+    history: History = field(default_factory=History)
+    train_time_s: float = 0.0  # wall time of the timed steps
+    timed_steps: int = 0
+    stage_s: dict = field(default_factory=dict)  # seconds per stage, summed over the sampled steps
+    stage_samples: int = 0  # steps whose stages were measured
+    warnings: list = field(default_factory=list)
+
+    def record(self, r: StepResult, lr: float, seconds: float | None) -> None:
+        """One finished step (skipped or not); ``seconds`` None: a warm-up step, not timed."""
+        h = self.history
+        h.loss.append(r.loss), h.id.append(r.id), h.triplet.append(r.triplet), h.aux.append(r.aux)
+        h.lr.append(lr)
+        h.active_per_step.append(r.active)
+        if seconds is not None:
+            self.train_time_s += seconds
+            self.timed_steps += 1
+
+    def add_stages(self, stages: dict[str, float]) -> None:
+        """A sampled step's seconds per stage (nothing when the step was not sampled)."""
+        if stages:
+            self.stage_samples += 1
+            for name, secs in stages.items():
+                self.stage_s[name] = self.stage_s.get(name, 0.0) + secs
+
+    def samples_per_s(self, samples_per_step: int) -> float:
+        return samples_per_step * self.timed_steps / self.train_time_s if self.train_time_s else 0.0
+
+    def step_time_ms(self) -> dict[str, float]:
+        out = {k: 1000 * v / max(self.stage_samples, 1) for k, v in self.stage_s.items()}
+        out["step"] = 1000 * self.train_time_s / max(self.timed_steps, 1)
+        return out
+
+    def state_dict(self) -> dict:
+        return {"history": self.history.as_dict(), "stage_s": self.stage_s, "train_time_s": self.train_time_s,
+                "timed_steps": self.timed_steps, "stage_samples": self.stage_samples, "warnings": self.warnings}
+
+    @classmethod
+    def from_state_dict(cls, d: dict) -> "RunProgress":
+        timed = int(d.get("timed_steps", 0))
+        return cls(History(**d["history"]), float(d.get("train_time_s", 0.0)), timed, dict(d.get("stage_s", {})),
+                   int(d.get("stage_samples", timed)), list(d.get("warnings", [])))
+
+
+def a2a_per_step(comm, steps: int) -> dict:
+    """All-to-all bytes and calls per step, from a CommCounter that counted ``steps`` steps."""
+    return {"total": comm.total_bytes / steps, "offrank": comm.offrank_bytes / steps,
+            "forward": comm.by_direction["forward"] / steps, "backward": comm.by_direction["backward"] / steps,
+            "calls": comm.calls / steps}
+
+
+def write_json(path: str, obj) -> None:
+    """Atomic: a reader never sees half a file."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=1)
+    os.replace(tmp, path)
+
+
+def build_summary(*, cfg, world, ep_size: int, moe_layers: int, steps: int, progress: RunProgress,
+                  skipped_steps: list, collapse_events: list, a2a_per_step: dict, metrics, untrained,
+                  elapsed_s: float, peak_mem_mb: list[float] | None, data_summary: dict) -> dict:
+    """summary.json: the run's figures (metrics, losses, throughput, stage times, expert load, memory)."""
+    import resource
+
+    tc, h = cfg.train, progress.history
+    last = np.asarray(h.load[-1]) if h.load else np.zeros((0, 0))
+    total_load = np.asarray(h.load).sum(0) if h.load else np.zeros((0, 0))
+    return {
+        "name": cfg.name,
+        **metrics.as_dict(),
+        "untrained": untrained.as_dict() if untrained is not None else None,
+        "loss_history": h.loss,
+        "final_loss": h.loss[-1] if h.loss else None,
+        "samples_per_s": progress.samples_per_s(tc.p * tc.k),
+        "world_size": world.world_size,
+        "threads_per_rank": torch.get_num_threads(),
+        "ep_size": ep_size,
+        "num_experts": cfg.model.num_experts,
+        "moe_layers": moe_layers,
+        "steps": steps,
+        "step_time_ms": progress.step_time_ms(),
+        "stage_timing": {"mode": tc.stage_timing, "sampled_steps": progress.stage_samples},
+        "expert_load": {
+            f"block{b}": {"last_interval": last[i].tolist(), "whole_run": total_load[i].tolist(),
+                          "fraction": (total_load[i] / max(total_load[i].sum(), 1)).tolist()}
+            for i, b in enumerate(cfg.model.moe_blocks) if i < len(last)
+        },
+        "fusion_weight_mean": h.fusion_load[-1] if h.fusion_load else None,
+        "dropped_fraction": h.dropped[-1] if h.dropped else 0.0,
+        "active_experts_per_patch": h.active[-1] if h.active else None,
+        "a2a_bytes_per_step": a2a_per_step,
+        "skipped_steps": skipped_steps,
+        "warnings": progress.warnings,
+        "expert_collapse": collapse_events,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_mem_mb_per_rank": peak_mem_mb,
+        "launcher": world.launcher,
+        "backend": world.backend,
+        "device": str(world.device),
+        "elapsed_s": elapsed_s,
+        "data": data_summary,
+        "history": h.as_dict(),
+        "config": cfg.to_dict(),
+    }

@@ -1,0 +1,281 @@
+"""The training job: data -> expert-parallel ReID model in a DeepSpeed engine -> evaluation.
+
+Determinism (what makes ``--resume`` exact): the batch of step s comes from (seed, s) alone
+(:class:`reid.data.PKSampler`), the learning rate is a function of s, and the torch RNG (dropout,
+router noise) is reseeded from (seed, s, rank) at the start of every step. A run stopped after
+step N and resumed from its checkpoint therefore computes the same steps N+1.. as one that never
+stopped.
+
+Preemption: SIGUSR1 (SLURM's warning, ``--signal=USR1@T``) or SIGTERM sets a flag; at the end of
+the step every rank learns of it (it rides on the per-step all-reduce), all stop after the *same*
+step and save a checkpoint; the caller requeues the job (training/preemption.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import resource
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from moe import compat
+from moe.timing import WallTimer
+from parallel.all_to_all import CommCounter, collective
+from parallel.dist import WorldInfo
+from parallel.ds_moe import shard_moe_layers
+from parallel.engine import build_engine, sync_batchnorm_stats
+from parallel.groups import ParallelGroups
+from reid.data import Batch, PKSampler, check_image_size, dataset_summary, load_splits
+from reid.losses import LossParts, reid_loss
+from reid.model import ReIDModel
+from reid.prefetch import BatchFeed
+from training import checkpoint
+from training.config import RunConfig
+from training.evaluate import retrieval
+from training.faults import NO_FAULTS, FaultPlan
+from training.guards import BadStepGuard, CollapseDetector, TrainingHalted
+from training.metrics import IntervalStats, RunProgress, StageClock, StepResult, a2a_per_step, build_summary
+from training.preemption import Preemption
+from training.progress import ProgressBar
+
+WARMUP_STEPS = 3  # first steps left out of throughput and stage timing (first calls, allocator)
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**31 - 1)
+
+
+class Trainer:
+    """Builds everything once; ``train`` runs the steps; ``evaluate`` the retrieval metrics."""
+
+    def __init__(self, cfg: RunConfig, world: WorldInfo, progress: bool = True,
+                 preemption: Preemption | None = None, faults: FaultPlan = NO_FAULTS):
+        self.cfg, self.world, self.faults = cfg, world, faults
+        self.preemption = preemption if preemption is not None else Preemption()
+        self.rank, self.world_size, self.device = world.rank, world.world_size, world.device
+        self.show_progress = progress and self.rank == 0
+        self.ckpt_dir = os.path.join(cfg.run_dir, checkpoint.CKPT_DIR)
+        tc = cfg.train
+
+        self.splits = load_splits(cfg.data.path)
+        check_image_size(self.splits, cfg.data.path, cfg.model.stem_stride)
+        self.data_summary = dataset_summary(self.splits)
+        train_pids = np.asarray(self.splits["train"]["pid"])
+        self.num_classes = len(np.unique(train_pids))
+        self.sampler = PKSampler(train_pids, tc.p, tc.k, self.world_size, self.rank, cfg.seed)
+        self.dtype = torch.bfloat16 if tc.precision == "bf16" else torch.float32
+        self.feed = BatchFeed(self.splits["train"], self.sampler, self.device, self.dtype, tc.prefetch, end=tc.steps)
+
+        self.groups = ParallelGroups.build(tc.ep_size, cfg.model.num_experts, timeout_s=tc.collective_timeout_s)
+        self.timer, self.comm = WallTimer(), CommCounter()
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank, for every EP size
+        model = ReIDModel(cfg.model, num_classes=self.num_classes)
+        self.moe_layers = shard_moe_layers(model, self.groups, self.comm, self.timer)
+        self.moe_engine = build_engine(
+            model.to(self.device), self.groups, tc.deepspeed_config(self.world_size),
+            lambda groups: torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay),
+            weight_decay=tc.weight_decay)
+        self.engine = self.moe_engine.engine
+        self.model = self.engine.module
+
+        self.step = 0
+        self.progress = RunProgress()
+        self.bad_steps = BadStepGuard(tc.max_bad_steps)
+        self.collapse = CollapseDetector(tc.collapse_share, tc.collapse_intervals,
+                                         [f"block{b}" for b in cfg.model.moe_blocks])
+        self.a2a_per_step: dict = {}
+        self.preempted = False
+
+    # ------------------------------------------------------------------ train
+    def train_step(self, s: int, interval: IntervalStats, sampled: bool = False) -> StepResult:
+        """One optimizer step (step ``s``): batch, forward, loss, backward, then - after the step's one
+        all-reduce (finiteness, losses, preemption: the one host read) - the update or a skip.
+
+        Routing statistics are added to ``interval`` on the device. ``sampled`` measures the stage
+        breakdown (synchronising a GPU between stages); other steps wait for the device only for
+        the all-to-all split sizes (one per dispatching layer) and the host read above."""
+        torch.manual_seed(step_seed(self.cfg.seed, s, self.rank))
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = self.cfg.train.lr_at(s)
+        clock = StageClock(self.device, sampled, self.timer)
+        batch, labels = self.batch(s)
+        clock.mark("data")
+        out = self.engine(batch)
+        loss = self.loss(out, labels, s)
+        clock.mark("forward")
+        self.engine.backward(loss.total)  # every rank, always: the backward's all-to-alls pair up
+        clock.mark("backward")
+        result = self._reduce_step(loss, interval.add(out))
+        if result.bad:  # skipped on every rank alike: no update, gradients dropped
+            self.engine.zero_grad()
+        else:
+            self.moe_engine.clip_gradients()
+            self.engine.step()
+        sync_batchnorm_stats(self.model, self.groups)
+        clock.mark("optimizer")
+        self.progress.add_stages(clock.measured())
+        return result
+
+    def train(self, stop_at: int | None = None) -> None:
+        """Steps until ``train.steps`` (or ``stop_at``), a preemption, or too many bad steps."""
+        tc = self.cfg.train
+        end = tc.steps if stop_at is None else min(tc.steps, stop_at)
+        interval, first_step = IntervalStats(), self.step
+        bar = ProgressBar(self.cfg.name, self.step, tc.steps, self.show_progress)
+        self.comm.reset()
+        self.engine.train()
+        while self.step < end:
+            s = self.step
+            self.faults.at_step_start(s, self.rank)
+            t0 = time.perf_counter()
+            r = self.train_step(s, interval, self._sampled(s))
+            self._record(s, r, time.perf_counter() - t0)
+            if self.step % tc.log_every == 0 or self.step == end:
+                self._log_interval(interval)
+                interval = IntervalStats()
+            if self.step % tc.ckpt_every == 0 and self.step < end:
+                self.save()
+            bar.update(r, self.progress.samples_per_s(tc.p * tc.k))
+            if r.preempt:  # some rank was signalled: every rank stops after this same step
+                self.preempted = True
+                break
+        bar.close()
+        self.timer.active = False  # evaluation is not timed
+        self.a2a_per_step = a2a_per_step(self.comm, max(self.step - first_step, 1))
+        self.save()
+
+    # ------------------------------------------------------- parts of a step
+    def batch(self, step: int) -> tuple[Batch, torch.Tensor]:
+        """Step ``step``'s batch and labels on the device, made ahead by the prefetch thread
+        (``train.prefetch``; reid/prefetch.py). Asking for another step than the next one (a resume)
+        restarts the thread there."""
+        sb = self.feed.get(step)
+        return sb.batch, sb.labels
+
+    def loss(self, out, labels: torch.Tensor, s: int) -> LossParts:
+        tc = self.cfg.train
+        parts = reid_loss(out.logits, out.feat, labels, out.aux_loss, label_smoothing=tc.label_smoothing,
+                          margin=tc.triplet_margin, triplet_weight=tc.triplet_weight)
+        if self.faults.fires("nan_loss", s, self.rank):
+            parts = dataclasses.replace(parts, total=parts.total * float("nan"))
+        return parts
+
+    def _sampled(self, s: int) -> bool:
+        """Whether step ``s`` measures its stage breakdown: one step per logging interval."""
+        tc = self.cfg.train
+        return tc.stage_timing == "sampled" and s >= WARMUP_STEPS and (s - WARMUP_STEPS) % tc.log_every == 0
+
+    def _reduce_step(self, parts: LossParts, active: torch.Tensor) -> StepResult:
+        """The step's one all-reduce and one host read: non-finite flag (loss or any local gradient),
+        loss parts, active experts and the preemption flag, all summed over ranks at once."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        norms = torch.stack([parts.total.detach().float().reshape(()),
+                             *[n.float() for n in compat.foreach_norm(grads)]]) if grads \
+            else parts.total.detach().float().reshape(1)
+        bad = (~torch.isfinite(norms).all()).double()
+        flag = 1.0 if self.preemption.signal is not None else 0.0
+        vec = torch.stack([bad, parts.total.detach().double(), parts.id.double(), parts.triplet.double(),
+                           parts.aux.double(), active.double(),
+                           torch.tensor(flag, dtype=torch.float64, device=bad.device)])
+        vec = vec.to(self.device)  # NCCL reduces device tensors only
+        if self.world_size > 1:
+            collective("all-reduce of the step's losses, finiteness and preemption flag", dist.all_reduce, vec,
+                       host_reads=True)
+        bad_n, total, ce, tri, aux, act, preempt = vec.tolist()
+        w = self.world_size
+        return StepResult(bad_n > 0, total / w, ce / w, tri / w, aux / w, act / w, preempt > 0)
+
+    def _record(self, s: int, r: StepResult, seconds: float) -> None:
+        """After step ``s``: the skip guard, the history, the clocks (warm-up steps are not timed)."""
+        if self.bad_steps.record(s, r.bad):
+            self.step = s + 1
+            self.save()
+            raise TrainingHalted(
+                f"{self.bad_steps.in_a_row} steps in a row (up to step {s + 1}) had a non-finite loss or "
+                f"gradients (train.max_bad_steps={self.cfg.train.max_bad_steps}); stopped with a checkpoint at "
+                f"step {self.step} in {self.ckpt_dir}. Lower train.lr, check the data for NaN pixels, or "
+                "use precision=fp32")
+        if r.bad and self.rank == 0:
+            print(f"step {s + 1}: non-finite loss or gradients on some rank: step skipped "
+                  f"({self.bad_steps.in_a_row} in a row, {len(self.bad_steps.skipped)} in all)", flush=True)
+        self.progress.record(r, self.cfg.train.lr_at(s), seconds if s >= WARMUP_STEPS else None)
+        self.step = s + 1
+
+    def _log_interval(self, interval: IntervalStats) -> None:
+        """A logging step: the interval's routing statistics, summed over ranks, read on the host."""
+        if interval.steps == 0:
+            return
+        reduced = interval.packed().to(self.device)
+        if self.world_size > 1:
+            collective("all-reduce of the interval's routing statistics", dist.all_reduce, reduced, host_reads=True)
+        reduced = reduced.cpu()
+        w = self.world_size
+        nl, ns = interval.load.numel(), interval.fusion.numel()
+        h = self.progress.history
+        h.load_steps.append(self.step)
+        h.load.append(reduced[:nl].reshape(interval.load.shape).tolist())
+        h.fusion_load.append((reduced[nl:nl + ns] / w).tolist())
+        h.dropped.append(float(reduced[nl + ns]) / w)
+        h.active.append(float(reduced[nl + ns + 1]) / w)
+        for msg in self.collapse.update(self.step, h.load[-1]):
+            self.progress.warnings.append(msg)
+            if self.rank == 0:
+                print(f"warning: {msg}", flush=True)
+
+    # ------------------------------------------------------------- checkpoint
+    def save(self) -> None:
+        """Atomic: written by every rank, then committed by rank 0 (see training/checkpoint.py)."""
+        client = {"step": self.step, **self.progress.state_dict(), "skipped_steps": self.bad_steps.skipped,
+                  "collapse_events": self.collapse.events}
+        checkpoint.save(self.engine, self.ckpt_dir, self.step, client, self.cfg.train.keep_last, self.rank,
+                        self.world_size, self.faults)
+
+    def has_checkpoint(self) -> bool:
+        return checkpoint.newest_complete(self.ckpt_dir) is not None
+
+    def resume(self) -> int:
+        """Load the newest *complete* checkpoint of this run; returns the step it continues from."""
+        client = checkpoint.resume(self.engine, self.ckpt_dir, self.cfg.name)
+        self.step = int(client["step"])
+        self.progress = RunProgress.from_state_dict(client)
+        self.bad_steps.skipped = list(client.get("skipped_steps", []))
+        self.collapse.events = list(client.get("collapse_events", []))
+        return self.step
+
+    def load_weights(self, ckpt_dir: str) -> int:
+        """Weights only (e.g. a checkpoint converted to another expert count); training still starts
+        at step 0. Returns the step it was saved at (0 if unknown)."""
+        return checkpoint.load_weights(self.engine, ckpt_dir, self.cfg.name)
+
+    def close(self) -> None:
+        """Stop the prefetch thread (also after an error or a preemption; safe to call twice)."""
+        self.feed.close()
+
+    # ------------------------------------------------------------------ eval
+    def evaluate(self):
+        ec = self.cfg.eval
+        return retrieval(self.model, self.splits, ec.batch_size, self.rank, self.world_size, self.device,
+                         ec.max_rank, self.dtype)
+
+    def gather_peak_memory_mb(self) -> list[float]:
+        """Peak memory of every rank (CUDA: max allocated; CPU: max RSS), gathered to all ranks."""
+        if self.device.type == "cuda":
+            mine = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        t = torch.zeros(self.world_size, dtype=torch.float64, device=self.device)
+        t[self.rank] = mine
+        if self.world_size > 1:
+            dist.all_reduce(t)
+        return t.tolist()
+
+    def summary(self, metrics, untrained, elapsed_s: float, peak_mem_mb: list[float] | None = None) -> dict:
+        return build_summary(cfg=self.cfg, world=self.world, ep_size=self.groups.ep_size,
+                             moe_layers=len(self.moe_layers), steps=self.step, progress=self.progress,
+                             skipped_steps=self.bad_steps.skipped, collapse_events=self.collapse.events,
+                             a2a_per_step=self.a2a_per_step, metrics=metrics, untrained=untrained,
+                             elapsed_s=elapsed_s, peak_mem_mb=peak_mem_mb, data_summary=self.data_summary)
