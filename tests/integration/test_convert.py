@@ -1,25 +1,25 @@
-"""`msmoe convert --num-experts` on a real run's DeepSpeed checkpoint: upcycle 3 -> 24 keeps the
+"""msmoe convert on real checkpoints.
+
+`msmoe convert --num-experts` on a real run's DeepSpeed checkpoint: upcycle 3 -> 24 keeps the
 model's outputs (same retrieval metrics from the converted checkpoint) and training continues
-from it; pruning to 2 experts gives a checkpoint that loads and evaluates."""
+from it; pruning to 2 experts gives a checkpoint that loads and evaluates.
+
+`msmoe convert` to another EP size carries the optimizer state: save at EP=2 on 2 ranks,
+convert, load at EP=1 on 1 rank and at EP=4 on 4 ranks -> the same outputs, and the next
+training step gives the same loss and weights as continuing at EP=2 (tests/dist/ds_reshard_check.py).
+"""
 
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_DATA = "{num_train_ids: 24, num_test_ids: 8, num_cameras: 3, images_per_camera: 3, height: 64, width: 32}"
+from tests.helpers import TINY_DATA, run_cli, run_torchrun
 
 
 def _cli(*args, tmp):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    proc = subprocess.run([sys.executable, "-m", "launcher.cli", *args], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=400)
-    assert proc.returncode == 0, f"{args}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-    return proc
+    return run_cli(*args, timeout=400, check=True)
 
 
 @pytest.mark.slow
@@ -51,3 +51,33 @@ def test_upcycle_and_prune_a_trained_run(tmp_path):
          "model.patch_moe.router.num_experts=2", tmp=tmp)
     ev2 = json.load(open(f"{tmp}/runs/base/eval.json"))
     assert 0 < ev2["map"] <= 1
+
+
+@pytest.mark.slow
+def test_reshard_ep2_to_ep1_and_ep4(tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    run_torchrun("ds_reshard_check.py", 2, ["--phase", "save", "--ckpt", ckpt], str(tmp_path / "save"))
+    for ep in (1, 4):
+        out = str(tmp_path / f"ep{ep}_ckpt")
+        proc = run_cli("convert", "--src", ckpt, "--out", out, "--ep-size", str(ep), threads=None, timeout=None)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"EP 2 -> {ep}" in proc.stdout
+        files = sorted(os.listdir(os.path.join(out, "s3")))
+        assert [f for f in files if f.startswith("expp_rank_")] == [f"expp_rank_{r}_mp_rank_00_optim_states.pt"
+                                                                     for r in range(ep)]
+        reports, _ = run_torchrun("ds_reshard_check.py", ep, ["--phase", "load", "--ckpt", out],
+                                  str(tmp_path / f"load{ep}"))
+        for r in reports:
+            assert r["ep_size"] == ep and r["same_names"]
+            assert r["logits_err"] < 1e-6, r
+            assert abs(r["loss"] - r["ref_loss"]) < 1e-6 * max(1, abs(r["ref_loss"])), r
+            assert r["weights_err"] < 1e-5, r
+
+
+@pytest.mark.slow
+def test_reshard_refuses_bad_sizes(tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    run_torchrun("ds_reshard_check.py", 2, ["--phase", "save", "--ckpt", ckpt], str(tmp_path / "save"))
+    proc = run_cli("convert", "--src", ckpt, "--out", str(tmp_path / "x"), "--ep-size", "3", threads=None,
+                   timeout=None)
+    assert proc.returncode != 0 and "num_experts=4, not divisible by the new ep_size=3" in proc.stderr

@@ -1,7 +1,7 @@
 """Reliability: crashes, stalls, non-finite steps and bad input, each against what a user sees.
 
 Faults are real: a worker SIGKILLed mid-run (or mid-checkpoint), a rank that stops calling
-collectives, a NaN loss (launcher/faults.py injects them at a given step). Recovered runs are
+collectives, a NaN loss (training/faults.py injects them at a given step). Recovered runs are
 compared with an uninterrupted run of the same seed: same loss curve, bit-identical weights.
 """
 
@@ -10,7 +10,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 import threading
 import time
 
@@ -18,20 +17,14 @@ import numpy as np
 import pytest
 import torch
 
-from launcher import checkpoints
-from launcher.guards import BadStepGuard, CollapseDetector
+from tests.helpers import ROOT, TINY_DATA, cli_command, cli_env
+from training import checkpoint
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_DATA = "{num_train_ids: 24, num_test_ids: 8, num_cameras: 3, images_per_camera: 3, height: 64, width: 32}"
 STEPS = 30
 
 
 def _env(fault: str | None = None) -> dict:
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    env.pop("MSMOE_FAULT", None)
-    if fault:
-        env["MSMOE_FAULT"] = fault
-    return env
+    return cli_env({"MSMOE_FAULT": fault or None})
 
 
 def _train_cmd(tmp, name, nproc=2, restarts=0, extra=()):
@@ -39,9 +32,8 @@ def _train_cmd(tmp, name, nproc=2, restarts=0, extra=()):
               f"data.path={tmp}/data", f"data.synth={TINY_DATA}", f"train.steps={STEPS}", "train.ckpt_every=5",
               "eval.untrained=false", *extra]
     if nproc == 1:
-        return [sys.executable, "-m", "launcher.cli", "train", *common]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            f"--max-restarts={restarts}", "-m", "launcher.cli", "train", "train.ep_size=2", *common]
+        return cli_command("train", *common)
+    return cli_command("train", "train.ep_size=2", *common, nproc=nproc, torchrun=[f"--max-restarts={restarts}"])
 
 
 def _run(cmd, fault=None, timeout=600):
@@ -50,7 +42,7 @@ def _run(cmd, fault=None, timeout=600):
 
 def _weights(ckpt_dir: str) -> dict:
     """Every tensor of every model-state file of the newest complete checkpoint (experts included)."""
-    tag = checkpoints.newest_complete(ckpt_dir)
+    tag = checkpoint.newest_complete(ckpt_dir)
     out = {}
     for path in sorted(glob.glob(os.path.join(ckpt_dir, tag, "*model_states.pt"))):
         state = torch.load(path, map_location="cpu", weights_only=False)
@@ -96,12 +88,12 @@ def test_kill_during_checkpoint_save_resumes_from_the_previous_one(tmp_path, ref
     ckpt = f"{tmp_path}/runs/mid/checkpoints"
     proc = _run(_train_cmd(str(tmp_path), "mid"), fault="kill_in_save@10")
     assert proc.returncode != 0
-    assert checkpoints.incomplete(ckpt) == ["step0000010"]  # written, never committed
-    assert checkpoints.newest_complete(ckpt) == "step0000005" and open(f"{ckpt}/latest").read() == "step0000005"
+    assert checkpoint.incomplete(ckpt) == ["step0000010"]  # written, never committed
+    assert checkpoint.newest_complete(ckpt) == "step0000005" and open(f"{ckpt}/latest").read() == "step0000005"
     again = _run(_train_cmd(str(tmp_path), "mid", extra=["--resume"]))
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed 'mid' at step 5" in again.stdout
-    assert checkpoints.incomplete(ckpt) == []
+    assert checkpoint.incomplete(ckpt) == []
     _same_as_reference(reference, f"{tmp_path}/runs/mid")
 
 
@@ -146,31 +138,7 @@ def test_nan_steps_are_skipped_then_the_run_stops_with_a_checkpoint(tmp_path):
                 fault="nan_loss@4;nan_loss@5")
     assert halt.returncode == 3
     assert "2 steps in a row (up to step 6) had a non-finite loss" in halt.stderr
-    assert checkpoints.newest_complete(f"{tmp}/runs/halt/checkpoints") == "step0000006"
-
-
-def test_bad_step_guard_and_collapse_detector_by_hand():
-    g = BadStepGuard(limit=2)
-    assert not g.record(0, True) and not g.record(1, False) and not g.record(2, True) and g.record(3, True)
-    assert g.skipped == [0, 2, 3]
-    d = CollapseDetector(share=0.8, intervals=2, layer_names=["block1", "block3"])
-    assert d.update(10, [[9, 1, 0, 0], [5, 5, 5, 5]]) == []
-    assert d.update(20, [[1, 9, 0, 0], [5, 5, 5, 5]]) == []  # another expert: the streak restarts
-    (msg,) = d.update(30, [[0, 10, 0, 0], [5, 5, 5, 5]])
-    assert "expert collapse in block1: expert 1 took 100%" in msg and d.events[0]["step"] == 30
-    assert d.update(40, [[0, 10, 0, 0], [5, 5, 5, 5]]) == []  # reported once per streak
-
-
-def test_checkpoint_selection_ignores_incomplete_and_prunes(tmp_path):
-    ck = str(tmp_path)
-    for step, done in ((5, True), (10, True), (15, True), (20, False), (3, False)):
-        os.makedirs(os.path.join(ck, checkpoints.tag_of(step)))
-        if done:
-            open(os.path.join(ck, checkpoints.tag_of(step), checkpoints.MARKER), "w").write(str(step))
-    assert checkpoints.newest_complete(ck) == "step0000015"
-    assert checkpoints.incomplete(ck) == ["step0000003", "step0000020"]
-    assert sorted(checkpoints.prune(ck, keep_last=2)) == ["step0000003", "step0000005"]
-    assert sorted(os.listdir(ck)) == ["step0000010", "step0000015", "step0000020"]  # the newer partial stays
+    assert checkpoint.newest_complete(f"{tmp}/runs/halt/checkpoints") == "step0000006"
 
 
 def _fake_dataset(path, nir_channels=1, dtype="uint8", nan=False, h=64, w=32):
@@ -214,9 +182,8 @@ def test_bad_input_is_named(tmp_path, case, expect):
     _fake_dataset(data, nir_channels=3 if case == "nir3" else 1, dtype="float32" if case == "nan" else "uint8",
                   nan=case == "nan", h=66 if case == "stride" else 64)
     extra = {"few_ids": ["train.p=10"]}.get(case, [])
-    cmd = [sys.executable, "-m", "launcher.cli", "train", "--config", "configs/tiny.yaml", "--no-progress",
-           f"out_dir={tmp_path}/runs", f"data.path={data}", "data.source=disk", "eval.untrained=false",
-           "train.steps=2", *extra]
+    cmd = cli_command("train", "--config", "configs/tiny.yaml", "--no-progress", f"out_dir={tmp_path}/runs",
+                      f"data.path={data}", "data.source=disk", "eval.untrained=false", "train.steps=2", *extra)
     proc = _run(cmd)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert expect in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]

@@ -10,16 +10,13 @@
 import json
 import os
 import re
-import subprocess
-import sys
 import time
 
 import pytest
 
-from slurm import Cluster, available
+from tests.helpers import TINY_DATA, free_port, run_cli
+from tests.slurm import Cluster, available
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_DATA = "{num_train_ids: 24, num_test_ids: 8, num_cameras: 3, images_per_camera: 3, height: 64, width: 32}"
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(available() is not None, reason=str(available()))]
 
 
@@ -31,13 +28,11 @@ def cluster(tmp_path_factory):
 
 
 def _submit(cluster, tmp, name, *overrides):
-    env = {**os.environ, "PYTHONPATH": ROOT, **cluster.env}
-    proc = subprocess.run(
-        [sys.executable, "-m", "launcher.cli", "submit", "--nodes", "1", "--gpus-per-node", "2", "--device", "cpu",
-         "--time", "00:20:00", "--partition", "debug", "--port", str(_port()), "--",
-         "--config", "configs/tiny.yaml", f"name={name}", f"out_dir={tmp}/runs", f"data.path={tmp}/data",
-         f"data.synth={TINY_DATA}", "train.ep_size=2", *overrides],
-        capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    proc = run_cli(  # the environment as it is (no OMP_NUM_THREADS=1): sbatch passes it on to the job
+        "submit", "--nodes", "1", "--gpus-per-node", "2", "--device", "cpu", "--time", "00:20:00", "--partition",
+        "debug", "--port", str(_port()), "--", "--config", "configs/tiny.yaml", f"name={name}", f"out_dir={tmp}/runs",
+        f"data.path={tmp}/data", f"data.synth={TINY_DATA}", "train.ep_size=2", *overrides,
+        env=cluster.env, threads=None, timeout=120)
     assert proc.returncode == 0, proc.stderr
     job = proc.stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"\d+", job), proc.stdout
@@ -45,8 +40,6 @@ def _submit(cluster, tmp, name, *overrides):
 
 
 def _port():
-    from distributed import free_port
-
     return free_port()
 
 
@@ -76,11 +69,8 @@ def test_preemption_requeues_and_resumes_without_losing_a_step(cluster, tmp_path
     # first checkpoint (step 20) exists, with 280 steps still to go
     common = (f"train.steps={steps}", f"train.ckpt_every={first_ckpt}", "eval.untrained=true")
     # the uninterrupted reference, same config, straight under torchrun
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    ref = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "launcher.cli", "train", "--config", "configs/tiny.yaml", "--no-progress", "name=ref",
-                          f"out_dir={tmp}/runs", f"data.path={tmp}/data", f"data.synth={TINY_DATA}",
-                          "train.ep_size=2", *common], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    ref = run_cli("train", "--config", "configs/tiny.yaml", "--no-progress", "name=ref", f"out_dir={tmp}/runs",
+                  f"data.path={tmp}/data", f"data.synth={TINY_DATA}", "train.ep_size=2", *common, nproc=2, timeout=600)
     assert ref.returncode == 0, ref.stderr[-3000:]
 
     job = _submit(cluster, tmp, "pre", *common)

@@ -4,33 +4,29 @@
     the same retrieval metrics whether its experts are split over the 2 ranks or replicated.
   * Resume is exact: N steps, stop, resume for M steps == N+M steps straight (loss and weights).
   * Every seed 000 ablation config trains (shrunk to the tiny sizes) with its own scale count.
+  * bf16: the whole model in DeepSpeed's bf16 trains close to fp32 (LOSS_ATOL), configs/gpu.yaml shrunk.
+
+Bound (stated once, used below):
+  LOSS_ATOL      |bf16 loss - fp32 loss| per step over the first steps of the tiny model
 """
 
 import glob
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_DATA = "{num_train_ids: 24, num_test_ids: 8, num_cameras: 3, images_per_camera: 3, height: 64, width: 32}"
+from tests.helpers import ROOT, TINY_DATA, cli_command, cli_env, run_cli
+
+LOSS_ATOL = 0.1
 
 
 def _train(tmp, name, nproc, *overrides, extra=(), config="configs/tiny.yaml", timeout=600):
-    args = ["-m", "launcher.cli", "train", "--config", config, "--no-progress", *extra,
-            f"name={name}", f"out_dir={tmp}/runs", f"data.path={tmp}/data", f"data.synth={TINY_DATA}", *overrides]
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
-    else:
-        cmd = [sys.executable, *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
+    return run_cli("train", "--config", config, "--no-progress", *extra, f"name={name}", f"out_dir={tmp}/runs",
+                   f"data.path={tmp}/data", f"data.synth={TINY_DATA}", *overrides, nproc=nproc, timeout=timeout,
+                   check=True)
 
 
 def _summary(tmp, name):
@@ -53,9 +49,7 @@ def _weights(tmp, name, tag):
 def _eval(tmp, name, nproc):
     """`msmoe eval` of a run's newest checkpoint; returns its eval.json."""
     run_dir = os.path.join(tmp, "runs", name)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    proc = subprocess.run([sys.executable, "-m", "launcher.cli", "eval", "--run-dir", run_dir, "--nproc", str(nproc)],
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    proc = run_cli("eval", "--run-dir", run_dir, "--nproc", str(nproc), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(os.path.join(run_dir, "eval.json")) as fh:
         return json.load(fh)
@@ -139,10 +133,9 @@ def test_seed_ablation_configs_train(tmp_path):
     _train(tmp, "warm", 1, *shrink)  # makes the data once, before the parallel runs
     for i in range(0, len(paths), 2):
         pair = paths[i:i + 2]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-        procs = [subprocess.Popen([sys.executable, "-m", "launcher.cli", "train", "--config", p, "--no-progress",
-                                   f"out_dir={tmp}/runs", f"data.path={tmp}/data", f"data.synth={TINY_DATA}", *shrink],
-                                  cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        procs = [subprocess.Popen(cli_command("train", "--config", p, "--no-progress", f"out_dir={tmp}/runs",
+                                              f"data.path={tmp}/data", f"data.synth={TINY_DATA}", *shrink),
+                                  cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                  for p in pair]
         for p, proc in zip(pair, procs):
             log = proc.communicate(timeout=300)[0]
@@ -157,3 +150,36 @@ def test_seed_ablation_configs_train(tmp_path):
             assert ms[key] == value
         assert len(s["fusion_weight_mean"]) == len(ms.get("scales", [4, 8, 16]))
         assert s["steps"] == 2
+
+
+@pytest.mark.slow
+def test_tiny_model_trains_in_bf16_at_ep2_close_to_fp32_and_evaluates_from_its_checkpoint(tmp_path):
+    tmp = str(tmp_path)
+    common = ("train.ep_size=2", "train.steps=8", "eval.untrained=false")
+    _train(tmp, "fp32", 2, *common)
+    for zero in (0, 1, 2):
+        _train(tmp, f"bf16_z{zero}", 2, *common, "train.precision=bf16", f"train.zero_stage={zero}")
+    ref = _summary(tmp, "fp32")["loss_history"]
+    for zero in (0, 1, 2):
+        s = _summary(tmp, f"bf16_z{zero}")
+        losses = s["loss_history"]
+        assert len(losses) == 8 and all(abs(a - b) < LOSS_ATOL for a, b in zip(losses, ref)), (zero, losses, ref)
+        assert losses[-1] < losses[0]  # it learns
+        assert s["skipped_steps"] == []
+    ev = _eval(tmp, "bf16_z1", nproc=2)
+    s = _summary(tmp, "bf16_z1")
+    assert ev["step"] == 8 and abs(ev["map"] - s["map"]) < 1e-6
+
+
+@pytest.mark.slow
+def test_gpu_config_runs_a_few_steps_shrunk(tmp_path):
+    """configs/gpu.yaml as written (bf16, ZeRO 1, seed experts, 4 MoE blocks), only smaller: 2 ranks."""
+    tmp = str(tmp_path)
+    shrink = (f"data.synth={TINY_DATA}", "model.dim=32", "model.stem_stride=4", "model.patch_moe.patch_size=4",
+              "model.patch_moe.expert.hidden_dim=32", "model.patch_moe.router.num_experts=4", "train.ep_size=2",
+              "train.steps=3", "train.p=8", "train.k=2", "train.warmup_steps=1", "eval.untrained=false",
+              "eval.batch_size=32")
+    _train(tmp, "gpu_small", 2, *shrink, config="configs/gpu.yaml")
+    s = _summary(tmp, "gpu_small")
+    assert s["config"]["train"]["precision"] == "bf16" and s["config"]["train"]["zero_stage"] == 1
+    assert s["moe_layers"] == 4 and s["steps"] == 3 and all(x == x for x in s["loss_history"])

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bench import check_bench, check_dispatch, check_layers, section
-from distributed import ROOT
+from tests.helpers import ROOT
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present: the check would run")
 
@@ -107,7 +107,7 @@ def test_dry_run_of_every_section_on_cpu(tmp_path):
 
 def test_sync_budget_follows_the_config():
     from bench.check_syncs import sync_budget
-    from reid.config import load_config
+    from training.config import load_config
 
     cfg = load_config(os.path.join(ROOT, "configs", "h100.yaml"))
     assert sync_budget(cfg) == 1 + len(cfg.model.moe_blocks)  # one per dispatching MoE layer + one per step

@@ -12,15 +12,15 @@ import tempfile
 import pytest
 import torch
 
-from distributed import run_torchrun
-from moe import ExpertConfig, PatchMoE, PatchMoEConfig, RouterConfig
 from bench.host_syncs import SyncCounter
+from moe import ExpertConfig, PatchMoE, PatchMoEConfig, RouterConfig
+from tests.helpers import run_torchrun
 
 
 def test_the_counter_sees_each_kind_of_sync():
     x = torch.arange(6.0)
     with SyncCounter() as c:
-        from launcher import trainer as project_module  # any project module: calls must come from project code
+        from training import trainer as project_module  # any project module: calls must come from project code
         code = compile("x.sum().item(); float(x[0]); bool(x[1] > 0); x[x > 2]; x.nonzero(); x.tolist();"
                        "torch.bincount(x.long()); torch.repeat_interleave(x, x.long())",
                        project_module.__file__, "exec")

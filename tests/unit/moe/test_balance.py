@@ -3,7 +3,7 @@ import math
 import torch
 
 from moe.balance import load_balance_loss, router_z_loss, slot_load, variance_loss
-from reference import expert_balance_loss
+from tests.reference import expert_balance_loss
 
 
 def test_switch_loss_is_one_when_balanced_and_grows_with_imbalance():

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from conftest import needs_cpu_grouped_mm
 from moe.grouped import ExpertBatch, grouped_linear, grouped_matmul
+from tests.helpers import needs_cpu_grouped_mm
 
 
 def _loop_reference(x, w, b, counts):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from moe import ConfigError, ExpertConfig, HierarchicalMoE, HierarchicalMoEConfig, RouterConfig
-from reference import experts_to_modules, hierarchical_reference, modules_grads
+from tests.reference import experts_to_modules, hierarchical_reference, modules_grads
 
 
 def _cfg(mode="learned", placement="grouped", kc=1, kf=2, g=3, f=3, kind="ffn"):
@@ -66,47 +66,3 @@ def test_config_errors():
         HierarchicalMoEConfig(dim=8, coarse=RouterConfig(num_experts=2, top_k=1), fine=RouterConfig(num_experts=3))
     with pytest.raises(ValueError, match="needs the modality"):
         HierarchicalMoE(_cfg("given"))(torch.randn(1, 8, 8, 8))
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("nproc,ep,mode,placement", [
-    (2, 1, "learned", "grouped"), (2, 2, "learned", "grouped"), (2, 2, "given", "spread"),
-    (4, 2, "given", "grouped"), (4, 4, "learned", "spread"),
-])
-def test_expert_parallel_matches_single_process(tmp_path, nproc, ep, mode, placement):
-    from distributed import run_torchrun
-
-    reports, _ = run_torchrun("ep_hier_check.py", nproc, ["--ep-size", str(ep), "--mode", mode,
-                                                          "--placement", placement], str(tmp_path))
-    for r in reports:
-        assert r["ep_size"] == ep
-        for name, e in r["errors"].items():
-            assert e < 1e-5, f"rank {r['rank']}: {name} relative error {e:.2e}"
-        assert r["load"] == r["ref_load"]
-    assert sum(r["bytes_forward"] for r in reports) == sum(r["analytic_forward"] for r in reports)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("mode,groups,fine", [("learned", 2, 4), ("given", 4, 2)])
-def test_node_placement_keeps_fine_traffic_inside_nodes(tmp_path, mode, groups, fine):
-    """4 ranks as 2 "nodes" of 2: two-stage transport == single-process layer; fine-level bytes
-    never cross a node (counted with global ranks), unlike one-stage dispatch of the same patches."""
-    from distributed import run_torchrun
-
-    reports, _ = run_torchrun("ep_hier_check.py", 4, ["--ep-size", "4", "--mode", mode, "--groups", str(groups),
-                                                      "--fine", str(fine), "--node-size", "2"], str(tmp_path))
-    row = 4 * 4 * 8 * 4  # P*P*C fp32
-    for r in reports:
-        for name, e in r["errors"].items():
-            assert e < 1e-5, f"rank {r['rank']}: {name} relative error {e:.2e}"
-        assert r["single_out_err"] < 1e-5
-        assert r["fine_cross"] == 0  # the node boundary is never crossed at the fine level
-        assert r["load"] == r["ref_load"]
-    # stage 1 moves each (patch, coarse slot) once each way, forward and backward (world sums:
-    # a rank's return trip carries what it received, not what it sent)
-    assert sum(r["coarse_total"] for r in reports) == 4 * sum(r["coarse_slots"] for r in reports) * row
-    assert sum(r["fine_offrank"] for r in reports) > 0  # fine traffic exists, inside nodes
-    two_stage = sum(r["coarse_cross"] + r["fine_cross"] for r in reports)
-    one_stage = sum(r["single_cross"] for r in reports)
-    # each (patch, remote group) crosses once instead of once per fine slot (Kf = 2 here)
-    assert two_stage > 0 and 2 * two_stage == one_stage, (two_stage, one_stage)

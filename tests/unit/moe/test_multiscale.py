@@ -6,7 +6,7 @@ import torch.nn as nn
 
 from moe.config import BalanceConfig, MultiScaleMoEConfig
 from moe.multiscale import MultiScaleMoE, window_features
-from reference import expert_balance_loss, multiscale_to_seed, seed_experts_to_modules, seed_modules_grads
+from tests.reference import expert_balance_loss, multiscale_to_seed, seed_experts_to_modules, seed_modules_grads
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from conftest import needs_cpu_grouped_mm
 from moe.config import ExpertConfig, PatchMoEConfig, RouterConfig
 from moe.patch_moe import PatchMoE
-from reference import experts_to_modules, modules_grads, patch_moe_reference
+from tests.helpers import needs_cpu_grouped_mm
+from tests.reference import experts_to_modules, modules_grads, patch_moe_reference
 
 TOL = dict(rtol=1e-5, atol=2e-5)
 

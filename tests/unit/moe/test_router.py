@@ -3,7 +3,7 @@ import torch
 
 from moe.config import RouterConfig
 from moe.router import Router
-from reference import route_unit
+from tests.reference import route_unit
 
 
 def _check_against_reference(router, x):

@@ -9,8 +9,7 @@ import pytest
 
 from launcher.train import check_nproc_gpus
 from parallel.devices import DeviceCountError, check_gpu_count
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
 
 
 def test_more_processes_than_gpus_names_both_counts_and_the_fix():

@@ -1,8 +1,8 @@
-"""Expert-parallel PatchMoE under torchrun (gloo) against the single-process reference."""
+"""Expert-parallel PatchMoE (parallel/dispatcher.py) under torchrun (gloo) against the single-process reference."""
 
 import pytest
 
-from distributed import run_torchrun
+from tests.helpers import run_torchrun
 
 CASES = [
     # nproc, ep_size, capacity_factor, expert kind

@@ -2,7 +2,7 @@
 
 import pytest
 
-from distributed import run_torchrun
+from tests.helpers import run_torchrun
 
 
 @pytest.mark.slow

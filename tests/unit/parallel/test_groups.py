@@ -1,6 +1,5 @@
 import pytest
 
-from parallel.dist import discover_launcher
 from parallel.groups import ParallelConfigError, validate_sizes
 
 
@@ -15,13 +14,3 @@ def test_experts_not_divisible_by_ep_size():
     with pytest.raises(ParallelConfigError, match="ep_size=0"):
         validate_sizes(8, 0, 8)
     validate_sizes(8, 4, 8)  # fine
-
-
-@pytest.mark.parametrize("env, expected", [
-    ({"RANK": "0", "WORLD_SIZE": "2"}, "env"),
-    ({"OMPI_COMM_WORLD_RANK": "1"}, "mpi"),
-    ({"PMI_RANK": "0"}, "mpi"),
-    ({}, "single"),
-])
-def test_launcher_discovery(env, expected):
-    assert discover_launcher(env) == expected

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from distributed import run_torchrun
 from parallel.nccl import NCCL_ENV_DEFAULTS, apply_nccl_env, group_timeout_s, watchdog_grace_s
+from tests.helpers import ROOT, run_torchrun
 
 
 def test_defaults_are_set_only_where_the_user_set_nothing():
@@ -34,10 +34,9 @@ def test_init_distributed_sets_nothing_for_gloo():
     code = ("import os; from parallel.dist import init_distributed; w = init_distributed(timeout_s=7); "
             "from parallel import all_to_all; "
             "print(w.backend, all_to_all._host_wait_s, os.environ.get('TORCH_NCCL_ASYNC_ERROR_HANDLING'))")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCH_NCCL", "NCCL_", "RANK", "WORLD"))}
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
-                       env={**env, "PYTHONPATH": root}, timeout=300)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                       env={**env, "PYTHONPATH": ROOT}, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.strip().splitlines()[-1] == "gloo None None"
 

@@ -1,7 +1,7 @@
-"""Threads per worker (launcher/threads.py): the config, then the user's OMP_NUM_THREADS, then the SLURM
+"""Threads per worker (parallel/threads.py): the config, then the user's OMP_NUM_THREADS, then the SLURM
 allocation over the node's processes, then the CPUs this process may use over the node's processes."""
 
-from launcher.threads import available_cpus, threads_per_worker
+from parallel.threads import available_cpus, threads_per_worker
 
 
 def test_order_of_sources():

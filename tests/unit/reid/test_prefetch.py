@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from moe.config import ConfigError
-from reid.config import TrainConfig
 from reid.data import PKSampler, fetch, load_splits
 from reid.prefetch import BatchFeed, Prefetcher, StepBatches, class_labels
 from reid.synth import SynthSpec, ensure_synth
+from training.config import TrainConfig
 
 SMALL = SynthSpec(seed=5, num_train_ids=12, num_test_ids=5, num_cameras=3, images_per_camera=3, height=64, width=32)
 
