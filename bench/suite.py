@@ -24,8 +24,9 @@ NO_TESTS = 5  # pytest's exit code when a shard's files hold only slow tests
 
 def shard_files(root: str, quick: bool) -> list[list[str]]:
     if quick:
-        return [["tests/test_compat.py"], ["tests/test_grouped.py"]]
-    files = sorted(glob.glob(os.path.join(root, "tests", "test_*.py")), key=os.path.getsize, reverse=True)
+        return [["tests/unit/moe/test_compat.py"], ["tests/unit/moe/test_grouped.py"]]
+    files = sorted(glob.glob(os.path.join(root, "tests", "**", "test_*.py"), recursive=True), key=os.path.getsize,
+                   reverse=True)
     shards: list[list[str]] = [[] for _ in range(SHARDS)]
     load = [0] * SHARDS
     for f in files:

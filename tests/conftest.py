@@ -1,18 +1,17 @@
-import os
-import sys
+"""The one conftest of the suite. Shared constants and runners live in tests/helpers.py (imported
+here too, so either name works); the tree: unit/<package>/test_<module>.py mirrors the source,
+integration/ runs whole commands, launchers and multi-process jobs, dist/ holds the worker scripts."""
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))  # tests/reference.py
+from tests.helpers import (
+    GOLDEN, ROOT, TINY_DATA, cli_command, cli_env, free_port, needs_cpu_grouped_mm, run_cli, run_command,
+    run_parallel, run_torchrun, worker,
+)
 
-from moe import compat  # noqa: E402
-
-# torch._grouped_mm on CPU exists in the pinned torch 2.13, not in every torch msmoe supports
-# (the GPU image's 2.11): tests that force impl="grouped_mm" on CPU skip where it is missing.
-needs_cpu_grouped_mm = pytest.mark.skipif(
-    not compat.grouped_mm_available(torch.device("cpu"), torch.float32),
-    reason="torch._grouped_mm does not run on CPU in this torch " + torch.__version__)
+__all__ = ["GOLDEN", "ROOT", "TINY_DATA", "cli_command", "cli_env", "free_port", "needs_cpu_grouped_mm", "run_cli",
+           "run_command", "run_parallel", "run_torchrun", "worker"]  # re-exported: one place for what tests share
 
 
 @pytest.fixture(autouse=True)

@@ -8,14 +8,13 @@ tensors are that expert's weights.
 
 import argparse
 import glob
-import json
 import os
 
 import torch
 import torch.distributed as dist
 
 from ds_train_check import E, build, train_step
-from parallel.dist import init_distributed
+from harness import init_world, write_result
 from parallel.groups import ParallelGroups
 
 
@@ -25,7 +24,7 @@ def main():
     ap.add_argument("--zero", type=int, default=0)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    world = init_distributed()
+    world = init_world()
     groups = ParallelGroups.build(args.ep_size, E)
     ckpt = os.path.join(args.out, "ckpt")
 
@@ -62,8 +61,7 @@ def main():
         "weights_equal": weights_equal, "file_check": file_check,
         "files": sorted(os.path.basename(f) for f in glob.glob(os.path.join(ckpt, "step3", "*"))),
     }
-    with open(os.path.join(args.out, f"rank{world.rank}.json"), "w") as fh:
-        json.dump(report, fh)
+    write_result(args.out, world.rank, report)
     dist.barrier()
 
 

@@ -7,14 +7,13 @@
 """
 
 import argparse
-import json
 import os
 
 import torch
 import torch.distributed as dist
 
 from ds_train_check import E, batch, build, train_step
-from parallel.dist import init_distributed
+from harness import init_world, write_result
 from parallel.groups import ParallelGroups
 
 
@@ -45,7 +44,7 @@ def main():
     ap.add_argument("--ckpt", required=True)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    world = init_distributed()
+    world = init_world()
     w, rank = world.world_size, world.rank
     groups = ParallelGroups.build(w, E)  # EP size = world size
     os.makedirs(args.out, exist_ok=True)
@@ -76,8 +75,7 @@ def main():
             "weights_err": max(rel(weights[n], ref["weights"][n]) for n in ref["weights"]),
             "same_names": sorted(weights) == sorted(ref["weights"]),
         }
-    with open(os.path.join(args.out, f"rank{rank}.json"), "w") as fh:
-        json.dump(report, fh)
+    write_result(args.out, rank, report)
     dist.barrier()
 
 

@@ -7,17 +7,15 @@ weight norms (gathered over the EP group) and a checksum of the dense weights of
 """
 
 import argparse
-import json
-import os
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from deepspeed.runtime.utils import clip_grad_norm_ as ds_clip_grad_norm_
 
+from harness import init_world, write_result
 from moe import BalanceConfig, ExpertConfig, PatchMoE, PatchMoEConfig, RouterConfig
 from parallel.dispatcher import AllToAllDispatcher
-from parallel.dist import init_distributed
 from parallel.ds_moe import DeepSpeedMoE
 from parallel.engine import build_engine
 from parallel.groups import ParallelGroups
@@ -99,7 +97,7 @@ def main():
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None)  # the deepspeed launcher adds it
     args = ap.parse_args()
 
-    world = init_distributed()
+    world = init_world()
     groups = ParallelGroups.build(args.ep_size, E)
     moe_engine = build(groups, world.world_size, args.zero, args.clip)
     engine, model, disp = moe_engine.engine, moe_engine.engine.module, moe_engine.engine.module.moe.deepspeed_moe.dispatcher
@@ -138,9 +136,7 @@ def main():
         "expert_norms": torch.cat(gathered).tolist(),
         "dense_spread": float(torch.stack(all_dense).std(0).max()) if world.world_size > 1 else 0.0,
     }
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"rank{world.rank}.json"), "w") as fh:
-        json.dump(report, fh)
+    write_result(args.out, world.rank, report)
     dist.barrier()
 
 

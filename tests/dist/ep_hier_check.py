@@ -6,16 +6,14 @@ grads and (after the expert-data-parallel sum) expert grads must match. Writes r
 """
 
 import argparse
-import json
-import os
 
 import torch
 import torch.distributed as dist
 
+from harness import init_world, write_result
 from moe import ExpertConfig, HierarchicalMoE, HierarchicalMoEConfig, RouterConfig
 from parallel.all_to_all import CommCounter
 from parallel.dispatcher import AllToAllDispatcher
-from parallel.dist import init_distributed
 from parallel.groups import ParallelGroups
 from parallel.node_transport import NodeTransport, build_node_groups
 
@@ -42,7 +40,7 @@ def main():
     args = ap.parse_args()
     global G, F
     G, F = args.groups, args.fine
-    world = init_distributed()
+    world = init_world()
     groups = ParallelGroups.build(args.ep_size, G * F)
     rank, ws = world.rank, world.world_size
     cfg = HierarchicalMoEConfig(
@@ -109,9 +107,7 @@ def main():
             single_cross=disp.counter.cross_node_bytes, single_total=disp.counter.total_bytes,
             coarse_slots=int(res.stats.num_units) * cfg.coarse.top_k if args.mode == "learned" else int(res.stats.num_units),
         )
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"rank{rank}.json"), "w") as fh:
-        json.dump(report, fh)
+    write_result(args.out, rank, report)
     dist.barrier()
 
 

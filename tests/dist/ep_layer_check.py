@@ -8,16 +8,14 @@ summed over the EP group (straight from the all-to-all backward) and over the wh
 """
 
 import argparse
-import json
-import os
 
 import torch
 import torch.distributed as dist
 
+from harness import init_world, write_result
 from moe import ExpertConfig, LocalDispatcher, PatchMoE, PatchMoEConfig, RouterConfig
 from moe.dispatch import expert_capacity
 from parallel.dispatcher import AllToAllDispatcher
-from parallel.dist import init_distributed
 from parallel.groups import ParallelGroups
 
 E, K, C, P = 8, 2, 8, 4
@@ -59,7 +57,7 @@ def main():
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
-    world = init_distributed()
+    world = init_world()
     groups = ParallelGroups.build(args.ep_size, E)
     rank, ws = world.rank, world.world_size
     cfg = PatchMoEConfig(
@@ -156,9 +154,7 @@ def main():
         "active_experts": float(res.stats.active_experts),
         "capacity": cap,
     }
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"rank{rank}.json"), "w") as fh:
-        json.dump(report, fh)
+    write_result(args.out, rank, report)
     dist.barrier()
     dist.destroy_process_group()
 

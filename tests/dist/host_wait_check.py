@@ -7,22 +7,19 @@ collective's name (what NCCL ranks get from parallel/nccl.py's policy), and writ
 """
 
 import argparse
-import json
 import os
 import time
-from datetime import timedelta
 
 import torch
-import torch.distributed as dist
 
+from harness import init_world, write_result
 from parallel.all_to_all import CollectiveError, exchange, set_host_wait_timeout
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--wait-s", type=float, default=3.0)
 ap.add_argument("--out", required=True)
 args = ap.parse_args()
-dist.init_process_group("gloo", timeout=timedelta(seconds=120))
-rank = dist.get_rank()
+rank = init_world("gloo", timeout_s=120).rank
 report = {"rank": rank}
 if rank == 0:
     set_host_wait_timeout(args.wait_s)
@@ -38,8 +35,5 @@ else:
     deadline = time.monotonic() + 60
     while not os.path.exists(os.path.join(args.out, "rank0.json")) and time.monotonic() < deadline:
         time.sleep(0.1)
-tmp = os.path.join(args.out, f"rank{rank}.json.tmp")
-with open(tmp, "w") as fh:
-    json.dump(report, fh)
-os.replace(tmp, os.path.join(args.out, f"rank{rank}.json"))
+write_result(args.out, rank, report)
 os._exit(0)  # no teardown of a group with an unmatched collective

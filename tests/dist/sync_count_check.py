@@ -8,12 +8,11 @@ split sizes) plus one per step (the loss / finiteness / preemption all-reduce).
 """
 
 import argparse
-import json
-import os
 
 import torch.distributed as dist
 
 from bench.host_syncs import SyncCounter
+from harness import init_world, write_result
 
 
 def main():
@@ -25,14 +24,14 @@ def main():
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
 
-    from launcher.metrics import IntervalStats
-    from launcher.trainer import Trainer
-    from parallel.dist import init_distributed, shutdown_distributed
-    from reid.config import load_config
+    from parallel.dist import shutdown_distributed
     from reid.synth import ensure_synth
+    from training.config import load_config
+    from training.metrics import IntervalStats
+    from training.trainer import Trainer
 
     cfg = load_config(args.config, [*args.overrides, "train.log_every=1000", "train.ckpt_every=1000"])
-    world = init_distributed()
+    world = init_world()
     if world.rank == 0:
         ensure_synth(cfg.data.path, cfg.data.synth_spec(), progress=False)
     if world.world_size > 1:
@@ -52,8 +51,7 @@ def main():
             sites[site] = sites.get(site, 0) + n
     report = {"rank": world.rank, "per_step": per_step, "sites": sites,
               "moe_layers": len(trainer.moe_layers), "ep_size": trainer.groups.ep_size}
-    with open(os.path.join(args.out, f"rank{world.rank}.json"), "w") as fh:
-        json.dump(report, fh, indent=1)
+    write_result(args.out, world.rank, report, indent=1)
     shutdown_distributed()
 
 

@@ -1,0 +1,141 @@
+"""What the tests share, in one place: the repository's paths, the tiny synthetic dataset, the
+`msmoe` command line (``python -m launcher.cli``, alone or under torchrun) and worker scripts
+(tests/dist/) under a real launcher, whose per-rank JSON reports are collected.
+
+Tests import from here (``from tests.helpers import ROOT, run_cli``); tests/conftest.py holds the
+autouse fixture."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from moe import compat
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GOLDEN = os.path.join(ROOT, "tests", "golden")
+DIST = os.path.join(ROOT, "tests", "dist")  # the worker scripts
+VENV_BIN = os.path.dirname(sys.executable)
+# a synthetic set small enough for a training test: `data.synth={TINY_DATA}`
+TINY_DATA = "{num_train_ids: 24, num_test_ids: 8, num_cameras: 3, images_per_camera: 3, height: 64, width: 32}"
+
+# torch._grouped_mm on CPU exists in the pinned torch 2.13, not in every torch msmoe supports
+# (the GPU image's 2.11): tests that force impl="grouped_mm" on CPU skip where it is missing.
+needs_cpu_grouped_mm = pytest.mark.skipif(
+    not compat.grouped_mm_available(torch.device("cpu"), torch.float32),
+    reason="torch._grouped_mm does not run on CPU in this torch " + torch.__version__)
+
+
+# ---- the msmoe command line
+
+def cli_env(env: dict | None = None, threads: str | None = "1") -> dict:
+    """This process's environment with PYTHONPATH=ROOT and OMP_NUM_THREADS=``threads`` (None: as
+    inherited), then ``env`` on top; a value of None in ``env`` removes that variable."""
+    out = {**os.environ, "PYTHONPATH": ROOT}
+    if threads is not None:
+        out["OMP_NUM_THREADS"] = threads
+    for key, value in (env or {}).items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = value
+    return out
+
+
+def cli_command(*args: str, nproc: int = 1, torchrun: tuple | list = ()) -> list[str]:
+    """``python -m launcher.cli ARGS``; with nproc > 1 under ``torchrun --standalone`` (plus the
+    ``torchrun`` options, e.g. --max-restarts)."""
+    if nproc > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                *torchrun, "-m", "launcher.cli", *args]
+    return [sys.executable, "-m", "launcher.cli", *args]
+
+
+def run_cli(*args: str, nproc: int = 1, torchrun: tuple | list = (), cwd: str = ROOT, env: dict | None = None,
+            threads: str | None = "1", timeout: float = 600, check: bool = False) -> subprocess.CompletedProcess:
+    """Run ``msmoe ARGS`` (see cli_command, cli_env) in ``cwd``; returns the CompletedProcess (text).
+    check=True: a non-zero exit raises AssertionError with the command and the ends of its output."""
+    cmd = cli_command(*args, nproc=nproc, torchrun=torchrun)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=cli_env(env, threads), timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+# ---- worker scripts (tests/dist/) under a real launcher, and their per-rank JSON
+
+def worker(script: str) -> str:
+    return os.path.join(DIST, script)
+
+
+def run_torchrun(script: str, nproc: int, args: list[str], out_dir: str, timeout: int = 400, extra=()):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           *extra, worker(script), *args, "--out", out_dir]
+    return _run(cmd, out_dir, nproc, timeout)
+
+
+def _run(cmd, out_dir, nproc, timeout, env=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, **(env or {})}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    files = sorted(glob.glob(os.path.join(out_dir, "rank*.json")))
+    assert len(files) == nproc, f"expected {nproc} rank reports, found {files}\n{proc.stderr[-3000:]}"
+    return [json.load(open(f)) for f in files], proc
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_command(cmd, out_dir, nproc, timeout=400, env=None):
+    """Run a launcher command line; returns the per-rank reports."""
+    return _run(cmd, out_dir, nproc, timeout, env)
+
+
+def run_parallel(cmds, out_dir, nproc, timeout=400, envs=None):
+    """Start several agents at once (multi-node on one machine); all must succeed."""
+    envs = envs or [{}] * len(cmds)
+    procs = []
+    for cmd, env in zip(cmds, envs):
+        full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, **env}
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      cwd=ROOT, env=full_env))
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=timeout)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    for p, out in zip(procs, outs):
+        if p.returncode != 0:
+            raise AssertionError(f"agent failed ({p.returncode}):\n{out[-5000:]}")
+    files = sorted(glob.glob(os.path.join(out_dir, "rank*.json")))
+    assert len(files) == nproc, f"expected {nproc} rank reports, found {files}"
+    return [json.load(open(f)) for f in files]
+
+
+# ---- hand-made records
+
+def scale_record(mode, w, ep, e, sps, dispatch=1.0, combine=1.0, fwd_bytes=0.0, calls=0):
+    """One point of a scaling sweep as `msmoe scale` writes it to points.jsonl, made by hand."""
+    return {"name": f"scale-{mode}-w{w}-ep{ep}-e{e}", "mode": mode, "world_size": w, "ep_size": ep, "num_experts": e,
+            "global_batch": 16, "samples_per_s": sps, "patches_per_s_per_rank": 100.0,
+            "step_time_ms": {"step": 100.0, "dispatch": dispatch, "combine": combine, "forward": 40.0,
+                             "backward": 40.0, "optimizer": 10.0, "route": 1.0, "experts": 5.0, "data": 2.0,
+                             "forward_other": 32.0},
+            "a2a_bytes_per_step": {"total": 2 * fwd_bytes, "offrank": fwd_bytes, "forward": fwd_bytes,
+                                   "backward": fwd_bytes, "calls": calls},
+            "peak_mem_mb_per_rank": [100.0] * w, "expert_load_fraction": {"block1": [1 / e] * e},
+            "load_imbalance": {"block1": 1.0}, "dropped_fraction": 0.0, "device": "cpu", "backend": "gloo",
+            "env": {"torch": "x"}}

@@ -1,0 +1,185 @@
+"""The training job end to end, under torchrun with 2 processes (CPU, gloo).
+
+  * EP=2 equals EP=1: the whole ReID model in the DeepSpeed engine gives the same loss curve and
+    the same retrieval metrics whether its experts are split over the 2 ranks or replicated.
+  * Resume is exact: N steps, stop, resume for M steps == N+M steps straight (loss and weights).
+  * Every seed 000 ablation config trains (shrunk to the tiny sizes) with its own scale count.
+  * bf16: the whole model in DeepSpeed's bf16 trains close to fp32 (LOSS_ATOL), configs/gpu.yaml shrunk.
+
+Bound (stated once, used below):
+  LOSS_ATOL      |bf16 loss - fp32 loss| per step over the first steps of the tiny model
+"""
+
+import glob
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+
+from tests.helpers import ROOT, TINY_DATA, cli_command, cli_env, run_cli
+
+LOSS_ATOL = 0.1
+
+
+def _train(tmp, name, nproc, *overrides, extra=(), config="configs/tiny.yaml", timeout=600):
+    return run_cli("train", "--config", config, "--no-progress", *extra, f"name={name}", f"out_dir={tmp}/runs",
+                   f"data.path={tmp}/data", f"data.synth={TINY_DATA}", *overrides, nproc=nproc, timeout=timeout,
+                   check=True)
+
+
+def _summary(tmp, name):
+    with open(os.path.join(tmp, "runs", name, "summary.json")) as fh:
+        return json.load(fh)
+
+
+def _weights(tmp, name, tag):
+    """Every tensor DeepSpeed saved for ``tag`` (dense per rank file + one file per global expert)."""
+    out = {}
+    for f in sorted(glob.glob(os.path.join(tmp, "runs", name, "checkpoints", tag, "*model_states.pt"))):
+        sd = torch.load(f, map_location="cpu", weights_only=False)
+        sd = sd.get("module", sd)  # expert files hold the state dict itself
+        for k, v in sd.items():
+            out[f"{os.path.basename(f)}:{k}"] = v
+    assert out, f"no checkpoint files for {name}/{tag}"
+    return out
+
+
+def _eval(tmp, name, nproc):
+    """`msmoe eval` of a run's newest checkpoint; returns its eval.json."""
+    run_dir = os.path.join(tmp, "runs", name)
+    proc = run_cli("eval", "--run-dir", run_dir, "--nproc", str(nproc), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(run_dir, "eval.json")) as fh:
+        return json.load(fh)
+
+
+@pytest.mark.slow
+def test_ep2_equals_ep1_on_the_full_model(tmp_path):
+    tmp = str(tmp_path)
+    for ep in (1, 2):
+        _train(tmp, f"ep{ep}", 2, f"train.ep_size={ep}", "train.steps=6", "eval.untrained=false")
+    one, two = _summary(tmp, "ep1"), _summary(tmp, "ep2")
+    assert two["ep_size"] == 2 and one["ep_size"] == 1 and two["world_size"] == 2
+    assert len(two["loss_history"]) == 6
+    for a, b in zip(one["loss_history"], two["loss_history"]):
+        assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (one["loss_history"], two["loss_history"])
+    assert abs(one["map"] - two["map"]) < 1e-4 and one["rank1"] == two["rank1"]
+    # the expert load seen by both is the same routing
+    assert one["expert_load"]["block1"]["whole_run"] == two["expert_load"]["block1"]["whole_run"]
+    # EP=2 moved patches; EP=1 did not
+    assert two["a2a_bytes_per_step"]["offrank"] > 0 and one["a2a_bytes_per_step"]["total"] == 0
+    for f in ("report.md", "cmc.png", "loss.png", "expert_load_block1.png", "fusion_weights.png", "step_time.png"):
+        assert os.path.getsize(os.path.join(tmp, "runs", "ep2", f)) > 0
+    for key in ("map", "rank1", "rank5", "rank10", "loss_history", "samples_per_s", "world_size", "ep_size",
+                "num_experts", "steps", "step_time_ms", "expert_load"):
+        assert key in two
+    # `msmoe eval` on the saved checkpoint reproduces the run's own final evaluation
+    ev = _eval(tmp, "ep2", nproc=2)
+    assert ev["step"] == 6 and abs(ev["map"] - two["map"]) < 1e-6 and ev["cmc"] == pytest.approx(two["cmc"])
+
+
+@pytest.mark.slow
+def test_hierarchical_model_ep2_equals_ep1(tmp_path):
+    """The ReID model with HierarchicalMoE blocks (3 groups x 4 fine experts) trains the same with
+    its 12 experts split over 2 ranks as replicated; top-p fine routing reports active experts per step."""
+    tmp = str(tmp_path)
+    hier = ("model.moe_kind=hierarchical", "model.hierarchical={num_groups: 3, experts_per_group: 4, "
+            "coarse: {num_experts: 3, top_k: 1}, fine: {num_experts: 4, dynamic_top_p: 0.5, k_min: 1, k_max: 3}}")
+    for ep in (1, 2):
+        _train(tmp, f"h{ep}", 2, *hier, f"train.ep_size={ep}", "train.steps=5", "eval.untrained=false")
+    one, two = _summary(tmp, "h1"), _summary(tmp, "h2")
+    assert two["num_experts"] == 12 and two["ep_size"] == 2
+    for a, b in zip(one["loss_history"], two["loss_history"]):
+        assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (one["loss_history"], two["loss_history"])
+    act = two["history"]["active_per_step"]
+    assert len(act) == 5 and all(1.0 <= a <= 3.0 for a in act) and act == one["history"]["active_per_step"]
+
+
+@pytest.mark.slow
+def test_resume_is_exact(tmp_path):
+    tmp = str(tmp_path)
+    common = ("train.ep_size=2", "train.steps=8", "train.ckpt_every=100", "eval.untrained=false")
+    _train(tmp, "straight", 2, *common)
+    out = _train(tmp, "resumed", 2, *common, extra=("--stop-at", "3"))
+    assert "stopped at step 3" in out.stdout
+    assert not os.path.exists(os.path.join(tmp, "runs", "resumed", "summary.json"))
+    out = _train(tmp, "resumed", 2, *common, extra=("--resume",))
+    assert "resumed 'resumed' at step 3" in out.stdout
+    a, b = _summary(tmp, "straight"), _summary(tmp, "resumed")
+    assert b["steps"] == 8 and len(b["loss_history"]) == 8
+    assert a["loss_history"] == b["loss_history"]
+    wa, wb = _weights(tmp, "straight", "step0000008"), _weights(tmp, "resumed", "step0000008")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+@pytest.mark.slow
+def test_resume_without_checkpoint_says_so(tmp_path):
+    with pytest.raises(AssertionError, match="no complete checkpoint in"):
+        _train(str(tmp_path), "fresh", 1, "train.steps=2", extra=("--resume",))
+
+
+@pytest.mark.slow
+def test_seed_ablation_configs_train(tmp_path):
+    tmp = str(tmp_path)
+    shrink = ("model.dim=32", "model.depth=2", "model.moe_blocks=[1]", "model.stem_stride=4",
+              "model.patch_moe.expert.hidden_dim=64", "train.steps=2", "train.p=8", "train.k=2", "train.ep_size=1",
+              "train.warmup_steps=1", "eval.untrained=false", "eval.batch_size=32")
+    procs = []
+    paths = sorted(glob.glob(os.path.join(ROOT, "configs", "ablations", "*.yaml")))
+    _train(tmp, "warm", 1, *shrink)  # makes the data once, before the parallel runs
+    for i in range(0, len(paths), 2):
+        pair = paths[i:i + 2]
+        procs = [subprocess.Popen(cli_command("train", "--config", p, "--no-progress", f"out_dir={tmp}/runs",
+                                              f"data.path={tmp}/data", f"data.synth={TINY_DATA}", *shrink),
+                                  cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for p in pair]
+        for p, proc in zip(pair, procs):
+            log = proc.communicate(timeout=300)[0]
+            assert proc.returncode == 0, f"{p}:\n{log[-3000:]}"
+    for p in paths:
+        import yaml
+
+        raw = yaml.safe_load(open(p))
+        s = _summary(tmp, raw["name"])
+        ms = s["config"]["model"]["multiscale"]
+        for key, value in raw["model"]["multiscale"].items():
+            assert ms[key] == value
+        assert len(s["fusion_weight_mean"]) == len(ms.get("scales", [4, 8, 16]))
+        assert s["steps"] == 2
+
+
+@pytest.mark.slow
+def test_tiny_model_trains_in_bf16_at_ep2_close_to_fp32_and_evaluates_from_its_checkpoint(tmp_path):
+    tmp = str(tmp_path)
+    common = ("train.ep_size=2", "train.steps=8", "eval.untrained=false")
+    _train(tmp, "fp32", 2, *common)
+    for zero in (0, 1, 2):
+        _train(tmp, f"bf16_z{zero}", 2, *common, "train.precision=bf16", f"train.zero_stage={zero}")
+    ref = _summary(tmp, "fp32")["loss_history"]
+    for zero in (0, 1, 2):
+        s = _summary(tmp, f"bf16_z{zero}")
+        losses = s["loss_history"]
+        assert len(losses) == 8 and all(abs(a - b) < LOSS_ATOL for a, b in zip(losses, ref)), (zero, losses, ref)
+        assert losses[-1] < losses[0]  # it learns
+        assert s["skipped_steps"] == []
+    ev = _eval(tmp, "bf16_z1", nproc=2)
+    s = _summary(tmp, "bf16_z1")
+    assert ev["step"] == 8 and abs(ev["map"] - s["map"]) < 1e-6
+
+
+@pytest.mark.slow
+def test_gpu_config_runs_a_few_steps_shrunk(tmp_path):
+    """configs/gpu.yaml as written (bf16, ZeRO 1, seed experts, 4 MoE blocks), only smaller: 2 ranks."""
+    tmp = str(tmp_path)
+    shrink = (f"data.synth={TINY_DATA}", "model.dim=32", "model.stem_stride=4", "model.patch_moe.patch_size=4",
+              "model.patch_moe.expert.hidden_dim=32", "model.patch_moe.router.num_experts=4", "train.ep_size=2",
+              "train.steps=3", "train.p=8", "train.k=2", "train.warmup_steps=1", "eval.untrained=false",
+              "eval.batch_size=32")
+    _train(tmp, "gpu_small", 2, *shrink, config="configs/gpu.yaml")
+    s = _summary(tmp, "gpu_small")
+    assert s["config"]["train"]["precision"] == "bf16" and s["config"]["train"]["zero_stage"] == 1
+    assert s["moe_layers"] == 4 and s["steps"] == 3 and all(x == x for x in s["loss_history"])

@@ -1,0 +1,35 @@
+"""msmoe bench layer (bench/layer.py): the printed figures and the JSON rows."""
+
+import json
+import statistics
+
+import pytest
+
+from tests.helpers import run_cli
+
+
+def test_bench_layer_prints_figures(tmp_path):
+    js = tmp_path / "bench.json"
+    out = run_cli("bench", "layer", "--batch", "2", "--height", "16", "--width", "16", "--dim", "16",
+                  "--hidden", "32", "--experts", "4", "--patch", "4", "--repeats", "2", "--warmup", "1",
+                  "--json", str(js), threads=None, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "dense FFN" in out.stdout and "PatchMoE P=4" in out.stdout
+    rows = json.loads(js.read_text())["rows"]
+    names = [r["name"] for r in rows]
+    assert names[0].startswith("dense") and any(n.startswith("PatchMoE") for n in names)
+    dense, patch = rows[0], next(r for r in rows if r["name"].startswith("PatchMoE"))
+    assert patch["gflop_per_step"] == pytest.approx(dense["gflop_per_step"])  # equal active FLOPs
+    assert patch["router_units"] == 2 * 4 * 4 and all(r["ms_median"] > 0 for r in rows)
+    token = next(r for r in rows if r["name"].startswith("TokenMoE"))
+    assert token["router_units"] == 16 * patch["router_units"]  # routing work and metadata: 1/(P*P)
+    assert token["metadata_bytes"] == 16 * patch["metadata_bytes"]
+    ds = next(r for r in rows if r["name"].startswith("DeepSpeed"))
+    fs = next(r for r in rows if r["name"].startswith("fairscale"))
+    assert ds["ratio_to_deepspeed"] == 1.0 and fs["gflop_per_step"] == ds["gflop_per_step"] == dense["gflop_per_step"]
+    # ratios are paired: the median over rounds of (this step / the other's step in the same round)
+    paired = statistics.median(a / b for a, b in zip(patch["ms_rounds"], ds["ms_rounds"]))
+    assert patch["ratio_to_deepspeed"] == pytest.approx(paired) and len(patch["ms_rounds"]) == 2
+    assert patch["ratio_to_dense"] == pytest.approx(
+        statistics.median(a / b for a, b in zip(patch["ms_rounds"], dense["ms_rounds"])))
+    assert all(r["page_faults_per_step"] >= 0 for r in rows)

@@ -1,0 +1,59 @@
+"""The run configs (training/config.py): overrides, errors, the LR schedule and the ablation configs."""
+
+import glob
+import os
+
+import pytest
+
+from moe import ConfigError
+from tests.helpers import ROOT
+from training.config import RunConfig, load_config
+
+
+def test_config_overrides_and_errors(tmp_path):
+    cfg = load_config(os.path.join(ROOT, "configs/tiny.yaml"), ["train.steps=7", "model.patch_moe.router.top_k=1"])
+    assert cfg.train.steps == 7 and cfg.model.patch_moe_config().router.top_k == 1
+    assert cfg.name == "tiny" and cfg.model.dim == 32  # tiny overrides default
+    assert cfg.model.patch_moe_config().router.num_experts == 4  # inherited from default.yaml
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['stpes'\] in train"):
+        load_config(None, ["train.stpes=3"])
+    with pytest.raises(ConfigError, match="num_experts=3 is not divisible by train.ep_size=2"):
+        load_config(None, ["model.patch_moe.router.num_experts=3", "train.ep_size=2"])
+    with pytest.raises(ConfigError, match="top_k=9 is larger than num_experts=4"):
+        load_config(None, ["model.patch_moe.router.top_k=9"])
+    with pytest.raises(ConfigError, match="model.moe_blocks=\\[5\\]"):
+        load_config(None, ["model.moe_blocks=[5]"])
+    with pytest.raises(ConfigError, match="train.k=1 must be >= 2"):
+        load_config(None, ["train.k=1"])
+    with pytest.raises(ConfigError, match="train.lr='fast' must be a number"):
+        load_config(None, ["train.lr=fast"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "nope.yaml"))
+    loop = tmp_path / "a.yaml"
+    loop.write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="includes itself"):
+        load_config(str(loop))
+
+
+def test_lr_schedule_depends_on_step_only():
+    t = RunConfig().train
+    assert t.lr_at(0) == pytest.approx(t.lr / t.warmup_steps)
+    assert t.lr_at(t.warmup_steps) == pytest.approx(t.lr)
+    assert t.lr_at(t.steps) == pytest.approx(t.lr * t.min_lr_ratio)
+
+
+ABLATIONS = sorted(glob.glob(os.path.join(ROOT, "configs/ablations/*.yaml")))
+
+
+def test_seed_ablation_plan_is_complete():
+    """Seed 000's plan: 2/3/4/5 scale experts, gate depth 1/2/3, temperature 0.5/1/2."""
+    got = {"scales": set(), "gate_depth": set(), "temperature": set()}
+    for path in ABLATIONS:
+        ms = load_config(path).model.multiscale_config()
+        got["scales"].add(len(ms.scales))
+        got["gate_depth"].add(ms.gate_depth)
+        got["temperature"].add(ms.temperature)
+    assert {2, 3, 4, 5} <= got["scales"]
+    assert {1, 2, 3} <= got["gate_depth"]
+    assert {0.5, 1.0, 2.0} <= got["temperature"]
+    assert len(ABLATIONS) == 10
