@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from moe import compat
+from parallel.launchenv import torchrun_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(ROOT, "tests", "golden")
@@ -50,8 +51,7 @@ def cli_command(*args: str, nproc: int = 1, torchrun: tuple | list = ()) -> list
     """``python -m launcher.cli ARGS``; with nproc > 1 under ``torchrun --standalone`` (plus the
     ``torchrun`` options, e.g. --max-restarts)."""
     if nproc > 1:
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                *torchrun, "-m", "launcher.cli", *args]
+        return torchrun_command(nproc, ["-m", "launcher.cli", *args], options=torchrun)
     return [sys.executable, "-m", "launcher.cli", *args]
 
 
@@ -73,8 +73,7 @@ def worker(script: str) -> str:
 
 
 def run_torchrun(script: str, nproc: int, args: list[str], out_dir: str, timeout: int = 400, extra=()):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           *extra, worker(script), *args, "--out", out_dir]
+    cmd = torchrun_command(nproc, [worker(script), *args, "--out", out_dir], options=extra)
     return _run(cmd, out_dir, nproc, timeout)
 
 
