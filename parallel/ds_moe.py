@@ -24,8 +24,13 @@ from deepspeed.moe.layer import MoE as _DeepSpeedMoEBase
 from moe import HierarchicalMoE, MoEOutput, PatchMoE
 from parallel.groups import ParallelGroups
 
-EXPERTS_KEY = "deepspeed_moe.experts."
-PER_EXPERT_KEY = "deepspeed_moe.experts.deepspeed_experts."
+# DeepSpeed's checkpoint naming of MoE layers, defined here once (parallel/reshard.py reads them too).
+LAYER_KEY = "deepspeed_moe."  # the wrapped layer's attribute: DeepSpeed's checkpoint code looks for it
+EXPERTS_KEY = LAYER_KEY + "experts."  # our stacked expert parameters [El, ...]
+PER_EXPERT_KEY = EXPERTS_KEY + "deepspeed_experts."  # + "<expert id>.<name>": one expert's entry
+PER_EXPERT_KEY_RE = re.compile(r"(.*)" + re.escape(PER_EXPERT_KEY) + r"(\d+)\.(.+)")  # (module prefix, id, name)
+EXPERT_FILE = "layer_{layer}_expert_{expert}_mp_rank_00_model_states.pt"  # one global expert's weights
+EXPERT_FILE_RE = re.compile(r"layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt")  # (layer, expert)
 
 
 class DeepSpeedMoE(_DeepSpeedMoEBase):
@@ -70,7 +75,7 @@ def _num_experts(layer) -> int:
 def _split_expert_entries(module, state_dict, prefix, local_metadata) -> None:
     """'<p>deepspeed_moe.experts.w' [El, ...] -> '<p>deepspeed_moe.experts.deepspeed_experts.<i>.w'."""
     head = prefix + EXPERTS_KEY
-    for key in [k for k in state_dict if k.startswith(head) and "deepspeed_experts." not in k]:
+    for key in [k for k in state_dict if k.startswith(head) and not k.startswith(prefix + PER_EXPERT_KEY)]:
         stacked = state_dict.pop(key)
         name = key[len(head):]
         for i in range(stacked.shape[0]):

@@ -39,6 +39,11 @@ def validate_sizes(world_size: int, ep_size: int, num_experts: int) -> None:
         )
 
 
+def group_name(ep_size: int) -> str:
+    """DeepSpeed's name of the expert groups of EP size ``ep_size`` (also in optimizer param groups)."""
+    return f"ep_size_{ep_size}"
+
+
 @dataclass(frozen=True)
 class ParallelGroups:
     world_size: int
@@ -63,7 +68,7 @@ class ParallelGroups:
 
         world, rank = tdist.get_world_size(), tdist.get_rank()
         validate_sizes(world, ep_size, num_experts)
-        name = f"ep_size_{ep_size}"
+        name = group_name(ep_size)
         if name not in ds_groups._get_expert_parallel_group_dict():
             ds_groups._create_expert_and_data_parallel(ep_size)
         ep_group = ds_groups._get_expert_parallel_group(name)
