@@ -12,13 +12,6 @@ import torch
 from moe.config import BalanceConfig
 
 
-def slot_load(expert_ids_NK: torch.Tensor, slot_mask_NK: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Live slots routed to each expert (before any capacity drop): [E] float. No host sync."""
-    ids_S = torch.where(slot_mask_NK, expert_ids_NK, num_experts).reshape(-1)
-    load = torch.zeros(num_experts + 1, dtype=torch.long, device=ids_S.device)
-    return load.scatter_add_(0, ids_S, torch.ones_like(ids_S))[:num_experts].float()
-
-
 def load_balance_loss(probs_NE: torch.Tensor, load_E: torch.Tensor) -> torch.Tensor:
     """Switch Transformer aux loss: E * sum_e f_e * P_e.
 

@@ -32,9 +32,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from moe.balance import MoEOutput, routing_stats, slot_load
+from moe.balance import MoEOutput, routing_stats
 from moe.config import HierarchicalMoEConfig
-from moe.dispatch import Dispatcher, LocalDispatcher, plan_dispatch, unpermute
+from moe.dispatch import Dispatcher, LocalDispatcher, plan_dispatch, slot_counts, unpermute
 from moe.experts import build_experts
 from moe.router import Router, RoutingDecision
 from moe.timing import NullTimer, StageTimer
@@ -127,7 +127,7 @@ class HierarchicalMoE(nn.Module):
             decision = route.decision
         if self.transport is not None:
             y_NLC = self._two_stage(units_NLC, route)
-            load_E = slot_load(decision.expert_ids, decision.slot_mask, e)
+            load_E = slot_counts(decision.expert_ids, decision.slot_mask, e).float()
             kept_E = load_E
         else:
             with self.timer.stage("route"):

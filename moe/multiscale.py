@@ -58,12 +58,12 @@ class MultiScaleMoE(nn.Module):
         )
         self.experts = SeedExperts(s, d, cfg.expert_hidden, dropout=cfg.dropout)
 
-    def forward(self, x: torch.Tensor | Sequence[torch.Tensor]) -> MoEOutput:
-        """A map [B, H, W, D], or the seed's list of S per-scale features [B, D]."""
-        feats = window_features(x, self.cfg.scales) if torch.is_tensor(x) else list(x)
-        return self.fuse(feats)
+    def forward(self, x_BHWD: torch.Tensor) -> MoEOutput:
+        """Fuse a feature map [B, H, W, D]: its window features (step 1), then :meth:`fuse`."""
+        return self.fuse(window_features(x_BHWD, self.cfg.scales))
 
     def fuse(self, feats: Sequence[torch.Tensor]) -> MoEOutput:
+        """Steps 2-4 on S per-scale features [B, D] (the thesis code's own input)."""
         s = len(self.cfg.scales)
         if len(feats) != s:
             raise ValueError(f"MultiScaleMoE has {s} scale experts but got {len(feats)} features")

@@ -52,13 +52,16 @@ class MoEEngine:
     zero_stage: int
     grad_clip: float
 
-    def clip_gradients(self) -> torch.Tensor | None:
-        """Call between ``engine.backward`` and ``engine.step``. Returns the global norm (0-d tensor,
-        not read on the host) when msmoe clipped (ZeRO 0); at ZeRO 1/2 DeepSpeed clips inside
-        ``step`` and this is None."""
-        if self.zero_stage > 0 or self.grad_clip <= 0:
-            return None
-        return clip_grad_norm_ep(self.engine.module.parameters(), self.grad_clip, self.groups)
+    @property
+    def clips_gradients(self) -> bool:
+        """True when msmoe clips (ZeRO 0 with a clip); at ZeRO 1/2 DeepSpeed clips inside ``step``."""
+        return self.zero_stage == 0 and self.grad_clip > 0
+
+    def clip_gradients(self) -> None:
+        """Call between ``engine.backward`` and ``engine.step``: clips to the global norm
+        (:func:`clip_grad_norm_ep`) when msmoe clips, else leaves the gradients to DeepSpeed."""
+        if self.clips_gradients:
+            clip_grad_norm_ep(self.engine.module.parameters(), self.grad_clip, self.groups)
 
 
 def bf16_reduction(zero_stage: int) -> dict:
