@@ -55,7 +55,7 @@ def _worker(args: argparse.Namespace) -> None:
     )
     timer = WallTimer()
     counter = CommCounter()
-    disp = build_dispatcher(args.experts, groups, counter)
+    disp = build_dispatcher(groups, counter)
     torch.manual_seed(world.rank)
     model = DeepSpeedMoE(PatchMoE(cfg, dispatcher=disp, timer=timer), groups).to(world.device)
     ds_config = {

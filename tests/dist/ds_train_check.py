@@ -53,7 +53,7 @@ def build(groups, world_size, zero=0, clip=0.0, seed=0):
                          balance=BalanceConfig(load_balance_coef=0.01))
     torch.manual_seed(seed)
     full = TinyNet(PatchMoE(cfg))
-    disp = AllToAllDispatcher(E, groups.ep_group)
+    disp = AllToAllDispatcher(groups.ep)
     model = TinyNet(DeepSpeedMoE(PatchMoE(cfg, dispatcher=disp), groups))
     first, el = disp.first_expert, disp.num_local_experts
     with torch.no_grad():
