@@ -29,7 +29,7 @@ def router_z_loss(logits_HNE: torch.Tensor) -> torch.Tensor:
 
 
 def variance_loss(probs_NE: torch.Tensor) -> torch.Tensor:
-    """Seed 000's expert_balance_loss: torch.var of the mean expert weights (unbiased).
+    """The thesis multi-scale fusion's expert_balance_loss: torch.var of the mean expert weights (unbiased).
 
     With one expert the variance is undefined; it is 0 there (nothing to balance).
     """
@@ -128,7 +128,7 @@ class MoEOutput:
     out:     the layer output ([B, H, W, C] for PatchMoE, [B, D] for MultiScaleMoE)
     stats:   :class:`RoutingStats`; add ``stats.aux_loss`` to the training loss
     weights: the per-unit routing weights the layer used ([N, K] sparse, [B, S] for the
-             dense multi-scale fusion: seed 000's ``expert_weights``)
+             dense multi-scale fusion: the thesis code's ``expert_weights``)
     """
 
     out: torch.Tensor

@@ -1,16 +1,16 @@
-"""Seed 003's Patch-MoE: route each P x P patch of a feature map to its top-k experts.
+"""The thesis's Patch-MoE: route each P x P patch of a feature map to its top-k experts.
 
 Legend
   B batch, H/W map size, C channels, P patch side, N = B*ceil(H/P)*ceil(W/P) patches,
   L = P*P points per patch, K slots per patch, E experts.
 
-Flow (seed 003, steps 1-4):
+Flow (the thesis's steps 1-4):
   [B, H, W, C] --unfold--> units [N, L, C] --mean-pool--> [N, C] --router--> ids/weights [N, K]
   --plan + dispatcher--> expert rows [U, L, C] --experts--> [U, L, C] --dispatcher back-->
   rows [R, L, C] --weighted sum per patch--> [N, L, C] --fold--> [B, H, W, C]
 All L points of a patch travel together and share its experts and weights.
 
-Dual sparsity (seed 003, ``keep_fraction`` < 1): before routing, a light scorer (one Linear on
+Dual sparsity (the thesis's pruning, ``keep_fraction`` < 1): before routing, a light scorer (one Linear on
 the pooled patch) keeps the top ceil(r * patches per image) patches of each image; only they
 are routed, dispatched and computed. Pruned patches pass through (identity, or zero inside a
 residual branch). The kept outputs are multiplied by 1 + s - stop_grad(s), s = sigmoid(score):

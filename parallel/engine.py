@@ -8,12 +8,13 @@ this rank's local experts summed over the expert-parallel group only.
 
   ZeRO 0:   DeepSpeed's ``clip_grad_norm_`` averages each rank's local norm over the data-
             parallel group; under EP every rank sees only its own experts, so that is not the
-            global norm (seen: 0.508 instead of 0.544 at EP=2). msmoe switches it off and runs
+            global norm. msmoe switches it off and runs
             :func:`clip_grad_norm_ep` between backward and step.
   ZeRO 1/2: the ZeRO optimizer sums squared partition norms over the whole data-parallel
-            group, where every expert's partition appears exactly once: correct (seen equal
-            to EP=1 and to clip_grad_norm_ep), so DeepSpeed clips there.
-:class:`MoEEngine` applies that rule; the trainer just calls ``clip_gradients()``.
+            group, where every expert's partition appears exactly once: correct (equal to
+            EP=1 and to clip_grad_norm_ep), so DeepSpeed clips there.
+:class:`MoEEngine` applies that rule; the trainer just calls ``clip_gradients()``
+(``clips_gradients`` says whether msmoe or DeepSpeed clips).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The multi-spectral ReID model: per-modality stems, a token-grid backbone whose FFN sublayers
-can be PatchMoE, seed 000's multi-scale MoE fusion, BNNeck and an ID classifier.
+can be PatchMoE, the thesis's multi-scale MoE fusion (4/8/16 windows), BNNeck and an ID classifier.
 
 Legend: B batch, M modalities, D model dim, h x w token grid (image / stem_stride), S scales.
 
@@ -114,7 +114,7 @@ class ReIDOutput:
     aux_loss: torch.Tensor  # sum of the MoE layers' balance losses
     moe_stats: tuple  # RoutingStats per PatchMoE block, in order
     fusion_stats: RoutingStats
-    fusion_weights: torch.Tensor  # [B, S] seed 000's expert_weights
+    fusion_weights: torch.Tensor  # [B, S] the fusion's expert_weights (gate weight per scale)
 
 
 class ReIDModel(nn.Module):

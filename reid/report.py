@@ -2,7 +2,7 @@
 
 Plots: loss curves, CMC (trained vs untrained), one expert-load heatmap per PatchMoE block
 (experts x training progress, share of routed patches), the multi-scale fusion gate weights
-(seed 000's expert-weight heatmap: scales x samples), and the step-time breakdown.
+(the multi-scale fusion's expert-weight heatmap: scales x samples), and the step-time breakdown.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def plot_expert_load(summary: dict, layer: int, name: str, path: str) -> None:
 
 
 def plot_fusion_weights(weights_NS: np.ndarray, scales, path: str, max_samples: int = 40) -> None:
-    """Seed 000's visualize_expert_weights: gate weight of each scale expert per sample."""
+    """The thesis code's visualize_expert_weights: gate weight of each scale expert per sample."""
     plt = _plt()
     w = np.asarray(weights_NS)[:max_samples]
     fig, ax = plt.subplots(figsize=(10, 0.5 * len(scales) + 1.8))

@@ -10,7 +10,7 @@ Bounds (stated once, used below):
 import pytest
 import torch
 
-from moe.experts import ConvExperts, FFNExperts, SeedExperts
+from moe.experts import ConvExperts, FFNExperts, ResidualMLPExperts
 from moe.indexing import scatter_add_rows
 from test_train import _eval, _summary, _train
 
@@ -34,7 +34,7 @@ def test_low_precision_row_sums_accumulate_in_fp32():
 
 def _experts(kind, impl, e, c, f):
     if kind == "seed":
-        return SeedExperts(e, c, f, dropout=0.0, impl=impl)
+        return ResidualMLPExperts(e, c, f, dropout=0.0, impl=impl)
     return (FFNExperts if kind == "ffn" else ConvExperts)(e, c, f, impl=impl)
 
 
