@@ -88,10 +88,6 @@ class ParallelGroups:
         return self.ep.size
 
     @property
-    def ep_rank(self) -> int:
-        return self.ep.rank
-
-    @property
     def ep_group(self) -> Any:
         return self.ep.group
 
