@@ -29,6 +29,7 @@ import torch.distributed as dist
 from bench import section
 from moe import ExpertConfig, PatchMoE, PatchMoEConfig, RouterConfig
 from parallel.dispatcher import AllToAllDispatcher
+from parallel.groups import ExpertGroup
 
 E, K, C, F, P = 4, 2, 16, 32, 4
 BOUND = 1e-5  # fp32; only the summation order of expert gradients differs
@@ -46,7 +47,7 @@ def _layers(group, device: torch.device, bias: tuple[int, ...]) -> tuple[PatchMo
                          expert=ExpertConfig(kind="seed", hidden_dim=F, dropout=0.0))
     torch.manual_seed(0)
     ref = PatchMoE(cfg).to(device)
-    disp = AllToAllDispatcher(E, group)
+    disp = AllToAllDispatcher(ExpertGroup.of(group, E))
     ep = PatchMoE(cfg, dispatcher=disp).to(device)
     first, el = disp.first_expert, disp.num_local_experts
     with torch.no_grad():

@@ -194,7 +194,7 @@ def device_grads(case: Case, layer: torch.nn.Module, data: dict, device: torch.d
     g = data["g"].to(device, dtype)
     if case.layer == "multiscale":
         feats = [f.to(device, dtype, copy=True).requires_grad_() for f in data["x"]]
-        res = mine(feats)
+        res = mine.fuse(feats)
     else:
         x = data["x"].to(device, dtype, copy=True).requires_grad_()
         res = mine(x, data["modality"].to(device)) if case.layer == "hier" and data["modality"] is not None \

@@ -14,7 +14,7 @@ from moe.config import (
     RouterConfig,
 )
 from moe.dispatch import DispatchPlan, LocalDispatcher, plan_dispatch, unpermute
-from moe.experts import ConvExperts, FFNExperts, SeedExperts, build_experts
+from moe.experts import ConvExperts, FFNExperts, ResidualMLPExperts, build_experts
 from moe.hierarchical import HierarchicalMoE
 from moe.multiscale import MultiScaleMoE, window_features
 from moe.patch_moe import PatchMoE
@@ -24,5 +24,5 @@ __all__ = [
     "BalanceConfig", "ConfigError", "ConvExperts", "DispatchPlan", "ExpertConfig", "FFNExperts",
     "GateNetwork", "HierarchicalMoE", "HierarchicalMoEConfig", "LocalDispatcher", "MoEOutput", "MultiScaleMoE", "MultiScaleMoEConfig",
     "PatchMoE", "PatchMoEConfig", "Router", "RouterConfig", "RoutingDecision", "RoutingStats",
-    "SeedExperts", "build_experts", "plan_dispatch", "unpermute", "window_features",
+    "ResidualMLPExperts", "build_experts", "plan_dispatch", "unpermute", "window_features",
 ]

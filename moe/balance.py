@@ -12,13 +12,6 @@ import torch
 from moe.config import BalanceConfig
 
 
-def slot_load(expert_ids_NK: torch.Tensor, slot_mask_NK: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Live slots routed to each expert (before any capacity drop): [E] float. No host sync."""
-    ids_S = torch.where(slot_mask_NK, expert_ids_NK, num_experts).reshape(-1)
-    load = torch.zeros(num_experts + 1, dtype=torch.long, device=ids_S.device)
-    return load.scatter_add_(0, ids_S, torch.ones_like(ids_S))[:num_experts].float()
-
-
 def load_balance_loss(probs_NE: torch.Tensor, load_E: torch.Tensor) -> torch.Tensor:
     """Switch Transformer aux loss: E * sum_e f_e * P_e.
 
@@ -36,7 +29,7 @@ def router_z_loss(logits_HNE: torch.Tensor) -> torch.Tensor:
 
 
 def variance_loss(probs_NE: torch.Tensor) -> torch.Tensor:
-    """Seed 000's expert_balance_loss: torch.var of the mean expert weights (unbiased).
+    """The thesis multi-scale fusion's expert_balance_loss: torch.var of the mean expert weights (unbiased).
 
     With one expert the variance is undefined; it is 0 there (nothing to balance).
     """
@@ -135,7 +128,7 @@ class MoEOutput:
     out:     the layer output ([B, H, W, C] for PatchMoE, [B, D] for MultiScaleMoE)
     stats:   :class:`RoutingStats`; add ``stats.aux_loss`` to the training loss
     weights: the per-unit routing weights the layer used ([N, K] sparse, [B, S] for the
-             dense multi-scale fusion: seed 000's ``expert_weights``)
+             dense multi-scale fusion: the thesis code's ``expert_weights``)
     """
 
     out: torch.Tensor

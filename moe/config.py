@@ -28,6 +28,23 @@ def _one_of(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
     _require(value in allowed, f"{name}={value!r} is not one of {list(allowed)}")
 
 
+def expert_sharding_error(num_experts: int, ep_size: int, world_size: int | None = None, *,
+                          experts_field: str = "num_experts", ep_field: str = "ep_size") -> str | None:
+    """Why ``num_experts`` experts cannot be sharded evenly over ``ep_size`` expert-parallel ranks
+    (of a world of ``world_size``, when given); None when they can. The one place this is checked:
+    ``parallel.groups`` raises it as a ParallelConfigError, the run config as a ConfigError, each
+    naming its own fields (``experts_field``, ``ep_field``)."""
+    if ep_size < 1:
+        return f"{ep_field}={ep_size} must be >= 1"
+    if world_size is not None and world_size % ep_size:
+        divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
+        return f"world size {world_size} is not divisible by {ep_field}={ep_size}; choose {ep_field} in {divisors}"
+    if num_experts % ep_size:
+        return (f"{experts_field}={num_experts} is not divisible by {ep_field}={ep_size}: every expert-parallel "
+                f"rank must hold the same number of experts")
+    return None
+
+
 @dataclass(frozen=True)
 class RouterConfig:
     """How a routing unit (token or pooled patch) picks its experts.
@@ -35,15 +52,15 @@ class RouterConfig:
     num_experts:      E, experts the router scores.
     top_k:            k, experts per unit (ignored when ``dynamic_top_p`` is set).
     score_fn:         "softmax" (scores sum to 1) or "sigmoid" (independent scores).
-    temperature:      logits are divided by it before scoring (seed 000's temperature).
+    temperature:      logits are divided by it before scoring (as the multi-scale fusion's gate).
     normalize_topk:   renormalise the selected weights to sum to 1.
     dynamic_top_p:    if set, dynamic k: the fewest experts whose scores reach p,
-                      clamped to [k_min, k_max] (seed 000's DynamicMoE).
-    num_heads:        gating heads whose scores are averaged (seed 000's multi-head gate).
-    gate_depth:       1 = one Linear (seed 003); 2 = the seed 000 GatingNetwork
+                      clamped to [k_min, k_max] (the thesis's DynamicMoE).
+    num_heads:        gating heads whose scores are averaged (the multi-scale fusion's multi-head gate).
+    gate_depth:       1 = one Linear (the Patch-MoE gate); 2 = the multi-scale fusion's GatingNetwork
                       (Linear-LN-GELU-Dropout-Linear); 3 = one more hidden block.
-    gate_hidden:      hidden width of a deep gate (0 = input_dim // 2, as in seed 000).
-    gate_dropout:     dropout inside a deep gate (seed 000 uses 0.1).
+    gate_hidden:      hidden width of a deep gate (0 = input_dim // 2, as in the multi-scale fusion).
+    gate_dropout:     dropout inside a deep gate (the multi-scale fusion uses 0.1).
     noise:            exploration in training only: "gaussian" adds N(0, noise_std) to the
                       logits, "jitter" multiplies the gate input by U(1-eps, 1+eps).
     bias_update_rate: aux-loss-free balancing: per-expert bias added to the selection
@@ -113,7 +130,7 @@ class BalanceConfig:
 
     load_balance_coef: float = 0.01  # Switch Transformer: E * sum_e f_e * P_e
     z_loss_coef: float = 0.0  # ST-MoE router z-loss: mean(logsumexp(logits)^2)
-    variance_coef: float = 0.0  # seed 000: var(mean expert weights)
+    variance_coef: float = 0.0  # the multi-scale fusion's: var(mean expert weights)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -125,12 +142,12 @@ class BalanceConfig:
 class ExpertConfig:
     """The experts' network.
 
-    kind:       "seed"  - seed 000's ExpertNetwork: Linear-LN-GELU-Dropout x2 + residual Linear;
+    kind:       "seed"  - the thesis fusion's ExpertNetwork: Linear-LN-GELU-Dropout x2 + residual Linear;
                 "ffn"   - Linear-GELU-Linear;
                 "conv"  - spatial patch expert: 3x3 conv - GELU - 3x3 conv over the P x P patch
                           (needs patch routing).
-    hidden_dim: F, the hidden width (seed 000: 2 x model dim).
-    dropout:    dropout inside the seed expert (seed 000: 0.1).
+    hidden_dim: F, the hidden width (the thesis fusion: 2 x model dim).
+    dropout:    dropout inside the "seed" expert (the thesis fusion: 0.1).
     impl:       batched-matmul backend: "auto", "grouped_mm", "bmm" (see moe/grouped.py) or
                 "fused": ffn experts as one function with per-expert GEMMs, the bias inside
                 and a hand-written backward (moe/fused_ffn.py); "auto" takes it for ffn
@@ -151,7 +168,7 @@ class ExpertConfig:
 
 @dataclass(frozen=True)
 class PatchMoEConfig:
-    """Seed 003's Patch-MoE: one routing decision per P x P patch of a [B, H, W, C] map.
+    """The thesis's Patch-MoE: one routing decision per P x P patch of a [B, H, W, C] map.
 
     dim:            C, channels of the feature map.
     patch_size:     P; 1 makes every point its own unit (token routing).
@@ -163,7 +180,7 @@ class PatchMoEConfig:
                     (their slot contributes zero) and counted.
     capacity_priority: which units keep their slot when an expert overflows:
                     "order" (first units first, as Switch) or "score" (highest weight first).
-    keep_fraction:  dual sparsity (seed 003): a light scorer keeps ceil(keep_fraction * patches
+    keep_fraction:  dual sparsity (from the thesis's Patch-MoE): a light scorer keeps ceil(keep_fraction * patches
                     per image) patches of each image; only those are routed and dispatched.
                     1.0 turns pruning off.
     pruned_output:  what a pruned patch's output is: "identity" (the input passes through
@@ -245,15 +262,15 @@ class HierarchicalMoEConfig:
 
 @dataclass(frozen=True)
 class MultiScaleMoEConfig:
-    """Seed 000's multi-scale MoE fusion (the thesis baseline).
+    """The thesis's multi-scale MoE fusion (dense soft fusion of 4/8/16 windows: the baseline).
 
     dim:         D, channels of the feature map and of every scale's feature vector.
-    scales:      window sizes; one expert per scale (seed: 4, 8, 16).
-    hidden_dim:  expert hidden width (seed: 1024 for D=512, i.e. 2 x D).
-    temperature: gating temperature (seed: 1.0).
-    gate_depth:  1, 2 (the seed's GatingNetwork) or 3 Linear layers.
-    num_heads:   seed's MultiHeadGatingNetwork heads (1 = the plain GatingNetwork).
-    dropout:     dropout in experts and gate (seed: 0.1).
+    scales:      window sizes; one expert per scale (thesis: 4, 8, 16).
+    hidden_dim:  expert hidden width (thesis: 1024 for D=512, i.e. 2 x D).
+    temperature: gating temperature (thesis: 1.0).
+    gate_depth:  1, 2 (the thesis's GatingNetwork) or 3 Linear layers.
+    num_heads:   the thesis's MultiHeadGatingNetwork heads (1 = the plain GatingNetwork).
+    dropout:     dropout in experts and gate (thesis: 0.1).
     """
 
     dim: int

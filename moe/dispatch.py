@@ -76,9 +76,16 @@ def expert_capacity(num_units: int, k: int, num_experts: int, factor: float) -> 
     return max(1, math.ceil(factor * num_units * k / num_experts))
 
 
-def slot_counts(expert_S: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """[E] int64 number of slots per expert; ids equal to ``num_experts`` (dead slots) are not
-    counted. A scatter-add: no host sync (``bincount`` reads the largest id first on CUDA)."""
+def live_expert_of_slot(expert_ids_NK: torch.Tensor, slot_mask_NK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[S] expert id of each slot n*K + k; a dead slot gets ``num_experts`` (sorts last, counts nowhere)."""
+    return torch.where(slot_mask_NK, expert_ids_NK, num_experts).reshape(-1)
+
+
+def slot_counts(expert_ids_NK: torch.Tensor, slot_mask_NK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[E] int64 live slots routed to each expert (before any capacity cut): the rows each expert
+    receives in dropless dispatch, and the load the balance losses see. A scatter-add: no host
+    sync (``bincount`` reads the largest id first on CUDA)."""
+    expert_S = live_expert_of_slot(expert_ids_NK, slot_mask_NK, num_experts)
     counts = torch.zeros(num_experts + 1, dtype=torch.long, device=expert_S.device)
     return counts.scatter_add_(0, expert_S, torch.ones_like(expert_S))[:num_experts]
 
@@ -95,9 +102,9 @@ def plan_dispatch(
     if priority == "score":
         w_S = decision.weights.detach().reshape(-1)[prio_S]
         prio_S = prio_S[torch.sort(-w_S, stable=True).indices]
-    expert_S = torch.where(mask_NK, ids_NK, num_experts).reshape(-1)  # dead slots sort last
+    expert_S = live_expert_of_slot(ids_NK, mask_NK, num_experts)  # dead slots sort last
     order_S = prio_S[torch.sort(expert_S[prio_S], stable=True).indices]
-    routed_E = slot_counts(expert_S, num_experts)
+    routed_E = slot_counts(ids_NK, mask_NK, num_experts)
     if capacity is None:
         num_rows = n * k if decision.all_live else None
         return DispatchPlan(order_S, routed_E, routed_E, None, n, k, num_rows)

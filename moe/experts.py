@@ -50,8 +50,8 @@ class GroupedExperts(nn.Module):
         raise NotImplementedError
 
 
-class SeedExperts(GroupedExperts):
-    """Seed 000's ExpertNetwork, E copies:
+class ResidualMLPExperts(GroupedExperts):
+    """The thesis fusion's ExpertNetwork (Linear-LN-GELU-Dropout x2 + residual projection), E copies:
         expert(x) = Drop(GELU(LN(Linear(Drop(GELU(LN(Linear(x)))))))) + Linear_res(x)
     The first Linear and the residual Linear share one grouped matmul (weights concatenated).
     """
@@ -149,7 +149,7 @@ class ConvExperts(GroupedExperts):
 def build_experts(cfg: ExpertConfig, num_local: int, dim: int) -> GroupedExperts:
     """The expert family named by ``cfg.kind``, holding ``num_local`` experts."""
     if cfg.kind == "seed":
-        return SeedExperts(num_local, dim, cfg.hidden_dim, dropout=cfg.dropout, impl=cfg.impl)
+        return ResidualMLPExperts(num_local, dim, cfg.hidden_dim, dropout=cfg.dropout, impl=cfg.impl)
     if cfg.kind == "ffn":
         return FFNExperts(num_local, dim, cfg.hidden_dim, impl=cfg.impl)
     return ConvExperts(num_local, dim, cfg.hidden_dim, impl=cfg.impl)

@@ -19,22 +19,26 @@ group) shards both levels. ``placement`` orders the global ids:
   "spread":  id = f*G + g  - a group's experts are spread round-robin over the ranks.
 The balance loss sees the joint distribution p(g) * p(f | g) over the E experts.
 
-Transport: a dispatcher (one stage: every (group, fine) slot goes straight to its expert's
-rank), or a two-stage ``transport`` object (parallel/node_transport.py) that moves a patch once
-per coarse slot to the node of its group and does the fine-level exchange inside that node.
+Transport: the layer's dispatcher is a :class:`HierarchicalDispatcher`: it takes the patches and
+both levels' decisions to the experts (``dispatch``) and brings back every patch's weighted sum
+(``combine``). :class:`OneStage` sends every (group, fine) slot straight to its expert's rank
+through any plain dispatcher (local, or all-to-all over an EP group); the two-stage node transport
+(parallel/node_transport.py) moves a patch once per coarse slot to the node of its group and does
+the fine-level exchange inside that node. The forward pass is the same either way:
+  route -> dispatcher.dispatch -> experts -> dispatcher.combine
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn as nn
 
-from moe.balance import MoEOutput, routing_stats, slot_load
+from moe.balance import MoEOutput, routing_stats
 from moe.config import HierarchicalMoEConfig
-from moe.dispatch import Dispatcher, LocalDispatcher, plan_dispatch, unpermute
+from moe.dispatch import Dispatcher, LocalDispatcher, plan_dispatch, slot_counts, unpermute
 from moe.experts import build_experts
 from moe.router import Router, RoutingDecision
 from moe.timing import NullTimer, StageTimer
@@ -53,19 +57,74 @@ class HierRoute:
     fine_mask_NKcKf: torch.Tensor
 
 
+class HierarchicalDispatcher(Protocol):
+    """Moves patches to the experts of both levels' decisions and back. ``moe/`` sees ranks only here."""
+
+    num_local_experts: int
+    placement: str | None  # the expert order it needs ("grouped"), or None for any
+
+    def dispatch(self, units_NLC: torch.Tensor, route: HierRoute) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """-> (rows for the local experts [U, L, C] sorted by local expert, counts [E_local], meta).
+
+        ``meta`` is frozen: everything ``combine`` needs, and ``meta.host_counts`` (the local
+        counts as a host list when the dispatcher read them, else None)."""
+
+    def combine(self, expert_out_ULC: torch.Tensor, meta: Any) -> torch.Tensor:
+        """Expert outputs back to their patches, weighted and summed per patch: [N, L, C]."""
+
+
+@dataclass(frozen=True)
+class OneStageMeta:
+    inner: Any  # the plain dispatcher's metadata (its plan resolved)
+    weights_NK: torch.Tensor  # the flattened routing weights
+
+    @property
+    def host_counts(self) -> list | None:
+        return self.inner.host_counts
+
+
+class OneStage:
+    """Every (group, fine expert) slot goes straight to its expert's rank through a plain dispatcher."""
+
+    placement = None  # any expert order
+
+    def __init__(self, dispatcher: Dispatcher, num_experts: int):
+        self.dispatcher = dispatcher
+        self.num_experts = num_experts
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.dispatcher.num_local_experts
+
+    @property
+    def first_expert(self) -> int:
+        return self.dispatcher.first_expert
+
+    def dispatch(self, units_NLC: torch.Tensor, route: HierRoute) -> tuple[torch.Tensor, torch.Tensor, OneStageMeta]:
+        plan = plan_dispatch(route.decision, self.num_experts, None)
+        rows_ULC, local_counts, meta = self.dispatcher.dispatch(units_NLC, plan)
+        return rows_ULC, local_counts, OneStageMeta(meta, route.decision.weights)
+
+    def combine(self, expert_out_ULC: torch.Tensor, meta: OneStageMeta) -> torch.Tensor:
+        back_RLC = self.dispatcher.combine(expert_out_ULC, meta.inner)
+        return unpermute(back_RLC, meta.inner.plan, meta.weights_NK)
+
+
 class HierarchicalMoE(nn.Module):
-    def __init__(self, cfg: HierarchicalMoEConfig, dispatcher: Dispatcher | None = None,
-                 timer: StageTimer | None = None, transport: Any = None):
+    """``dispatcher`` decides where experts live and how patches reach them; the default keeps all
+    of them on this rank (:class:`OneStage` over a local dispatcher). ``timer`` measures the
+    stages route / dispatch / experts / combine."""
+
+    def __init__(self, cfg: HierarchicalMoEConfig, dispatcher: HierarchicalDispatcher | None = None,
+                 timer: StageTimer | None = None):
         super().__init__()
         self.cfg = cfg
         e = cfg.num_experts
-        self.dispatcher = dispatcher if dispatcher is not None else LocalDispatcher(e)
-        self.transport = transport
+        self.dispatcher = dispatcher if dispatcher is not None else OneStage(LocalDispatcher(e), e)
         self.timer = timer if timer is not None else NullTimer()
-        if transport is not None:
-            if cfg.placement != "grouped":
-                raise ValueError("a two-stage node transport needs placement='grouped'")
-            self.dispatcher = transport
+        if self.dispatcher.placement not in (None, cfg.placement):
+            raise ValueError(f"{type(self.dispatcher).__name__} needs placement={self.dispatcher.placement!r} "
+                             f"(got {cfg.placement!r})")
         if e % self.dispatcher.num_local_experts:
             raise ValueError(f"num_experts={e} is not a multiple of the dispatcher's "
                              f"num_local_experts={self.dispatcher.num_local_experts}")
@@ -117,52 +176,24 @@ class HierarchicalMoE(nn.Module):
         if x_BHWC.shape[-1] != cfg.dim:
             raise ValueError(f"HierarchicalMoE(dim={cfg.dim}) got a map with C={x_BHWC.shape[-1]} channels")
         grid = make_grid(x_BHWC, cfg.patch_size, cfg.pad_mode)
-        e = cfg.num_experts
         with self.timer.stage("route"):
             units_NLC = patchify(x_BHWC, grid)
             group_of_unit = None
             if modality_B is not None:
                 group_of_unit = modality_B.to(units_NLC.device).long().repeat_interleave(grid.n_h * grid.n_w)
             route = self.route(pool_units(units_NLC, grid), group_of_unit)
-            decision = route.decision
-        if self.transport is not None:
-            y_NLC = self._two_stage(units_NLC, route)
-            load_E = slot_load(decision.expert_ids, decision.slot_mask, e)
-            kept_E = load_E
-        else:
-            with self.timer.stage("route"):
-                plan = plan_dispatch(decision, e, None)
-            with self.timer.stage("dispatch"):
-                rows_ULC, local_counts, meta = self.dispatcher.dispatch(units_NLC, plan)
-                plan = meta.plan  # row count resolved
-            with self.timer.stage("experts"):
-                out_ULC = self.experts(rows_ULC, local_counts, meta.host_counts)
-            with self.timer.stage("combine"):
-                back_RLC = self.dispatcher.combine(out_ULC, meta)
-                y_NLC = unpermute(back_RLC, plan, decision.weights)
-            load_E, kept_E = plan.routed.float(), plan.counts
+        with self.timer.stage("dispatch"):
+            rows_ULC, local_counts, meta = self.dispatcher.dispatch(units_NLC, route)
+        with self.timer.stage("experts"):
+            out_ULC = self.experts(rows_ULC, local_counts, meta.host_counts)
+        with self.timer.stage("combine"):
+            y_NLC = self.dispatcher.combine(out_ULC, meta)
         y = unpatchify(y_NLC, grid)
-        logits = decision.logits if decision.logits is not None else None
+
+        decision = route.decision
+        load_E = slot_counts(decision.expert_ids, decision.slot_mask, cfg.num_experts).float()  # dropless: all kept
         stats = routing_stats(
-            probs_NE=decision.probs, logits_HNE=logits, load_E=load_E, kept_E=kept_E,
+            probs_NE=decision.probs, logits_HNE=decision.logits, load_E=load_E, kept_E=load_E,
             active_slots=decision.slot_mask.sum(), num_units=grid.num_units, coefs=cfg.balance,
         )
         return MoEOutput(y, stats, decision.weights)
-
-    def _two_stage(self, units_NLC: torch.Tensor, route: HierRoute) -> torch.Tensor:
-        """Coarse all-to-all to the group's node, fine all-to-all inside it, and back."""
-        t = self.transport
-        n, kc = route.group_NKc.shape
-        with self.timer.stage("dispatch"):
-            rows1, ids1, w1, mask1, meta1 = t.to_groups(units_NLC, route.group_NKc, route.expert_NKcKf,
-                                                        route.fine_w_NKcKf, route.fine_mask_NKcKf)
-            fine = RoutingDecision(ids1, w1 * mask1, mask1, None, None)
-            plan2 = plan_dispatch(fine, t.num_node_experts, None)
-            rows2, counts2, meta2 = t.fine.dispatch(rows1, plan2)
-            plan2 = meta2.plan
-        with self.timer.stage("experts"):
-            out2 = self.experts(rows2, counts2, meta2.host_counts)
-        with self.timer.stage("combine"):
-            z = unpermute(t.fine.combine(out2, meta2), plan2, fine.weights)
-            back = t.from_groups(z, meta1).view(n, kc, *units_NLC.shape[1:])
-            return (back * route.coarse_w_NKc.to(back.dtype)[..., None, None]).sum(1)

@@ -3,7 +3,7 @@
 ``x[idx]`` on a [N, ...] tensor differentiates through ``index_put_(accumulate=True)``, which
 on CPU runs element by element: for the rows PatchMoE moves (whole P*P*C patches) and the
 per-row expert biases it was the largest cost after the matmuls. ``index_add_`` does the same
-sum row by row, vectorised (about 10-20x faster on CPU for these shapes).
+sum row by row, vectorised.
 
 Low precision: an expert's bias or LayerNorm gradient is the sum of thousands of rows. Summed
 into a bf16 buffer, each addition rounds to 8 bits of mantissa and the sum stops moving once

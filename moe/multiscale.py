@@ -1,16 +1,16 @@
-"""Seed 000's multi-scale MoE fusion, the thesis baseline, kept exactly.
+"""The thesis's multi-scale MoE fusion (dense soft fusion of 4/8/16 windows), the baseline, kept exactly.
 
 Legend: B batch, H/W map size, D channels, S scales (= experts), Hd gating heads.
 
-Seed 000, step by step:
-  1. multi-scale features: s x s windows (seed: 4, 8, 16) give one D-vector per scale
+The thesis code, step by step:
+  1. multi-scale features: s x s windows (thesis: 4, 8, 16) give one D-vector per scale
   2. gate:    weights = softmax(GatingNetwork(concat(features)) / T)            [B, S]
               (multi-head gating: the mean of the heads' softmaxes)
   3. experts: expert_s = ExpertNetwork(feature_s), one expert per scale          [S, B, D]
   4. fusion:  fused = sum_s weights[:, s] * expert_s                           [B, D]
-The fusion is dense (every expert runs on every sample), as in the seed.
+The fusion is dense (every expert runs on every sample), as in the thesis.
 
-Window features (step 1, which the seed leaves to the caller): for window size s the map is
+Window features (step 1, which the thesis code leaves to the caller): for window size s the map is
 average-pooled in non-overlapping s x s windows (a remainder narrower than s at the
 bottom/right border is left out; a map smaller than s is one window), and the strongest
 window response per channel is kept (max over windows). Small windows thus keep local
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from moe.balance import MoEOutput, routing_stats
 from moe.config import MultiScaleMoEConfig
-from moe.experts import SeedExperts
+from moe.experts import ResidualMLPExperts
 from moe.router import GateNetwork
 
 
@@ -46,7 +46,7 @@ def window_features(x_BHWD: torch.Tensor, scales: Sequence[int]) -> list[torch.T
 
 
 class MultiScaleMoE(nn.Module):
-    """Gated fusion of per-scale features by one seed ExpertNetwork per scale."""
+    """Gated fusion of per-scale features by one thesis ExpertNetwork per scale."""
 
     def __init__(self, cfg: MultiScaleMoEConfig):
         super().__init__()
@@ -56,14 +56,14 @@ class MultiScaleMoE(nn.Module):
             s * d, s, depth=cfg.gate_depth, hidden=(s * d) // 2,
             heads=cfg.num_heads, dropout=cfg.dropout,
         )
-        self.experts = SeedExperts(s, d, cfg.expert_hidden, dropout=cfg.dropout)
+        self.experts = ResidualMLPExperts(s, d, cfg.expert_hidden, dropout=cfg.dropout)
 
-    def forward(self, x: torch.Tensor | Sequence[torch.Tensor]) -> MoEOutput:
-        """A map [B, H, W, D], or the seed's list of S per-scale features [B, D]."""
-        feats = window_features(x, self.cfg.scales) if torch.is_tensor(x) else list(x)
-        return self.fuse(feats)
+    def forward(self, x_BHWD: torch.Tensor) -> MoEOutput:
+        """Fuse a feature map [B, H, W, D]: its window features (step 1), then :meth:`fuse`."""
+        return self.fuse(window_features(x_BHWD, self.cfg.scales))
 
     def fuse(self, feats: Sequence[torch.Tensor]) -> MoEOutput:
+        """Steps 2-4 on S per-scale features [B, D] (the thesis code's own input)."""
         s = len(self.cfg.scales)
         if len(feats) != s:
             raise ValueError(f"MultiScaleMoE has {s} scale experts but got {len(feats)} features")

@@ -1,16 +1,16 @@
-"""Seed 003's Patch-MoE: route each P x P patch of a feature map to its top-k experts.
+"""The thesis's Patch-MoE: route each P x P patch of a feature map to its top-k experts.
 
 Legend
   B batch, H/W map size, C channels, P patch side, N = B*ceil(H/P)*ceil(W/P) patches,
   L = P*P points per patch, K slots per patch, E experts.
 
-Flow (seed 003, steps 1-4):
+Flow (the thesis's steps 1-4):
   [B, H, W, C] --unfold--> units [N, L, C] --mean-pool--> [N, C] --router--> ids/weights [N, K]
   --plan + dispatcher--> expert rows [U, L, C] --experts--> [U, L, C] --dispatcher back-->
   rows [R, L, C] --weighted sum per patch--> [N, L, C] --fold--> [B, H, W, C]
 All L points of a patch travel together and share its experts and weights.
 
-Dual sparsity (seed 003, ``keep_fraction`` < 1): before routing, a light scorer (one Linear on
+Dual sparsity (the thesis's pruning, ``keep_fraction`` < 1): before routing, a light scorer (one Linear on
 the pooled patch) keeps the top ceil(r * patches per image) patches of each image; only they
 are routed, dispatched and computed. Pruned patches pass through (identity, or zero inside a
 residual branch). The kept outputs are multiplied by 1 + s - stop_grad(s), s = sigmoid(score):
@@ -21,19 +21,39 @@ receives a gradient.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
 
-from moe.balance import MoEOutput, routing_stats
+from moe.balance import MoEOutput, RoutingStats, routing_stats
 from moe.combine import slot_sum_to_map
 from moe.config import PatchMoEConfig
-from moe.dispatch import Dispatcher, LocalDispatcher, plan_dispatch, unpermute
+from moe.dispatch import Dispatcher, DispatchPlan, LocalDispatcher, plan_dispatch, unpermute
 from moe.experts import build_experts
 from moe.indexing import gather_rows
-from moe.router import Router
+from moe.router import Router, RoutingDecision
 from moe.timing import NullTimer, StageTimer
-from moe.units import PatchView, make_grid, patchify, pool_units, unpatchify
+from moe.units import PatchGrid, PatchView, make_grid, patchify, pool_units, unpatchify
+
+
+@dataclass(frozen=True)
+class RoutedPatches:
+    """What the route stage hands to dispatch and combine."""
+
+    grid: PatchGrid
+    in_place: bool  # units are read from the map and the output written straight into it
+    units_NLC: "torch.Tensor | PatchView"  # every patch [N, L, C]
+    routed_NLC: "torch.Tensor | PatchView"  # the routed patches [Nk, L, C] (all N unless pruned)
+    keep_idx: torch.Tensor | None  # [Nk] indices of the kept patches (None: no pruning)
+    keep_scale: torch.Tensor | None  # [Nk] straight-through scale of the kept outputs
+    decision: RoutingDecision  # over the routed patches: ids / weights [Nk, K]
+    plan: DispatchPlan  # its rows sorted by expert, capacity applied
+
+    @property
+    def num_routed(self) -> int:
+        return self.decision.weights.shape[0]
 
 
 class PatchMoE(nn.Module):
@@ -61,55 +81,77 @@ class PatchMoE(nn.Module):
         self.scorer = nn.Linear(cfg.dim, 1) if cfg.keep_fraction < 1 else None
 
     def forward(self, x_BHWC: torch.Tensor) -> MoEOutput:
+        """route -> dispatch -> experts -> combine, each a method and a timed stage."""
+        with self.timer.stage("route"):
+            routed = self.route(x_BHWC)
+        with self.timer.stage("dispatch"):
+            rows_ULC, local_counts_El, meta = self.dispatch(routed)
+        with self.timer.stage("experts"):
+            out_ULC = self.compute_experts(rows_ULC, local_counts_El, meta)
+        with self.timer.stage("combine"):
+            y_BHWC = self.combine(out_ULC, meta, routed)
+        return MoEOutput(y_BHWC, self._routing_stats(routed, meta.plan), routed.decision.weights)
+
+    def route(self, x_BHWC: torch.Tensor) -> RoutedPatches:
+        """Cut the map into patches, prune (dual sparsity), score and plan: no data moves yet."""
         cfg = self.cfg
         grid = make_grid(x_BHWC, cfg.patch_size, cfg.pad_mode)
         if x_BHWC.shape[-1] != cfg.dim:
             raise ValueError(f"PatchMoE(dim={cfg.dim}) got a map with C={x_BHWC.shape[-1]} channels")
         e, k = cfg.router.num_experts, cfg.router.max_k
         in_place = self.scorer is None and not grid.padded  # read patches from the map, write back into it
-        with self.timer.stage("route"):
-            if in_place:
-                view = PatchView.of(x_BHWC, grid)
-                units_NLC, pooled_NC = view, view.pooled()
-            else:
-                units_NLC = patchify(x_BHWC, grid)
-                pooled_NC = pool_units(units_NLC, grid)
-            keep_idx, keep_scale = self._prune(pooled_NC, grid)
-            if keep_idx is not None:
-                routed_NLC, pooled_NC = gather_rows(units_NLC, keep_idx), gather_rows(pooled_NC, keep_idx)
-            else:
-                routed_NLC = units_NLC
-            n_routed = pooled_NC.shape[0]
-            decision = self.router(pooled_NC)
-            capacity = None
-            if cfg.capacity_factor is not None:
-                capacity = self.dispatcher.capacity(n_routed, k, e, cfg.capacity_factor)
-            plan = plan_dispatch(decision, e, capacity, cfg.capacity_priority)
-        with self.timer.stage("dispatch"):
-            rows_ULC, local_counts, meta = self.dispatcher.dispatch(routed_NLC, plan)
-            plan = meta.plan  # row count resolved
-        with self.timer.stage("experts"):
-            out_ULC = self.experts(rows_ULC, local_counts, meta.host_counts)
-        with self.timer.stage("combine"):
-            back_RLC = self.dispatcher.combine(out_ULC, meta)
-            if in_place and back_RLC.shape[0] == n_routed * k:
-                y_NLC = slot_sum_to_map(back_RLC, decision.weights, plan.slot_of_row, grid)
-            else:
-                y_NLC = unpermute(back_RLC, plan, decision.weights)
-                if keep_idx is not None:
-                    base = units_NLC if cfg.pruned_output == "identity" else torch.zeros_like(units_NLC)
-                    y_NLC = base.index_copy(0, keep_idx, y_NLC * keep_scale.to(y_NLC.dtype)[:, None, None])
-                y_NLC = unpatchify(y_NLC, grid)
+        if in_place:
+            view = PatchView.of(x_BHWC, grid)
+            units_NLC, pooled_NC = view, view.pooled()
+        else:
+            units_NLC = patchify(x_BHWC, grid)
+            pooled_NC = pool_units(units_NLC, grid)
+        keep_idx, keep_scale = self._prune(pooled_NC, grid)
+        if keep_idx is not None:
+            routed_NLC, pooled_NC = gather_rows(units_NLC, keep_idx), gather_rows(pooled_NC, keep_idx)
+        else:
+            routed_NLC = units_NLC
+        n_routed = pooled_NC.shape[0]
+        decision = self.router(pooled_NC)
+        capacity = None
+        if cfg.capacity_factor is not None:
+            capacity = self.dispatcher.capacity(n_routed, k, e, cfg.capacity_factor)
+        plan = plan_dispatch(decision, e, capacity, cfg.capacity_priority)
+        return RoutedPatches(grid, in_place, units_NLC, routed_NLC, keep_idx, keep_scale, decision, plan)
 
+    def dispatch(self, routed: RoutedPatches) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """The planned rows to their experts' ranks -> (rows [U, L, C], counts [El], meta; meta.plan resolved)."""
+        return self.dispatcher.dispatch(routed.routed_NLC, routed.plan)
+
+    def compute_experts(self, rows_ULC: torch.Tensor, local_counts_El: torch.Tensor, meta: Any) -> torch.Tensor:
+        """This rank's experts on the rows they received, one grouped matmul: [U, L, C]."""
+        return self.experts(rows_ULC, local_counts_El, meta.host_counts)
+
+    def combine(self, out_ULC: torch.Tensor, meta: Any, routed: RoutedPatches) -> torch.Tensor:
+        """Expert outputs back, weighted and summed per patch, into the map: [B, H, W, C]."""
+        cfg, plan, decision = self.cfg, meta.plan, routed.decision
+        back_RLC = self.dispatcher.combine(out_ULC, meta)
+        if routed.in_place and back_RLC.shape[0] == routed.num_routed * cfg.router.max_k:
+            return slot_sum_to_map(back_RLC, decision.weights, plan.slot_of_row, routed.grid)
+        y_NLC = unpermute(back_RLC, plan, decision.weights)
+        if routed.keep_idx is not None:
+            units_NLC = routed.units_NLC
+            base = units_NLC if cfg.pruned_output == "identity" else torch.zeros_like(units_NLC)
+            y_NLC = base.index_copy(0, routed.keep_idx, y_NLC * routed.keep_scale.to(y_NLC.dtype)[:, None, None])
+        return unpatchify(y_NLC, routed.grid)
+
+    def _routing_stats(self, routed: RoutedPatches, plan: DispatchPlan) -> RoutingStats:
+        """The step's statistics; in training with bias balancing, the load also accumulates for
+        :meth:`apply_bias_update`."""
+        cfg, decision = self.cfg, routed.decision
         load_E = plan.routed.float()
         if self.training and cfg.router.bias_update_rate > 0:
             self.pending_load += load_E.detach()
-        stats = routing_stats(
+        return routing_stats(
             probs_NE=decision.probs, logits_HNE=decision.logits, load_E=load_E,
             kept_E=plan.counts, active_slots=decision.slot_mask.sum(),
-            num_units=n_routed, coefs=cfg.balance, pruned_units=grid.num_units - n_routed,
+            num_units=routed.num_routed, coefs=cfg.balance, pruned_units=routed.grid.num_units - routed.num_routed,
         )
-        return MoEOutput(y_NLC, stats, decision.weights)
 
     def _prune(self, pooled_NC: torch.Tensor, grid) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Indices [Nk] of the kept patches (image by image, in grid order) and their

@@ -50,8 +50,8 @@ def _uniform_(t: torch.Tensor, fan_in: int) -> torch.Tensor:
 class GateNetwork(nn.Module):
     """H independent gating MLPs computed together (stacked weights, one einsum per layer).
 
-    depth 1: Linear(D, E)                                           (seed 003's gate)
-    depth 2: Linear(D, F) - LN - GELU - Dropout - Linear(F, E)      (seed 000's GatingNetwork)
+    depth 1: Linear(D, E)                                           (the Patch-MoE gate)
+    depth 2: Linear(D, F) - LN - GELU - Dropout - Linear(F, E)      (the multi-scale fusion's GatingNetwork)
     depth 3: Linear(D, F) - LN - GELU - Dropout - Linear(F, F) - LN - GELU - Dropout - Linear(F, E)
     Always computes in fp32.
     """

@@ -4,7 +4,7 @@ Legend
   B batch, H/W map height/width, C channels, P patch side,
   nh/nw patches per column/row, N = B*nh*nw routing units, L = P*P points per unit.
 
-Patch routing (seed 003): the P x P points of a patch share one routing decision; the gate
+Patch routing (the thesis's Patch-MoE): the P x P points of a patch share one routing decision; the gate
 sees the patch mean-pooled over its real points. Token routing is the case P = 1.
 
 Maps whose H or W is not a multiple of P are zero-padded at the bottom/right up to one; the
@@ -133,7 +133,7 @@ class PatchView:
         """Mean over each unit's points: [N, C] (what the gate sees).
 
         Summed in two passes that read the map in memory order (the P strip rows of a patch
-        row, then the P points of a strip); a strided mean over (2, 4) is about 3x slower on CPU.
+        row, then the P points of a strip): a strided mean over (2, 4) is slower on CPU.
         """
         g, c = self.grid, self.x_BHWC.shape[-1]
         p = g.patch

@@ -25,6 +25,7 @@ from moe.dispatch import DispatchPlan, LocalDispatcher, expert_capacity
 from moe.indexing import gather_rows
 from moe.units import PatchView, take_units
 from parallel.all_to_all import CommCounter, all_to_all_rows, collective, exchange
+from parallel.groups import ExpertGroup, ParallelGroups
 
 
 @dataclass(frozen=True)
@@ -40,40 +41,32 @@ class AllToAllMeta:
 
 
 class AllToAllDispatcher:
-    """Experts sharded over an expert-parallel group; patches exchanged by all-to-all."""
+    """Experts sharded over an expert group (``ep``: who holds which); patches exchanged by all-to-all."""
 
-    def __init__(self, num_experts: int, ep_group, counter: CommCounter | None = None):
-        self.ep_group = ep_group
-        self.ep_size = dist.get_world_size(ep_group)
-        self.ep_rank = dist.get_rank(ep_group)
-        if num_experts % self.ep_size:
-            raise ValueError(f"num_experts={num_experts} is not divisible by ep_size={self.ep_size}")
-        self.num_experts = num_experts
-        self.num_local_experts = num_experts // self.ep_size
+    def __init__(self, ep: ExpertGroup, counter: CommCounter | None = None):
+        self.ep = ep
         self.counter = counter if counter is not None else CommCounter()
-        self.ranks = dist.get_process_group_ranks(ep_group)  # global rank of each group member
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.ep.num_local_experts
 
     @property
     def first_expert(self) -> int:
         """Global id of this rank's first local expert."""
-        return self.ep_rank * self.num_local_experts
+        return self.ep.first_expert
 
     def capacity(self, num_units: int, k: int, num_experts: int, factor: float) -> int:
-        n = torch.tensor([num_units], dtype=torch.long, device=self._device())
+        n = torch.tensor([num_units], dtype=torch.long, device=self.ep.device)
         collective("all-reduce of the patch count (capacity)", dist.all_reduce, n, op=dist.ReduceOp.MAX,
-                   group=self.ep_group, host_reads=True)
+                   group=self.ep.group, host_reads=True)
         return expert_capacity(int(n), k, num_experts, factor)
 
-    def _device(self) -> torch.device:
-        if dist.get_backend(self.ep_group) == "nccl":
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
-
     def dispatch(self, units_NLC: "torch.Tensor | PatchView", plan: DispatchPlan):
-        p, el = self.ep_size, self.num_local_experts
+        p, el = self.ep.size, self.ep.num_local_experts
         _, l, c = units_NLC.shape
-        counts_E = plan.counts.to(self._device())
-        recv_PE = exchange(counts_E, [el] * p, [el] * p, self.ep_group,
+        counts_E = plan.counts.to(self.ep.device)
+        recv_PE = exchange(counts_E, [el] * p, [el] * p, self.ep.group,
                            "all-to-all of per-expert patch counts (dispatch)", host_reads=True).view(p, el)
         # The one host read of this layer: what this rank sends per expert and receives per (rank, expert).
         host = torch.cat([counts_E, recv_PE.reshape(-1)]).tolist()
@@ -84,8 +77,8 @@ class AllToAllDispatcher:
         plan = plan.with_rows(sum(send_splits)) if plan.num_rows is None else plan
 
         rows_RD = take_units(units_NLC, plan.unit_of_row).reshape(-1, l * c)
-        recv_UD = all_to_all_rows(rows_RD, send_splits, recv_splits, self.ep_group, self.counter, self.ep_rank,
-                                  self.ranks)
+        recv_UD = all_to_all_rows(rows_RD, send_splits, recv_splits, self.ep.group, self.counter, self.ep.rank,
+                                  self.ep.ranks)
 
         total = sum(recv_splits)
         local_of_row = torch.arange(el, device=recv_PE.device).repeat(p)
@@ -99,13 +92,13 @@ class AllToAllDispatcher:
         l, c = meta.row_shape
         out_UD = expert_out_ULC.reshape(-1, l * c)
         source_major = torch.empty_like(out_UD).index_copy(0, meta.order, out_UD)
-        back = all_to_all_rows(source_major, meta.recv_splits, meta.send_splits, self.ep_group,
-                               self.counter, self.ep_rank, self.ranks)
+        back = all_to_all_rows(source_major, meta.recv_splits, meta.send_splits, self.ep.group,
+                               self.counter, self.ep.rank, self.ep.ranks)
         return back.reshape(-1, l, c)
 
 
-def build_dispatcher(num_experts: int, groups, counter: CommCounter | None = None):
+def build_dispatcher(groups: ParallelGroups, counter: CommCounter | None = None):
     """The dispatcher for these groups: all-to-all over the EP group, or local when ep_size is 1."""
     if groups.ep_size == 1:
-        return LocalDispatcher(num_experts)
-    return AllToAllDispatcher(num_experts, groups.ep_group, counter)
+        return LocalDispatcher(groups.num_experts)
+    return AllToAllDispatcher(groups.ep, counter)

@@ -22,10 +22,16 @@ import torch.nn as nn
 from deepspeed.moe.layer import MoE as _DeepSpeedMoEBase
 
 from moe import HierarchicalMoE, MoEOutput, PatchMoE
+from moe.hierarchical import OneStage
 from parallel.groups import ParallelGroups
 
-EXPERTS_KEY = "deepspeed_moe.experts."
-PER_EXPERT_KEY = "deepspeed_moe.experts.deepspeed_experts."
+# DeepSpeed's checkpoint naming of MoE layers, defined here once (parallel/reshard.py reads them too).
+LAYER_KEY = "deepspeed_moe."  # the wrapped layer's attribute: DeepSpeed's checkpoint code looks for it
+EXPERTS_KEY = LAYER_KEY + "experts."  # our stacked expert parameters [El, ...]
+PER_EXPERT_KEY = EXPERTS_KEY + "deepspeed_experts."  # + "<expert id>.<name>": one expert's entry
+PER_EXPERT_KEY_RE = re.compile(r"(.*)" + re.escape(PER_EXPERT_KEY) + r"(\d+)\.(.+)")  # (module prefix, id, name)
+EXPERT_FILE = "layer_{layer}_expert_{expert}_mp_rank_00_model_states.pt"  # one global expert's weights
+EXPERT_FILE_RE = re.compile(r"layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt")  # (layer, expert)
 
 
 class DeepSpeedMoE(_DeepSpeedMoEBase):
@@ -35,10 +41,10 @@ class DeepSpeedMoE(_DeepSpeedMoEBase):
         nn.Module.__init__(self)  # DeepSpeed's own __init__ builds its gate/experts: not wanted
         num_local = layer.dispatcher.num_local_experts
         num_experts = _num_experts(layer)
-        if num_experts != num_local * groups.ep_size:
+        if (num_experts, num_local) != (groups.num_experts, groups.num_local_experts):
             raise ValueError(
-                f"layer holds {num_local} local experts of {num_experts}, "
-                f"which does not match ep_size={groups.ep_size}"
+                f"layer holds {num_local} local experts of {num_experts}, which does not match the groups' "
+                f"{groups.num_local_experts} of {groups.num_experts} (ep_size={groups.ep_size})"
             )
         self.deepspeed_moe = layer  # the attribute name DeepSpeed's checkpoint code looks for
         self.ep_size = groups.ep_size
@@ -70,7 +76,7 @@ def _num_experts(layer) -> int:
 def _split_expert_entries(module, state_dict, prefix, local_metadata) -> None:
     """'<p>deepspeed_moe.experts.w' [El, ...] -> '<p>deepspeed_moe.experts.deepspeed_experts.<i>.w'."""
     head = prefix + EXPERTS_KEY
-    for key in [k for k in state_dict if k.startswith(head) and "deepspeed_experts." not in k]:
+    for key in [k for k in state_dict if k.startswith(head) and not k.startswith(prefix + PER_EXPERT_KEY)]:
         stacked = state_dict.pop(key)
         name = key[len(head):]
         for i in range(stacked.shape[0]):
@@ -107,9 +113,14 @@ def shard_moe_layers(model: nn.Module, groups: ParallelGroups, counter=None, tim
     found = [(name, m) for name, m in model.named_modules() if isinstance(m, (PatchMoE, HierarchicalMoE))]
     out = []
     for name, full in found:
-        disp = build_dispatcher(_num_experts(full), groups, counter)
+        if _num_experts(full) != groups.num_experts:
+            raise ValueError(f"{name} has num_experts={_num_experts(full)} but the parallel groups were built for "
+                             f"{groups.num_experts}: build ParallelGroups with the model's expert count")
+        disp = build_dispatcher(groups, counter)
+        if isinstance(full, HierarchicalMoE):
+            disp = OneStage(disp, groups.num_experts)
         layer = type(full)(full.cfg, dispatcher=disp, timer=timer)
-        first, n = disp.first_expert, disp.num_local_experts
+        first, n = groups.first_expert, groups.num_local_experts
         with torch.no_grad():
             src = full.state_dict()
             for key, t in layer.state_dict().items():  # routers, scorer, buffers: everything but experts

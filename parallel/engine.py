@@ -8,12 +8,13 @@ this rank's local experts summed over the expert-parallel group only.
 
   ZeRO 0:   DeepSpeed's ``clip_grad_norm_`` averages each rank's local norm over the data-
             parallel group; under EP every rank sees only its own experts, so that is not the
-            global norm (seen: 0.508 instead of 0.544 at EP=2). msmoe switches it off and runs
+            global norm. msmoe switches it off and runs
             :func:`clip_grad_norm_ep` between backward and step.
   ZeRO 1/2: the ZeRO optimizer sums squared partition norms over the whole data-parallel
-            group, where every expert's partition appears exactly once: correct (seen equal
-            to EP=1 and to clip_grad_norm_ep), so DeepSpeed clips there.
-:class:`MoEEngine` applies that rule; the trainer just calls ``clip_gradients()``.
+            group, where every expert's partition appears exactly once: correct (equal to
+            EP=1 and to clip_grad_norm_ep), so DeepSpeed clips there.
+:class:`MoEEngine` applies that rule; the trainer just calls ``clip_gradients()``
+(``clips_gradients`` says whether msmoe or DeepSpeed clips).
 """
 
 from __future__ import annotations
@@ -52,13 +53,16 @@ class MoEEngine:
     zero_stage: int
     grad_clip: float
 
-    def clip_gradients(self) -> torch.Tensor | None:
-        """Call between ``engine.backward`` and ``engine.step``. Returns the global norm (0-d tensor,
-        not read on the host) when msmoe clipped (ZeRO 0); at ZeRO 1/2 DeepSpeed clips inside
-        ``step`` and this is None."""
-        if self.zero_stage > 0 or self.grad_clip <= 0:
-            return None
-        return clip_grad_norm_ep(self.engine.module.parameters(), self.grad_clip, self.groups)
+    @property
+    def clips_gradients(self) -> bool:
+        """True when msmoe clips (ZeRO 0 with a clip); at ZeRO 1/2 DeepSpeed clips inside ``step``."""
+        return self.zero_stage == 0 and self.grad_clip > 0
+
+    def clip_gradients(self) -> None:
+        """Call between ``engine.backward`` and ``engine.step``: clips to the global norm
+        (:func:`clip_grad_norm_ep`) when msmoe clips, else leaves the gradients to DeepSpeed."""
+        if self.clips_gradients:
+            clip_grad_norm_ep(self.engine.module.parameters(), self.grad_clip, self.groups)
 
 
 def bf16_reduction(zero_stage: int) -> dict:

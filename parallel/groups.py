@@ -16,7 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.distributed as tdist
+
+from moe.config import expert_sharding_error
 
 
 class ParallelConfigError(ValueError):
@@ -24,32 +27,85 @@ class ParallelConfigError(ValueError):
 
 
 def validate_sizes(world_size: int, ep_size: int, num_experts: int) -> None:
-    """Errors name the numbers and what would work."""
-    if ep_size < 1:
-        raise ParallelConfigError(f"ep_size={ep_size} must be >= 1")
-    if world_size % ep_size:
-        divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
-        raise ParallelConfigError(
-            f"world size {world_size} is not divisible by ep_size={ep_size}; choose ep_size in {divisors}"
-        )
-    if num_experts % ep_size:
-        raise ParallelConfigError(
-            f"num_experts={num_experts} is not divisible by ep_size={ep_size}: every expert-parallel "
-            f"rank must hold the same number of experts"
-        )
+    """Errors name the numbers and what would work (the check itself: moe.config.expert_sharding_error)."""
+    problem = expert_sharding_error(num_experts, ep_size, world_size)
+    if problem is not None:
+        raise ParallelConfigError(problem)
+
+
+def group_name(ep_size: int) -> str:
+    """DeepSpeed's name of the expert groups of EP size ``ep_size`` (also in optimizer param groups)."""
+    return f"ep_size_{ep_size}"
+
+
+@dataclass(frozen=True)
+class ExpertGroup:
+    """E experts sharded evenly over one process group of P ranks: what a dispatcher exchanges over.
+
+    Rank r of the group holds the El = E / P experts first_expert .. first_expert + El - 1, with
+    first_expert = r * El. Built by :meth:`of`, which checks P | E; nothing else derives these.
+    """
+
+    group: Any
+    size: int  # P
+    rank: int  # r, this rank's index in the group
+    ranks: tuple[int, ...]  # [P] global rank of each member
+    num_experts: int  # E
+    num_local_experts: int  # El
+    first_expert: int  # global id of this rank's first expert
+    device: torch.device  # where the group's collectives take their tensors
+
+    @staticmethod
+    def of(group: Any, num_experts: int) -> "ExpertGroup":
+        size, rank = tdist.get_world_size(group), tdist.get_rank(group)
+        problem = expert_sharding_error(num_experts, size)
+        if problem is not None:
+            raise ParallelConfigError(problem)
+        per_rank = num_experts // size
+        if tdist.get_backend(group) == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            device = torch.device("cpu")
+        return ExpertGroup(group=group, size=size, rank=rank, ranks=tuple(tdist.get_process_group_ranks(group)),
+                           num_experts=num_experts, num_local_experts=per_rank, first_expert=rank * per_rank,
+                           device=device)
 
 
 @dataclass(frozen=True)
 class ParallelGroups:
+    """The groups, and where this rank's experts are (``ep``); ``ep_size`` and friends read ``ep``."""
+
     world_size: int
     rank: int
-    ep_size: int
-    ep_rank: int
-    ep_group: Any
+    ep: ExpertGroup
     edp_size: int
     edp_group: Any
     dp_group: Any
     name: str  # DeepSpeed's group name, "ep_size_<P>"
+
+    @property
+    def ep_size(self) -> int:
+        return self.ep.size
+
+    @property
+    def ep_group(self) -> Any:
+        return self.ep.group
+
+    @property
+    def num_experts(self) -> int:
+        return self.ep.num_experts
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.ep.num_local_experts
+
+    @property
+    def first_expert(self) -> int:
+        return self.ep.first_expert
+
+    @property
+    def device(self) -> torch.device:
+        return self.ep.device
 
     @staticmethod
     def build(ep_size: int, num_experts: int, timeout_s: float | None = None) -> "ParallelGroups":
@@ -63,7 +119,7 @@ class ParallelGroups:
 
         world, rank = tdist.get_world_size(), tdist.get_rank()
         validate_sizes(world, ep_size, num_experts)
-        name = f"ep_size_{ep_size}"
+        name = group_name(ep_size)
         if name not in ds_groups._get_expert_parallel_group_dict():
             ds_groups._create_expert_and_data_parallel(ep_size)
         ep_group = ds_groups._get_expert_parallel_group(name)
@@ -77,8 +133,7 @@ class ParallelGroups:
             for g in {id(g): g for g in (ep_group, edp_group, ds_groups._get_data_parallel_group())}.values():
                 _set_pg_timeout(timedelta(seconds=seconds), g)
         return ParallelGroups(
-            world_size=world, rank=rank,
-            ep_size=ep_size, ep_rank=tdist.get_rank(ep_group), ep_group=ep_group,
+            world_size=world, rank=rank, ep=ExpertGroup.of(ep_group, num_experts),
             edp_size=tdist.get_world_size(edp_group), edp_group=edp_group,
             dp_group=ds_groups._get_data_parallel_group(), name=name,
         )

@@ -25,10 +25,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from moe.dispatch import plan_dispatch
+from moe.dispatch import plan_dispatch, unpermute
+from moe.hierarchical import HierRoute
 from moe.router import RoutingDecision
 from parallel.all_to_all import CommCounter, all_to_all_rows, exchange
-from parallel.dispatcher import AllToAllDispatcher
+from parallel.dispatcher import AllToAllDispatcher, AllToAllMeta
+from parallel.groups import ExpertGroup
 
 
 def build_node_groups(ep_group, node_size: int):
@@ -58,18 +60,33 @@ class GroupMeta:
     num_slots: int  # N * Kc
 
 
+@dataclass(frozen=True)
+class NodeMeta:
+    """What :meth:`NodeTransport.combine` reads back (produced by :meth:`NodeTransport.dispatch`)."""
+
+    coarse: GroupMeta  # stage 1
+    fine: AllToAllMeta  # stage 2 (its plan resolved)
+    fine_w_RKf: torch.Tensor  # [R1, Kf] fine weights of the rows this entry rank received
+    coarse_w_NKc: torch.Tensor  # [N, Kc] coarse weights of this rank's patches
+
+    @property
+    def host_counts(self) -> list:
+        return self.fine.host_counts
+
+
 class NodeTransport:
-    def __init__(self, num_groups: int, experts_per_group: int, ep_group, node_group, node_size: int,
+    """A :class:`moe.hierarchical.HierarchicalDispatcher` in two stages (see the module docstring)."""
+
+    placement = "grouped"  # a group's experts contiguous, so one node holds them
+
+    def __init__(self, num_groups: int, experts_per_group: int, ep: ExpertGroup, node_group, node_size: int,
                  coarse_counter: CommCounter | None = None, fine_counter: CommCounter | None = None):
-        self.ep_group, self.node_group, self.node_size = ep_group, node_group, node_size
-        self.ep_size = dist.get_world_size(ep_group)
-        self.ep_rank = dist.get_rank(ep_group)
-        self.ranks = dist.get_process_group_ranks(ep_group)
         e = num_groups * experts_per_group
-        if e % self.ep_size:
-            raise ValueError(f"num_experts={e} is not divisible by ep_size={self.ep_size}")
-        self.num_local_experts = e // self.ep_size
-        per_node = self.num_local_experts * node_size
+        if ep.num_experts != e:
+            raise ValueError(f"the expert group shards {ep.num_experts} experts, but num_groups x experts_per_group "
+                             f"= {num_groups} x {experts_per_group} = {e}")
+        self.ep, self.node_size = ep, node_size
+        per_node = ep.num_local_experts * node_size
         self.num_node_experts = per_node
         self.group_node = []
         for g in range(num_groups):
@@ -77,50 +94,67 @@ class NodeTransport:
             if len(nodes) != 1:
                 raise ValueError(
                     f"group {g}'s {experts_per_group} experts span nodes {sorted(nodes)} (node = {node_size} ranks x "
-                    f"{self.num_local_experts} experts): choose sizes so every group fits in one node")
+                    f"{ep.num_local_experts} experts): choose sizes so every group fits in one node")
             self.group_node.append(nodes.pop())
-        self.node = self.ep_rank // node_size
-        self.first_node_expert = self.node * per_node
+        self.first_node_expert = ep.rank // node_size * per_node
         self.coarse_counter = coarse_counter if coarse_counter is not None else CommCounter(node_size=node_size)
         self.fine_counter = fine_counter if fine_counter is not None else CommCounter(node_size=node_size)
-        self.fine = AllToAllDispatcher(per_node, node_group, self.fine_counter)
+        self.fine = AllToAllDispatcher(ExpertGroup.of(node_group, per_node), self.fine_counter)
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.ep.num_local_experts
 
     @property
     def first_expert(self) -> int:
-        return self.ep_rank * self.num_local_experts
+        return self.ep.first_expert
 
-    def _device(self):
-        return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(self.ep_group) == "nccl" \
-            else torch.device("cpu")
+    def dispatch(self, units_NLC: torch.Tensor, route: HierRoute) -> tuple[torch.Tensor, torch.Tensor, NodeMeta]:
+        """Stage 1 to the groups' entry ranks, then stage 2 to the node's experts."""
+        rows_RLC, fine_ids, fine_w, fine_mask, coarse = self._to_groups(
+            units_NLC, route.group_NKc, route.expert_NKcKf, route.fine_w_NKcKf, route.fine_mask_NKcKf)
+        fine_decision = RoutingDecision(fine_ids, fine_w * fine_mask, fine_mask, None, None)
+        plan = plan_dispatch(fine_decision, self.num_node_experts, None)
+        rows_ULC, local_counts, fine = self.fine.dispatch(rows_RLC, plan)
+        return rows_ULC, local_counts, NodeMeta(coarse, fine, fine_decision.weights, route.coarse_w_NKc)
 
-    def to_groups(self, units_NLC, group_NKc, fine_ids_NKcKf, fine_w_NKcKf, fine_mask_NKcKf):
+    def combine(self, expert_out_ULC: torch.Tensor, meta: NodeMeta) -> torch.Tensor:
+        """Stage 2 back and the fine-weighted sum on the entry rank, stage 1 back and the
+        coarse-weighted sum on the sender: [N, L, C]."""
+        z_RLC = unpermute(self.fine.combine(expert_out_ULC, meta.fine), meta.fine.plan, meta.fine_w_RKf)
+        n, kc = meta.coarse_w_NKc.shape
+        back = self._from_groups(z_RLC, meta.coarse).view(n, kc, *z_RLC.shape[1:])
+        return (back * meta.coarse_w_NKc.to(back.dtype)[..., None, None]).sum(1)
+
+    def _to_groups(self, units_NLC, group_NKc, fine_ids_NKcKf, fine_w_NKcKf, fine_mask_NKcKf):
         """Stage 1: rows, fine ids (node-local), fine weights and masks as received by entry ranks."""
+        ep = self.ep
         n, kc = group_NKc.shape
         kf = fine_ids_NKcKf.shape[-1]
         _, l, c = units_NLC.shape
         node_of_group = torch.tensor(self.group_node, device=group_NKc.device)
-        dest = node_of_group[group_NKc] * self.node_size + self.ep_rank % self.node_size  # [N, Kc]
+        dest = node_of_group[group_NKc] * self.node_size + ep.rank % self.node_size  # [N, Kc]
         live = torch.ones_like(dest, dtype=torch.bool)
-        plan = plan_dispatch(RoutingDecision(dest, live.float(), live, None, None, all_live=True), self.ep_size, None)
-        counts = plan.counts.to(self._device())
-        recv_counts = exchange(counts, [1] * self.ep_size, [1] * self.ep_size, self.ep_group)
+        plan = plan_dispatch(RoutingDecision(dest, live.float(), live, None, None, all_live=True), ep.size, None)
+        counts = plan.counts.to(ep.device)
+        recv_counts = exchange(counts, [1] * ep.size, [1] * ep.size, ep.group)
         send, recv = counts.tolist(), recv_counts.tolist()
         rows = units_NLC[plan.unit_of_row].reshape(-1, l * c)
-        y = all_to_all_rows(rows, send, recv, self.ep_group, self.coarse_counter, self.ep_rank, self.ranks)
-        w = all_to_all_rows(fine_w_NKcKf.reshape(n * kc, kf)[plan.slot_of_row], send, recv, self.ep_group,
-                            CommCounter(), self.ep_rank)  # metadata, not payload
-        dev = self._device()
-        ids = exchange(fine_ids_NKcKf.reshape(n * kc, kf)[plan.slot_of_row].to(dev), send, recv, self.ep_group)
-        mask = exchange(fine_mask_NKcKf.reshape(n * kc, kf)[plan.slot_of_row].to(dev, torch.uint8), send, recv,
-                        self.ep_group)
+        y = all_to_all_rows(rows, send, recv, ep.group, self.coarse_counter, ep.rank, ep.ranks)
+        w = all_to_all_rows(fine_w_NKcKf.reshape(n * kc, kf)[plan.slot_of_row], send, recv, ep.group,
+                            CommCounter(), ep.rank)  # metadata, not payload
+        ids = exchange(fine_ids_NKcKf.reshape(n * kc, kf)[plan.slot_of_row].to(ep.device), send, recv, ep.group)
+        mask = exchange(fine_mask_NKcKf.reshape(n * kc, kf)[plan.slot_of_row].to(ep.device, torch.uint8), send, recv,
+                        ep.group)
         meta = GroupMeta(send, recv, plan.slot_of_row, n * kc)
         ids = ids.to(units_NLC.device) - self.first_node_expert
         return y.reshape(-1, l, c), ids, w, mask.to(units_NLC.device).bool(), meta
 
-    def from_groups(self, z_ULC: torch.Tensor, meta: GroupMeta) -> torch.Tensor:
+    def _from_groups(self, z_ULC: torch.Tensor, meta: GroupMeta) -> torch.Tensor:
         """Stage 1 back: [N*Kc, L, C], one combined row per (patch, coarse slot) (zeros if none)."""
         _, l, c = z_ULC.shape
-        back = all_to_all_rows(z_ULC.reshape(-1, l * c), meta.recv_splits, meta.send_splits, self.ep_group,
-                               self.coarse_counter, self.ep_rank, self.ranks)
+        ep = self.ep
+        back = all_to_all_rows(z_ULC.reshape(-1, l * c), meta.recv_splits, meta.send_splits, ep.group,
+                               self.coarse_counter, ep.rank, ep.ranks)
         out = back.new_zeros(meta.num_slots, l * c).index_copy(0, meta.slot_of_row, back)
         return out.reshape(meta.num_slots, l, c)

@@ -23,6 +23,10 @@ import shutil
 
 import torch
 
+from parallel.ds_moe import EXPERT_FILE, EXPERT_FILE_RE, LAYER_KEY, PER_EXPERT_KEY, PER_EXPERT_KEY_RE
+from parallel.files import staged_dir
+from parallel.groups import group_name
+
 OPTIM = "expp_rank_{}_mp_rank_00_optim_states.pt"
 
 
@@ -67,7 +71,7 @@ def reshard_optimizer(sources: list[dict], new_ep_size: int) -> list[dict]:
         for g in groups:
             moe = bool(g.get("moe", False))
             if moe:
-                g["name"] = f"ep_size_{new_ep_size}"
+                g["name"] = group_name(new_ep_size)
             for idx in g["params"]:
                 if idx not in base["state"]:
                     continue
@@ -91,7 +95,9 @@ def reshard_optimizer(sources: list[dict], new_ep_size: int) -> list[dict]:
 
 
 def reshard_checkpoint(src_dir: str, tag: str, dst_dir: str, new_ep_size: int) -> dict:
-    """Write ``dst_dir/<tag>`` for ``new_ep_size`` EP ranks (and ``dst_dir/latest``). Returns a summary."""
+    """Write ``dst_dir/<tag>`` for ``new_ep_size`` EP ranks (complete or not at all). Returns a summary.
+
+    The caller commits it (``latest`` and the completion marker: ``launcher.checkpoints.mark_complete``)."""
     src = os.path.join(src_dir, tag)
     if not os.path.isdir(src):
         raise ReshardError(f"no checkpoint tag {tag!r} in {src_dir}")
@@ -105,24 +111,15 @@ def reshard_checkpoint(src_dir: str, tag: str, dst_dir: str, new_ep_size: int) -
     new = reshard_optimizer(sources, new_ep_size)
 
     dst = os.path.join(dst_dir, tag)
-    tmp = dst + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    for f in os.listdir(src):
-        if not f.startswith("expp_rank_"):
-            shutil.copy2(os.path.join(src, f), os.path.join(tmp, f))
-    for r, opt in enumerate(new):
-        obj = {k: v for k, v in sources_raw[0].items() if k != "optimizer"}
-        obj["optimizer"] = opt
-        torch.save(obj, os.path.join(tmp, OPTIM.format(r)))
-    shutil.rmtree(dst, ignore_errors=True)
-    os.replace(tmp, dst)
-    with open(os.path.join(dst_dir, "latest"), "w") as fh:
-        fh.write(tag)
+    with staged_dir(dst) as tmp:
+        for f in os.listdir(src):
+            if not f.startswith("expp_rank_"):
+                shutil.copy2(os.path.join(src, f), os.path.join(tmp, f))
+        for r, opt in enumerate(new):
+            obj = {k: v for k, v in sources_raw[0].items() if k != "optimizer"}
+            obj["optimizer"] = opt
+            torch.save(obj, os.path.join(tmp, OPTIM.format(r)))
     return {"tag": tag, "from_ep_size": p_src, "to_ep_size": new_ep_size, "out": dst}
-
-
-EXPERT_FILE = re.compile(r"layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt")
 
 
 def resize_experts_checkpoint(src_dir: str, tag: str, dst_dir: str, new_num_experts: int, transform) -> dict:
@@ -131,20 +128,20 @@ def resize_experts_checkpoint(src_dir: str, tag: str, dst_dir: str, new_num_expe
     ``transform(layer_state, num_experts, layer_index) -> new layer_state`` works on one layer's
     state in PatchMoE naming ("router....", "experts.<name>" stacked [E, ...]); see moe/resize.py.
     The optimizer state cannot follow a change of shape, so none is written: load the result
-    with ``load_module_only`` (``msmoe train --init-from``).
+    with ``load_module_only`` (``msmoe train --init-from``). Like :func:`reshard_checkpoint`,
+    ``dst_dir/<tag>`` appears complete or not at all, and the caller commits it.
     """
     src = os.path.join(src_dir, tag)
     model = _load(os.path.join(src, "mp_rank_00_model_states.pt"))
     by_layer: dict[int, dict[int, dict]] = {}
     for f in os.listdir(src):
-        m = EXPERT_FILE.fullmatch(f)
+        m = EXPERT_FILE_RE.fullmatch(f)
         if m:
             by_layer.setdefault(int(m.group(1)), {})[int(m.group(2))] = _load(os.path.join(src, f))
     if not by_layer:
         raise ReshardError(f"{src} holds no expert files: not a DeepSpeed MoE checkpoint")
     module = dict(model["module"])
     new_files: dict[str, dict] = {}
-    key_re = re.compile(r"(.*\.)deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(.+)")
     old_counts = []
     for layer in sorted(by_layer):
         experts = by_layer[layer]
@@ -152,31 +149,27 @@ def resize_experts_checkpoint(src_dir: str, tag: str, dst_dir: str, new_num_expe
         old_counts.append(e)
         if sorted(experts) != list(range(e)):
             raise ReshardError(f"layer {layer}: expert files {sorted(experts)} are not 0..{e - 1}")
-        prefix, names = None, []
+        module_prefix, names = None, []
         for k in experts[0]:
-            m = key_re.fullmatch(k)
-            prefix, names = m.group(1) + "deepspeed_moe.", names + [m.group(3)]
-        state = {f"experts.{n}": torch.stack([experts[g][f"{prefix}experts.deepspeed_experts.{g}.{n}"]
-                                              for g in range(e)]) for n in names}
+            m = PER_EXPERT_KEY_RE.fullmatch(k)
+            module_prefix, names = m.group(1), names + [m.group(3)]
+        prefix = module_prefix + LAYER_KEY  # the layer's own keys: "router....", "experts...."
+        expert_key = module_prefix + PER_EXPERT_KEY + "{}.{}"  # expert id, parameter name
+        state = {f"experts.{n}": torch.stack([experts[g][expert_key.format(g, n)] for g in range(e)])
+                 for n in names}
         state.update({k[len(prefix):]: v for k, v in module.items() if k.startswith(prefix + "router.")})
         new_state = transform(state, e, layer)
         for k, v in new_state.items():
             if k.startswith("router."):
                 module[prefix + k] = v
         for g in range(new_num_experts):
-            new_files[f"layer_{layer}_expert_{g}_mp_rank_00_model_states.pt"] = {
-                f"{prefix}experts.deepspeed_experts.{g}.{n}": new_state[f"experts.{n}"][g].clone() for n in names}
+            new_files[EXPERT_FILE.format(layer=layer, expert=g)] = {
+                expert_key.format(g, n): new_state[f"experts.{n}"][g].clone() for n in names}
     model["module"] = module
     model["num_experts"] = [new_num_experts] * len(by_layer)
     dst = os.path.join(dst_dir, tag)
-    tmp = dst + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    torch.save(model, os.path.join(tmp, "mp_rank_00_model_states.pt"))
-    for name, sd in new_files.items():
-        torch.save(sd, os.path.join(tmp, name))
-    shutil.rmtree(dst, ignore_errors=True)
-    os.replace(tmp, dst)
-    with open(os.path.join(dst_dir, "latest"), "w") as fh:
-        fh.write(tag)
+    with staged_dir(dst) as tmp:
+        torch.save(model, os.path.join(tmp, "mp_rank_00_model_states.pt"))
+        for name, sd in new_files.items():
+            torch.save(sd, os.path.join(tmp, name))
     return {"tag": tag, "layers": len(by_layer), "from_experts": old_counts, "to_experts": new_num_experts, "out": dst}

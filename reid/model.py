@@ -1,5 +1,5 @@
 """The multi-spectral ReID model: per-modality stems, a token-grid backbone whose FFN sublayers
-can be PatchMoE, seed 000's multi-scale MoE fusion, BNNeck and an ID classifier.
+can be PatchMoE, the thesis's multi-scale MoE fusion (4/8/16 windows), BNNeck and an ID classifier.
 
 Legend: B batch, M modalities, D model dim, h x w token grid (image / stem_stride), S scales.
 
@@ -53,6 +53,12 @@ class DenseFFN(nn.Module):
         return self.net(x)
 
 
+@dataclass(frozen=True)
+class BlockOutput:
+    x: torch.Tensor  # [B, h, w, D]
+    moe_stats: tuple[RoutingStats, ...]  # the routing of the block's MoE layer; empty for a dense FFN
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, use_moe: bool):
         super().__init__()
@@ -68,14 +74,14 @@ class Block(nn.Module):
             self.ffn = PatchMoE(cfg.patch_moe_config())
         self.is_moe = use_moe
 
-    def forward(self, x_BhwD: torch.Tensor) -> tuple[torch.Tensor, RoutingStats | None]:
+    def forward(self, x_BhwD: torch.Tensor) -> BlockOutput:
         y = self.norm1(x_BhwD).permute(0, 3, 1, 2)
         x_BhwD = x_BhwD + self.mix(y).permute(0, 2, 3, 1)
         h = self.norm2(x_BhwD)
         if self.is_moe:
             res: MoEOutput = self.ffn(h)
-            return x_BhwD + res.out, res.stats
-        return x_BhwD + self.ffn(h), None
+            return BlockOutput(x_BhwD + res.out, (res.stats,))
+        return BlockOutput(x_BhwD + self.ffn(h), ())
 
 
 class BNNeck(nn.BatchNorm1d):
@@ -108,7 +114,7 @@ class ReIDOutput:
     aux_loss: torch.Tensor  # sum of the MoE layers' balance losses
     moe_stats: tuple  # RoutingStats per PatchMoE block, in order
     fusion_stats: RoutingStats
-    fusion_weights: torch.Tensor  # [B, S] seed 000's expert_weights
+    fusion_weights: torch.Tensor  # [B, S] the fusion's expert_weights (gate weight per scale)
 
 
 class ReIDModel(nn.Module):
@@ -128,11 +134,11 @@ class ReIDModel(nn.Module):
     def forward(self, batch: Batch) -> ReIDOutput:
         x_BDhw = sum(self.stems[m](getattr(batch, m)) for m in MODALITIES)
         x = self.norm_in(x_BDhw.permute(0, 2, 3, 1))
-        stats = []
+        stats: list[RoutingStats] = []
         for block in self.blocks:
-            x, st = block(x)
-            if st is not None:
-                stats.append(st)
+            res = block(x)
+            x = res.x
+            stats.extend(res.moe_stats)
         fused = self.fusion(self.norm_out(x))
         feat = fused.out
         feat_bn = self.bnneck(feat)

@@ -126,7 +126,7 @@ def expert_balance_loss(expert_weights):
 
 # ---- weight copies between batched layers and per-expert references -------------------------
 def seed_experts_to_modules(stacked, dropout=0.0) -> list[ExpertNetwork]:
-    """One ExpertNetwork per expert of a SeedExperts, holding copies of its weights."""
+    """One ExpertNetwork per expert of a ResidualMLPExperts, holding copies of its weights."""
     e, d, both = stacked.w_in.shape
     f, out = stacked.hidden, stacked.out_dim
     mods = []
@@ -148,7 +148,7 @@ def seed_experts_to_modules(stacked, dropout=0.0) -> list[ExpertNetwork]:
 
 
 def seed_modules_grads(mods: list[ExpertNetwork]) -> dict[str, torch.Tensor]:
-    """Gradients of per-expert references in the stacked layout of SeedExperts."""
+    """Gradients of per-expert references in the stacked layout of ResidualMLPExperts."""
     def g(p):
         return p.grad if p.grad is not None else torch.zeros_like(p)
 

@@ -17,7 +17,7 @@ from typing import Literal, Mapping
 
 import yaml
 
-from moe.config import ConfigError, from_dict
+from moe.config import ConfigError, expert_sharding_error, from_dict
 from reid.config import DataConfig, ModelConfig
 
 
@@ -134,8 +134,9 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.name) and "/" not in self.name, f"name={self.name!r} must be a non-empty name without '/'")
-        e, ep = self.model.num_experts, self.train.ep_size
-        _require(e % ep == 0, f"model.patch_moe.router.num_experts={e} is not divisible by train.ep_size={ep}")
+        problem = expert_sharding_error(self.model.num_experts, self.train.ep_size,
+                                        experts_field="model.patch_moe.router.num_experts", ep_field="train.ep_size")
+        _require(problem is None, str(problem))
 
     @property
     def run_dir(self) -> str:

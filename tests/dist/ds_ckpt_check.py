@@ -29,7 +29,7 @@ def main():
     ckpt = os.path.join(args.out, "ckpt")
 
     straight = build(groups, world.world_size, args.zero)
-    straight_losses = [train_step(straight, s, world.rank, world.world_size)[0] for s in range(5)]
+    straight_losses = [train_step(straight, s, world.rank, world.world_size) for s in range(5)]
 
     first = build(groups, world.world_size, args.zero)
     for s in range(3):
@@ -54,7 +54,7 @@ def main():
     resumed.engine.load_checkpoint(ckpt, tag="step3")
     loaded = resumed.engine.module.moe.deepspeed_moe.experts
     weights_equal = all(torch.equal(p, saved_local[n]) for n, p in loaded.named_parameters())
-    resumed_losses = [train_step(resumed, s, world.rank, world.world_size)[0] for s in (3, 4)]
+    resumed_losses = [train_step(resumed, s, world.rank, world.world_size) for s in (3, 4)]
 
     report = {
         "rank": world.rank, "straight": straight_losses, "resumed": resumed_losses,

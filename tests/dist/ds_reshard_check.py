@@ -58,7 +58,7 @@ def main():
         path, _ = me.engine.load_checkpoint(args.ckpt, tag="s3")
         assert path is not None, "checkpoint not loaded"
     logits = global_logits(me.engine, 3, rank, w)
-    loss, _ = train_step(me, 3, rank, w)
+    loss = train_step(me, 3, rank, w)
     weights = all_weights(me.engine, groups)
     result = {"logits": logits, "loss": loss, "weights": weights}
     if args.phase == "save":

@@ -17,7 +17,7 @@ from harness import init_world, write_result
 from moe import BalanceConfig, ExpertConfig, PatchMoE, PatchMoEConfig, RouterConfig
 from parallel.dispatcher import AllToAllDispatcher
 from parallel.ds_moe import DeepSpeedMoE
-from parallel.engine import build_engine
+from parallel.engine import build_engine, grad_norm_ep
 from parallel.groups import ParallelGroups
 
 E, K, C, P, GLOBAL_B = 4, 2, 8, 4, 8
@@ -51,7 +51,7 @@ def build(groups, world_size, zero=0, clip=0.0, seed=0):
                          balance=BalanceConfig(load_balance_coef=0.01))
     torch.manual_seed(seed)
     full = TinyNet(PatchMoE(cfg))
-    disp = AllToAllDispatcher(E, groups.ep_group)
+    disp = AllToAllDispatcher(groups.ep)
     model = TinyNet(DeepSpeedMoE(PatchMoE(cfg, dispatcher=disp), groups))
     first, el = disp.first_expert, disp.num_local_experts
     with torch.no_grad():
@@ -74,17 +74,17 @@ def build(groups, world_size, zero=0, clip=0.0, seed=0):
 
 
 def train_step(moe_engine, step, rank, world_size):
-    """One step on the global batch of ``step``; returns (mean loss over ranks, norm or None)."""
+    """One step on the global batch of ``step``; returns the mean loss over ranks."""
     engine = moe_engine.engine
     x, y = batch(step, rank, world_size)
     logits, aux = engine(x)
     loss = nn.functional.cross_entropy(logits, y) + aux
     engine.backward(loss)
-    norm = moe_engine.clip_gradients()
+    moe_engine.clip_gradients()
     engine.step()
     mean = loss.detach().clone()
     dist.all_reduce(mean)
-    return float(mean) / world_size, norm
+    return float(mean) / world_size
 
 
 def main():
@@ -111,9 +111,9 @@ def main():
         if args.clip > 0 and args.zero == 0:
             # what DeepSpeed's own ZeRO-0 clipping would use (max_norm huge: it scales nothing)
             ds_norms.append(float(ds_clip_grad_norm_(list(engine.module.parameters()), 1e30)))
-        norm = moe_engine.clip_gradients()
-        if norm is not None:
-            norms.append(float(norm))
+        if moe_engine.clips_gradients:  # the global norm msmoe clips by
+            norms.append(float(grad_norm_ep(engine.module.parameters(), groups)))
+        moe_engine.clip_gradients()
         engine.step()
         if args.clip > 0 and args.zero > 0:
             norms.append(float(engine.get_global_grad_norm()))

@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from harness import init_world, write_result
 from moe import ExpertConfig, HierarchicalMoE, HierarchicalMoEConfig, RouterConfig
+from moe.hierarchical import OneStage
 from parallel.all_to_all import CommCounter
 from parallel.dispatcher import AllToAllDispatcher
 from parallel.groups import ParallelGroups
@@ -50,13 +51,13 @@ def main():
     torch.manual_seed(0)
     ref = HierarchicalMoE(cfg)
     ns = args.node_size
-    disp = AllToAllDispatcher(G * F, groups.ep_group, CommCounter(node_size=ns))
+    disp = AllToAllDispatcher(groups.ep, CommCounter(node_size=ns))
     if ns:
-        transport = NodeTransport(G, F, groups.ep_group, build_node_groups(groups.ep_group, ns), ns)
-        layer = HierarchicalMoE(cfg, transport=transport)
-        single = HierarchicalMoE(cfg, dispatcher=disp)  # one-stage, for the byte comparison
+        transport = NodeTransport(G, F, groups.ep, build_node_groups(groups.ep_group, ns), ns)
+        layer = HierarchicalMoE(cfg, dispatcher=transport)
+        single = HierarchicalMoE(cfg, dispatcher=OneStage(disp, G * F))  # one-stage, for the byte comparison
     else:
-        layer = HierarchicalMoE(cfg, dispatcher=disp)
+        layer = HierarchicalMoE(cfg, dispatcher=OneStage(disp, G * F))
     first, el = disp.first_expert, disp.num_local_experts
     with torch.no_grad():
         for target in ([layer, single] if ns else [layer]):

@@ -70,7 +70,7 @@ def main():
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     torch.manual_seed(0)
     ref = PatchMoE(cfg).to(dtype)
-    disp = AllToAllDispatcher(E, groups.ep_group)
+    disp = AllToAllDispatcher(groups.ep)
     layer = PatchMoE(cfg, dispatcher=disp).to(dtype)
     first, el = disp.first_expert, disp.num_local_experts
     with torch.no_grad():

@@ -2,7 +2,8 @@ import math
 
 import torch
 
-from moe.balance import load_balance_loss, router_z_loss, slot_load, variance_loss
+from moe.balance import load_balance_loss, router_z_loss, variance_loss
+from moe.dispatch import slot_counts
 from tests.reference import expert_balance_loss
 
 
@@ -20,7 +21,7 @@ def test_switch_loss_by_hand():
     probs = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]], requires_grad=True)
     ids = torch.tensor([[0, 1], [1, 2]])
     mask = torch.tensor([[True, True], [True, False]])
-    load = slot_load(ids, mask, 3)
+    load = slot_counts(ids, mask, 3).float()
     assert load.tolist() == [1.0, 2.0, 0.0]
     # f = [1/3, 2/3, 0]; P = [0.3, 0.45, 0.25]; 3 * (0.1 + 0.3) = 1.2
     loss = load_balance_loss(probs, load)

@@ -9,14 +9,14 @@ Bound (stated once, used below):
 import pytest
 import torch
 
-from moe.experts import ConvExperts, FFNExperts, SeedExperts
+from moe.experts import ConvExperts, FFNExperts, ResidualMLPExperts
 
 GRAD_RTOL = 3e-2
 
 
 def _experts(kind, impl, e, c, f):
     if kind == "seed":
-        return SeedExperts(e, c, f, dropout=0.0, impl=impl)
+        return ResidualMLPExperts(e, c, f, dropout=0.0, impl=impl)
     return (FFNExperts if kind == "ffn" else ConvExperts)(e, c, f, impl=impl)
 
 

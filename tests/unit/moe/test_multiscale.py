@@ -22,7 +22,7 @@ def test_fusion_matches_seed_code(heads, temperature):
     f1 = [f.clone().requires_grad_() for f in feats]
     f2 = [f.clone().requires_grad_() for f in feats]
 
-    res = ours(f1)
+    res = ours.fuse(f1)
     fused, weights = seed(f2)
     torch.testing.assert_close(res.out, fused, **TOL)
     torch.testing.assert_close(res.weights, weights, **TOL)
@@ -55,7 +55,7 @@ def test_gate_depths(depth):
     experts = seed_experts_to_modules(ours.experts, 0.0)
     w = torch.softmax(h, -1)
     expected = sum(w[:, s:s + 1] * experts[s](feats[s]) for s in range(3))
-    torch.testing.assert_close(ours(feats).out, expected, **TOL)
+    torch.testing.assert_close(ours.fuse(feats).out, expected, **TOL)
 
 
 @pytest.mark.parametrize("scales", [(4, 16), (4, 8, 16, 32), (4, 8, 16, 32, 64)])
@@ -80,4 +80,4 @@ def test_window_features_by_loop():
 def test_wrong_number_of_features():
     ours = MultiScaleMoE(MultiScaleMoEConfig(dim=8))
     with pytest.raises(ValueError, match="3 scale experts but got 2"):
-        ours([torch.randn(2, 8), torch.randn(2, 8)])
+        ours.fuse([torch.randn(2, 8), torch.randn(2, 8)])
