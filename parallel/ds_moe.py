@@ -23,15 +23,9 @@ from deepspeed.moe.layer import MoE as _DeepSpeedMoEBase
 
 from moe import HierarchicalMoE, MoEOutput, PatchMoE
 from moe.hierarchical import OneStage
+from parallel.ds_names import EXPERTS_KEY, PER_EXPERT_KEY
 from parallel.groups import ParallelGroups
 
-# DeepSpeed's checkpoint naming of MoE layers, defined here once (parallel/reshard.py reads them too).
-LAYER_KEY = "deepspeed_moe."  # the wrapped layer's attribute: DeepSpeed's checkpoint code looks for it
-EXPERTS_KEY = LAYER_KEY + "experts."  # our stacked expert parameters [El, ...]
-PER_EXPERT_KEY = EXPERTS_KEY + "deepspeed_experts."  # + "<expert id>.<name>": one expert's entry
-PER_EXPERT_KEY_RE = re.compile(r"(.*)" + re.escape(PER_EXPERT_KEY) + r"(\d+)\.(.+)")  # (module prefix, id, name)
-EXPERT_FILE = "layer_{layer}_expert_{expert}_mp_rank_00_model_states.pt"  # one global expert's weights
-EXPERT_FILE_RE = re.compile(r"layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt")  # (layer, expert)
 
 
 class DeepSpeedMoE(_DeepSpeedMoEBase):

@@ -23,7 +23,7 @@ import shutil
 
 import torch
 
-from parallel.ds_moe import EXPERT_FILE, EXPERT_FILE_RE, LAYER_KEY, PER_EXPERT_KEY, PER_EXPERT_KEY_RE
+from parallel.ds_names import EXPERT_FILE, EXPERT_FILE_RE, LAYER_KEY, PER_EXPERT_KEY, PER_EXPERT_KEY_RE
 from parallel.files import staged_dir
 from parallel.groups import group_name
 

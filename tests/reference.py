@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-# ---- seed 000, as written there --------------------------------------------------------------
+# ---- the thesis code's multi-scale fusion, as written there ----------------------------------------
 class ExpertNetwork(nn.Module):
     def __init__(self, input_dim=512, hidden_dim=1024, output_dim=512, dropout=0.1):
         super().__init__()
@@ -104,7 +104,7 @@ def seed_gate_grads(seed_gate) -> dict[str, torch.Tensor]:
 
 
 def multiscale_to_seed(ours):
-    """Seed 000's MultiScaleMoE (its gate and one ExpertNetwork per scale) holding copies of the
+    """The thesis code's MultiScaleMoE (its gate and one ExpertNetwork per scale) holding copies of the
     weights of our MultiScaleMoE; -> (seed model, list of experts)."""
     cfg = ours.cfg
     s, d = len(cfg.scales), cfg.dim
@@ -258,7 +258,7 @@ def gate_head_logits(gate, head: int, x_D: torch.Tensor) -> torch.Tensor:
 
 # ---- routing, one unit at a time --------------------------------------------------------------
 def route_unit(router, x_D: torch.Tensor):
-    """Seed 003 step 2 for one pooled unit: -> (list of (expert, weight)), probs [E]."""
+    """The thesis's Patch-MoE, step 2 (routing) for one pooled unit: -> (list of (expert, weight)), probs [E]."""
     cfg = router.cfg
     heads = [gate_head_logits(router.gate, h, x_D) / cfg.temperature for h in range(cfg.num_heads)]
     scores = [torch.softmax(l, -1) if cfg.score_fn == "softmax" else torch.sigmoid(l) for l in heads]
@@ -299,7 +299,7 @@ def capacity_keep(routes: list[list[tuple[int, torch.Tensor]]], num_experts: int
 
 
 def patch_moe_reference(layer, x_BHWC: torch.Tensor, expert_mods):
-    """Seed 003 steps 1-4 with loops: every patch pooled, routed, sent through its experts."""
+    """The thesis's Patch-MoE, steps 1-4, with loops: every patch pooled, routed, sent through its experts."""
     cfg = layer.cfg
     p = cfg.patch_size
     b, h, w, c = x_BHWC.shape

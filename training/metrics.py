@@ -5,12 +5,13 @@ clock of a sampled step and the run's progress (saved with every checkpoint)."""
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from parallel.files import write_text_atomic
 
 
 @dataclass
@@ -165,10 +166,7 @@ def a2a_per_step(comm, steps: int) -> dict:
 
 def write_json(path: str, obj) -> None:
     """Atomic: a reader never sees half a file."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=1)
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=1))
 
 
 def build_summary(*, cfg, world, ep_size: int, moe_layers: int, steps: int, progress: RunProgress,

@@ -3,7 +3,7 @@
   * EP=2 equals EP=1: the whole ReID model in the DeepSpeed engine gives the same loss curve and
     the same retrieval metrics whether its experts are split over the 2 ranks or replicated.
   * Resume is exact: N steps, stop, resume for M steps == N+M steps straight (loss and weights).
-  * Every seed 000 ablation config trains (shrunk to the tiny sizes) with its own scale count.
+  * Every ablation config of the thesis's multi-scale fusion trains (shrunk to the tiny sizes) with its own scale count.
   * bf16: the whole model in DeepSpeed's bf16 trains close to fp32 (LOSS_ATOL), configs/gpu.yaml shrunk.
 
 Bound (stated once, used below):

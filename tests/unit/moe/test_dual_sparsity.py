@@ -1,4 +1,4 @@
-"""Dual sparsity (seed 003): patch pruning on the PatchMoE grid, and top-p's active experts."""
+"""Dual sparsity (the thesis's Patch-MoE): patch pruning on the PatchMoE grid, and top-p's active experts."""
 
 import math
 

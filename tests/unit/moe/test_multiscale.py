@@ -1,4 +1,5 @@
-"""MultiScaleMoE against seed 000's own modules (GatingNetwork, ExpertNetwork, MultiScaleMoE)."""
+"""MultiScaleMoE against the thesis code's own multi-scale fusion modules (GatingNetwork,
+ExpertNetwork, MultiScaleMoE)."""
 
 import pytest
 import torch

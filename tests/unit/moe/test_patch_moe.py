@@ -1,4 +1,4 @@
-"""PatchMoE against the loop reference of seed 003 (outputs and every gradient, fp32)."""
+"""PatchMoE against a loop reference written from the thesis's Patch-MoE (outputs and every gradient, fp32)."""
 
 import pytest
 import torch

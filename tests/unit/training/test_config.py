@@ -46,7 +46,8 @@ ABLATIONS = sorted(glob.glob(os.path.join(ROOT, "configs/ablations/*.yaml")))
 
 
 def test_seed_ablation_plan_is_complete():
-    """Seed 000's plan: 2/3/4/5 scale experts, gate depth 1/2/3, temperature 0.5/1/2."""
+    """The thesis's ablation plan for the multi-scale fusion: 2/3/4/5 scale experts, gate depth
+    1/2/3, temperature 0.5/1/2."""
     got = {"scales": set(), "gate_depth": set(), "temperature": set()}
     for path in ABLATIONS:
         ms = load_config(path).model.multiscale_config()

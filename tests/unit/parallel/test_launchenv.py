@@ -1,0 +1,23 @@
+"""Launcher detection and the torchrun command line (parallel/launchenv.py), written once."""
+
+import sys
+
+from parallel.launchenv import discover_launcher, launcher_vars, torchrun_command
+
+
+def test_standalone_and_rendezvous_command_lines():
+    assert torchrun_command(2, ["-m", "launcher.cli", "train"]) == [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "launcher.cli", "train"]
+    assert torchrun_command(8, ["w.py", "--x"], python="python", nnodes=4, node_rank=1, rdzv_endpoint="n0:29500",
+                            rdzv_id="job", options=["--max-restarts=1"]) == [
+        "python", "-m", "torch.distributed.run", "--nnodes=4", "--nproc_per_node=8", "--node_rank=1",
+        "--rdzv_backend=c10d", "--rdzv_endpoint=n0:29500", "--rdzv_id=job", "--max-restarts=1", "w.py", "--x"]
+
+
+def test_launcher_variables():
+    assert discover_launcher({}) == "single" and launcher_vars({}) == []
+    assert discover_launcher({"RANK": "0", "WORLD_SIZE": "2"}) == "env"
+    assert discover_launcher({"PMI_RANK": "1"}) == "mpi"
+    assert launcher_vars({"PATH": "/bin", "LOCAL_RANK": "0", "OMPI_COMM_WORLD_RANK": "0"}) == \
+        ["LOCAL_RANK", "OMPI_COMM_WORLD_RANK"]

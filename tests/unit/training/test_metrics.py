@@ -1,0 +1,48 @@
+"""Run progress (training/metrics.py): recorded steps, throughput clock, stage times, and the
+checkpoint round trip that makes --resume continue the same figures."""
+
+import torch
+
+from moe.timing import WallTimer
+from training.metrics import RunProgress, StageClock, StepResult, a2a_per_step
+from parallel.all_to_all import CommCounter
+
+
+def _result(loss: float) -> StepResult:
+    return StepResult(False, loss, loss / 2, loss / 4, 0.01, 2.0, False)
+
+
+def test_progress_records_and_survives_a_checkpoint():
+    p = RunProgress()
+    p.record(_result(3.0), 1e-3, None)  # a warm-up step: in the history, not timed
+    p.record(_result(2.0), 2e-3, 0.5)
+    p.record(_result(1.0), 3e-3, 0.25)
+    p.add_stages({"data": 0.01, "forward": 0.2})
+    p.add_stages({})  # a step that was not sampled
+    assert p.history.loss == [3.0, 2.0, 1.0] and p.history.lr == [1e-3, 2e-3, 3e-3]
+    assert p.timed_steps == 2 and p.samples_per_s(64) == 64 * 2 / 0.75
+    assert p.stage_samples == 1 and p.step_time_ms() == {"data": 10.0, "forward": 200.0, "step": 375.0}
+    again = RunProgress.from_state_dict(p.state_dict())
+    assert again == p
+
+
+def test_stage_clock_measures_only_sampled_steps():
+    timer = WallTimer(cuda_sync=False)
+    off = StageClock(torch.device("cpu"), False, timer)
+    off.mark("data")
+    assert off.measured() == {} and timer.active is False
+    on = StageClock(torch.device("cpu"), True, timer)
+    with timer.stage("route"):
+        pass
+    on.mark("data")
+    on.mark("forward")
+    got = on.measured()
+    assert set(got) == {"data", "forward", "route"} and all(v >= 0 for v in got.values())
+
+
+def test_all_to_all_bytes_per_step():
+    c = CommCounter()
+    c.record(torch.zeros(4, 3), [1, 3], 0, "forward")
+    c.record(torch.zeros(4, 3), [2, 2], 1, "backward")
+    assert a2a_per_step(c, 2) == {"total": 96 / 2, "offrank": (36 + 24) / 2, "forward": 24.0, "backward": 24.0,
+                                  "calls": 1.0}
