@@ -41,7 +41,7 @@ test-fast: setup
 
 train: setup
 	$(VENV)/bin/msmoe data synth --config configs/default.yaml
-	$(VENV)/bin/msmoe train --config configs/default.yaml --nproc 2
+	$(VENV)/bin/msmoe train --config configs/default.yaml --nproc 2 --overwrite
 
 bench: setup
 	$(VENV)/bin/msmoe bench layer

@@ -5,7 +5,7 @@
 
 Runs, as a user would (each a process of its own, logs in the workdir):
   python3 -m launcher.cli data synth --config CONFIG
-  python3 -m launcher.cli train --config CONFIG --nproc 1 --no-progress out_dir=WORKDIR name=zeroZ
+  python3 -m launcher.cli train --config CONFIG --nproc 1 --no-progress --overwrite out_dir=WORKDIR name=zeroZ
       train.zero_stage=Z train.precision=PRECISION
 and reads each run's summary.json: loss first/last, mAP against the untrained model's, samples/s
 (steps after the third), peak GPU memory. If every bf16 run fails, one fp32 run follows for
@@ -45,7 +45,7 @@ def train_run(args, config: str, zero: int, precision: str) -> dict:
     name = f"zero{zero}-{precision}"
     overrides = [f"out_dir={args.workdir}", f"name={name}", f"train.zero_stage={zero}",
                  f"train.precision={precision}", *(QUICK if args.quick else [])]
-    code, secs, tail = _cli(["train", "--config", config, "--nproc", "1", "--no-progress", *overrides],
+    code, secs, tail = _cli(["train", "--config", config, "--nproc", "1", "--no-progress", "--overwrite", *overrides],
                             os.path.join(args.workdir, f"{name}.log"), args.run_timeout)
     row = {"run": name, "zero_stage": zero, "precision": precision, "exit": code, "seconds": round(secs, 1)}
     summary_path = os.path.join(args.workdir, name, "summary.json")
@@ -54,7 +54,7 @@ def train_run(args, config: str, zero: int, precision: str) -> dict:
         return {**row, "status": "FAIL", "why": lines[-1][:300] if lines else f"exit {code}", "tail": tail}
     with open(summary_path) as fh:
         s = json.load(fh)
-    losses = s["loss_history"]
+    losses = [v for v in s["loss_history"] if v is not None] or [float("nan")]  # null: a skipped (non-finite) step
     untrained = (s.get("untrained") or {}).get("map")
     # --quick (a few steps of the tiny config) checks that the job runs, not that it learns
     ok = args.quick or (losses[-1] < losses[0] and untrained is not None and s["map"] >= untrained + MAP_GAIN)

@@ -175,7 +175,7 @@ def run_local(points: list[Point], spec: SweepSpec, extra: list[str]) -> None:
                 f"train.steps={spec.steps}", f"train.ckpt_every={10**9}", f"train.log_every={max(spec.steps // 4, 1)}"]
         load_config(spec.config, over)  # a point the config cannot run fails here, named
         cmd = torchrun_command(pt.world, ["-m", "launcher.cli", "train", "--config", spec.config, "--no-progress",
-                                          *over])
+                                          "--overwrite", *over])  # a sweep measures afresh
         print(f"[{i}/{len(points)}] {pt.mode:6s} world {pt.world}  EP {pt.ep}  {pt.experts} experts", flush=True)
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         if proc.returncode != 0:

@@ -15,6 +15,7 @@ only wires them and turns user errors into one line and exit code 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from launcher import allocator
@@ -36,10 +37,20 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from parallel.reshard import ReshardError
     from reid.data import DataError
     from training.checkpoint import CheckpointMismatch
+    from training.ownership import RunOwnershipError
 
     return (ConfigError, LaunchError, SubmitError, ScaleError, CheckpointMismatch, CollectiveError, DataError,
-            ReshardError, ResizeError, ParallelConfigError, DeviceCountError,
+            ReshardError, ResizeError, ParallelConfigError, DeviceCountError, RunOwnershipError,
             FileNotFoundError)
+
+
+def _said_by_every_rank(exc: Exception) -> bool:
+    """Errors every rank finds alike (config, sizes, run ownership): only rank 0 prints them."""
+    from moe.config import ConfigError
+    from parallel.groups import ParallelConfigError
+    from training.ownership import RunOwnershipError
+
+    return isinstance(exc, (ConfigError, ParallelConfigError, RunOwnershipError))
 
 
 USER_ERRORS = _user_errors()
@@ -79,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         leave_distributed(code)  # returns only when this process joined no process group
         return code
     except USER_ERRORS as exc:  # a bad setting or input: the message says what and how to fix it
-        print(f"msmoe: error: {exc}", file=sys.stderr)
+        if not _said_by_every_rank(exc) or os.environ.get("RANK", "0") == "0":
+            print(f"msmoe: error: {exc}", file=sys.stderr)
         from parallel.all_to_all import CollectiveError
 
         if isinstance(exc, CollectiveError):

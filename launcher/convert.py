@@ -40,6 +40,11 @@ def run_convert(args: argparse.Namespace) -> int:
 
     from training import checkpoint
 
+    src, out = os.path.realpath(args.src), os.path.realpath(args.out)
+    if out == src or out.startswith(src + os.sep):
+        raise ReshardError(f"--out {args.out} is {'--src itself' if out == src else 'inside --src'} ({args.src}): "
+                           "converting in place would mix checkpoints of two layouts in one directory; give a new "
+                           "directory, e.g. --out runs/<name>-converted/checkpoints")
     tag = args.tag or checkpoint.newest_complete(args.src)
     if tag is None:
         latest = os.path.join(args.src, "latest")

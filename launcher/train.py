@@ -14,8 +14,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
+import signal
 import sys
+
+from launcher.child import run_child
+
+SHUTDOWN_TIMEOUT_S = 120
 
 
 def add_parsers(sub) -> None:
@@ -30,6 +34,8 @@ def add_parsers(sub) -> None:
                    help="start from the weights of this checkpoint directory (e.g. made by msmoe convert)")
     t.add_argument("--stop-at", type=int, default=None,
                    help="stop after this step (checkpointed; the schedule still targets train.steps)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start over in a run directory that holds another run's checkpoints (deletes them)")
     _common(t)
     t.set_defaults(func=run_train)
 
@@ -61,16 +67,20 @@ def check_nproc_gpus(nproc: int, count=None) -> None:
         check_gpu_count(nproc, "--nproc", CPU_FIX, found)
 
 
-def _relaunch(nproc: int) -> int | None:
-    """Re-run this command under torchrun when asked for >1 process and not yet launched."""
-    from parallel.launchenv import discover_launcher, torchrun_command
+def _needs_launch(nproc: int) -> bool:
+    """More than one process asked for, and no launcher started this one yet."""
+    from parallel.launchenv import discover_launcher
+
+    return nproc > 1 and "RANK" not in os.environ and discover_launcher() == "single"
+
+
+def _launch(nproc: int) -> int:
+    """Re-run this command under torchrun with ``nproc`` workers; signals reach them through it."""
+    from parallel.launchenv import torchrun_command
     from parallel.threads import threads_per_worker
 
-    if nproc <= 1 or "RANK" in os.environ or discover_launcher() != "single":
-        return None
-    check_nproc_gpus(nproc)  # before any worker starts
-    argv, cleaned, skip = sys.argv[1:], [], False
-    for a in argv:
+    cleaned, skip = [], False
+    for a in sys.argv[1:]:
         if skip:
             skip = False
         elif a == "--nproc":
@@ -81,24 +91,35 @@ def _relaunch(nproc: int) -> int | None:
     env = dict(os.environ)
     if not env.get("OMP_NUM_THREADS"):
         env["OMP_NUM_THREADS"] = str(threads_per_worker(0, {**env, "LOCAL_WORLD_SIZE": str(nproc)}))
-    return subprocess.call(torchrun_command(nproc, ["-m", "launcher.cli", *cleaned]), env=env)
+    # a stop signal reaches the workers through torchrun, which waits this long for their checkpoint
+    options = [f"--shutdown-timeout={SHUTDOWN_TIMEOUT_S}"]
+    done = run_child(torchrun_command(nproc, ["-m", "launcher.cli", *cleaned], options=options), env)
+    if done.signal is None:
+        return done.code
+    name = signal.Signals(done.signal).name
+    print(f"msmoe: {name}: the workers stopped (see above for the checkpoint); exit {128 + done.signal}",
+          file=sys.stderr, flush=True)
+    return 128 + done.signal
 
 
 def run_train(args) -> int:
-    code = _relaunch(args.nproc)
-    if code is not None:
-        return code
     from training import job
 
-    return job.train(job.TrainRequest(config=args.config, overrides=tuple(args.overrides), resume=args.resume,
-                                      auto_resume=args.auto_resume, init_from=args.init_from,
-                                      stop_at=args.stop_at, progress=not args.no_progress))
+    req = job.TrainRequest(config=args.config, overrides=tuple(args.overrides), resume=args.resume,
+                           auto_resume=args.auto_resume, init_from=args.init_from, stop_at=args.stop_at,
+                           progress=not args.no_progress, overwrite=args.overwrite)
+    if _needs_launch(args.nproc):
+        check_nproc_gpus(args.nproc)
+        job.preflight(req, args.nproc)  # one message and exit 2 here rather than one per worker
+        return _launch(args.nproc)
+    return job.train(req)
 
 
 def run_eval(args) -> int:
-    code = _relaunch(args.nproc)
-    if code is not None:
-        return code
     from training import job
+
+    if _needs_launch(args.nproc):
+        check_nproc_gpus(args.nproc)
+        return _launch(args.nproc)
 
     return job.evaluate(args.run_dir, tuple(args.overrides), args.checkpoint)

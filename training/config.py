@@ -163,7 +163,10 @@ def load_yaml(path: str, _seen: tuple = ()) -> dict:
     if real in _seen:
         raise ConfigError(f"config {path!r} includes itself through 'base'")
     with open(path) as fh:
-        data = yaml.safe_load(fh) or {}
+        try:
+            data = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config {path!r} is not valid YAML: {_yaml_problem(exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config {path!r} must be a YAML mapping")
     base = data.pop("base", None)
@@ -184,8 +187,19 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {p!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(exc)})") from None
     return out
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """'line L, column C: problem' (1-based, as editors count) from a PyYAML error."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + problem
 
 
 def load_config(path: str | None, overrides: list[str] = ()) -> RunConfig:

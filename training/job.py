@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import yaml
 
+from moe.config import ConfigError
 from training.config import RunConfig, load_config
 from training.checkpoint import COMPLETE
 
@@ -29,6 +30,7 @@ class TrainRequest:
     init_from: str | None = None  # start from these weights (e.g. made by msmoe convert)
     stop_at: int | None = None  # stop after this step (checkpointed)
     progress: bool = True
+    overwrite: bool = False  # start over in a run directory that holds another run's checkpoints
 
 
 def setup_threads(threads: int) -> None:
@@ -64,30 +66,92 @@ def _say(world, text: str, file=sys.stdout) -> None:
         print(text, file=file, flush=True)
 
 
+def wants_resume(req: TrainRequest, cfg: RunConfig) -> bool:
+    """--resume; or --auto-resume / an elastic restart when the run has a checkpoint (read-only)."""
+    from training.checkpoint import CKPT_DIR, newest_complete
+
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    found = newest_complete(os.path.join(cfg.run_dir, CKPT_DIR)) is not None
+    return req.resume or ((req.auto_resume or restart > 0) and found)
+
+
+def preflight(req: TrainRequest, world_size: int) -> RunConfig:
+    """What can be checked before any worker starts (``msmoe train --nproc N`` runs it in the
+    launching process): the config, its sizes at this world size, the data, the run directory."""
+    from moe.config import expert_sharding_error
+    from reid.data import DataError, read_meta
+    from training import ownership
+
+    cfg = load_config(req.config, list(req.overrides))
+    problem = expert_sharding_error(cfg.model.num_experts, cfg.train.ep_size, world_size,
+                                    experts_field="model.patch_moe.router.num_experts", ep_field="train.ep_size")
+    if problem:
+        raise ConfigError(problem)
+    if cfg.data.source == "disk" and read_meta(cfg.data.path) is None:
+        raise DataError(f"no dataset at data.path={cfg.data.path!r} (data.source=disk): import one with "
+                        "`msmoe data rgbnt201`, or use data.source=synth")
+    ownership.check_start(cfg.run_dir, resume=wants_resume(req, cfg), overwrite=req.overwrite)
+    ownership.check_unlocked(cfg.run_dir)
+    return cfg
+
+
+def _own_run_dir(cfg: RunConfig, world, lock, resume: bool, overwrite: bool):
+    """Rank 0 takes the lock and claims the directory; every rank learns the outcome (one message)."""
+    import torch.distributed as dist
+
+    from training import ownership
+
+    outcome: list = [None, None]  # identity, or the error text
+    if world.rank == 0:
+        try:
+            note = lock.acquire()
+            if note:
+                print(f"msmoe: {note}", file=sys.stderr, flush=True)
+            outcome = [ownership.claim(cfg.run_dir, cfg.name, resume=resume, overwrite=overwrite), None]
+        except ownership.RunOwnershipError as exc:
+            outcome = [None, str(exc)]
+    if world.world_size > 1:
+        dist.broadcast_object_list(outcome, src=0)
+    if outcome[1] is not None:
+        raise ownership.RunOwnershipError(outcome[1])
+    return outcome[0]
+
+
 def train(req: TrainRequest) -> int:
     from parallel.dist import init_distributed
-    from reid.metrics import RetrievalMetrics
+    from training import ownership
     from training.faults import FaultPlan
-    from training.guards import TrainingHalted
-    from training.metrics import write_json
-    from training.preemption import Preemption, requeue
-    from training.report import write_report
-    from training.trainer import Trainer
+    from training.preemption import Preemption
 
     preemption = Preemption().install()  # before anything slow: a signal during start-up is kept too
     cfg = load_config(req.config, list(req.overrides))  # a bad config fails here, before any process group
+    resume = wants_resume(req, cfg)
+    ownership.check_start(cfg.run_dir, resume=resume, overwrite=req.overwrite)  # every rank alike, read-only
     faults = FaultPlan.from_env()
     setup_threads(cfg.train.threads)
     world = init_distributed(timeout_s=cfg.train.collective_timeout_s)
-    prepare_data(cfg, world, req.progress)
+    lock = ownership.RunLock(cfg.run_dir)
+    try:
+        identity = _own_run_dir(cfg, world, lock, resume, req.overwrite)
+        prepare_data(cfg, world, req.progress)
+        return _train(req, cfg, world, identity.run_id, resume, preemption, faults)
+    finally:
+        lock.release()
+
+
+def _train(req: TrainRequest, cfg: RunConfig, world, run_id: str, resume: bool, preemption, faults) -> int:
+    from reid.metrics import RetrievalMetrics
+    from training.guards import TrainingHalted
+    from training.metrics import write_json
+    from training.preemption import interrupted_exit_code, requeue, under_slurm
+    from training.report import write_report
+    from training.trainer import Trainer
+
     t_start = time.perf_counter()
-    trainer = Trainer(cfg, world, progress=req.progress, preemption=preemption, faults=faults)
-    os.makedirs(cfg.run_dir, exist_ok=True)
+    trainer = Trainer(cfg, world, progress=req.progress, preemption=preemption, faults=faults, run_id=run_id)
     untrained_path = os.path.join(cfg.run_dir, "untrained.json")
     untrained = None
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-    # a requeued job, or an elastic restart after a worker died: continue
-    resume = req.resume or ((req.auto_resume or restart > 0) and trainer.has_checkpoint())
     if resume:
         step = trainer.resume()
         _say(world, f"resumed {cfg.name!r} at step {step}" + (f" (elastic restart {restart})" if restart else ""))
@@ -113,11 +177,15 @@ def train(req: TrainRequest) -> int:
         return 3
     finally:
         trainer.close()  # the batch prefetch thread, whatever ended the loop
-    if trainer.preempted:
+    if trainer.preempted and under_slurm():
         note = requeue(world.rank)
-        _say(world, f"preempted (signal {preemption.signal}): checkpoint at step {trainer.step} in "
-                    f"{trainer.ckpt_dir}" + (f"; {note}" if note else "; continue with --resume"))
+        _say(world, f"preempted (signal {preemption.signal}): checkpoint at step {trainer.step} in {trainer.ckpt_dir}"
+                    + (f"; {note}" if note else ""))
         return 0
+    if trainer.preempted:
+        _say(world, f"interrupted by {preemption.name} after step {trainer.step}: checkpoint in {trainer.ckpt_dir}; "
+                    f"continue with --resume", file=sys.stderr)
+        return interrupted_exit_code(preemption.signal)
     if trainer.step < cfg.train.steps:
         _say(world, f"stopped at step {trainer.step} of {cfg.train.steps}; checkpoint in {trainer.ckpt_dir}; "
                     f"continue with --resume")
@@ -133,7 +201,7 @@ def train(req: TrainRequest) -> int:
               f"Rank-10 {metrics.rank(10):.1%}  |  {summary['samples_per_s']:.1f} samples/s", flush=True)
         print(f"report: {os.path.join(cfg.run_dir, 'report.md')}", flush=True)
         if preemption.signal is not None:
-            print(f"signal {preemption.signal} arrived after the last step: the run is complete", flush=True)
+            print(f"{preemption.name} arrived after the last step: the run is complete", flush=True)
         with open(os.path.join(cfg.run_dir, COMPLETE), "w") as fh:  # job scripts read it (msmoe submit)
             fh.write(f"{trainer.step}\n")
     return 0

@@ -5,6 +5,7 @@ clock of a sampled step and the run's progress (saved with every checkpoint)."""
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -164,9 +165,21 @@ def a2a_per_step(comm, steps: int) -> dict:
             "calls": comm.calls / steps}
 
 
+def finite_or_null(obj):
+    """``obj`` with every non-finite float (a skipped step's NaN loss) as None: strict JSON readers
+    reject NaN and Infinity, and null says "no value" to all of them."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_null(v) for v in obj]
+    return obj
+
+
 def write_json(path: str, obj) -> None:
-    """Atomic: a reader never sees half a file."""
-    write_text_atomic(path, json.dumps(obj, indent=1))
+    """Strict JSON (non-finite numbers as null), written atomically: a reader never sees half a file."""
+    write_text_atomic(path, json.dumps(finite_or_null(obj), indent=1, allow_nan=False))
 
 
 def build_summary(*, cfg, world, ep_size: int, moe_layers: int, steps: int, progress: RunProgress,

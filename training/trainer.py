@@ -53,8 +53,8 @@ class Trainer:
     """Builds everything once; ``train`` runs the steps; ``evaluate`` the retrieval metrics."""
 
     def __init__(self, cfg: RunConfig, world: WorldInfo, progress: bool = True,
-                 preemption: Preemption | None = None, faults: FaultPlan = NO_FAULTS):
-        self.cfg, self.world, self.faults = cfg, world, faults
+                 preemption: Preemption | None = None, faults: FaultPlan = NO_FAULTS, run_id: str = ""):
+        self.cfg, self.world, self.faults, self.run_id = cfg, world, faults, run_id
         self.preemption = preemption if preemption is not None else Preemption()
         self.rank, self.world_size, self.device = world.rank, world.world_size, world.device
         self.show_progress = progress and self.rank == 0
@@ -229,8 +229,8 @@ class Trainer:
     # ------------------------------------------------------------- checkpoint
     def save(self) -> None:
         """Atomic: written by every rank, then committed by rank 0 (see training/checkpoint.py)."""
-        client = {"step": self.step, **self.progress.state_dict(), "skipped_steps": self.bad_steps.skipped,
-                  "collapse_events": self.collapse.events}
+        client = {"step": self.step, "run_id": self.run_id, **self.progress.state_dict(),
+                  "skipped_steps": self.bad_steps.skipped, "collapse_events": self.collapse.events}
         checkpoint.save(self.engine, self.ckpt_dir, self.step, client, self.cfg.train.keep_last, self.rank,
                         self.world_size, self.faults)
 

@@ -39,7 +39,7 @@ def test_train_refuses_before_starting_workers_on_a_machine_without_enough_gpus(
     must not refuse it; with the check fed 1 GPU it refuses before torchrun is started."""
     code = ("import sys; from launcher import train; "
             "train.check_nproc_gpus = (lambda f: (lambda n, count=None: f(n, count=1)))(train.check_nproc_gpus); "
-            "import subprocess; subprocess.call = lambda *a, **k: sys.exit('torchrun was started'); "
+            "train.run_child = lambda *a, **k: sys.exit('torchrun was started'); "
             "from launcher.cli import main; sys.exit(main(['train', '--config', 'configs/tiny.yaml', '--nproc', '2']))")
     env = {**os.environ, "PYTHONPATH": ROOT}
     env.pop("RANK", None)
