@@ -95,10 +95,14 @@ class LockHolder:
     host: str
     pid: int
     started: str
+    slurm_job: str = ""  # SLURM_JOB_ID of the holder: a requeued job keeps its id, on whichever node
 
     @property
     def stale(self) -> bool:
-        """Its process is known to be gone (this host), or the lock file is torn."""
+        """Its process is known to be gone (this host), it was an earlier incarnation of this very
+        SLURM job (requeued, perhaps onto another node), or the lock file is torn."""
+        if self.slurm_job and self.slurm_job == os.environ.get("SLURM_JOB_ID"):
+            return True
         return self.pid == -1 or self.alive() is False
 
     def alive(self) -> bool | None:
@@ -148,7 +152,7 @@ class RunLock:
     def acquire(self) -> str | None:
         """Take the lock; returns a note when a stale lock was taken over. Raises when it is busy."""
         os.makedirs(self.run_dir, exist_ok=True)
-        me = LockHolder(socket.gethostname(), os.getpid(), _now())
+        me = LockHolder(socket.gethostname(), os.getpid(), _now(), os.environ.get("SLURM_JOB_ID", ""))
         note = None
         for _ in range(2):
             try:
