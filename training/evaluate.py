@@ -55,6 +55,15 @@ def embed(model, split, batch_size: int, rank: int, world_size: int, device, dty
     )
 
 
+def eval_batch(split, batch_size: int, rank: int, world_size: int, device, dtype=torch.float32):
+    """This rank's first evaluation batch (every rank's is as large: the shards are padded)."""
+    idx, _ = eval_shard(len(split), world_size, rank)
+    b = fetch(split, next(iter(chunks(idx, batch_size)))).to(device)
+    if dtype != torch.float32:
+        b = type(b)(b.rgb.to(dtype), b.nir.to(dtype), b.tir.to(dtype), b.pid, b.camid)
+    return b
+
+
 def retrieval(model, splits, batch_size: int, rank: int, world_size: int, device, max_rank: int = 20,
               dtype=torch.float32) -> tuple[RetrievalMetrics, Embeddings]:
     was_training = model.training

@@ -191,9 +191,10 @@ def _train(req: TrainRequest, cfg: RunConfig, world, run_id: str, resume: bool, 
                     f"continue with --resume")
         return 0
     metrics, q = trainer.evaluate()
-    peak_mem = trainer.gather_peak_memory_mb()  # every rank takes part
+    peak_mem = trainer.gather_peak_memory_mb()  # every rank takes part (training's peak: before model_cost)
+    cost = trainer.model_cost()
     if world.rank == 0:
-        summary = trainer.summary(metrics, untrained, time.perf_counter() - t_start, peak_mem)
+        summary = trainer.summary(metrics, untrained, time.perf_counter() - t_start, peak_mem, cost)
         write_json(os.path.join(cfg.run_dir, "summary.json"), summary)
         write_report(summary, cfg.run_dir, q.fusion_weights)
         base = f"  (untrained {untrained.map:.1%})" if untrained is not None else ""

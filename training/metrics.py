@@ -184,7 +184,8 @@ def write_json(path: str, obj) -> None:
 
 def build_summary(*, cfg, world, ep_size: int, moe_layers: int, steps: int, progress: RunProgress,
                   skipped_steps: list, collapse_events: list, a2a_per_step: dict, metrics, untrained,
-                  elapsed_s: float, peak_mem_mb: list[float] | None, data_summary: dict) -> dict:
+                  elapsed_s: float, peak_mem_mb: list[float] | None, data_summary: dict,
+                  model_cost: dict | None = None) -> dict:
     """summary.json: the run's figures (metrics, losses, throughput, stage times, expert load, memory)."""
     import resource
 
@@ -215,6 +216,8 @@ def build_summary(*, cfg, world, ep_size: int, moe_layers: int, steps: int, prog
         "dropped_fraction": h.dropped[-1] if h.dropped else 0.0,
         "active_experts_per_patch": h.active[-1] if h.active else None,
         "a2a_bytes_per_step": a2a_per_step,
+        "model_cost": model_cost,
+        "moe_usage": moe_usage(h, [f"block{b}" for b in cfg.model.moe_blocks]),
         "skipped_steps": skipped_steps,
         "warnings": progress.warnings,
         "expert_collapse": collapse_events,
@@ -228,3 +231,33 @@ def build_summary(*, cfg, world, ep_size: int, moe_layers: int, steps: int, prog
         "history": h.as_dict(),
         "config": cfg.to_dict(),
     }
+
+
+def moe_usage(history: History, layer_names: list[str], threshold_share: float = 0.5) -> dict:
+    """The thesis's routing metrics, per MoE layer and for the multi-scale fusion gate:
+
+    usage_variance   variance over experts of each expert's share of the whole run's routed patches
+                     (0 = perfectly even; the load-balance view)
+    activation_rate  share of experts (scales) that received at least ``threshold_share`` of an even
+                     share (1/E) over the run: the experts really in use
+    gate_stability   mean over experts of the standard deviation, across logging intervals, of their
+                     share per interval (0 = the routing distribution did not move during training)
+    """
+    def stats(per_interval: np.ndarray) -> dict:  # [intervals, experts], rows are shares summing to 1
+        whole = per_interval.mean(0)
+        n = per_interval.shape[1]
+        return {"usage_variance": float(whole.var()), "activation_rate": float((whole >= threshold_share / n).mean()),
+                "gate_stability": float(per_interval.std(0).mean()), "share": whole.tolist()}
+
+    out: dict = {"threshold_share": threshold_share, "layers": {}}
+    if history.load:
+        load = np.asarray(history.load, dtype=float)  # [intervals, layers, experts]
+        for i, name in enumerate(layer_names[: load.shape[1]]):
+            totals = load[:, i].sum(1, keepdims=True)
+            keep = totals[:, 0] > 0
+            if keep.any():
+                out["layers"][name] = stats(load[keep, i] / totals[keep])
+    if history.fusion_load:
+        fusion = np.asarray(history.fusion_load, dtype=float)  # [intervals, scales] mean gate weights
+        out["fusion_gate"] = stats(fusion / fusion.sum(1, keepdims=True))
+    return out

@@ -133,6 +133,37 @@ def _pct(x) -> str:
     return f"{100 * x:.1f}%"
 
 
+def _count(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{n:.0f}"
+
+
+def _cost_and_routing(summary: dict) -> list[str]:
+    """The thesis's evaluation metrics: model cost, and how the experts were used."""
+    cost, usage = summary.get("model_cost"), summary.get("moe_usage") or {}
+    lines = ["## Model cost and expert usage", ""]
+    if cost:
+        p, inf = cost["parameters"], cost["inference"]
+        mem = summary.get("peak_mem_mb_per_rank") or []
+        lines += ["| parameters (total) | active per patch | FLOPs per image (inference, counted) | "
+                  "latency per image | peak memory (training, max rank) |", "|---|---|---|---|---|",
+                  f"| {_count(p['total'])} ({_count(p['experts'])} in experts) | {_count(p['active_per_patch'])} | "
+                  f"{_count(inf['flops_per_image'])} | {inf['latency_ms_per_image']:.2f} ms "
+                  f"(batch of {inf['batch_per_rank']} per rank) | {max(mem):.0f} MiB |" if mem else "| | | | | |", ""]
+    rows = {**usage.get("layers", {}), **({"fusion gate (scales)": usage["fusion_gate"]} if "fusion_gate" in usage
+                                          else {})}
+    if rows:
+        lines += [f"Expert usage over the run (activation: at least {usage['threshold_share']:.0%} of an even share; "
+                  "stability: standard deviation of the shares across logging intervals, 0 = unchanged):", "",
+                  "| layer | usage variance | activation rate | gate stability |", "|---|---|---|---|"]
+        lines += [f"| {name} | {v['usage_variance']:.4f} | {v['activation_rate']:.0%} | {v['gate_stability']:.3f} |"
+                  for name, v in rows.items()]
+        lines.append("")
+    return lines
+
+
 def write_report(summary: dict, run_dir: str, fusion_weights: np.ndarray | None = None) -> list[str]:
     """Write the plots and report.md into ``run_dir``; returns the files written."""
     files = []
@@ -208,6 +239,7 @@ def write_report(summary: dict, run_dir: str, fusion_weights: np.ndarray | None 
                   f"active experts per patch: {summary['active_experts_per_patch']}.", ""]
     for name in blocks:
         lines += [f"![{name}](expert_load_{name}.png)", ""]
+    lines += _cost_and_routing(summary)
     if fusion_weights is not None:
         fw = summary.get("fusion_weight_mean") or []
         lines += ["## Multi-scale fusion", "",

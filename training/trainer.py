@@ -35,9 +35,10 @@ from reid.model import ReIDModel
 from reid.prefetch import BatchFeed
 from training import checkpoint
 from training.config import RunConfig
-from training.evaluate import retrieval
+from training.evaluate import eval_batch, retrieval
 from training.faults import NO_FAULTS, FaultPlan
 from training.guards import BadStepGuard, CollapseDetector, TrainingHalted
+from training.model_cost import inference_cost, parameter_counts
 from training.metrics import IntervalStats, RunProgress, StageClock, StepResult, a2a_per_step, build_summary
 from training.preemption import Preemption
 from training.progress import ProgressBar
@@ -261,6 +262,14 @@ class Trainer:
         return retrieval(self.model, self.splits, ec.batch_size, self.rank, self.world_size, self.device,
                          ec.max_rank, self.dtype)
 
+    def model_cost(self) -> dict:
+        """Parameters, FLOPs and latency per image at inference (training/model_cost.py); every rank."""
+        inner = [layer.deepspeed_moe for layer in self.moe_layers]
+        batch = eval_batch(self.splits["query"], self.cfg.eval.batch_size, self.rank, self.world_size, self.device,
+                           self.dtype)
+        return {"parameters": parameter_counts(self.model, inner, self.groups.ep_size),
+                "inference": inference_cost(self.model, batch, self.world_size, self.device)}
+
     def gather_peak_memory_mb(self) -> list[float]:
         """Peak memory of every rank (CUDA: max allocated; CPU: max RSS), gathered to all ranks."""
         if self.device.type == "cuda":
@@ -273,8 +282,9 @@ class Trainer:
             dist.all_reduce(t)
         return t.tolist()
 
-    def summary(self, metrics, untrained, elapsed_s: float, peak_mem_mb: list[float] | None = None) -> dict:
-        return build_summary(cfg=self.cfg, world=self.world, ep_size=self.groups.ep_size,
+    def summary(self, metrics, untrained, elapsed_s: float, peak_mem_mb: list[float] | None = None,
+                model_cost: dict | None = None) -> dict:
+        return build_summary(model_cost=model_cost, cfg=self.cfg, world=self.world, ep_size=self.groups.ep_size,
                              moe_layers=len(self.moe_layers), steps=self.step, progress=self.progress,
                              skipped_steps=self.bad_steps.skipped, collapse_events=self.collapse.events,
                              a2a_per_step=self.a2a_per_step, metrics=metrics, untrained=untrained,

@@ -75,6 +75,12 @@ def test_ep2_equals_ep1_on_the_full_model(tmp_path):
     for key in ("map", "rank1", "rank5", "rank10", "loss_history", "samples_per_s", "world_size", "ep_size",
                 "num_experts", "steps", "step_time_ms", "expert_load"):
         assert key in two
+    # the thesis's cost metrics count the whole model at any EP size; usage follows the same routing
+    assert one["model_cost"]["parameters"] == two["model_cost"]["parameters"]
+    assert two["model_cost"]["parameters"]["total"] > two["model_cost"]["parameters"]["active_per_patch"] > 0
+    assert two["model_cost"]["inference"]["flops_per_image"] == pytest.approx(
+        one["model_cost"]["inference"]["flops_per_image"], rel=0.05)
+    assert two["moe_usage"]["layers"]["block1"]["share"] == pytest.approx(one["moe_usage"]["layers"]["block1"]["share"])
     # `msmoe eval` on the saved checkpoint reproduces the run's own final evaluation
     ev = _eval(tmp, "ep2", nproc=2)
     assert ev["step"] == 6 and abs(ev["map"] - two["map"]) < 1e-6 and ev["cmc"] == pytest.approx(two["cmc"])
