@@ -10,6 +10,7 @@ only wires them and turns user errors into one line and exit code 2.
   msmoe eval --run-dir runs/default --nproc 2
   msmoe scale --world 1,2 --ep 1,2 --experts 4,8
   msmoe report --points runs/scale/points.jsonl
+  msmoe ablate --configs configs/default.yaml configs/hierarchical.yaml train.steps=100
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from launcher import allocator
 
 allocator.tune()  # before torch is imported: see launcher/allocator.py
 
-from launcher import bench, convert, data, fit, launch, scale, submit, train  # noqa: E402
+from launcher import ablate, bench, convert, data, fit, launch, scale, submit, train  # noqa: E402
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_parser(sub)
     submit.add_parser(sub)
     scale.add_parsers(sub)
+    ablate.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,133 @@
+"""The ablation table (``msmoe ablate``; command line in launcher/ablate.py): train a list of configs
+and put accuracy, cost and expert-usage figures side by side.
+
+Each config is a real ``msmoe train`` run under ``<run_root>/<its name>``. The sweep is resumable:
+a run that finished (its ``COMPLETE`` marker) is not redone, one that was interrupted continues
+from its checkpoint (``--auto-resume``). The table goes to ``<out>/ablation.md`` (each row links
+its run's report), ``ablation.csv`` and ``ablation.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+from training.checkpoint import COMPLETE
+
+DEFAULT_CONFIGS = ("configs/default.yaml", "configs/hierarchical.yaml", "configs/ablations/scales2.yaml",
+                   "configs/ablations/scales4.yaml", "configs/ablations/scales5.yaml", "configs/ablations/gate1.yaml",
+                   "configs/ablations/gate3.yaml", "configs/ablations/temp0.5.yaml", "configs/ablations/temp2.0.yaml")
+COLUMNS = ("run", "config", "map", "rank1", "samples_per_s", "params_total", "params_active_per_patch",
+           "flops_per_image", "latency_ms_per_image", "activation_rate", "usage_variance", "gate_stability",
+           "fusion_gate_stability", "elapsed_s")
+
+
+class AblationError(RuntimeError):
+    """A run of the sweep failed; the message holds the end of its output."""
+
+
+@dataclass(frozen=True)
+class AblateSpec:
+    configs: tuple[str, ...] = DEFAULT_CONFIGS
+    overrides: tuple[str, ...] = ()  # for every run, e.g. train.steps=100 for a quick table
+    nproc: int = 2
+    run_root: str = "runs/ablation"
+    out: str = "runs/ablation"
+
+
+def run_name(config: str, overrides: tuple[str, ...]) -> str:
+    from training.config import load_config
+
+    return load_config(config, list(overrides)).name
+
+
+def run_all(spec: AblateSpec) -> list[str]:
+    """Train every config not finished yet; returns the run names in table order."""
+    names = []
+    for i, config in enumerate(spec.configs, 1):
+        name = run_name(config, spec.overrides)
+        names.append(name)
+        if os.path.isfile(os.path.join(spec.run_root, name, COMPLETE)):
+            print(f"[{i}/{len(spec.configs)}] {name}: finished before, kept", flush=True)
+            continue
+        print(f"[{i}/{len(spec.configs)}] {name} ({config})", flush=True)
+        cmd = [sys.executable, "-m", "launcher.cli", "train", "--config", config, "--nproc", str(spec.nproc),
+               "--no-progress", "--auto-resume", *spec.overrides, f"out_dir={spec.run_root}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise AblationError(f"{name} ({config}) exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-3000:]}")
+        print("      " + proc.stdout.strip().splitlines()[-2], flush=True)  # the run's result line
+    return names
+
+
+def row(run_root: str, name: str) -> dict:
+    """One table row from a finished run's summary.json."""
+    with open(os.path.join(run_root, name, "summary.json")) as fh:
+        s = json.load(fh)
+    cost = s.get("model_cost") or {}
+    params, inf = cost.get("parameters", {}), cost.get("inference", {})
+    layers = list((s.get("moe_usage") or {}).get("layers", {}).values())
+    mean = (lambda key: sum(v[key] for v in layers) / len(layers) if layers else None)  # noqa: E731
+    fusion = (s.get("moe_usage") or {}).get("fusion_gate") or {}
+    return {"run": name, "config": s["config"]["name"], "map": s["map"], "rank1": s["rank1"],
+            "samples_per_s": s["samples_per_s"], "params_total": params.get("total"),
+            "params_active_per_patch": params.get("active_per_patch"), "flops_per_image": inf.get("flops_per_image"),
+            "latency_ms_per_image": inf.get("latency_ms_per_image"), "activation_rate": mean("activation_rate"),
+            "usage_variance": mean("usage_variance"), "gate_stability": mean("gate_stability"),
+            "fusion_gate_stability": fusion.get("gate_stability"), "elapsed_s": s["elapsed_s"]}
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def write_table(rows: list[dict], out: str, run_root: str) -> str:
+    """ablation.md, .csv and .png in ``out``; returns the Markdown path."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "ablation.csv"), "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    lines = ["# Ablation", "", "Accuracy, cost and expert usage per run (MoE figures: mean over the MoE layers; "
+             "activation: experts with at least half an even share of the patches; stability: standard deviation "
+             "of the shares across logging intervals).", "",
+             "| run | mAP | Rank-1 | samples/s | params (active/patch) | MFLOP/image | ms/image | activation | "
+             "usage var | gate stab. | fusion gate stab. |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        report = os.path.relpath(os.path.join(run_root, r["run"], "report.md"), out)
+        lines.append(
+            f"| [{r['run']}]({report}) | {r['map']:.1%} | {r['rank1']:.1%} | {r['samples_per_s']:.1f} | "
+            f"{_fmt(r['params_total'], ',')} ({_fmt(r['params_active_per_patch'], ',')}) | "
+            f"{_fmt(r['flops_per_image'] and r['flops_per_image'] / 1e6, '.1f')} | "
+            f"{_fmt(r['latency_ms_per_image'], '.2f')} | {_fmt(r['activation_rate'], '.0%')} | "
+            f"{_fmt(r['usage_variance'], '.4f')} | {_fmt(r['gate_stability'], '.3f')} | "
+            f"{_fmt(r['fusion_gate_stability'], '.3f')} |")
+    lines += ["", "![ablation](ablation.png)", ""]
+    _plot(rows, os.path.join(out, "ablation.png"))
+    path = os.path.join(out, "ablation.md")
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines))
+    return path
+
+
+def _plot(rows: list[dict], path: str) -> None:
+    from training.report import pyplot
+
+    plt = pyplot()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
+    names = [r["run"] for r in rows]
+    a.barh(names, [100 * r["map"] for r in rows], color="tab:blue")
+    a.set_xlabel("mAP (%)")
+    a.invert_yaxis()
+    b.barh(names, [(r["flops_per_image"] or 0) / 1e6 for r in rows], color="tab:gray")
+    b.set_xlabel("MFLOP per image (inference)")
+    b.invert_yaxis()
+    b.set_yticklabels([])
+    fig.suptitle("ablation: accuracy and cost per run")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
