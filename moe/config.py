@@ -323,6 +323,8 @@ def from_dict(cls: type, data: Mapping[str, Any] | None, path: str = "") -> Any:
             value = from_dict(hint, value, key)
         elif getattr(hint, "__origin__", None) is tuple and isinstance(value, list):
             value = tuple(value)
+        elif getattr(hint, "__origin__", None) is tuple and hint.__args__[0] is str and isinstance(value, str):
+            value = tuple(v.strip() for v in value.split(",") if v.strip())  # "rgb,nir" on the command line
         elif hint in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise ConfigError(f"{key}={value!r} must be a number")
         elif hint is float and isinstance(value, int):

@@ -47,6 +47,11 @@ class ModelConfig:
     patch_moe: dict = field(default_factory=lambda: {"patch_size": 8, "router": {"num_experts": 4, "top_k": 2}})
     multiscale: dict = field(default_factory=dict)
     moe_kind: Literal["patch", "hierarchical"] = "patch"
+    # "fused": the three stems' maps are summed before the backbone (one map per image);
+    # "per_modality": each modality's map goes through the shared backbone on its own (the MoE
+    # blocks route patches of one modality; hierarchical blocks with coarse_mode=given send them to
+    # that modality's group) and the features are averaged over the modalities at the head
+    streams: Literal["fused", "per_modality"] = "fused"
     hierarchical: dict = field(default_factory=lambda: {
         "num_groups": 3, "experts_per_group": 3, "coarse": {"num_experts": 3, "top_k": 1},
         "fine": {"num_experts": 3, "top_k": 2}})
@@ -62,10 +67,18 @@ class ModelConfig:
         _require(self.kernel % 2 == 1, f"model.kernel={self.kernel} must be odd")
         _require(self.mlp_ratio > 0, f"model.mlp_ratio={self.mlp_ratio} must be > 0")
         _require(0 <= self.dropout < 1, f"model.dropout={self.dropout} must be in [0, 1)")
+        _require(self.streams in ("fused", "per_modality"),
+                 f"model.streams={self.streams!r} must be 'fused' or 'per_modality'")
         self.patch_moe_config()
         self.multiscale_config()
         if self.moe_kind == "hierarchical":
-            self.hierarchical_config()
+            h = self.hierarchical_config()
+            if h.coarse_mode == "given":
+                _require(self.streams == "per_modality",
+                         "model.hierarchical.coarse_mode='given' routes each map to its modality's group: it needs "
+                         "model.streams=per_modality (with fused streams a map mixes all modalities)")
+                _require(h.num_groups == 3, f"model.hierarchical.num_groups={h.num_groups} must be 3 (rgb, nir, tir) "
+                         "with coarse_mode='given'")
 
     def patch_moe_config(self) -> PatchMoEConfig:
         data = dict(self.patch_moe)

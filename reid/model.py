@@ -4,8 +4,10 @@ can be PatchMoE, the thesis's multi-scale MoE fusion (4/8/16 windows), BNNeck an
 Legend: B batch, M modalities, D model dim, h x w token grid (image / stem_stride), S scales.
 
   rgb [B,3,H,W] --stem_rgb--+
-  nir [B,1,H,W] --stem_nir--+--sum + LN--> x [B,h,w,D] --blocks--> [B,h,w,D]
+  nir [B,1,H,W] --stem_nir--+--sum + LN--> x [B,h,w,D] --blocks--> [B,h,w,D]          (streams=fused)
   tir [B,1,H,W] --stem_tir--+
+                            +--stack + LN--> x [3B,h,w,D] --blocks--> ... --head--> mean over modalities
+                                                                                 (streams=per_modality)
   block:  x = x + DWConv(LN(x))          (spatial mixing, k x k depthwise)
           x = x + FFN(LN(x))             (FFN = PatchMoE or HierarchicalMoE in ``moe_blocks``, else MLP)
   head:   window features 4/8/16 (max of window means) --MultiScaleMoE--> f [B,D]
@@ -24,6 +26,8 @@ import torch.nn.functional as F
 from moe import HierarchicalMoE, MoEOutput, MultiScaleMoE, PatchMoE, RoutingStats
 from reid.config import ModelConfig
 from reid.data import MODALITIES, Batch
+
+MODALITY_INDEX = {m: i for i, m in enumerate(MODALITIES)}  # the coarse group of each modality (given)
 
 
 class Stem(nn.Module):
@@ -73,13 +77,17 @@ class Block(nn.Module):
         else:
             self.ffn = PatchMoE(cfg.patch_moe_config())
         self.is_moe = use_moe
+        self.given_modality = use_moe and cfg.moe_kind == "hierarchical" and \
+            cfg.hierarchical_config().coarse_mode == "given"
 
-    def forward(self, x_BhwD: torch.Tensor) -> BlockOutput:
+    def forward(self, x_BhwD: torch.Tensor, modality_B: torch.Tensor | None = None) -> BlockOutput:
+        """``modality_B``: each map's modality (per-modality streams), for hierarchical blocks that
+        route coarse by it; None with fused streams."""
         y = self.norm1(x_BhwD).permute(0, 3, 1, 2)
         x_BhwD = x_BhwD + self.mix(y).permute(0, 2, 3, 1)
         h = self.norm2(x_BhwD)
         if self.is_moe:
-            res: MoEOutput = self.ffn(h)
+            res: MoEOutput = self.ffn(h, modality_B) if self.given_modality else self.ffn(h)
             return BlockOutput(x_BhwD + res.out, (res.stats,))
         return BlockOutput(x_BhwD + self.ffn(h), ())
 
@@ -131,16 +139,29 @@ class ReIDModel(nn.Module):
         self.classifier = nn.Linear(cfg.dim, num_classes, bias=False)
         nn.init.normal_(self.classifier.weight, std=0.001)
 
-    def forward(self, batch: Batch) -> ReIDOutput:
-        x_BDhw = sum(self.stems[m](getattr(batch, m)) for m in MODALITIES)
-        x = self.norm_in(x_BDhw.permute(0, 2, 3, 1))
+    def forward(self, batch: Batch, modalities: tuple[str, ...] = tuple(MODALITIES)) -> ReIDOutput:
+        """``modalities``: those present (an absent one contributes nothing: with fused streams its
+        stem is left out of the sum, with per-modality streams its map is not routed and the head
+        averages over the present ones)."""
+        maps = [self.stems[m](getattr(batch, m)) for m in modalities]  # M' x [B, D, h, w]
+        modality_B = None
+        if self.cfg.streams == "per_modality":
+            x_NDhw = torch.cat(maps)  # N = M' * B maps, modality-major
+            modality_B = torch.cat([torch.full((m.shape[0],), MODALITY_INDEX[name], device=m.device)
+                                    for name, m in zip(modalities, maps)])
+        else:
+            x_NDhw = sum(maps)
+        x = self.norm_in(x_NDhw.permute(0, 2, 3, 1))
         stats: list[RoutingStats] = []
         for block in self.blocks:
-            res = block(x)
+            res = block(x, modality_B)
             x = res.x
             stats.extend(res.moe_stats)
         fused = self.fusion(self.norm_out(x))
-        feat = fused.out
+        feat, weights = fused.out, fused.weights
+        if modality_B is not None:  # the present modalities' features, averaged (renormalised over them)
+            feat = feat.reshape(len(maps), -1, feat.shape[-1]).mean(0)
+            weights = weights.reshape(len(maps), -1, weights.shape[-1]).mean(0)
         feat_bn = self.bnneck(feat)
         aux = fused.stats.aux_loss + sum((s.aux_loss for s in stats), torch.zeros((), device=feat.device))
-        return ReIDOutput(feat, feat_bn, self.classifier(feat_bn), aux, tuple(stats), fused.stats, fused.weights)
+        return ReIDOutput(feat, feat_bn, self.classifier(feat_bn), aux, tuple(stats), fused.stats, weights)

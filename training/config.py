@@ -116,10 +116,16 @@ class EvalConfig:
     batch_size: int = 64
     untrained: bool = True  # also evaluate the model before training (the baseline in reports)
     max_rank: int = 20  # CMC curve length
+    modalities: tuple[str, ...] = ("rgb", "nir", "tir")  # those the evaluation sees (others absent)
+    missing_modalities: bool = True  # the final report also evaluates with each modality absent
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, f"eval.batch_size={self.batch_size} must be >= 1")
         _require(self.max_rank >= 10, f"eval.max_rank={self.max_rank} must be >= 10 (Rank-10 is reported)")
+        known = ("rgb", "nir", "tir")
+        _require(len(self.modalities) >= 1 and set(self.modalities) <= set(known)
+                 and len(set(self.modalities)) == len(self.modalities),
+                 f"eval.modalities={list(self.modalities)} must name one or more of {list(known)}, each once")
 
 
 @dataclass(frozen=True)

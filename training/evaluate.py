@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from reid.data import chunks, eval_shard, fetch
+from reid.data import MODALITIES, chunks, eval_shard, fetch
 from reid.metrics import RetrievalMetrics, cosine_distance, evaluate
 
 
@@ -34,14 +34,15 @@ def _gather(x: torch.Tensor, world_size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def embed(model, split, batch_size: int, rank: int, world_size: int, device, dtype=torch.float32) -> Embeddings:
+def embed(model, split, batch_size: int, rank: int, world_size: int, device, dtype=torch.float32,
+          modalities: tuple[str, ...] = tuple(MODALITIES)) -> Embeddings:
     idx, valid = eval_shard(len(split), world_size, rank)
     feats, weights, pids, cams = [], [], [], []
     for part in chunks(idx, batch_size):
         b = fetch(split, part).to(device)
         if dtype != torch.float32:
             b = type(b)(b.rgb.to(dtype), b.nir.to(dtype), b.tir.to(dtype), b.pid, b.camid)
-        out = model(b)
+        out = model(b, modalities)
         feats.append(out.feat_bn.float())
         weights.append(out.fusion_weights.float())
         pids.append(b.pid)
@@ -65,12 +66,13 @@ def eval_batch(split, batch_size: int, rank: int, world_size: int, device, dtype
 
 
 def retrieval(model, splits, batch_size: int, rank: int, world_size: int, device, max_rank: int = 20,
-              dtype=torch.float32) -> tuple[RetrievalMetrics, Embeddings]:
+              dtype=torch.float32, modalities: tuple[str, ...] = tuple(MODALITIES)) -> tuple[RetrievalMetrics, Embeddings]:
+    """mAP / CMC of query against gallery, both embedded with only ``modalities`` present."""
     was_training = model.training
     model.eval()
     try:
-        q = embed(model, splits["query"], batch_size, rank, world_size, device, dtype)
-        g = embed(model, splits["gallery"], batch_size, rank, world_size, device, dtype)
+        q = embed(model, splits["query"], batch_size, rank, world_size, device, dtype, modalities)
+        g = embed(model, splits["gallery"], batch_size, rank, world_size, device, dtype, modalities)
     finally:
         model.train(was_training)
     metrics = evaluate(cosine_distance(q.feats, g.feats), q.pids, g.pids, q.cams, g.cams, max_rank=max_rank)

@@ -193,8 +193,10 @@ def _train(req: TrainRequest, cfg: RunConfig, world, run_id: str, resume: bool, 
     metrics, q = trainer.evaluate()
     peak_mem = trainer.gather_peak_memory_mb()  # every rank takes part (training's peak: before model_cost)
     cost = trainer.model_cost()
+    missing = trainer.evaluate_missing_modalities() if cfg.eval.missing_modalities else None
     if world.rank == 0:
         summary = trainer.summary(metrics, untrained, time.perf_counter() - t_start, peak_mem, cost)
+        summary["missing_modality"] = missing
         write_json(os.path.join(cfg.run_dir, "summary.json"), summary)
         write_report(summary, cfg.run_dir, q.fusion_weights)
         base = f"  (untrained {untrained.map:.1%})" if untrained is not None else ""
@@ -221,7 +223,8 @@ def evaluate(run_dir: str, overrides: tuple[str, ...] = (), checkpoint_dir: str 
     step = trainer.load_weights(checkpoint_dir or os.path.join(run_dir, "checkpoints"))
     metrics, _ = trainer.evaluate()
     if world.rank == 0:
-        write_json(os.path.join(run_dir, "eval.json"), {"step": step, **metrics.as_dict()})
+        write_json(os.path.join(run_dir, "eval.json"), {"step": step, "modalities": list(cfg.eval.modalities),
+                                                       **metrics.as_dict()})
         print(f"{cfg.name} @ step {step}: mAP {metrics.map:.1%}  Rank-1 {metrics.rank(1):.1%}  "
               f"Rank-5 {metrics.rank(5):.1%}  Rank-10 {metrics.rank(10):.1%}", flush=True)
     return 0

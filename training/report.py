@@ -240,6 +240,15 @@ def write_report(summary: dict, run_dir: str, fusion_weights: np.ndarray | None 
     for name in blocks:
         lines += [f"![{name}](expert_load_{name}.png)", ""]
     lines += _cost_and_routing(summary)
+    missing = summary.get("missing_modality")
+    if missing:
+        lines += ["## Missing modalities", "", "Evaluated with one modality absent (its stem left out; with "
+                  "per-modality streams its map is not routed and the head averages over the others):", "",
+                  "| modalities | mAP | Rank-1 |", "|---|---|---|",
+                  f"| all ({', '.join(summary['config']['eval']['modalities'])}) | {_pct(summary['map'])} | "
+                  f"{_pct(summary['rank1'])} |"]
+        lines += [f"| {k.replace('_', ' ')} | {_pct(v['map'])} | {_pct(v['rank1'])} |" for k, v in missing.items()]
+        lines.append("")
     if fusion_weights is not None:
         fw = summary.get("fusion_weight_mean") or []
         lines += ["## Multi-scale fusion", "",
