@@ -90,7 +90,8 @@ def train(req: TrainRequest) -> int:
     resume = req.resume or ((req.auto_resume or restart > 0) and trainer.has_checkpoint())
     if resume:
         step = trainer.resume()
-        _say(world, f"resumed {cfg.name!r} at step {step}" + (f" (elastic restart {restart})" if restart else ""))
+        notes = [n for n in (trainer.resharded, f"elastic restart {restart}" if restart else None) if n]
+        _say(world, f"resumed {cfg.name!r} at step {step}" + (f" ({'; '.join(notes)})" if notes else ""))
         if os.path.isfile(untrained_path):
             with open(untrained_path) as fh:
                 untrained = RetrievalMetrics.from_dict(json.load(fh))
