@@ -12,7 +12,8 @@ What a checkpoint's layout allows (P = EP size, W = world size, see parallel/res
                             partitions the optimizer state over the ranks (zero_pp_rank_<r> files)
                             and cannot move it to other partitions.
 
-All ranks read the layout from the same files and decide alike; rank 0's result (or error) is
+The checkpoint directory must be shared by all ranks (as for saving). All ranks read the layout
+from the same files and decide alike; rank 0's result (or error) is
 broadcast, so a failed reshard stops every rank with the same message instead of a hang.
 """
 
