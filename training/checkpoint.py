@@ -113,17 +113,21 @@ def load(engine, ckpt_dir: str, config_name: str, **kwargs) -> tuple[str | None,
         raise
 
 
-def resume(engine, ckpt_dir: str, config_name: str) -> dict:
-    """Load the newest *complete* checkpoint (weights, optimizer); returns its client state."""
+def resume(engine, ckpt_dir: str, config_name: str, prepare=None) -> dict:
+    """Load the newest *complete* checkpoint (weights, optimizer); returns its client state.
+
+    ``prepare(ckpt_dir, tag) -> load_dir``, if given, runs on every rank once the tag is chosen and
+    says where DeepSpeed loads it from (training/elastic.py: a copy resharded to this run's EP size)."""
     tag = newest_complete(ckpt_dir)
     if tag is None:
         partial = incomplete(ckpt_dir)
         raise FileNotFoundError(f"--resume: no complete checkpoint in {ckpt_dir}"
                                 + (f" (incomplete, ignored: {partial})" if partial else "")
                                 + f"; run without --resume to start {config_name!r} from scratch")
-    path, client = load(engine, ckpt_dir, config_name, tag=tag)
+    load_dir = ckpt_dir if prepare is None else prepare(ckpt_dir, tag)  # elastic EP: maybe a resharded copy
+    path, client = load(engine, load_dir, config_name, tag=tag)
     if path is None:
-        raise RuntimeError(f"--resume: DeepSpeed could not load {tag} in {ckpt_dir}")
+        raise RuntimeError(f"--resume: DeepSpeed could not load {tag} in {load_dir}")
     return client
 
 

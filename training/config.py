@@ -29,7 +29,15 @@ def _require(cond: bool, msg: str) -> None:
 @dataclass(frozen=True)
 class TrainConfig:
     """p identities x k images per *global* batch; lr warms up linearly then follows a cosine to
-    lr * min_lr_ratio at ``steps`` (a function of the step only, so resuming is exact)."""
+    lr * min_lr_ratio at ``steps`` (a function of the step only, so resuming is exact).
+
+    Expert parallelism: ``ep_size`` P ranks share the experts (the world size must be a multiple of
+    P). ``elastic_ep: true`` is for jobs whose world size changes between restarts (torchrun
+    ``--nnodes 1:2``, a requeue on fewer GPUs): ``ep_size`` is then the largest EP size, and a run of
+    W ranks uses the largest P <= ep_size that divides both W and the expert count (ep_size=4, 4
+    experts: EP=4 on 4 or 8 ranks, EP=2 on 2 or 6, EP=1 on 1 or 3). ``--resume`` at another EP size
+    reshards the checkpoint on load (training/elastic.py; ZeRO stage 0 only).
+    """
 
     steps: int = 600
     p: int = 16
@@ -42,6 +50,7 @@ class TrainConfig:
     triplet_margin: float = 0.3
     triplet_weight: float = 1.0
     ep_size: int = 1
+    elastic_ep: bool = False  # ep_size is the largest EP size; the run's follows its world size (ep_size_for)
     zero_stage: int = 0
     grad_clip: float = 1.0
     precision: Literal["fp32", "bf16"] = "fp32"
@@ -85,6 +94,17 @@ class TrainConfig:
         _require(self.max_bad_steps >= 1, f"train.max_bad_steps={self.max_bad_steps} must be >= 1")
         _require(0 < self.collapse_share <= 1, f"train.collapse_share={self.collapse_share} must be in (0, 1]")
         _require(self.collapse_intervals >= 1, f"train.collapse_intervals={self.collapse_intervals} must be >= 1")
+
+    def ep_size_for(self, world_size: int, num_experts: int) -> int:
+        """The EP size of a run of ``world_size`` ranks (see the class docstring)."""
+        if self.elastic_ep:
+            return max(p for p in range(1, self.ep_size + 1) if world_size % p == 0 and num_experts % p == 0)
+        _require(world_size % self.ep_size == 0,
+                 f"world size {world_size} is not divisible by train.ep_size={self.ep_size}: choose train.ep_size in "
+                 f"{[p for p in range(1, world_size + 1) if world_size % p == 0 and num_experts % p == 0]}, or set "
+                 f"train.elastic_ep=true to take the largest EP size up to {self.ep_size} that fits the world size "
+                 f"(e.g. an elastic restart on fewer ranks)")
+        return self.ep_size
 
     def deepspeed_config(self, world_size: int) -> dict:
         """DeepSpeed's config for this run (batch, ZeRO stage, clipping, bf16 with fp32 reductions)."""

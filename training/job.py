@@ -154,7 +154,8 @@ def _train(req: TrainRequest, cfg: RunConfig, world, run_id: str, resume: bool, 
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
     if resume:
         step = trainer.resume()
-        _say(world, f"resumed {cfg.name!r} at step {step}" + (f" (elastic restart {restart})" if restart else ""))
+        notes = [n for n in (trainer.resharded, f"elastic restart {restart}" if restart else None) if n]
+        _say(world, f"resumed {cfg.name!r} at step {step}" + (f" ({'; '.join(notes)})" if notes else ""))
         if os.path.isfile(untrained_path):
             with open(untrained_path) as fh:
                 untrained = RetrievalMetrics.from_dict(json.load(fh))

@@ -33,7 +33,7 @@ from reid.data import MODALITIES, Batch, PKSampler, check_image_size, dataset_su
 from reid.losses import LossParts, reid_loss
 from reid.model import ReIDModel
 from reid.prefetch import BatchFeed
-from training import checkpoint
+from training import checkpoint, elastic
 from training.config import RunConfig
 from training.evaluate import eval_batch, retrieval
 from training.faults import NO_FAULTS, FaultPlan
@@ -71,7 +71,8 @@ class Trainer:
         self.dtype = torch.bfloat16 if tc.precision == "bf16" else torch.float32
         self.feed = BatchFeed(self.splits["train"], self.sampler, self.device, self.dtype, tc.prefetch, end=tc.steps)
 
-        self.groups = ParallelGroups.build(tc.ep_size, cfg.model.num_experts, timeout_s=tc.collective_timeout_s)
+        self.groups = ParallelGroups.build(tc.ep_size_for(self.world_size, cfg.model.num_experts),
+                                           cfg.model.num_experts, timeout_s=tc.collective_timeout_s)
         self.timer, self.comm = WallTimer(), CommCounter()
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank, for every EP size
         model = ReIDModel(cfg.model, num_classes=self.num_classes)
@@ -90,6 +91,7 @@ class Trainer:
                                          [f"block{b}" for b in cfg.model.moe_blocks])
         self.a2a_per_step: dict = {}
         self.preempted = False
+        self.resharded: str | None = None  # set by resume: "resharded EP 4 -> 2"
 
     # ------------------------------------------------------------------ train
     def train_step(self, s: int, interval: IntervalStats, sampled: bool = False) -> StepResult:
@@ -231,7 +233,8 @@ class Trainer:
     def save(self) -> None:
         """Atomic: written by every rank, then committed by rank 0 (see training/checkpoint.py)."""
         client = {"step": self.step, "run_id": self.run_id, **self.progress.state_dict(),
-                  "skipped_steps": self.bad_steps.skipped, "collapse_events": self.collapse.events}
+                  "skipped_steps": self.bad_steps.skipped, "collapse_events": self.collapse.events,
+                  "ep_size": self.groups.ep_size, "world_size": self.world_size}  # the layout (training/elastic.py)
         checkpoint.save(self.engine, self.ckpt_dir, self.step, client, self.cfg.train.keep_last, self.rank,
                         self.world_size, self.faults)
 
@@ -239,8 +242,12 @@ class Trainer:
         return checkpoint.newest_complete(self.ckpt_dir) is not None
 
     def resume(self) -> int:
-        """Load the newest *complete* checkpoint of this run; returns the step it continues from."""
-        client = checkpoint.resume(self.engine, self.ckpt_dir, self.cfg.name)
+        """Load the newest *complete* checkpoint of this run, resharded if it was saved at another EP
+        size (``self.resharded`` then says so); returns the step it continues from."""
+        run = elastic.Layout(self.groups.ep_size, self.world_size, self.cfg.train.zero_stage)
+        reshard = elastic.ElasticResume(run, self.rank)
+        client = checkpoint.resume(self.engine, self.ckpt_dir, self.cfg.name, prepare=reshard.prepare)
+        self.resharded = reshard.note
         self.step = int(client["step"])
         self.progress = RunProgress.from_state_dict(client)
         self.bad_steps.skipped = list(client.get("skipped_steps", []))

@@ -44,11 +44,13 @@ def batch(step: int, rank: int, world: int):
     return x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
 
 
-def build(groups, world_size, zero=0, clip=0.0, seed=0):
-    """The same model for every EP size: all E experts built (seeded), this rank keeps its slice."""
+def build(groups, world_size, zero=0, clip=0.0, seed=0, load_balance_coef=0.01):
+    """The same model for every EP size: all E experts built (seeded), this rank keeps its slice.
+    ``load_balance_coef=0``: a loss that does not depend on how the global batch is split (the balance
+    loss is computed per rank)."""
     cfg = PatchMoEConfig(dim=C, patch_size=P, router=RouterConfig(num_experts=E, top_k=K),
                          expert=ExpertConfig(kind="seed", hidden_dim=16, dropout=0.0),
-                         balance=BalanceConfig(load_balance_coef=0.01))
+                         balance=BalanceConfig(load_balance_coef=load_balance_coef))
     torch.manual_seed(seed)
     full = TinyNet(PatchMoE(cfg))
     disp = AllToAllDispatcher(groups.ep)

@@ -1,0 +1,60 @@
+"""Elastic expert parallelism without processes: the EP size a world gets (training/config.py:
+``ep_size_for``), a checkpoint's saved layout and when a resume at another layout is refused
+(training/elastic.py). The resharding itself runs in tests/integration/test_elastic.py."""
+
+import os
+
+import pytest
+import torch
+
+from moe import ConfigError
+from training import elastic
+from training.config import TrainConfig
+from training.elastic import ElasticError, Layout
+
+
+def test_fixed_ep_size_must_divide_the_world_and_says_how_to_fix_it():
+    tc = TrainConfig(ep_size=4)
+    assert tc.ep_size_for(4, 4) == 4 and tc.ep_size_for(8, 4) == 4
+    with pytest.raises(ConfigError, match=r"world size 2 is not divisible by train.ep_size=4: choose train.ep_size "
+                                          r"in \[1, 2\], or set train.elastic_ep=true"):
+        tc.ep_size_for(2, 4)
+
+
+@pytest.mark.parametrize("world, experts, cap, want", [
+    (4, 4, 4, 4), (2, 4, 4, 2), (1, 4, 4, 1), (8, 4, 4, 4), (6, 4, 4, 2), (3, 4, 4, 1), (8, 8, 2, 2), (6, 6, 8, 6)])
+def test_elastic_ep_takes_the_largest_size_that_fits_world_and_experts(world, experts, cap, want):
+    assert TrainConfig(ep_size=cap, elastic_ep=True).ep_size_for(world, experts) == want
+
+
+def _checkpoint(tag_dir, zero, **client):
+    os.makedirs(tag_dir)
+    torch.save({"module": {}, "ds_config": {"zero_optimization": {"stage": zero}}, "dp_world_size": 2, **client},
+               os.path.join(tag_dir, elastic.MODEL_FILE))
+
+
+def test_saved_layout_from_client_state_and_from_deepspeed_files(tmp_path):
+    _checkpoint(str(tmp_path / "a"), 1, ep_size=4, world_size=4)
+    assert elastic.saved_layout(str(tmp_path / "a")) == Layout(4, 4, 1)
+    _checkpoint(str(tmp_path / "b"), 0, ep_size=4)  # ZeRO 0: the optimizer files per EP rank (after a convert)
+    for r in range(2):
+        torch.save({}, str(tmp_path / "b" / f"expp_rank_{r}_mp_rank_00_optim_states.pt"))
+    assert elastic.saved_layout(str(tmp_path / "b")) == Layout(2, 2, 0)
+    _checkpoint(str(tmp_path / "c"), 1)  # ZeRO: the expert group's name in the partition of rank 0
+    groups = [{"name": "dense"}, {"name": "ep_size_2", "moe": True}]
+    torch.save({"optimizer_state_dict": {"base_optimizer_state": {"param_groups": groups}}},
+               str(tmp_path / "c" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"))
+    assert elastic.saved_layout(str(tmp_path / "c")) == Layout(2, 2, 1)
+
+
+def test_zero_1_at_another_size_is_refused_before_loading(tmp_path):
+    ok = [(Layout(4, 4, 0), Layout(2, 2, 0)), (Layout(2, 2, 0), Layout(2, 4, 0)), (Layout(2, 2, 1), Layout(2, 2, 1))]
+    for saved, run in ok:
+        assert elastic.refusal("step0000002", "ck", saved, run) is None
+    msg = elastic.refusal("step0000002", "ck", Layout(2, 2, 1), Layout(1, 1, 1))
+    assert "saved at EP=2 on 2 rank(s), ZeRO stage 1; this run is EP=1 on 1 rank(s)" in msg
+    assert "train.ep_size=2, --nproc 2" in msg and "train.zero_stage=0" in msg
+    assert elastic.refusal("t", "ck", Layout(2, 2, 2), Layout(2, 4, 2)) is not None  # world size alone, too
+    _checkpoint(str(tmp_path / "step0000002"), 1, ep_size=2, world_size=2)
+    with pytest.raises(ElasticError, match="ZeRO stage 1/2 partitions the optimizer state"):
+        elastic.ElasticResume(Layout(1, 1, 1), rank=0).prepare(str(tmp_path), "step0000002")
