@@ -83,7 +83,8 @@ def preflight(req: TrainRequest, world_size: int) -> RunConfig:
     from training import ownership
 
     cfg = load_config(req.config, list(req.overrides))
-    problem = expert_sharding_error(cfg.model.num_experts, cfg.train.ep_size, world_size,
+    ep_size = cfg.train.ep_size_for(world_size, cfg.model.num_experts)  # train.elastic_ep may pick a smaller one
+    problem = expert_sharding_error(cfg.model.num_experts, ep_size, world_size,
                                     experts_field="model.patch_moe.router.num_experts", ep_field="train.ep_size")
     if problem:
         raise ConfigError(problem)

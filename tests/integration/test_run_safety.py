@@ -109,7 +109,7 @@ def test_a_yaml_error_names_file_line_and_column(tmp_path):
 
 
 @pytest.mark.parametrize("extra,expect", [
-    (["train.ep_size=4"], "world size 2 is not divisible by train.ep_size=4; choose train.ep_size in [1, 2]"),
+    (["train.ep_size=4"], "world size 2 is not divisible by train.ep_size=4: choose train.ep_size in [1, 2]"),
     (["train.ep_size=3"], "model.patch_moe.router.num_experts=4 is not divisible by train.ep_size=3"),
     (["train.ep_size=2", "model.patch_moe.router.num_experts=3"],
      "model.patch_moe.router.num_experts=3 is not divisible by train.ep_size=2"),
