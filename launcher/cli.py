@@ -7,6 +7,7 @@ only wires them and turns user errors into one line and exit code 2.
   msmoe fit --steps 300
   msmoe data synth
   msmoe train --config configs/default.yaml --nproc 2
+  msmoe checkpoints verify runs/default
   msmoe eval --run-dir runs/default --nproc 2
   msmoe scale --world 1,2 --ep 1,2 --experts 4,8
   msmoe report --points runs/scale/points.jsonl
@@ -21,7 +22,7 @@ from launcher import allocator
 
 allocator.tune()  # before torch is imported: see launcher/allocator.py
 
-from launcher import bench, convert, data, fit, launch, scale, submit, train  # noqa: E402
+from launcher import bench, checkpoints, convert, data, fit, launch, scale, submit, train  # noqa: E402
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -35,11 +36,12 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from parallel.groups import ParallelConfigError
     from parallel.reshard import ReshardError
     from reid.data import DataError
-    from training.checkpoint import CheckpointMismatch
+    from training.checkpoint import CheckpointMismatch, CheckpointUnverified
+    from training.save_guard import CheckpointWriteError
 
     return (ConfigError, LaunchError, SubmitError, ScaleError, CheckpointMismatch, CollectiveError, DataError,
-            ReshardError, ResizeError, ParallelConfigError, DeviceCountError,
-            FileNotFoundError)
+            ReshardError, ResizeError, ParallelConfigError, DeviceCountError, CheckpointUnverified,
+            CheckpointWriteError, FileNotFoundError)
 
 
 USER_ERRORS = _user_errors()
@@ -57,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_parser(sub)
     train.add_parsers(sub)
     convert.add_parser(sub)
+    checkpoints.add_parser(sub)
     launch.add_parser(sub)
     submit.add_parser(sub)
     scale.add_parsers(sub)

@@ -238,8 +238,10 @@ class Trainer:
         return checkpoint.newest_complete(self.ckpt_dir) is not None
 
     def resume(self) -> int:
-        """Load the newest *complete* checkpoint of this run; returns the step it continues from."""
-        client = checkpoint.resume(self.engine, self.ckpt_dir, self.cfg.name)
+        """Load the newest complete checkpoint whose files match its manifest (all ranks agree on
+        it before loading); returns the step it continues from."""
+        client = checkpoint.resume(self.engine, self.ckpt_dir, self.cfg.name, rank=self.rank,
+                                   world_size=self.world_size)
         self.step = int(client["step"])
         self.progress = RunProgress.from_state_dict(client)
         self.bad_steps.skipped = list(client.get("skipped_steps", []))
