@@ -7,6 +7,7 @@ only wires them and turns user errors into one line and exit code 2.
   msmoe fit --steps 300
   msmoe data synth
   msmoe train --config configs/default.yaml --nproc 2
+  msmoe checkpoints verify runs/default
   msmoe eval --run-dir runs/default --nproc 2
   msmoe scale --world 1,2 --ep 1,2 --experts 4,8
   msmoe report --points runs/scale/points.jsonl
@@ -23,7 +24,7 @@ from launcher import allocator
 
 allocator.tune()  # before torch is imported: see launcher/allocator.py
 
-from launcher import ablate, bench, convert, data, fit, launch, scale, submit, train  # noqa: E402
+from launcher import ablate, bench, checkpoints, convert, data, fit, launch, scale, submit, train  # noqa: E402
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -37,12 +38,13 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from parallel.groups import ParallelConfigError
     from parallel.reshard import ReshardError
     from reid.data import DataError
-    from training.checkpoint import CheckpointMismatch
+    from training.checkpoint import CheckpointMismatch, CheckpointUnverified
     from training.ownership import RunOwnershipError
+    from training.save_guard import CheckpointWriteError
 
     return (ConfigError, LaunchError, SubmitError, ScaleError, CheckpointMismatch, CollectiveError, DataError,
             ReshardError, ResizeError, ParallelConfigError, DeviceCountError, RunOwnershipError,
-            FileNotFoundError)
+            CheckpointUnverified, CheckpointWriteError, FileNotFoundError)
 
 
 def _said_by_every_rank(exc: Exception) -> bool:
@@ -69,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_parser(sub)
     train.add_parsers(sub)
     convert.add_parser(sub)
+    checkpoints.add_parser(sub)
     launch.add_parser(sub)
     submit.add_parser(sub)
     scale.add_parsers(sub)

@@ -1,34 +1,47 @@
-"""Atomic, pruned checkpoints of a run on top of DeepSpeed's ``save_checkpoint``.
+"""Atomic, verified, pruned checkpoints of a run on top of DeepSpeed's ``save_checkpoint``.
 
 Layout (``runs/<name>/checkpoints/``)
   step0000020/            DeepSpeed's files (model, one file per global expert, optimizer per rank)
-  step0000020/COMMITTED   written by rank 0 after every rank finished writing: the checkpoint is complete
+  step0000020/COMMITTED   the manifest (training/manifest.py: step, run_id, every file's size and
+                          blake2b), written by rank 0 after every rank finished writing and hashed its
+                          share of the files: the checkpoint is complete
   latest                  name of the newest committed checkpoint (written to a temp file, then renamed)
 
 A crash anywhere before COMMITTED leaves a directory without it: :func:`newest_complete` ignores
-such directories (and ``latest`` is only moved after the commit), so ``--resume`` and elastic
-restarts continue from the previous complete checkpoint. After each commit all but the newest
-``keep_last`` complete checkpoints, and the incomplete leftovers older than the newest, are deleted.
+such directories (and ``latest`` is only moved after the commit). A write that fails (disk full)
+raises CheckpointWriteError on every rank and leaves the step uncommitted (training/save_guard.py).
+``--resume`` (:func:`resume`) loads the newest complete step whose files still match their manifest,
+checked by all ranks together before DeepSpeed reads anything; a step that does not match is named
+and the next older verified one is used. After each commit all but the newest ``keep_last`` complete
+checkpoints *of this run* (its run_id), and the incomplete leftovers older than the newest, are deleted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 
-import torch.distributed as dist
-
 from parallel.files import write_text_atomic
+from training import manifest
+from training.collect import first_error, from_rank0, gathered
 from training.faults import NO_FAULTS, FaultPlan
+from training.manifest import MARKER
+from training.save_guard import CheckpointWriteError, describe, recorded_writes, write_error
 
 CKPT_DIR = "checkpoints"  # inside the run directory
-MARKER = "COMMITTED"  # inside a checkpoint: every rank's files are written
 COMPLETE = "COMPLETE"  # inside the run directory: the run finished and reported (job scripts read it)
+
+__all__ = ["CKPT_DIR", "COMPLETE", "MARKER", "CheckpointMismatch", "CheckpointUnverified", "CheckpointWriteError"]
 
 
 class CheckpointMismatch(ValueError):
     """A checkpoint that does not fit the model the config builds (another shape)."""
+
+
+class CheckpointUnverified(FileNotFoundError):
+    """--resume found complete checkpoints, but none whose files match their manifest."""
 
 
 _TAG = re.compile(r"^step(\d{7,})$")
@@ -38,7 +51,7 @@ def tag_of(step: int) -> str:
     return f"step{step:07d}"
 
 
-def _tags(ckpt_dir: str) -> list[tuple[int, str, bool]]:
+def list_steps(ckpt_dir: str) -> list[tuple[int, str, bool]]:
     """(step, tag, complete) of every checkpoint directory, oldest first."""
     if not os.path.isdir(ckpt_dir):
         return []
@@ -51,47 +64,92 @@ def _tags(ckpt_dir: str) -> list[tuple[int, str, bool]]:
 
 
 def newest_complete(ckpt_dir: str) -> str | None:
-    done = [tag for _, tag, complete in _tags(ckpt_dir) if complete]
+    done = [tag for _, tag, complete in list_steps(ckpt_dir) if complete]
     return done[-1] if done else None
 
 
 def incomplete(ckpt_dir: str) -> list[str]:
-    return [tag for _, tag, complete in _tags(ckpt_dir) if not complete]
+    return [tag for _, tag, complete in list_steps(ckpt_dir) if not complete]
 
 
+# ------------------------------------------------------------------ save
 def save(engine, ckpt_dir: str, step: int, client: dict, keep_last: int, rank: int, world_size: int,
-         faults: FaultPlan = NO_FAULTS) -> str:
-    """Write, commit and prune; every rank calls it. Returns the tag."""
+         faults: FaultPlan = NO_FAULTS, run_id: str = "") -> str:
+    """Write, hash, commit and prune; every rank calls it. Returns the tag. A failed write raises
+    CheckpointWriteError on every rank; the step then stays uncommitted."""
     tag = tag_of(step)
-    engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client, save_latest=False)
+    step_dir = os.path.join(ckpt_dir, tag)
+    previous = next((t for _, t, c in reversed(list_steps(ckpt_dir)) if c and t != tag), None)
+    if rank == 0:  # a step saved again (e.g. the final save after a resume at the end) is rewritten: not complete
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(step_dir, MARKER))
+    with recorded_writes(engine) as failed:
+        try:
+            engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client, save_latest=False)
+        except (OSError, RuntimeError) as exc:
+            failed.append((step_dir, exc))
     faults.process_fault("kill_in_save", step, rank)  # files written, not yet committed
-    if world_size > 1:
-        dist.barrier()  # every rank's files are on disk
-    if rank == 0:
-        write_text_atomic(os.path.join(ckpt_dir, tag, MARKER), f"{step}\n")
-        write_text_atomic(os.path.join(ckpt_dir, "latest"), tag)
-        prune(ckpt_dir, keep_last)
-    if world_size > 1:
-        dist.barrier()
+    error = f"rank {rank}: {describe(*failed[0])}" if failed else None
+    _raise_if(first_error(error, world_size), step, ckpt_dir, previous, rank)  # every rank's files are on disk
+    names = from_rank0(manifest.list_files(step_dir) if rank == 0 else None, world_size)
+    files, error = {}, None
+    try:
+        files = manifest.entries(step_dir, manifest.share(names, rank, world_size))
+    except OSError as exc:
+        error = f"rank {rank}: {describe(step_dir, exc)}"
+    shares = gathered((files, error), world_size)
+    error = next((e for _, e in shares if e), None)
+    if rank == 0 and error is None:
+        try:
+            manifest.write(step_dir, step, run_id, {k: v for part, _ in shares for k, v in part.items()})
+            write_text_atomic(os.path.join(ckpt_dir, "latest"), tag)
+        except OSError as exc:
+            error = f"rank 0: {describe(os.path.join(step_dir, MARKER), exc)}"
+        else:
+            prune(ckpt_dir, keep_last, run_id)
+    _raise_if(first_error(error, world_size), step, ckpt_dir, previous, rank)
     return tag
 
 
-def mark_complete(ckpt_dir: str, tag: str) -> None:
-    """Commit a checkpoint written in one piece by another tool (e.g. ``msmoe convert``)."""
+def _raise_if(error: str | None, step: int, ckpt_dir: str, previous: str | None, rank: int) -> None:
+    if error is None:
+        return
+    if rank == 0:  # the commit failed: no (half-)written manifest, so the step stays incomplete
+        for name in (MARKER, MARKER + ".tmp"):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(ckpt_dir, tag_of(step), name))
+    raise write_error(error, step, tag_of(step), ckpt_dir, previous)
+
+
+def mark_complete(ckpt_dir: str, tag: str, run_id: str = "") -> None:
+    """Commit a checkpoint written in one piece by another tool (e.g. ``msmoe convert``): its
+    manifest, hashed in this process, then ``latest``."""
     m = _TAG.match(tag)
-    write_text_atomic(os.path.join(ckpt_dir, tag, MARKER), f"{int(m.group(1)) if m else 0}\n")
+    step_dir = os.path.join(ckpt_dir, tag)
+    manifest.write(step_dir, int(m.group(1)) if m else 0, run_id,
+                   manifest.entries(step_dir, manifest.list_files(step_dir)))
     write_text_atomic(os.path.join(ckpt_dir, "latest"), tag)
 
 
-def prune(ckpt_dir: str, keep_last: int) -> list[str]:
-    """Delete all but the newest ``keep_last`` complete checkpoints, and incomplete ones older
-    than the newest complete one. Returns the deleted tags."""
-    tags = _tags(ckpt_dir)
-    done = [(s, t) for s, t, c in tags if c]
-    if not done:
+# ------------------------------------------------------------------ prune
+def run_of(ckpt_dir: str, tag: str) -> str | None:
+    """The run_id in a step's manifest (None: a legacy marker or an unreadable one)."""
+    try:
+        return manifest.read(os.path.join(ckpt_dir, tag)).run_id
+    except (OSError, manifest.MarkerError):
+        return None
+
+
+def prune(ckpt_dir: str, keep_last: int, run_id: str) -> list[str]:
+    """Delete all but the newest ``keep_last`` complete checkpoints of run ``run_id`` (another run's
+    and legacy ones are never touched), and incomplete ones older than its newest complete one.
+    Returns the deleted tags."""
+    tags = list_steps(ckpt_dir)
+    mine = [(s, t) for s, t, c in tags if c and run_of(ckpt_dir, t) == run_id]
+    if not mine:
         return []
-    newest_step = done[-1][0]
-    doomed = [t for _, t in done[:-keep_last]] + [t for s, t, c in tags if not c and s < newest_step]
+    newest_step = mine[-1][0]
+    doomed = [t for _, t in mine[:-keep_last]] + [t for s, t, c in tags if not c and s < newest_step]
     for t in doomed:
         shutil.rmtree(os.path.join(ckpt_dir, t), ignore_errors=True)
     return doomed
@@ -113,22 +171,73 @@ def load(engine, ckpt_dir: str, config_name: str, **kwargs) -> tuple[str | None,
         raise
 
 
-def resume(engine, ckpt_dir: str, config_name: str, prepare=None) -> dict:
-    """Load the newest *complete* checkpoint (weights, optimizer); returns its client state.
+def resume(engine, ckpt_dir: str, config_name: str, rank: int = 0, world_size: int = 1, prepare=None) -> dict:
+    """Load the newest complete checkpoint whose files match its manifest (weights, optimizer);
+    every rank calls it and all load the same step. Returns its client state.
 
     ``prepare(ckpt_dir, tag) -> load_dir``, if given, runs on every rank once the tag is chosen and
     says where DeepSpeed loads it from (training/elastic.py: a copy resharded to this run's EP size)."""
-    tag = newest_complete(ckpt_dir)
-    if tag is None:
-        partial = incomplete(ckpt_dir)
-        raise FileNotFoundError(f"--resume: no complete checkpoint in {ckpt_dir}"
-                                + (f" (incomplete, ignored: {partial})" if partial else "")
-                                + f"; run without --resume to start {config_name!r} from scratch")
+    tag = choose_verified(ckpt_dir, config_name, rank, world_size)
     load_dir = ckpt_dir if prepare is None else prepare(ckpt_dir, tag)  # elastic EP: maybe a resharded copy
     path, client = load(engine, load_dir, config_name, tag=tag)
     if path is None:
         raise RuntimeError(f"--resume: DeepSpeed could not load {tag} in {load_dir}")
     return client
+
+
+def choose_verified(ckpt_dir: str, config_name: str, rank: int = 0, world_size: int = 1) -> str:
+    """The newest complete step whose files match its manifest (a legacy marker counts, with a
+    warning). Every rank hashes its share of each candidate's files; rank 0 reports what is wrong,
+    decides, and broadcasts the tag, so all ranks load the same step. Raises CheckpointUnverified
+    (or FileNotFoundError when nothing is complete)."""
+    candidates = from_rank0([t for _, t, c in reversed(list_steps(ckpt_dir)) if c] if rank == 0 else None,
+                             world_size)
+    if not candidates:
+        partial = incomplete(ckpt_dir)
+        raise FileNotFoundError(f"--resume: no complete checkpoint in {ckpt_dir}"
+                                + (f" (incomplete, ignored: {partial})" if partial else "")
+                                + f"; run without --resume to start {config_name!r} from scratch")
+    failed: list[tuple[str, list[str]]] = []
+    chosen, legacy = None, False
+    for tag in candidates:
+        legacy, problems = _verify_share(os.path.join(ckpt_dir, tag), rank, world_size)
+        problems = sorted({p for part in gathered(problems, world_size) for p in part})
+        if not problems:
+            chosen = tag
+            break
+        failed.append((tag, problems))
+        if rank == 0:
+            for p in problems:
+                print(f"warning: checkpoint {tag} (step {_step(tag)}) in {ckpt_dir}: {p}", flush=True)
+    chosen = from_rank0(chosen, world_size)  # rank 0 decides; every rank loads this one
+    if chosen is None:
+        why = "; ".join(f"{t}: {len(ps)} problem(s), first: {ps[0]}" for t, ps in failed)
+        raise CheckpointUnverified(f"--resume: no checkpoint in {ckpt_dir} matches its manifest (tried {why}); "
+                                   f"`msmoe checkpoints verify {ckpt_dir}` lists them; run without --resume "
+                                   f"to start {config_name!r} from scratch")
+    if rank == 0 and failed:
+        print(f"warning: resuming from {chosen} (step {_step(chosen)}), the newest verified checkpoint, instead "
+              f"of {failed[0][0]} (step {_step(failed[0][0])}), whose files do not match its manifest", flush=True)
+    if rank == 0 and legacy:
+        print(f"warning: {chosen} has an old COMMITTED marker (a step number, no file list): resuming from it "
+              f"unverified", flush=True)
+    return chosen
+
+
+def _step(tag: str) -> int:
+    m = _TAG.match(tag)
+    return int(m.group(1)) if m else -1
+
+
+def _verify_share(step_dir: str, rank: int, world_size: int) -> tuple[bool, list[str]]:
+    """(legacy marker?, problems with this rank's share of the step's files)."""
+    try:
+        marker = manifest.read(step_dir)
+    except (OSError, manifest.MarkerError) as exc:
+        return False, [f"{MARKER}: unreadable ({exc})"]
+    if marker.legacy:
+        return True, []
+    return False, manifest.check(step_dir, marker.files, manifest.share(list(marker.files), rank, world_size))
 
 
 def load_weights(engine, ckpt_dir: str, config_name: str) -> int:

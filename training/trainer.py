@@ -236,17 +236,19 @@ class Trainer:
                   "skipped_steps": self.bad_steps.skipped, "collapse_events": self.collapse.events,
                   "ep_size": self.groups.ep_size, "world_size": self.world_size}  # the layout (training/elastic.py)
         checkpoint.save(self.engine, self.ckpt_dir, self.step, client, self.cfg.train.keep_last, self.rank,
-                        self.world_size, self.faults)
+                        self.world_size, self.faults, run_id=self.run_id)
 
     def has_checkpoint(self) -> bool:
         return checkpoint.newest_complete(self.ckpt_dir) is not None
 
     def resume(self) -> int:
-        """Load the newest *complete* checkpoint of this run, resharded if it was saved at another EP
-        size (``self.resharded`` then says so); returns the step it continues from."""
+        """Load the newest complete checkpoint whose files match its manifest (all ranks agree on it
+        before loading), resharded if it was saved at another EP size (``self.resharded`` then says
+        so); returns the step it continues from."""
         run = elastic.Layout(self.groups.ep_size, self.world_size, self.cfg.train.zero_stage)
         reshard = elastic.ElasticResume(run, self.rank)
-        client = checkpoint.resume(self.engine, self.ckpt_dir, self.cfg.name, prepare=reshard.prepare)
+        client = checkpoint.resume(self.engine, self.ckpt_dir, self.cfg.name, rank=self.rank,
+                                   world_size=self.world_size, prepare=reshard.prepare)
         self.resharded = reshard.note
         self.step = int(client["step"])
         self.progress = RunProgress.from_state_dict(client)

@@ -198,3 +198,108 @@ def test_checkpoint_of_another_model_shape_is_named(tmp_path):
                                                             "model.patch_moe.expert.hidden_dim=32"]))
     assert other.returncode == 2
     assert "was saved by a model of another shape" in other.stderr and "msmoe convert" in other.stderr
+
+
+# ---- checkpoint integrity (training/manifest.py, training/checkpoint.py: resume, save)
+
+def _damage(path: str, how: str) -> None:
+    size = os.path.getsize(path)
+    if how == "flip":  # same size, other bytes in the middle
+        with open(path, "r+b") as fh:
+            fh.seek(size // 2)
+            chunk = fh.read(16)
+            fh.seek(size // 2)
+            fh.write(bytes(b ^ 0xFF for b in chunk))
+        assert os.path.getsize(path) == size
+    else:
+        os.truncate(path, size // 2)
+
+
+def _verify(path):
+    return _run(cli_command("checkpoints", "verify", path))
+
+
+def test_flipped_bytes_in_the_newest_checkpoint_resume_from_the_previous_one(tmp_path):
+    tmp = str(tmp_path)
+    ckpt = f"{tmp}/runs/flip/checkpoints"
+    first = _run(_train_cmd(tmp, "flip", nproc=1, extra=["train.steps=10"]))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert [t for _, t, c in checkpoint.list_steps(ckpt) if c] == ["step0000005", "step0000010"]
+    assert _verify(f"{tmp}/runs/flip").returncode == 0
+    model = f"{ckpt}/step0000010/mp_rank_00_model_states.pt"
+    before = _weights(ckpt)
+    _damage(model, "flip")
+
+    check = _verify(f"{tmp}/runs/flip")
+    assert check.returncode == 1, check.stdout
+    assert "step0000010 (step 10): mp_rank_00_model_states.pt: blake2b differs" in check.stdout
+    assert "newest complete: step0000010, mismatch; --resume would use step0000005" in check.stdout
+
+    again = _run(_train_cmd(tmp, "flip", nproc=1, extra=["train.steps=10", "--resume"]))
+    out = again.stdout + again.stderr
+    assert again.returncode == 0, out[-3000:]
+    assert (f"warning: checkpoint step0000010 (step 10) in {ckpt}: mp_rank_00_model_states.pt: blake2b differs: "
+            f"the bytes changed after the save") in out
+    assert "resuming from step0000005 (step 5), the newest verified checkpoint, instead of step0000010" in out
+    assert "resumed 'flip' at step 5" in again.stdout
+    after = _weights(ckpt)  # step 10 computed again from step 5: the weights saved before the damage
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert _verify(ckpt).returncode == 0
+
+
+@pytest.mark.slow
+def test_truncated_expert_file_on_two_ranks_both_resume_from_the_previous_step(tmp_path, reference):
+    tmp = str(tmp_path)
+    run = f"{tmp}/runs/trunc"
+    first = _run(_train_cmd(tmp, "trunc"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    expert = sorted(glob.glob(f"{run}/checkpoints/step0000030/layer_*_expert_*_mp_rank_00_model_states.pt"))[-1]
+    size = os.path.getsize(expert)
+    _damage(expert, "truncate")
+    name = os.path.basename(expert)
+
+    check = _verify(run)
+    assert check.returncode == 1
+    assert f"step0000030 (step 30): {name}: size {size // 2} != {size} in the manifest" in check.stdout
+
+    again = _run(_train_cmd(tmp, "trunc", extra=["--resume"]))
+    out = again.stdout + again.stderr
+    assert again.returncode == 0, out[-3000:]
+    assert out.count(f"{name}: size {size // 2} != {size} in the manifest") == 1  # reported once, by rank 0
+    assert "resuming from step0000025 (step 25), the newest verified checkpoint, instead of step0000030" in out
+    assert "resumed 'trunc' at step 25" in again.stdout
+    _same_as_reference(reference, run)  # both ranks continued from step 25: the same weights as never damaged
+    assert _verify(run).returncode == 0
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MiB tmpfs (room for two tiny checkpoints of ~1.2 MB, not a third); skips where mounting
+    is not allowed."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()} (the unit test of save() covers ENOSPC)")
+    try:
+        yield str(mnt)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_disk_full_during_a_save_names_the_path_and_keeps_the_previous_checkpoint(tmp_path, small_disk):
+    tmp = str(tmp_path)
+    cmd = _train_cmd(tmp, "full", nproc=1, extra=["train.steps=20", "train.keep_last=5", f"out_dir={small_disk}"])
+    proc = _run(cmd)
+    ckpt = f"{small_disk}/full/checkpoints"
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    err = proc.stderr
+    assert "msmoe: error: checkpoint at step 15 could not be written (rank 0: " in err, err[-3000:]
+    assert f"{ckpt}/step0000015/" in err and ": No space left on device (" in err and " bytes free on its filesystem)" in err
+    assert "step0000015 stays incomplete and is ignored; step0000010 is still the newest complete checkpoint" in err
+    assert "Traceback" not in err and "basic_ios" not in err
+    assert checkpoint.newest_complete(ckpt) == "step0000010" and open(f"{ckpt}/latest").read() == "step0000010"
+    assert checkpoint.incomplete(ckpt) == ["step0000015"]
+    check = _verify(ckpt)
+    assert check.returncode == 0 and "newest complete: step0000010, verified" in check.stdout, check.stdout

@@ -1,0 +1,97 @@
+"""Offline check of a checkpoint directory (``msmoe checkpoints verify``): one process, no engine.
+
+  msmoe checkpoints verify runs/tiny                # a run directory (its checkpoints/)
+  msmoe checkpoints verify runs/tiny/checkpoints    # or the checkpoint directory itself
+
+Every step is listed: complete or not, whether its files match the manifest (``verified``,
+``mismatch``), or ``unverified`` for a legacy marker (a bare step number), with its run_id, file
+count and bytes; the problems follow the table. :func:`verify_dir` returns 0 when the newest
+complete step verifies, else 1 (a legacy newest step cannot be verified: 1 too).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from training import manifest
+from training.checkpoint import CKPT_DIR, list_steps
+
+
+@dataclass(frozen=True)
+class StepReport:
+    step: int
+    tag: str
+    complete: bool
+    check: str  # verified | mismatch | unverified (legacy) | - (incomplete)
+    run_id: str | None
+    files: int
+    bytes: int
+    problems: list[str] = field(default_factory=list)
+
+
+def checkpoint_dir(path: str) -> str:
+    """A run directory's checkpoints/, or ``path`` itself when it holds steps."""
+    inner = os.path.join(path, CKPT_DIR)
+    if os.path.isdir(inner):
+        return inner
+    if os.path.isdir(path):
+        return path
+    raise FileNotFoundError(f"no such run or checkpoint directory: {path}")
+
+
+def _on_disk(step_dir: str) -> tuple[int, int]:
+    names = manifest.list_files(step_dir)
+    return len(names), sum(os.path.getsize(os.path.join(step_dir, n)) for n in names)
+
+
+def inspect(ckpt_dir: str, step: int, tag: str, complete: bool) -> StepReport:
+    step_dir = os.path.join(ckpt_dir, tag)
+    if not complete:
+        return StepReport(step, tag, False, "-", None, *_on_disk(step_dir))
+    try:
+        marker = manifest.read(step_dir)
+    except (OSError, manifest.MarkerError) as exc:
+        return StepReport(step, tag, True, "mismatch", None, *_on_disk(step_dir),
+                          problems=[f"{manifest.MARKER}: unreadable ({exc})"])
+    if marker.legacy:
+        return StepReport(step, tag, True, "unverified (legacy)", None, *_on_disk(step_dir))
+    problems = manifest.check(step_dir, marker.files, sorted(marker.files))
+    return StepReport(step, tag, True, "mismatch" if problems else "verified", marker.run_id, len(marker.files),
+                      sum(int(f["size"]) for f in marker.files.values()), problems)
+
+
+def survey(ckpt_dir: str) -> list[StepReport]:
+    return [inspect(ckpt_dir, s, t, c) for s, t, c in list_steps(ckpt_dir)]
+
+
+def format_table(ckpt_dir: str, reports: list[StepReport]) -> str:
+    head = ("step", "tag", "state", "check", "run_id", "files", "bytes")
+    rows = [(str(r.step), r.tag, "complete" if r.complete else "incomplete", r.check,
+             "-" if r.run_id is None else (r.run_id or '""'), str(r.files), f"{r.bytes:,}") for r in reports]
+    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+    lines = [f"checkpoints in {ckpt_dir}"]
+    lines += ["  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip() for row in (head, *rows)]
+    for r in reports:
+        lines += [f"{r.tag} (step {r.step}): {p}" for p in r.problems]
+    return "\n".join(lines)
+
+
+def verdict(reports: list[StepReport]) -> tuple[str, int]:
+    """(one line, exit code): 0 when the newest complete step verifies."""
+    done = [r for r in reports if r.complete]
+    if not done:
+        return "no complete checkpoint", 1
+    newest = done[-1]
+    if newest.check == "verified":
+        return f"newest complete: {newest.tag}, verified", 0
+    usable = next((r.tag for r in reversed(done) if r.check != "mismatch"), None)  # what --resume loads
+    return f"newest complete: {newest.tag}, {newest.check}; --resume would use {usable or 'none'}", 1
+
+
+def verify_dir(path: str) -> tuple[str, int]:
+    """The table and verdict for a run or checkpoint directory, and the exit code."""
+    ckpt_dir = checkpoint_dir(path)
+    reports = survey(ckpt_dir)
+    line, code = verdict(reports)
+    return format_table(ckpt_dir, reports) + "\n" + line, code
