@@ -64,9 +64,9 @@ def test_submit_trains_on_slurm(cluster, tmp_path):
 
 def test_preemption_requeues_and_resumes_without_losing_a_step(cluster, tmp_path):
     tmp = str(tmp_path)
-    steps, first_ckpt = 300, 20
+    steps, first_ckpt = 160, 10
     # enough steps that the signal lands mid-run however fast the machine is: it is sent once the
-    # first checkpoint (step 20) exists, with 280 steps still to go
+    # first checkpoint (step 10) exists, with 150 steps still to go
     common = (f"train.steps={steps}", f"train.ckpt_every={first_ckpt}", "eval.untrained=true")
     # the uninterrupted reference, same config, straight under torchrun
     ref = run_cli("train", "--config", "configs/tiny.yaml", "--no-progress", "name=ref", f"out_dir={tmp}/runs",
