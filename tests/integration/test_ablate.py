@@ -12,7 +12,8 @@ def test_ablation_table_from_real_runs_and_resumable(tmp_path):
                     "  hierarchical: {num_groups: 2, experts_per_group: 2, coarse: {num_experts: 2, top_k: 1}, "
                     "fine: {num_experts: 2, top_k: 2}}\n")
     args = ["ablate", "--configs", "configs/tiny.yaml", str(hier), "--nproc", "1", "--out", str(tmp_path / "abl"),
-            "train.steps=2", "eval.untrained=false", "eval.missing_modalities=false", f"data.path={tmp_path}/data", f"data.synth={TINY_DATA}"]
+            "train.steps=2", "eval.untrained=false", "eval.missing_modalities=false", f"data.path={tmp_path}/data",
+            f"data.synth={TINY_DATA}"]
     first = run_cli(*args, timeout=900)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     rows = list(csv.DictReader(open(tmp_path / "abl" / "ablation.csv")))
