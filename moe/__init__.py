@@ -8,6 +8,7 @@ from moe.config import (
     BalanceConfig,
     ConfigError,
     ExpertConfig,
+    HierarchicalFusionConfig,
     HierarchicalMoEConfig,
     MultiScaleMoEConfig,
     PatchMoEConfig,
@@ -16,13 +17,14 @@ from moe.config import (
 from moe.dispatch import DispatchPlan, LocalDispatcher, plan_dispatch, unpermute
 from moe.experts import ConvExperts, FFNExperts, ResidualMLPExperts, build_experts
 from moe.hierarchical import HierarchicalMoE
+from moe.modal_fusion import HierarchicalFusion
 from moe.multiscale import MultiScaleMoE, window_features
 from moe.patch_moe import PatchMoE
 from moe.router import GateNetwork, Router, RoutingDecision
 
 __all__ = [
     "BalanceConfig", "ConfigError", "ConvExperts", "DispatchPlan", "ExpertConfig", "FFNExperts",
-    "GateNetwork", "HierarchicalMoE", "HierarchicalMoEConfig", "LocalDispatcher", "MoEOutput", "MultiScaleMoE", "MultiScaleMoEConfig",
+    "GateNetwork", "HierarchicalFusion", "HierarchicalFusionConfig", "HierarchicalMoE", "HierarchicalMoEConfig", "LocalDispatcher", "MoEOutput", "MultiScaleMoE", "MultiScaleMoEConfig",
     "PatchMoE", "PatchMoEConfig", "Router", "RouterConfig", "RoutingDecision", "RoutingStats",
     "ResidualMLPExperts", "build_experts", "plan_dispatch", "unpermute", "window_features",
 ]

@@ -301,6 +301,57 @@ class MultiScaleMoEConfig:
         return self.hidden_dim or 2 * self.dim
 
 
+@dataclass(frozen=True)
+class HierarchicalFusionConfig:
+    """The thesis's multi-scale fusion made hierarchical (see moe/modal_fusion.py): per modality, the
+    window features of every scale go to that (modality, scale) cell's experts, a fine gate fuses
+    the scales within the modality, a cross-modal coarse gate fuses the modalities.
+
+    dim:               D, channels of the map and of every feature vector.
+    scales:            window sizes (thesis: 4, 8, 16).
+    num_modalities:    M (rgb, nir, tir: 3).
+    experts_per_cell:  Ec experts per (modality, scale) cell; 1 = one expert per cell (dense).
+    top_k:             experts each cell's router picks of its Ec (<= experts_per_cell).
+    expert:            the experts' network (default: the thesis's ExpertNetwork, hidden 2 x dim).
+    temperature, gate_depth, num_heads, dropout: the gates', as in the flat fusion.
+    balance:           coefficients of the cell routers' balance losses (Ec > 1).
+    """
+
+    dim: int
+    scales: tuple[int, ...] = (4, 8, 16)
+    num_modalities: int = 3
+    experts_per_cell: int = 1
+    top_k: int = 1
+    expert: ExpertConfig = field(default_factory=ExpertConfig)
+    temperature: float = 1.0
+    gate_depth: int = 2
+    num_heads: int = 1
+    dropout: float = 0.1
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
+
+    def __post_init__(self) -> None:
+        _require(self.dim >= 1, f"dim={self.dim} must be >= 1")
+        _require(len(self.scales) >= 1 and all(s >= 1 for s in self.scales),
+                 f"scales={list(self.scales)} must list window sizes >= 1")
+        _require(len(set(self.scales)) == len(self.scales), f"scales={list(self.scales)} has a repeated window size")
+        _require(self.num_modalities >= 1, f"num_modalities={self.num_modalities} must be >= 1")
+        _require(self.experts_per_cell >= 1, f"experts_per_cell={self.experts_per_cell} must be >= 1")
+        _require(1 <= self.top_k <= self.experts_per_cell,
+                 f"top_k={self.top_k} must be in [1, experts_per_cell={self.experts_per_cell}]")
+        _require(self.temperature > 0, f"temperature={self.temperature} must be > 0")
+        _require(self.gate_depth in (1, 2, 3), f"gate_depth={self.gate_depth} must be 1, 2 or 3")
+        _require(self.num_heads >= 1, f"num_heads={self.num_heads} must be >= 1")
+        _require(0 <= self.dropout < 1, f"dropout={self.dropout} must be in [0, 1)")
+
+    @property
+    def num_cells(self) -> int:
+        return self.num_modalities * len(self.scales)
+
+    @property
+    def num_experts(self) -> int:
+        return self.num_cells * self.experts_per_cell
+
+
 def from_dict(cls: type, data: Mapping[str, Any] | None, path: str = "") -> Any:
     """Build a (nested) config dataclass from a plain mapping, typed by its annotations: nested
     dataclasses from nested mappings, tuples from lists, numbers checked (an int where a float is

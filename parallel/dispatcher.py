@@ -97,8 +97,10 @@ class AllToAllDispatcher:
         return back.reshape(-1, l, c)
 
 
-def build_dispatcher(groups: ParallelGroups, counter: CommCounter | None = None):
-    """The dispatcher for these groups: all-to-all over the EP group, or local when ep_size is 1."""
-    if groups.ep_size == 1:
-        return LocalDispatcher(groups.num_experts)
-    return AllToAllDispatcher(groups.ep, counter)
+def build_dispatcher(ep: "ExpertGroup | ParallelGroups", counter: CommCounter | None = None):
+    """The dispatcher for an expert group (or the groups' ``ep``): all-to-all over it, or local when it has one rank."""
+    if isinstance(ep, ParallelGroups):
+        ep = ep.ep
+    if ep.size == 1:
+        return LocalDispatcher(ep.num_experts)
+    return AllToAllDispatcher(ep, counter)

@@ -21,24 +21,24 @@ import torch
 import torch.nn as nn
 from deepspeed.moe.layer import MoE as _DeepSpeedMoEBase
 
-from moe import HierarchicalMoE, MoEOutput, PatchMoE
+from moe import HierarchicalFusion, HierarchicalMoE, MoEOutput, PatchMoE
 from moe.hierarchical import OneStage
 from parallel.ds_names import EXPERTS_KEY, PER_EXPERT_KEY
-from parallel.groups import ParallelGroups
+from parallel.groups import ExpertGroup, ParallelGroups
 
 
 
 class DeepSpeedMoE(_DeepSpeedMoEBase):
     """A PatchMoE as DeepSpeed's engine expects an MoE layer to look. Forward is the layer's."""
 
-    def __init__(self, layer: PatchMoE | HierarchicalMoE, groups: ParallelGroups):
+    def __init__(self, layer: PatchMoE | HierarchicalMoE | HierarchicalFusion, groups: ParallelGroups):
         nn.Module.__init__(self)  # DeepSpeed's own __init__ builds its gate/experts: not wanted
         num_local = layer.dispatcher.num_local_experts
         num_experts = _num_experts(layer)
-        if (num_experts, num_local) != (groups.num_experts, groups.num_local_experts):
+        if num_local * groups.ep_size != num_experts:
             raise ValueError(
-                f"layer holds {num_local} local experts of {num_experts}, which does not match the groups' "
-                f"{groups.num_local_experts} of {groups.num_experts} (ep_size={groups.ep_size})"
+                f"layer holds {num_local} local experts of {num_experts}, which is not its share over "
+                f"ep_size={groups.ep_size} ranks"
             )
         self.deepspeed_moe = layer  # the attribute name DeepSpeed's checkpoint code looks for
         self.ep_size = groups.ep_size
@@ -64,7 +64,7 @@ class DeepSpeedMoE(_DeepSpeedMoEBase):
 
 
 def _num_experts(layer) -> int:
-    return layer.cfg.num_experts if isinstance(layer, HierarchicalMoE) else layer.cfg.router.num_experts
+    return layer.cfg.router.num_experts if isinstance(layer, PatchMoE) else layer.cfg.num_experts
 
 
 def _split_expert_entries(module, state_dict, prefix, local_metadata) -> None:
@@ -94,9 +94,11 @@ def _stack_expert_entries(module, state_dict, prefix, local_metadata, strict, mi
 
 
 def shard_moe_layers(model: nn.Module, groups: ParallelGroups, counter=None, timer=None) -> list[DeepSpeedMoE]:
-    """Replace every :class:`PatchMoE` / :class:`HierarchicalMoE` in ``model`` by its expert-parallel, DeepSpeed-registered
-    version: same router and config, this rank's slice of the experts, an all-to-all
-    dispatcher over ``groups.ep_group`` (local when ep_size is 1) and ``timer``.
+    """Replace every :class:`PatchMoE` / :class:`HierarchicalMoE` / :class:`HierarchicalFusion` in ``model`` by
+    its expert-parallel, DeepSpeed-registered version: same routers and config, this rank's slice of the
+    experts, an all-to-all dispatcher over ``groups.ep_group`` (local when ep_size is 1) and ``timer``.
+    A layer whose expert count differs from ``groups.num_experts`` (the head fusion's) is sharded
+    over the same ranks by its own count.
 
     Build the model identically on every rank (same seed) first: then every EP size starts
     from the same weights, and expert e's weights are the same wherever it lands.
@@ -104,17 +106,23 @@ def shard_moe_layers(model: nn.Module, groups: ParallelGroups, counter=None, tim
     """
     from parallel.dispatcher import build_dispatcher
 
-    found = [(name, m) for name, m in model.named_modules() if isinstance(m, (PatchMoE, HierarchicalMoE))]
+    found = [(name, m) for name, m in model.named_modules()
+             if isinstance(m, (PatchMoE, HierarchicalMoE, HierarchicalFusion))]
     out = []
     for name, full in found:
-        if _num_experts(full) != groups.num_experts:
-            raise ValueError(f"{name} has num_experts={_num_experts(full)} but the parallel groups were built for "
+        e = _num_experts(full)
+        if not isinstance(full, HierarchicalFusion) and e != groups.num_experts:
+            raise ValueError(f"{name} has num_experts={e} but the parallel groups were built for "
                              f"{groups.num_experts}: build ParallelGroups with the model's expert count")
-        disp = build_dispatcher(groups, counter)
-        if isinstance(full, HierarchicalMoE):
-            disp = OneStage(disp, groups.num_experts)
-        layer = type(full)(full.cfg, dispatcher=disp, timer=timer)
-        first, n = groups.first_expert, groups.num_local_experts
+        ep = groups.ep if e == groups.num_experts else ExpertGroup.of(groups.ep_group, e)
+        disp = build_dispatcher(ep, counter)
+        if isinstance(full, HierarchicalFusion):
+            layer = HierarchicalFusion(full.cfg, dispatcher=disp)
+        elif isinstance(full, HierarchicalMoE):
+            layer = HierarchicalMoE(full.cfg, dispatcher=OneStage(disp, e), timer=timer)
+        else:
+            layer = PatchMoE(full.cfg, dispatcher=disp, timer=timer)
+        first, n = ep.first_expert, ep.num_local_experts
         with torch.no_grad():
             src = full.state_dict()
             for key, t in layer.state_dict().items():  # routers, scorer, buffers: everything but experts

@@ -3,10 +3,12 @@ the run configuration that holds them, YAML loading and ``key=value`` overrides)
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from moe.config import ConfigError, HierarchicalMoEConfig, MultiScaleMoEConfig, PatchMoEConfig, from_dict
+from moe.config import (ConfigError, HierarchicalFusionConfig, HierarchicalMoEConfig, MultiScaleMoEConfig, PatchMoEConfig,
+                        from_dict)
 from reid.synth import SynthSpec
 
 
@@ -52,6 +54,11 @@ class ModelConfig:
     # blocks route patches of one modality; hierarchical blocks with coarse_mode=given send them to
     # that modality's group) and the features are averaged over the modalities at the head
     streams: Literal["fused", "per_modality"] = "fused"
+    # the head: "flat" - the thesis's multi-scale fusion (one gate over the 4/8/16 windows, exact);
+    # "hierarchical" - per modality its scale experts and a fine gate over the scales, then a
+    # cross-modal coarse gate over the modalities (needs streams=per_modality; moe/modal_fusion.py)
+    fusion: Literal["flat", "hierarchical"] = "flat"
+    hierarchical_fusion: dict = field(default_factory=dict)
     hierarchical: dict = field(default_factory=lambda: {
         "num_groups": 3, "experts_per_group": 3, "coarse": {"num_experts": 3, "top_k": 1},
         "fine": {"num_experts": 3, "top_k": 2}})
@@ -69,8 +76,13 @@ class ModelConfig:
         _require(0 <= self.dropout < 1, f"model.dropout={self.dropout} must be in [0, 1)")
         _require(self.streams in ("fused", "per_modality"),
                  f"model.streams={self.streams!r} must be 'fused' or 'per_modality'")
+        _require(self.fusion in ("flat", "hierarchical"), f"model.fusion={self.fusion!r} must be 'flat' or 'hierarchical'")
+        _require(self.fusion == "flat" or self.streams == "per_modality",
+                 "model.fusion='hierarchical' fuses the scales of each modality, then the modalities: it needs "
+                 "model.streams=per_modality (with fused streams there is one map per image)")
         self.patch_moe_config()
         self.multiscale_config()
+        self.hierarchical_fusion_config()
         if self.moe_kind == "hierarchical":
             h = self.hierarchical_config()
             if h.coarse_mode == "given":
@@ -92,6 +104,34 @@ class ModelConfig:
         data = dict(self.multiscale)
         data.setdefault("dim", self.dim)
         return from_dict(MultiScaleMoEConfig, data, "model.multiscale")
+
+    def hierarchical_fusion_config(self) -> HierarchicalFusionConfig:
+        """The hierarchical head; scales, gates and the experts' network as the flat fusion's unless given."""
+        ms = self.multiscale_config()
+        data = dict(self.hierarchical_fusion)
+        data.setdefault("dim", self.dim)
+        _require(data["dim"] == self.dim,
+                 f"model.hierarchical_fusion.dim={data['dim']} must equal model.dim={self.dim} (or be left out)")
+        for key in ("scales", "temperature", "gate_depth", "num_heads", "dropout"):
+            data.setdefault(key, getattr(ms, key))
+        data.setdefault("expert", {"kind": "seed", "hidden_dim": ms.expert_hidden, "dropout": ms.dropout})
+        return from_dict(HierarchicalFusionConfig, data, "model.hierarchical_fusion")
+
+    @property
+    def expert_layers(self) -> dict[str, int]:
+        """Expert count of every kind of expert-parallel layer, by the config field that sets it."""
+        blocks = ("model.hierarchical experts (num_groups x experts_per_group)" if self.moe_kind == "hierarchical"
+                  else "model.patch_moe.router.num_experts")
+        out = {blocks: self.num_experts}
+        if self.fusion == "hierarchical":
+            out["model.hierarchical_fusion experts (modalities x scales x experts_per_cell)"] = \
+                self.hierarchical_fusion_config().num_experts
+        return out
+
+    @property
+    def experts_gcd(self) -> int:
+        """The largest count every expert-parallel layer's expert count is a multiple of (EP sizes divide it)."""
+        return math.gcd(*self.expert_layers.values())
 
     def hierarchical_config(self) -> HierarchicalMoEConfig:
         """Coarse groups x fine experts; patch size and experts as in ``patch_moe`` unless given."""

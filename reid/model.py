@@ -10,7 +10,9 @@ Legend: B batch, M modalities, D model dim, h x w token grid (image / stem_strid
                                                                                  (streams=per_modality)
   block:  x = x + DWConv(LN(x))          (spatial mixing, k x k depthwise)
           x = x + FFN(LN(x))             (FFN = PatchMoE or HierarchicalMoE in ``moe_blocks``, else MLP)
-  head:   window features 4/8/16 (max of window means) --MultiScaleMoE--> f [B,D]
+  head:   window features 4/8/16 (max of window means) --MultiScaleMoE--> f [B,D]          (fusion=flat)
+          per modality: scale experts, a fine gate over its scales; a cross-modal coarse gate over
+          the modalities --HierarchicalFusion--> f [B,D]                                    (fusion=hierarchical)
           BNNeck: f_bn = BN(f) (bias frozen); logits = W f_bn (no bias)
 Training uses f (triplet) and logits (ID loss); retrieval uses f_bn.
 """
@@ -23,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moe import HierarchicalMoE, MoEOutput, MultiScaleMoE, PatchMoE, RoutingStats
+from moe import HierarchicalFusion, HierarchicalMoE, MoEOutput, MultiScaleMoE, PatchMoE, RoutingStats
 from reid.config import ModelConfig
 from reid.data import MODALITIES, Batch
 
@@ -122,7 +124,8 @@ class ReIDOutput:
     aux_loss: torch.Tensor  # sum of the MoE layers' balance losses
     moe_stats: tuple  # RoutingStats per PatchMoE block, in order
     fusion_stats: RoutingStats
-    fusion_weights: torch.Tensor  # [B, S] the fusion's expert_weights (gate weight per scale)
+    fusion_weights: torch.Tensor  # [B, S] the fusion's gate weight per scale; hierarchical: [B, M*S] per
+    #                               (modality, scale), modality weight x scale weight (0 for an absent modality)
 
 
 class ReIDModel(nn.Module):
@@ -133,7 +136,8 @@ class ReIDModel(nn.Module):
         self.norm_in = nn.LayerNorm(cfg.dim)
         self.blocks = nn.ModuleList(Block(cfg, i in cfg.moe_blocks) for i in range(cfg.depth))
         self.norm_out = nn.LayerNorm(cfg.dim)
-        self.fusion = MultiScaleMoE(cfg.multiscale_config())
+        self.fusion: nn.Module = MultiScaleMoE(cfg.multiscale_config()) if cfg.fusion == "flat" else \
+            HierarchicalFusion(cfg.hierarchical_fusion_config())
         self.bnneck = BNNeck(cfg.dim)  # momentum 0.1 (a fixed factor: no host read of the batch count)
         self.bnneck.bias.requires_grad_(False)
         self.classifier = nn.Linear(cfg.dim, num_classes, bias=False)
@@ -157,9 +161,12 @@ class ReIDModel(nn.Module):
             res = block(x, modality_B)
             x = res.x
             stats.extend(res.moe_stats)
-        fused = self.fusion(self.norm_out(x))
+        if self.cfg.fusion == "hierarchical":  # the cross-modal gate renormalises over the present modalities
+            fused = self.fusion(self.norm_out(x), tuple(MODALITY_INDEX[m] for m in modalities))
+        else:
+            fused = self.fusion(self.norm_out(x))
         feat, weights = fused.out, fused.weights
-        if modality_B is not None:  # the present modalities' features, averaged (renormalised over them)
+        if modality_B is not None and self.cfg.fusion == "flat":  # features averaged over the present modalities
             feat = feat.reshape(len(maps), -1, feat.shape[-1]).mean(0)
             weights = weights.reshape(len(maps), -1, weights.shape[-1]).mean(0)
         feat_bn = self.bnneck(feat)

@@ -96,7 +96,8 @@ class TrainConfig:
         _require(self.collapse_intervals >= 1, f"train.collapse_intervals={self.collapse_intervals} must be >= 1")
 
     def ep_size_for(self, world_size: int, num_experts: int) -> int:
-        """The EP size of a run of ``world_size`` ranks (see the class docstring)."""
+        """The EP size of a run of ``world_size`` ranks (see the class docstring); ``num_experts``: a
+        count every expert-parallel layer's expert count is a multiple of (their gcd)."""
         if self.elastic_ep:
             return max(p for p in range(1, self.ep_size + 1) if world_size % p == 0 and num_experts % p == 0)
         _require(world_size % self.ep_size == 0,
@@ -160,9 +161,10 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.name) and "/" not in self.name, f"name={self.name!r} must be a non-empty name without '/'")
-        problem = expert_sharding_error(self.model.num_experts, self.train.ep_size,
-                                        experts_field="model.patch_moe.router.num_experts", ep_field="train.ep_size")
-        _require(problem is None, str(problem))
+        for experts_field, num_experts in self.model.expert_layers.items():
+            problem = expert_sharding_error(num_experts, self.train.ep_size, experts_field=experts_field,
+                                            ep_field="train.ep_size")
+            _require(problem is None, str(problem))
 
     @property
     def run_dir(self) -> str:

@@ -83,11 +83,12 @@ def preflight(req: TrainRequest, world_size: int) -> RunConfig:
     from training import ownership
 
     cfg = load_config(req.config, list(req.overrides))
-    ep_size = cfg.train.ep_size_for(world_size, cfg.model.num_experts)  # train.elastic_ep may pick a smaller one
-    problem = expert_sharding_error(cfg.model.num_experts, ep_size, world_size,
-                                    experts_field="model.patch_moe.router.num_experts", ep_field="train.ep_size")
-    if problem:
-        raise ConfigError(problem)
+    ep_size = cfg.train.ep_size_for(world_size, cfg.model.experts_gcd)  # train.elastic_ep may pick a smaller one
+    for experts_field, num_experts in cfg.model.expert_layers.items():
+        problem = expert_sharding_error(num_experts, ep_size, world_size, experts_field=experts_field,
+                                        ep_field="train.ep_size")
+        if problem:
+            raise ConfigError(problem)
     if cfg.data.source == "disk" and read_meta(cfg.data.path) is None:
         raise DataError(f"no dataset at data.path={cfg.data.path!r} (data.source=disk): import one with "
                         "`msmoe data rgbnt201`, or use data.source=synth")

@@ -52,10 +52,13 @@ def parameter_counts(model: torch.nn.Module, moe_layers, ep_size: int) -> dict:
 
 def _slots(layer) -> int:
     """Experts a routed patch passes through: top-k (the largest k with dynamic k); one per fine
-    slot of each coarse group in the hierarchical layer."""
+    slot of each coarse group in the hierarchical layer; for the hierarchical head fusion, the
+    experts one image passes through (top_k in each of its modalities x scales cells)."""
     cfg = layer.cfg
     if hasattr(cfg, "router"):
         return cfg.router.max_k
+    if hasattr(cfg, "experts_per_cell"):
+        return cfg.num_cells * cfg.top_k
     return cfg.coarse.max_k * cfg.fine.max_k
 
 

@@ -71,7 +71,7 @@ class Trainer:
         self.dtype = torch.bfloat16 if tc.precision == "bf16" else torch.float32
         self.feed = BatchFeed(self.splits["train"], self.sampler, self.device, self.dtype, tc.prefetch, end=tc.steps)
 
-        self.groups = ParallelGroups.build(tc.ep_size_for(self.world_size, cfg.model.num_experts),
+        self.groups = ParallelGroups.build(tc.ep_size_for(self.world_size, cfg.model.experts_gcd),
                                            cfg.model.num_experts, timeout_s=tc.collective_timeout_s)
         self.timer, self.comm = WallTimer(), CommCounter()
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank, for every EP size

@@ -106,11 +106,14 @@ def test_hierarchical_model_ep2_equals_ep1(tmp_path):
 @pytest.mark.slow
 def test_modality_streams_with_given_groups_ep2_equals_ep1(tmp_path):
     """Per-modality streams, hierarchical blocks routing coarse by the given modality (3 groups x 2
-    experts): 6 experts over 2 ranks train as replicated; the report evaluates each modality absent."""
+    experts) and the hierarchical head (3 modalities x 3 scales x 2 experts, top-1): 6 and 18 experts
+    over 2 ranks train as replicated; the report evaluates each modality absent."""
     tmp = str(tmp_path)
     streams = ("model.streams=per_modality", "model.moe_kind=hierarchical",
                "model.hierarchical={num_groups: 3, experts_per_group: 2, coarse_mode: given, "
-               "coarse: {num_experts: 3, top_k: 1}, fine: {num_experts: 2, top_k: 2}}")
+               "coarse: {num_experts: 3, top_k: 1}, fine: {num_experts: 2, top_k: 2}}",
+               "model.fusion=hierarchical", "model.hierarchical_fusion={experts_per_cell: 2, top_k: 1, "
+               "expert: {kind: seed, hidden_dim: 64, dropout: 0.0}}")
     for ep in (1, 2):
         _train(tmp, f"s{ep}", 2, *streams, f"train.ep_size={ep}", "train.steps=4", "eval.untrained=false")
     one, two = _summary(tmp, "s1"), _summary(tmp, "s2")
@@ -118,6 +121,9 @@ def test_modality_streams_with_given_groups_ep2_equals_ep1(tmp_path):
     for a, b in zip(one["loss_history"], two["loss_history"]):
         assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (one["loss_history"], two["loss_history"])
     assert one["expert_load"]["block1"]["whole_run"] == two["expert_load"]["block1"]["whole_run"]
+    assert len(two["fusion_weight_mean"]) == 9  # (modality, scale) weights
+    for a, b in zip(one["fusion_weight_mean"], two["fusion_weight_mean"]):
+        assert abs(a - b) < 1e-5
     assert set(two["missing_modality"]) == {"without_rgb", "without_nir", "without_tir"}
     for k, v in two["missing_modality"].items():
         assert abs(v["map"] - one["missing_modality"][k]["map"]) < 1e-4

@@ -25,19 +25,26 @@ def _batch(b=3):
                  torch.zeros(b, dtype=torch.long))
 
 
+HIER_FUSION = HIER + ["model.fusion=hierarchical", "model.hierarchical_fusion={experts_per_cell: 2, top_k: 1}"]
+
+
 def _reference_feat(model, batch, modalities):
-    """One modality at a time through the shared backbone and head, then the mean."""
-    feats = []
+    """One modality at a time through the shared backbone; then the flat head on each map and the
+    mean, or the hierarchical head on the present modalities' maps."""
+    maps = []
     for m in modalities:
         x = model.norm_in(model.stems[m](getattr(batch, m)).permute(0, 2, 3, 1))
         given = torch.full((x.shape[0],), MODALITY_INDEX[m])
         for block in model.blocks:
             x = block(x, given).x
-        feats.append(model.fusion(model.norm_out(x)).out)
-    return torch.stack(feats).mean(0)
+        maps.append(model.norm_out(x))
+    if model.cfg.fusion == "hierarchical":
+        return model.fusion(torch.cat(maps), [MODALITY_INDEX[m] for m in modalities]).out
+    return torch.stack([model.fusion(x).out for x in maps]).mean(0)
 
 
-@pytest.mark.parametrize("extra", [HIER, ["model.streams=per_modality"]], ids=["hierarchical-given", "patch"])
+@pytest.mark.parametrize("extra", [HIER, ["model.streams=per_modality"], HIER_FUSION],
+                         ids=["hierarchical-given", "patch", "hierarchical-fusion"])
 @pytest.mark.parametrize("present", [tuple(MODALITIES), ("rgb", "tir")], ids=["all", "nir-absent"])
 def test_batched_streams_equal_one_modality_at_a_time(extra, present):
     cfg = load_config("configs/tiny.yaml", extra)
