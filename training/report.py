@@ -2,7 +2,8 @@
 
 Plots: loss curves, CMC (trained vs untrained), one expert-load heatmap per PatchMoE block
 (experts x training progress, share of routed patches), the multi-scale fusion gate weights
-(the thesis fusion's expert-weight heatmap: scales x samples), and the step-time breakdown.
+(the thesis fusion's expert-weight heatmap: scales x samples), and the step-time breakdown;
+per modality (training/report_modal.py): modality-group load and the hierarchical head's weights.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import os
 
 import numpy as np
+
+from training.report_modal import modal_section
 
 
 def pyplot():
@@ -178,8 +181,10 @@ def write_report(summary: dict, run_dir: str, fusion_weights: np.ndarray | None 
     blocks = list(summary["expert_load"])
     for i, name in enumerate(blocks):
         plot_expert_load(summary, i, name, out(f"expert_load_{name}.png"))
-    scales = summary["config"]["model"]["multiscale"].get("scales", [4, 8, 16])
-    if fusion_weights is not None:
+    model = summary["config"]["model"]
+    scales = model["multiscale"].get("scales", [4, 8, 16])
+    flat_fusion = fusion_weights is not None and model.get("fusion", "flat") == "flat"
+    if flat_fusion:
         plot_fusion_weights(fusion_weights, scales, out("fusion_weights.png"))
 
     u = summary.get("untrained")
@@ -189,8 +194,11 @@ def write_report(summary: dict, run_dir: str, fusion_weights: np.ndarray | None 
         "",
         f"{summary['steps']} steps on {summary['world_size']} rank(s) ({summary['device']}, {summary['backend']}, "
         f"launcher: {summary['launcher']}), expert-parallel size {summary['ep_size']}, "
-        f"{summary['num_experts']} experts in each of {summary['moe_layers']} PatchMoE block(s). "
-        f"Wall time {summary['elapsed_s']:.0f} s.",
+        f"{summary['num_experts']} experts in each of {summary['moe_layers']} "
+        f"{'hierarchical' if model.get('moe_kind') == 'hierarchical' else 'PatchMoE'} block(s)"
+        + (f", streams {model['streams']}" if model.get("streams", "fused") != "fused" else "")
+        + (", hierarchical head fusion" if model.get("fusion", "flat") != "flat" else "")
+        + f". Wall time {summary['elapsed_s']:.0f} s.",
         "",
         "## Retrieval (query vs gallery, same-identity same-camera gallery images excluded)",
         "",
@@ -242,14 +250,17 @@ def write_report(summary: dict, run_dir: str, fusion_weights: np.ndarray | None 
     lines += _cost_and_routing(summary)
     missing = summary.get("missing_modality")
     if missing:
+        head = ("the cross-modal gate renormalises over the others" if model.get("fusion", "flat") != "flat"
+                else "the head averages over the others")
         lines += ["## Missing modalities", "", "Evaluated with one modality absent (its stem left out; with "
-                  "per-modality streams its map is not routed and the head averages over the others):", "",
+                  f"per-modality streams its map is not routed and {head}):", "",
                   "| modalities | mAP | Rank-1 |", "|---|---|---|",
                   f"| all ({', '.join(summary['config']['eval']['modalities'])}) | {_pct(summary['map'])} | "
                   f"{_pct(summary['rank1'])} |"]
         lines += [f"| {k.replace('_', ' ')} | {_pct(v['map'])} | {_pct(v['rank1'])} |" for k, v in missing.items()]
         lines.append("")
-    if fusion_weights is not None:
+    lines += modal_section(summary, run_dir, fusion_weights, out)
+    if flat_fusion:
         fw = summary.get("fusion_weight_mean") or []
         lines += ["## Multi-scale fusion", "",
                   "Mean gate weight per scale (last interval): "

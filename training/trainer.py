@@ -303,7 +303,7 @@ class Trainer:
     def summary(self, metrics, untrained, elapsed_s: float, peak_mem_mb: list[float] | None = None,
                 model_cost: dict | None = None) -> dict:
         return build_summary(model_cost=model_cost, cfg=self.cfg, world=self.world, ep_size=self.groups.ep_size,
-                             moe_layers=len(self.moe_layers), steps=self.step, progress=self.progress,
+                             moe_layers=len(self.cfg.model.moe_blocks), steps=self.step, progress=self.progress,
                              skipped_steps=self.bad_steps.skipped, collapse_events=self.collapse.events,
                              a2a_per_step=self.a2a_per_step, metrics=metrics, untrained=untrained,
                              elapsed_s=elapsed_s, peak_mem_mb=peak_mem_mb, data_summary=self.data_summary)

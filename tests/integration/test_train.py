@@ -122,6 +122,10 @@ def test_modality_streams_with_given_groups_ep2_equals_ep1(tmp_path):
         assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (one["loss_history"], two["loss_history"])
     assert one["expert_load"]["block1"]["whole_run"] == two["expert_load"]["block1"]["whole_run"]
     assert len(two["fusion_weight_mean"]) == 9  # (modality, scale) weights
+    report = open(os.path.join(tmp, "runs", "s2", "report.md")).read()
+    assert "| block1 | 0.33 | 0.33 | 0.33 |" in report  # given groups: each modality's patches, a third each
+    for png in ("group_load.png", "modal_fusion.png"):
+        assert os.path.getsize(os.path.join(tmp, "runs", "s2", png)) > 0
     for a, b in zip(one["fusion_weight_mean"], two["fusion_weight_mean"]):
         assert abs(a - b) < 1e-5
     assert set(two["missing_modality"]) == {"without_rgb", "without_nir", "without_tir"}
