@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 from training.checkpoint import COMPLETE
 
-DEFAULT_CONFIGS = ("configs/default.yaml", "configs/hierarchical.yaml", "configs/ablations/scales2.yaml",
+DEFAULT_CONFIGS = ("configs/default.yaml", "configs/hierarchical.yaml", "configs/ablations/streams.yaml",
+                   "configs/ablations/modal_given.yaml", "configs/modal.yaml", "configs/ablations/scales2.yaml",
                    "configs/ablations/scales4.yaml", "configs/ablations/scales5.yaml", "configs/ablations/gate1.yaml",
                    "configs/ablations/gate3.yaml", "configs/ablations/temp0.5.yaml", "configs/ablations/temp2.0.yaml")
 COLUMNS = ("run", "config", "map", "rank1", "samples_per_s", "params_total", "params_active_per_patch",
