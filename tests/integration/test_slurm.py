@@ -1,12 +1,14 @@
 """SLURM for real: a one-node controller + node daemon on this machine (tests/slurm.py).
 
-1. `msmoe submit` writes the sbatch script into the run directory, submits it, the job trains with
-   2 processes (EP=2) and the run directory holds the trained result.
+1. `msmoe ablate --submit` runs `msmoe submit` per run: it writes the sbatch script into the run
+   directory, submits it, the job trains with 2 processes (EP=2), and the table is written from
+   the trained results once the job finished.
 2. Preemption: `scancel --signal=USR1` mid-run; the trainers stop after the same step, checkpoint,
    requeue the job; the requeued job resumes from that checkpoint and finishes - with the same
    loss curve as an uninterrupted run, so no step was lost or repeated.
 """
 
+import csv
 import json
 import os
 import re
@@ -46,20 +48,6 @@ def _port():
 def _log(tmp, name, job):
     path = os.path.join(tmp, "runs", name, f"slurm-{job}.out")
     return open(path).read() if os.path.exists(path) else ""
-
-
-def test_submit_trains_on_slurm(cluster, tmp_path):
-    tmp = str(tmp_path)
-    job = _submit(cluster, tmp, "slurm1", "train.steps=6", "eval.untrained=false")
-    run = os.path.join(tmp, "runs", "slurm1")
-    assert open(os.path.join(run, "slurm_job_id")).read().strip() == job
-    script = open(os.path.join(run, "submit.sbatch")).read()
-    assert "--rdzv_backend=c10d" in script and "#SBATCH --nodes=1" in script
-    state = cluster.wait(job, timeout=600)
-    assert state == "COMPLETED", f"{state}\n{_log(tmp, 'slurm1', job)}\n{cluster.logs()}"
-    s = json.load(open(os.path.join(run, "summary.json")))
-    assert s["steps"] == 6 and s["world_size"] == 2 and s["ep_size"] == 2 and len(s["loss_history"]) == 6
-    assert 0 < s["map"] <= 1 and os.path.exists(os.path.join(run, "report.md"))
 
 
 def test_preemption_requeues_and_resumes_without_losing_a_step(cluster, tmp_path):
@@ -104,3 +92,26 @@ def test_preemption_requeues_and_resumes_without_losing_a_step(cluster, tmp_path
     assert b["steps"] == steps and len(b["loss_history"]) == steps
     assert b["loss_history"] == a["loss_history"]  # nothing lost, nothing repeated
     assert b["map"] == pytest.approx(a["map"], abs=1e-6)
+
+
+def test_ablate_through_submit_queues_each_run_and_writes_the_table(cluster, tmp_path):
+    """`msmoe ablate --submit`: every run a SLURM job (2 processes, EP=2), the table once they finished;
+    a second call keeps the finished run and submits nothing."""
+    tmp = str(tmp_path)
+    args = ["ablate", "--configs", "configs/tiny.yaml", "--out", f"{tmp}/abl", "--submit", "--nodes", "1",
+            "--gpus-per-node", "2", "--device", "cpu", "--time", "00:20:00", "--partition", "debug", "--port",
+            str(_port()), "--poll", "1", "train.steps=4", "train.ep_size=2", "eval.untrained=false",
+            "eval.missing_modalities=false", f"data.path={tmp}/data", f"data.synth={TINY_DATA}"]
+    first = run_cli(*args, env=cluster.env, threads=None, timeout=900)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:] + cluster.logs()
+    job = open(f"{tmp}/abl/tiny/slurm_job_id").read().strip()
+    assert f"submitted job {job}" in first.stdout and "finished (job" in first.stdout
+    script = open(f"{tmp}/abl/tiny/submit.sbatch").read()  # what `msmoe submit` wrote and sbatch ran
+    assert "--rdzv_backend=c10d" in script and "#SBATCH --nodes=1" in script
+    s = json.load(open(f"{tmp}/abl/tiny/summary.json"))
+    assert s["world_size"] == 2 and s["ep_size"] == 2 and s["steps"] == 4
+    rows = list(csv.DictReader(open(f"{tmp}/abl/ablation.csv")))
+    assert [r["run"] for r in rows] == ["tiny"] and float(rows[0]["map"]) == pytest.approx(s["map"])
+    again = run_cli(*args, env=cluster.env, threads=None, timeout=300)
+    assert again.returncode == 0 and "finished before, kept" in again.stdout and "submitted" not in again.stdout
+    assert open(f"{tmp}/abl/tiny/slurm_job_id").read().strip() == job
