@@ -38,6 +38,22 @@ def test_hierarchical_active_experts_are_coarse_times_fine_slots():
     assert counts["experts"] == 6 * per_expert and counts["active_per_patch"] == counts["dense"] + 2 * per_expert
 
 
+def test_hierarchical_head_active_experts_are_its_cells_times_top_k():
+    from moe import HierarchicalFusion, HierarchicalFusionConfig
+
+    d, s, m, ec, k = 8, 3, 3, 2, 1
+    layer = HierarchicalFusion(HierarchicalFusionConfig(dim=d, scales=(1, 2, 4), num_modalities=m, experts_per_cell=ec,
+                                                        top_k=k, expert=ExpertConfig(kind="ffn", hidden_dim=8, dropout=0.0)))
+    counts = parameter_counts(layer, [layer], 1)
+    per_expert = d * 8 + 8 + 8 * d + d
+    fine = m * ((s * d) * (s * d // 2) + s * d // 2 + 2 * (s * d // 2) + (s * d // 2) * s + s)  # 2 layers + LN
+    coarse = (2 * d) * d + d + 2 * d + d * 1 + 1
+    cell_routers = m * s * (d * ec + ec)
+    assert counts["dense"] == fine + coarse + m + cell_routers  # + the modality biases
+    assert counts["experts"] == m * s * ec * per_expert
+    assert counts["active_per_patch"] == counts["dense"] + m * s * k * per_expert  # per image: k in every cell
+
+
 def test_matmul_flops_are_counted_as_run():
     x, w = torch.randn(10, 8), torch.randn(8, 4)
     assert count_flops(torch.mm, x, w)[0] == 2 * 10 * 8 * 4
