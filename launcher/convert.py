@@ -23,7 +23,7 @@ sizes. The checkpoint does not hold the layer layout (group sizes, placement), s
 the run's config: the config.yaml that ``msmoe train`` writes into the run directory
 (runs/<name>/config.yaml), which holds every override the run was started with. The command prints
 the overrides that ``msmoe train --init-from <out>`` then needs
-(model.hierarchical.experts_per_group=[8,4,4] model.hierarchical.fine.num_experts=8).
+('model.hierarchical.experts_per_group=[8,4,4]' model.hierarchical.fine.num_experts=8).
 """
 
 from __future__ import annotations
@@ -160,8 +160,9 @@ def _transform(args):
     epg = list(new_sizes) if len(set(new_sizes)) > 1 else new_sizes[0]
     dataclasses.replace(cfg, experts_per_group=epg if isinstance(epg, int) else tuple(epg),
                         fine=dataclasses.replace(cfg.fine, num_experts=max(new_sizes)))  # validates: top_k fits
-    epg_text = f"[{','.join(map(str, epg))}]" if isinstance(epg, list) else str(epg)
-    note = (f"train from it with: --init-from {args.out} model.hierarchical.experts_per_group={epg_text} "
+    epg_arg = (f"'model.hierarchical.experts_per_group=[{','.join(map(str, epg))}]'" if isinstance(epg, list)
+               else f"model.hierarchical.experts_per_group={epg}")  # quoted: [..] is a shell pattern
+    note = (f"train from it with: --init-from {args.out} {epg_arg} "
             f"model.hierarchical.fine.num_experts={max(new_sizes)}")
 
     def transform(state, num_experts, module_prefix):
