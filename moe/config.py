@@ -6,8 +6,9 @@ time with a message that names the field, the value and what would be accepted.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, Literal, Mapping, get_type_hints
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+import types
+from typing import Any, Literal, Mapping, Union, get_args, get_origin, get_type_hints
 
 ScoreFn = Literal["softmax", "sigmoid"]
 NoiseKind = Literal["none", "gaussian", "jitter"]
@@ -220,21 +221,26 @@ class PatchMoEConfig:
 
 @dataclass(frozen=True)
 class HierarchicalMoEConfig:
-    """Two-level MoE (see moe/hierarchical.py): G coarse groups (modalities), F fine experts per
-    group (scales), E = G*F experts in all, one decision per P x P patch.
+    """Two-level MoE (see moe/hierarchical.py): G coarse groups (modalities), F_g fine experts in
+    group g (scales), E = sum_g F_g experts in all, one decision per P x P patch.
 
+    experts_per_group: F, the same for every group (an int), or one size per group (a list of G
+                 ints, e.g. [8, 4, 4] for RGB 8, NIR 4, TIR 4): see ``group_sizes``.
     coarse:      router over the G groups (num_experts must be num_groups; top_k = coarse slots);
                  ignored when coarse_mode is "given" (the caller passes each image's group).
-    fine:        router of each group over its F experts (num_experts must be experts_per_group).
+    fine:        the fine routers' settings; num_experts must be the largest group's size, and
+                 group g's router is this one with num_experts = F_g. Every group has the same
+                 fine slots, so fine.top_k (and fine.k_max with dynamic_top_p) must fit the
+                 smallest group.
     placement:   "grouped" (a group's experts contiguous: on one rank / one node under EP) or
-                 "spread" (round-robin over ranks).
+                 "spread" (interleaved over the ranks).
     """
 
     dim: int
     coarse: RouterConfig
     fine: RouterConfig
     num_groups: int = 3
-    experts_per_group: int = 3
+    experts_per_group: int | tuple[int, ...] = 3
     coarse_mode: Literal["learned", "given"] = "learned"
     placement: Literal["grouped", "spread"] = "grouped"
     expert: ExpertConfig = field(default_factory=ExpertConfig)
@@ -245,19 +251,50 @@ class HierarchicalMoEConfig:
     def __post_init__(self) -> None:
         _require(self.dim >= 1, f"dim={self.dim} must be >= 1")
         _require(self.num_groups >= 1, f"num_groups={self.num_groups} must be >= 1")
-        _require(self.experts_per_group >= 1, f"experts_per_group={self.experts_per_group} must be >= 1")
+        epg = self.experts_per_group
+        if isinstance(epg, (tuple, list)):
+            _require(len(epg) == self.num_groups,
+                     f"experts_per_group={list(epg)} lists {len(epg)} group sizes for num_groups={self.num_groups}: "
+                     f"give one size per group (or one int for all)")
+            _require(all(isinstance(f, int) and not isinstance(f, bool) and f >= 1 for f in epg),
+                     f"experts_per_group={list(epg)}: every group size must be an integer >= 1")
+            object.__setattr__(self, "experts_per_group", tuple(epg))  # a list from code: hashable, as from YAML
+        else:
+            _require(isinstance(epg, int) and not isinstance(epg, bool) and epg >= 1,
+                     f"experts_per_group={epg!r} must be an integer >= 1 or a list of {self.num_groups} of them")
+        sizes = self.group_sizes
         _require(self.coarse.num_experts == self.num_groups,
                  f"coarse.num_experts={self.coarse.num_experts} must equal num_groups={self.num_groups}")
-        _require(self.fine.num_experts == self.experts_per_group,
-                 f"fine.num_experts={self.fine.num_experts} must equal experts_per_group={self.experts_per_group}")
+        _require(self.fine.num_experts == max(sizes),
+                 f"fine.num_experts={self.fine.num_experts} must equal "
+                 + (f"experts_per_group={epg}" if isinstance(epg, int) else
+                    f"the largest group size max(experts_per_group={list(sizes)})={max(sizes)}: set "
+                    f"fine.num_experts={max(sizes)} (group g's router then scores its own F_g experts)"))
+        if min(sizes) < max(sizes):
+            k_field = "fine.k_max" if self.fine.dynamic_top_p is not None else "fine.top_k"
+            _require(self.fine.max_k <= min(sizes),
+                     f"{k_field}={self.fine.max_k} is larger than the smallest group "
+                     f"(experts_per_group={list(sizes)}): every group's fine router takes the same slots; "
+                     f"choose {k_field} <= {min(sizes)}")
         _one_of("coarse_mode", self.coarse_mode, ("learned", "given"))
         _one_of("placement", self.placement, ("grouped", "spread"))
         _require(self.patch_size >= 1, f"patch_size={self.patch_size} must be >= 1")
         _one_of("pad_mode", self.pad_mode, ("pad", "error"))
 
     @property
+    def group_sizes(self) -> tuple[int, ...]:
+        """(F_0, ..., F_{G-1}): the fine experts of every group."""
+        epg = self.experts_per_group
+        return tuple(epg) if isinstance(epg, tuple) else (epg,) * self.num_groups
+
+    @property
     def num_experts(self) -> int:
-        return self.num_groups * self.experts_per_group
+        return sum(self.group_sizes)
+
+    def fine_router(self, group: int) -> RouterConfig:
+        """Group ``group``'s fine router: ``fine`` over its F_g experts."""
+        f = self.group_sizes[group]
+        return self.fine if f == self.fine.num_experts else replace(self.fine, num_experts=f)
 
 
 @dataclass(frozen=True)
@@ -370,6 +407,8 @@ def from_dict(cls: type, data: Mapping[str, Any] | None, path: str = "") -> Any:
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         hint, key = hints[name], f"{path}.{name}" if path else name
+        if get_origin(hint) in (Union, types.UnionType) and isinstance(value, list):
+            hint = next((a for a in get_args(hint) if get_origin(a) is tuple), hint)  # int | tuple[int, ...]
         if is_dataclass(hint) and not isinstance(value, hint):
             value = from_dict(hint, value, key)
         elif getattr(hint, "__origin__", None) is tuple and isinstance(value, list):

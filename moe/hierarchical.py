@@ -2,21 +2,22 @@
 
 Legend
   B batch, N patches, L = P*P points, C channels, G coarse groups (RGB / NIR / TIR),
-  F fine experts per group (4x4 / 8x8 / 16x16 scales), E = G*F experts, Kc coarse slots,
-  Kf fine slots, K = Kc*Kf slots per patch.
+  F_g fine experts in group g (4x4 / 8x8 / 16x16 scales; groups may differ, e.g. 8, 4, 4),
+  Fm = max F_g, E = sum F_g experts, Kc coarse slots, Kf fine slots, K = Kc*Kf slots per patch.
 
 Per patch (one decision per P x P patch, as PatchMoE):
   coarse:  learned - Router over G groups on the pooled patch -> groups g_j, weights wc_j [N, Kc]
            given   - the caller names each image's modality -> one group, weight 1
-  fine:    group g's own Router over its F experts -> experts f_i, weights wf_i       [N, Kf]
+  fine:    group g's own Router over its F_g experts -> experts f_i, weights wf_i     [N, Kf]
   expert (g, f), weight wc_j * wf_i, for every coarse slot j and fine slot i          [N, K]
   y = sum over slots of weight * expert_(g,f)(patch)
 Every expert is one of E global experts, so the same dispatcher (local, or all-to-all over an EP
-group) shards both levels. ``placement`` orders the global ids:
-  "grouped": id = g*F + f  - a group's F experts are contiguous, so with EP they live on one
-             rank (or one consecutive set of ranks: one node), and fine-level traffic for a group
-             goes to that node only;
-  "spread":  id = f*G + g  - a group's experts are spread round-robin over the ranks.
+group) shards both levels. ``placement`` orders the global ids (:func:`expert_id_table`):
+  "grouped": id = offset_g + f (offset_g = F_0 + ... + F_{g-1}; g*F + f for equal groups) - a
+             group's experts are contiguous, so with EP they live on one rank (or one consecutive
+             set of ranks: one node), and fine-level traffic for a group goes to that node only;
+  "spread":  the (f, g) pairs numbered in order of (f, g) (f*G + g for equal groups) - a group's
+             experts are interleaved over the ranks.
 The balance loss sees the joint distribution p(g) * p(f | g) over the E experts.
 
 Transport: the layer's dispatcher is a :class:`HierarchicalDispatcher`: it takes the patches and
@@ -110,6 +111,16 @@ class OneStage:
         return unpermute(back_RLC, meta.inner.plan, meta.weights_NK)
 
 
+def expert_id_table(group_sizes: tuple[int, ...], placement: str) -> list[list[int]]:
+    """Global expert id of every (group g, fine expert f < F_g), per group (see the module docstring)."""
+    if placement == "grouped":
+        offsets = [sum(group_sizes[:g]) for g in range(len(group_sizes))]
+        return [[offsets[g] + f for f in range(n)] for g, n in enumerate(group_sizes)]
+    pairs = [(f, g) for f in range(max(group_sizes)) for g, n in enumerate(group_sizes) if f < n]
+    ids = {pair: i for i, pair in enumerate(pairs)}
+    return [[ids[(f, g)] for f in range(n)] for g, n in enumerate(group_sizes)]
+
+
 class HierarchicalMoE(nn.Module):
     """``dispatcher`` decides where experts live and how patches reach them; the default keeps all
     of them on this rank (:class:`OneStage` over a local dispatcher). ``timer`` measures the
@@ -129,16 +140,19 @@ class HierarchicalMoE(nn.Module):
             raise ValueError(f"num_experts={e} is not a multiple of the dispatcher's "
                              f"num_local_experts={self.dispatcher.num_local_experts}")
         self.coarse = Router(cfg.coarse, cfg.dim) if cfg.coarse_mode == "learned" else None
-        self.fine = nn.ModuleList(Router(cfg.fine, cfg.dim) for _ in range(cfg.num_groups))
+        self.fine = nn.ModuleList(Router(cfg.fine_router(g), cfg.dim) for g in range(cfg.num_groups))
         self.experts = build_experts(cfg.expert, self.dispatcher.num_local_experts, cfg.dim)
-        g, f = cfg.num_groups, cfg.experts_per_group
-        gg, ff = torch.meshgrid(torch.arange(g), torch.arange(f), indexing="ij")
-        ids = gg * f + ff if cfg.placement == "grouped" else ff * g + gg
-        self.register_buffer("expert_id", ids, persistent=False)  # [G, F] global id of (group, fine)
+        table = expert_id_table(cfg.group_sizes, cfg.placement)
+        fm = max(cfg.group_sizes)
+        ids = torch.tensor([row + [0] * (fm - len(row)) for row in table])  # padding never picked by a router
+        valid = torch.tensor([f < len(row) for row in table for f in range(fm)])
+        self.register_buffer("expert_id", ids, persistent=False)  # [G, Fm] global id of (group, fine)
+        self.register_buffer("valid_GFm", valid.nonzero().flatten(), persistent=False)  # real (g, f) in G*Fm
+        self.register_buffer("valid_id", ids.flatten()[valid], persistent=False)  # their global ids [E]
 
     def route(self, pooled_NC: torch.Tensor, group_of_unit: torch.Tensor | None) -> HierRoute:
         cfg = self.cfg
-        n, g_count, f_count = pooled_NC.shape[0], cfg.num_groups, cfg.experts_per_group
+        n, g_count, fm = pooled_NC.shape[0], cfg.num_groups, self.expert_id.shape[1]
         if self.coarse is not None:
             coarse = self.coarse(pooled_NC)
             cg_NKc, cw_NKc, cmask = coarse.expert_ids, coarse.weights, coarse.slot_mask
@@ -155,7 +169,7 @@ class HierarchicalMoE(nn.Module):
         f_ids = torch.stack([d.expert_ids for d in fine], 1)  # [N, G, Kf]
         f_w = torch.stack([d.weights for d in fine], 1)
         f_mask = torch.stack([d.slot_mask for d in fine], 1)
-        f_probs = torch.stack([d.probs for d in fine], 1)  # [N, G, F]
+        f_probs = torch.stack([nn.functional.pad(d.probs, (0, fm - d.probs.shape[1])) for d in fine], 1)  # [N, G, Fm]
         idx = cg_NKc.unsqueeze(-1).expand(-1, -1, f_ids.shape[-1])  # [N, Kc, Kf]
         sel_ids = f_ids.gather(1, idx)
         sel_w = f_w.gather(1, idx)
@@ -164,8 +178,11 @@ class HierarchicalMoE(nn.Module):
         w_NK = (cw_NKc.unsqueeze(-1) * sel_w).flatten(1)
         mask_NK = (cmask.unsqueeze(-1) & sel_mask).flatten(1)
         joint_NGF = pc_NG.unsqueeze(-1) * f_probs
-        probs_NE = torch.zeros(n, g_count * f_count, device=pooled_NC.device, dtype=joint_NGF.dtype)
-        probs_NE = probs_NE.index_copy(1, self.expert_id.flatten(), joint_NGF.flatten(1))
+        joint_NE = joint_NGF.flatten(1)
+        if joint_NE.shape[1] != cfg.num_experts:  # unequal groups: drop the padding
+            joint_NE = joint_NE.index_select(1, self.valid_GFm)
+        probs_NE = torch.zeros(n, cfg.num_experts, device=pooled_NC.device, dtype=joint_NGF.dtype)
+        probs_NE = probs_NE.index_copy(1, self.valid_id, joint_NE)
         all_live = (self.coarse is None or cfg.coarse.dynamic_top_p is None) and cfg.fine.dynamic_top_p is None
         decision = RoutingDecision(ids_NK, w_NK * mask_NK, mask_NK, probs_NE, logits, all_live=all_live)
         expert_NKcKf = self.expert_id[cg_NKc.unsqueeze(-1), sel_ids]

@@ -16,6 +16,9 @@ layer then computes exactly the original function, whatever the noise. Training 
 Prune E -> E': keep the E' most used experts (usage from a run's expert-load counts).
 Merge E -> E': like prune, but every dropped expert is averaged (by usage) into the kept expert
 whose gate column is closest (cosine), so its weights are not simply lost.
+
+One group of a HierarchicalMoE (``resize_group_state``): the same upcycle / prune / merge on that
+group's fine router and experts, the experts laid out again for the new group sizes.
 """
 
 from __future__ import annotations
@@ -118,3 +121,56 @@ def shrink_state(sd: dict, num_experts: int, new_num_experts: int, usage, *, mod
     if bias_key in sd:
         out[bias_key] = sd[bias_key][idx].clone()
     return out, kept
+
+
+def resize_group_state(sd: dict, group_sizes: tuple[int, ...], placement: str, group: int, new_size: int, *,
+                       mode: str = "upcycle", usage=None, score_fn: str = "softmax", noise: float = 0.0,
+                       gap: float | None = None, generator: torch.Generator | None = None) -> tuple[dict, tuple[int, ...]]:
+    """Grow or shrink group ``group`` of a HierarchicalMoE's state dict (all E experts present:
+    "coarse....", "fine.<g>....", "experts.<name>" stacked [E, ...]) to ``new_size`` fine experts.
+
+    The group's fine router and experts go through :func:`upcycle_state` / :func:`shrink_state`
+    as a PatchMoE of F_g experts would (``usage``: the layer's load per global expert, for
+    prune/merge); the experts are then laid out again by ``placement`` for the new sizes
+    (moe/hierarchical.py: ``expert_id_table``). The coarse router, the other groups' routers and
+    their experts' weights are unchanged (only their global ids move). Returns (state dict, new sizes).
+    """
+    from moe.hierarchical import expert_id_table
+
+    sizes = tuple(group_sizes)
+    if not 0 <= group < len(sizes):
+        raise ResizeError(f"group={group} is not one of the layer's groups 0..{len(sizes) - 1}")
+    if mode not in ("upcycle", "prune", "merge"):
+        raise ResizeError(f"mode={mode!r} must be 'upcycle', 'prune' or 'merge'")
+    old_ids = expert_id_table(sizes, placement)
+    names = _expert_keys(sd, "")
+    for k in names:
+        if sd[k].shape[0] != sum(sizes):
+            raise ResizeError(f"{k} has {sd[k].shape[0]} experts, but experts_per_group={list(sizes)} makes {sum(sizes)}")
+    head = f"fine.{group}."
+    view = {"router." + k[len(head):]: v for k, v in sd.items() if k.startswith(head)}  # as a PatchMoE's
+    if not view:
+        raise ResizeError(f"no fine router {head!r} in the state dict: not a HierarchicalMoE layer")
+    mine = torch.tensor(old_ids[group])
+    view.update({k: sd[k][mine] for k in names})
+    f_old = sizes[group]
+    if mode == "upcycle":
+        new_view = upcycle_state(view, f_old, new_size, score_fn=score_fn, noise=noise, gap=gap, generator=generator)
+    else:
+        if usage is None:
+            raise ResizeError(f"mode={mode!r} needs the layer's expert usage")
+        usage = torch.as_tensor(usage, dtype=torch.float64)
+        if usage.numel() != sum(sizes):
+            raise ResizeError(f"usage has {usage.numel()} entries for the layer's {sum(sizes)} experts")
+        new_view = shrink_state(view, f_old, new_size, usage[mine], mode=mode)[0]
+    new_sizes = sizes[:group] + (new_size,) + sizes[group + 1:]
+    new_ids = expert_id_table(new_sizes, placement)
+    out = {k: v for k, v in sd.items() if not k.startswith(head)}
+    out.update({head + k[len("router."):]: v for k, v in new_view.items() if k.startswith("router.")})
+    for k in names:
+        rows: list = [None] * sum(new_sizes)
+        for g, ids in enumerate(new_ids):
+            for f, e in enumerate(ids):
+                rows[e] = new_view[k][f] if g == group else sd[k][old_ids[g][f]]
+        out[k] = torch.stack(rows).clone()
+    return out, new_sizes

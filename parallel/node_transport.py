@@ -1,8 +1,9 @@
 """Topology-aware two-stage transport for HierarchicalMoE: fine-level traffic stays inside a node.
 
 Legend: P ranks in the EP group, n ranks per node (P % n == 0), El experts per rank,
-G groups x F fine experts (grouped placement: group g = experts g*F .. g*F+F-1), Kc coarse and
-Kf fine slots per patch, L*C one patch row.
+G groups of F_g fine experts (grouped placement: group g = experts offset_g .. offset_g+F_g-1,
+offset_g = F_0 + ... + F_{g-1}; every group must sit on one node), Kc coarse and Kf fine slots
+per patch, L*C one patch row.
 
 Single-stage dispatch sends a patch once per (group, fine expert) slot, so a patch whose group
 lives on another node crosses the node boundary Kf times each way. Here:
@@ -21,6 +22,7 @@ stages count bytes (``coarse_counter``, ``fine_counter``, with node crossings).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -79,23 +81,29 @@ class NodeTransport:
 
     placement = "grouped"  # a group's experts contiguous, so one node holds them
 
-    def __init__(self, num_groups: int, experts_per_group: int, ep: ExpertGroup, node_group, node_size: int,
+    def __init__(self, group_sizes: Sequence[int], ep: ExpertGroup, node_group, node_size: int,
                  coarse_counter: CommCounter | None = None, fine_counter: CommCounter | None = None):
-        e = num_groups * experts_per_group
+        """``group_sizes``: F_g of every group (``HierarchicalMoEConfig.group_sizes``)."""
+        sizes = [int(f) for f in group_sizes]
+        e = sum(sizes)
         if ep.num_experts != e:
-            raise ValueError(f"the expert group shards {ep.num_experts} experts, but num_groups x experts_per_group "
-                             f"= {num_groups} x {experts_per_group} = {e}")
+            raise ValueError(f"the expert group shards {ep.num_experts} experts, but the groups' sizes "
+                             f"experts_per_group={sizes} make {e}")
         self.ep, self.node_size = ep, node_size
         per_node = ep.num_local_experts * node_size
         self.num_node_experts = per_node
         self.group_node = []
-        for g in range(num_groups):
-            nodes = {(g * experts_per_group + f) // per_node for f in range(experts_per_group)}
+        offset = 0
+        for g, f_g in enumerate(sizes):
+            nodes = {(offset + f) // per_node for f in range(f_g)}
             if len(nodes) != 1:
                 raise ValueError(
-                    f"group {g}'s {experts_per_group} experts span nodes {sorted(nodes)} (node = {node_size} ranks x "
-                    f"{ep.num_local_experts} experts): choose sizes so every group fits in one node")
+                    f"group {g}'s {f_g} experts (ids {offset}..{offset + f_g - 1}) span nodes {sorted(nodes)} "
+                    f"(node = {node_size} ranks x {ep.num_local_experts} experts = {per_node}): the two-stage "
+                    f"transport needs every group on one node; choose experts_per_group={sizes} so that the "
+                    f"groups' cumulative sizes fall on multiples of {per_node}, or use the one-stage dispatch")
             self.group_node.append(nodes.pop())
+            offset += f_g
         self.first_node_expert = ep.rank // node_size * per_node
         self.coarse_counter = coarse_counter if coarse_counter is not None else CommCounter(node_size=node_size)
         self.fine_counter = fine_counter if fine_counter is not None else CommCounter(node_size=node_size)

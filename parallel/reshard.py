@@ -122,54 +122,74 @@ def reshard_checkpoint(src_dir: str, tag: str, dst_dir: str, new_ep_size: int) -
     return {"tag": tag, "from_ep_size": p_src, "to_ep_size": new_ep_size, "out": dst}
 
 
-def resize_experts_checkpoint(src_dir: str, tag: str, dst_dir: str, new_num_experts: int, transform) -> dict:
-    """Change every MoE layer's expert count in a DeepSpeed checkpoint (weights only).
+def resize_experts_checkpoint(src_dir: str, tag: str, dst_dir: str, transform, layer_prefix: str = "blocks.") -> dict:
+    """Change the expert count of the MoE layers under ``layer_prefix`` in a DeepSpeed checkpoint
+    (weights only).
 
-    ``transform(layer_state, num_experts, layer_index) -> new layer_state`` works on one layer's
-    state in PatchMoE naming ("router....", "experts.<name>" stacked [E, ...]); see moe/resize.py.
+    ``transform(layer_state, num_experts, module_prefix) -> new layer_state`` works on one layer's
+    state in the layer's own naming ("router....", or "coarse....", "fine.<g>...." for a
+    HierarchicalMoE, and "experts.<name>" stacked [E, ...]; see moe/resize.py); ``module_prefix``
+    is the layer's module path ("blocks.1.ffn."). Its new expert count is read from the stacked
+    experts it returns. MoE layers elsewhere (e.g. a head's, "fusion....") keep their expert files
+    byte for byte and their keys and expert count as they were; ``num_experts`` is written per layer.
     The optimizer state cannot follow a change of shape, so none is written: load the result
     with ``load_module_only`` (``msmoe train --init-from``). Like :func:`reshard_checkpoint`,
     ``dst_dir/<tag>`` appears complete or not at all, and the caller commits it.
     """
     src = os.path.join(src_dir, tag)
     model = _load(os.path.join(src, "mp_rank_00_model_states.pt"))
-    by_layer: dict[int, dict[int, dict]] = {}
+    files: dict[int, dict[int, str]] = {}  # layer -> expert id -> file name
     for f in os.listdir(src):
         m = EXPERT_FILE_RE.fullmatch(f)
         if m:
-            by_layer.setdefault(int(m.group(1)), {})[int(m.group(2))] = _load(os.path.join(src, f))
-    if not by_layer:
+            files.setdefault(int(m.group(1)), {})[int(m.group(2))] = f
+    if not files:
         raise ReshardError(f"{src} holds no expert files: not a DeepSpeed MoE checkpoint")
+    counts = list(model.get("num_experts") or [])
+    if len(counts) != len(files):
+        raise ReshardError(f"{src}: the model file lists num_experts={counts} for {len(files)} MoE layers' expert files")
     module = dict(model["module"])
     new_files: dict[str, dict] = {}
-    old_counts = []
-    for layer in sorted(by_layer):
-        experts = by_layer[layer]
-        e = len(experts)
-        old_counts.append(e)
-        if sorted(experts) != list(range(e)):
-            raise ReshardError(f"layer {layer}: expert files {sorted(experts)} are not 0..{e - 1}")
+    copied: list[str] = []
+    resized: dict[str, tuple[int, int]] = {}  # module prefix -> (old, new) experts
+    for layer in sorted(files):
+        e = len(files[layer])
+        if sorted(files[layer]) != list(range(e)):
+            raise ReshardError(f"layer {layer}: expert files {sorted(files[layer])} are not 0..{e - 1}")
+        first = _load(os.path.join(src, files[layer][0]))
         module_prefix, names = None, []
-        for k in experts[0]:
+        for k in first:
             m = PER_EXPERT_KEY_RE.fullmatch(k)
             module_prefix, names = m.group(1), names + [m.group(3)]
-        prefix = module_prefix + LAYER_KEY  # the layer's own keys: "router....", "experts...."
+        if not module_prefix.startswith(layer_prefix):
+            copied += list(files[layer].values())  # not ours to resize: byte for byte
+            continue
+        experts = {0: first, **{g: _load(os.path.join(src, files[layer][g])) for g in range(1, e)}}
+        prefix = module_prefix + LAYER_KEY  # the layer's own keys: "router....", "fine.<g>....", ...
         expert_key = module_prefix + PER_EXPERT_KEY + "{}.{}"  # expert id, parameter name
         state = {f"experts.{n}": torch.stack([experts[g][expert_key.format(g, n)] for g in range(e)])
                  for n in names}
-        state.update({k[len(prefix):]: v for k, v in module.items() if k.startswith(prefix + "router.")})
-        new_state = transform(state, e, layer)
+        state.update({k[len(prefix):]: v for k, v in module.items() if k.startswith(prefix)})
+        new_state = transform(state, e, module_prefix)
+        new_e = new_state[f"experts.{names[0]}"].shape[0]
         for k, v in new_state.items():
-            if k.startswith("router."):
+            if not k.startswith("experts."):
                 module[prefix + k] = v
-        for g in range(new_num_experts):
+        for g in range(new_e):
             new_files[EXPERT_FILE.format(layer=layer, expert=g)] = {
                 expert_key.format(g, n): new_state[f"experts.{n}"][g].clone() for n in names}
+        counts[layer] = new_e
+        resized[module_prefix] = (e, new_e)
+    if not resized:
+        raise ReshardError(f"{src} holds no MoE layer under {layer_prefix!r}: nothing to resize")
     model["module"] = module
-    model["num_experts"] = [new_num_experts] * len(by_layer)
+    model["num_experts"] = counts
     dst = os.path.join(dst_dir, tag)
     with staged_dir(dst) as tmp:
         torch.save(model, os.path.join(tmp, "mp_rank_00_model_states.pt"))
+        for name in copied:
+            shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
         for name, sd in new_files.items():
             torch.save(sd, os.path.join(tmp, name))
-    return {"tag": tag, "layers": len(by_layer), "from_experts": old_counts, "to_experts": new_num_experts, "out": dst}
+    return {"tag": tag, "layers": len(resized), "from_experts": [a for a, _ in resized.values()],
+            "to_experts": [b for _, b in resized.values()], "resized": resized, "num_experts": counts, "out": dst}

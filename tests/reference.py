@@ -341,10 +341,20 @@ def patch_moe_reference(layer, x_BHWC: torch.Tensor, expert_mods):
     return out, routes, keep, probs
 
 
+def _hier_expert_id(sizes: list[int], placement: str, g: int, f: int) -> int:
+    """Global id of (group g, fine expert f), counted one by one: "grouped" = the experts of the
+    groups before g, then f; "spread" = the (f', g') pairs before (f, g) in order of (f', g')."""
+    if placement == "grouped":
+        return sum(sizes[:g]) + f
+    return sum(1 for f2 in range(max(sizes)) for g2 in range(len(sizes)) if f2 < sizes[g2] and (f2, g2) < (f, g))
+
+
 def hierarchical_reference(layer, x_BHWC: torch.Tensor, expert_mods, modality=None):
     """Two-level routing with loops: each patch picks groups (coarse), then experts inside each
     group (that group's own router); its output is the weight-product sum of those experts."""
     cfg = layer.cfg
+    sizes = [cfg.experts_per_group] * cfg.num_groups if isinstance(cfg.experts_per_group, int) \
+        else list(cfg.experts_per_group)
     p = cfg.patch_size
     b, h, w, c = x_BHWC.shape
     nh, nw = h // p, w // p
@@ -362,7 +372,7 @@ def hierarchical_reference(layer, x_BHWC: torch.Tensor, expert_mods, modality=No
                 for g, wg in groups:
                     fines, _ = route_unit(layer.fine[g], u)
                     for f, wf in fines:
-                        e = g * cfg.experts_per_group + f if cfg.placement == "grouped" else f * cfg.num_groups + g
+                        e = _hier_expert_id(sizes, cfg.placement, g, f)
                         y = y + wg * wf * expert_mods[e](patch)
                 out[bi, i * p:(i + 1) * p, j * p:(j + 1) * p] = y.reshape(p, p, c)
     return out

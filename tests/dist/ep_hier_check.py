@@ -1,6 +1,7 @@
 """Worker (run under torchrun): expert-parallel HierarchicalMoE vs the single-process layer.
 
-G=3 groups (modalities) x F=4 fine experts = 12 experts, sharded over the EP group. Every rank
+G=3 groups (modalities) x F=4 fine experts = 12 experts (or --sizes 4,2,2: groups of different
+sizes), sharded over the EP group. Every rank
 builds the full layer (same seed); each shard goes through it alone; outputs, input grads, router
 grads and (after the expert-data-parallel sum) expert grads must match. Writes rank<r>.json.
 """
@@ -36,28 +37,32 @@ def main():
     ap.add_argument("--placement", default="grouped")
     ap.add_argument("--groups", type=int, default=3)
     ap.add_argument("--fine", type=int, default=4)
+    ap.add_argument("--sizes", default="", help="unequal groups: comma-separated sizes (overrides --groups/--fine)")
     ap.add_argument("--node-size", type=int, default=0, help="two-stage node transport with this many ranks per node")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     global G, F
     G, F = args.groups, args.fine
+    sizes = tuple(int(v) for v in args.sizes.split(",")) if args.sizes else (F,) * G
+    G = len(sizes)
     world = init_world()
-    groups = ParallelGroups.build(args.ep_size, G * F)
+    groups = ParallelGroups.build(args.ep_size, sum(sizes))
     rank, ws = world.rank, world.world_size
     cfg = HierarchicalMoEConfig(
-        dim=C, patch_size=P, num_groups=G, experts_per_group=F, coarse_mode=args.mode, placement=args.placement,
+        dim=C, patch_size=P, num_groups=G, experts_per_group=sizes if args.sizes else F, coarse_mode=args.mode,
+        placement=args.placement,
         coarse=RouterConfig(num_experts=G, top_k=2 if args.mode == "learned" else 1),
-        fine=RouterConfig(num_experts=F, top_k=2), expert=ExpertConfig(kind="ffn", hidden_dim=16, dropout=0.0))
+        fine=RouterConfig(num_experts=max(sizes), top_k=2), expert=ExpertConfig(kind="ffn", hidden_dim=16, dropout=0.0))
     torch.manual_seed(0)
     ref = HierarchicalMoE(cfg)
     ns = args.node_size
     disp = AllToAllDispatcher(groups.ep, CommCounter(node_size=ns))
     if ns:
-        transport = NodeTransport(G, F, groups.ep, build_node_groups(groups.ep_group, ns), ns)
+        transport = NodeTransport(sizes, groups.ep, build_node_groups(groups.ep_group, ns), ns)
         layer = HierarchicalMoE(cfg, dispatcher=transport)
-        single = HierarchicalMoE(cfg, dispatcher=OneStage(disp, G * F))  # one-stage, for the byte comparison
+        single = HierarchicalMoE(cfg, dispatcher=OneStage(disp, sum(sizes)))  # one-stage, for the byte comparison
     else:
-        layer = HierarchicalMoE(cfg, dispatcher=OneStage(disp, G * F))
+        layer = HierarchicalMoE(cfg, dispatcher=OneStage(disp, sum(sizes)))
     first, el = disp.first_expert, disp.num_local_experts
     with torch.no_grad():
         for target in ([layer, single] if ns else [layer]):

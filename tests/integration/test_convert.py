@@ -81,3 +81,27 @@ def test_reshard_refuses_bad_sizes(tmp_path):
     proc = run_cli("convert", "--src", ckpt, "--out", str(tmp_path / "x"), "--ep-size", "3", threads=None,
                    timeout=None)
     assert proc.returncode != 0 and "num_experts=4, not divisible by the new ep_size=3" in proc.stderr
+
+
+@pytest.mark.slow
+def test_upcycle_one_group_of_a_hierarchical_run(tmp_path):
+    """Hierarchical [2, 2, 2] -> group 0 upcycled to 4: [4, 2, 2] evaluates the same, and trains on."""
+    tmp = str(tmp_path)
+    common = [f"out_dir={tmp}/runs", f"data.path={tmp}/data", f"data.synth={TINY_DATA}", "eval.untrained=false"]
+    hier = ["model.moe_kind=hierarchical", "model.hierarchical={num_groups: 3, experts_per_group: 2, "
+            "coarse: {num_experts: 3, top_k: 2}, fine: {num_experts: 2, top_k: 1}, placement: spread}"]
+    _cli("train", "--config", "configs/tiny.yaml", "--no-progress", "name=hbase", "train.steps=4", *hier, *common,
+         tmp=tmp)
+    base = json.load(open(f"{tmp}/runs/hbase/summary.json"))
+    out = _cli("convert", "--src", f"{tmp}/runs/hbase/checkpoints", "--out", f"{tmp}/g0",
+               "--config", f"{tmp}/runs/hbase/config.yaml", "--group", "0", "--num-experts", "4", tmp=tmp)
+    grown = ["model.hierarchical.experts_per_group=[4,2,2]", "model.hierarchical.fine.num_experts=4"]
+    assert "'model.hierarchical.experts_per_group=[4,2,2]' model.hierarchical.fine.num_experts=4" in out.stdout
+    assert len([f for f in os.listdir(f"{tmp}/g0/step0000004") if f.startswith("layer_0_expert_")]) == 8
+    _cli("eval", "--run-dir", f"{tmp}/runs/hbase", "--checkpoint", f"{tmp}/g0", *grown, tmp=tmp)
+    ev = json.load(open(f"{tmp}/runs/hbase/eval.json"))
+    assert ev["map"] == pytest.approx(base["map"], abs=1e-6) and ev["cmc"] == pytest.approx(base["cmc"], abs=1e-6)
+    _cli("train", "--config", "configs/tiny.yaml", "--no-progress", "name=hcont", "train.steps=2",
+         "--init-from", f"{tmp}/g0", *hier, *grown, *common, tmp=tmp)
+    cont = json.load(open(f"{tmp}/runs/hcont/summary.json"))
+    assert cont["num_experts"] == 8 and all(math.isfinite(x) for x in cont["loss_history"])

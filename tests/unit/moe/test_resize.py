@@ -107,3 +107,91 @@ def test_merge_total_usage_weighting():
         expect = (sd[k][0].double() * 3 + sd[k][2].double() * 1) / 4
         torch.testing.assert_close(out[k][0].double(), expect)
         assert torch.equal(out[k][1], sd[k][1])
+
+
+# ---- one group of a HierarchicalMoE ------------------------------------------------------------
+def _hier(sizes, placement="grouped", mode="learned", kf=2, rate=0.0):
+    from moe import HierarchicalMoE, HierarchicalMoEConfig
+    return HierarchicalMoE(HierarchicalMoEConfig(
+        dim=8, patch_size=4, num_groups=len(sizes), experts_per_group=tuple(sizes), coarse_mode=mode,
+        placement=placement, coarse=RouterConfig(num_experts=len(sizes), top_k=2),
+        fine=RouterConfig(num_experts=max(sizes), top_k=kf, bias_update_rate=rate),
+        expert=ExpertConfig(kind="ffn", hidden_dim=16, dropout=0.0)))
+
+
+@pytest.mark.parametrize("placement", ["grouped", "spread"])
+@pytest.mark.parametrize("mode", ["learned", "given"])
+@pytest.mark.parametrize("noise", [0.0, 0.05])
+def test_upcycle_one_group_keeps_the_function(placement, mode, noise):
+    from moe.hierarchical import expert_id_table
+    from moe.resize import resize_group_state
+    torch.manual_seed(0)
+    small = _hier((4, 4, 4), placement, mode).eval()
+    sd = small.state_dict()
+    new_sd, sizes = resize_group_state(sd, (4, 4, 4), placement, 0, 8, mode="upcycle", noise=noise,
+                                       generator=torch.Generator().manual_seed(1))
+    assert sizes == (8, 4, 4)
+    big = _hier(sizes, placement, mode).eval()
+    big.load_state_dict(new_sd)
+    x = torch.randn(3, 8, 12, 8)
+    modality = torch.tensor([0, 1, 0]) if mode == "given" else None
+    torch.testing.assert_close(big(x, modality).out, small(x, modality).out, rtol=1e-5, atol=1e-6)
+    # the coarse router and the other groups' routers: unchanged; their experts moved to their new ids
+    for k, v in sd.items():
+        if not k.startswith(("fine.0.", "experts.")):
+            assert torch.equal(new_sd[k], v), k
+    old_ids, new_ids = expert_id_table((4, 4, 4), placement), expert_id_table(sizes, placement)
+    for name, w in small.experts.named_parameters():
+        w_new = getattr(big.experts, name)
+        for g in (1, 2):
+            for f in range(4):
+                assert torch.equal(w_new[new_ids[g][f]], w[old_ids[g][f]])
+        for f in range(4):  # copy 0 of each of group 0's experts is exact
+            assert torch.equal(w_new[new_ids[0][2 * f]], w[old_ids[0][f]])
+
+
+@pytest.mark.parametrize("placement", ["grouped", "spread"])
+@pytest.mark.parametrize("how", ["prune", "merge"])
+def test_shrink_one_group_keeps_its_most_used(placement, how):
+    from moe.hierarchical import expert_id_table
+    from moe.resize import resize_group_state
+    torch.manual_seed(0)
+    sizes = (3, 4, 2)
+    layer = _hier(sizes, placement, kf=1)
+    sd = layer.state_dict()
+    old_ids = expert_id_table(sizes, placement)
+    usage = torch.zeros(9)
+    usage[old_ids[1]] = torch.tensor([5.0, 0.0, 9.0, 1.0])  # group 1 keeps f = 0 and 2
+    usage[old_ids[0]] = 100.0  # other groups' usage must not matter
+    new_sd, new_sizes = resize_group_state(sd, sizes, placement, 1, 2, mode=how, usage=usage)
+    assert new_sizes == (3, 2, 2)
+    new_ids = expert_id_table(new_sizes, placement)
+    for name, w in layer.experts.named_parameters():
+        w_new = new_sd[f"experts.{name}"]
+        assert w_new.shape[0] == 7
+        for g in (0, 2):
+            for f in range(sizes[g]):
+                assert torch.equal(w_new[new_ids[g][f]], w[old_ids[g][f]])
+        if how == "prune":
+            assert torch.equal(w_new[new_ids[1][0]], w[old_ids[1][0]])
+            assert torch.equal(w_new[new_ids[1][1]], w[old_ids[1][2]])
+    wk = "fine.1.gate.weights.0"
+    assert torch.equal(new_sd[wk], sd[wk][..., [0, 2]])
+    assert torch.equal(new_sd["fine.1.selection_bias"], sd["fine.1.selection_bias"][[0, 2]])
+    for k, v in sd.items():
+        if not k.startswith(("fine.1.", "experts.")):
+            assert torch.equal(new_sd[k], v), k
+    small = _hier(new_sizes, placement, kf=1)
+    small.load_state_dict(new_sd)
+    assert small(torch.randn(2, 8, 8, 8)).out.shape == (2, 8, 8, 8)
+
+
+def test_resize_group_errors():
+    from moe.resize import resize_group_state
+    sd = _hier((2, 2)).state_dict()
+    with pytest.raises(ResizeError, match="group=2 is not one of the layer's groups 0..1"):
+        resize_group_state(sd, (2, 2), "grouped", 2, 4)
+    with pytest.raises(ResizeError, match="experts_per_group=\\[2, 3\\] makes 5"):
+        resize_group_state(sd, (2, 3), "grouped", 0, 4)
+    with pytest.raises(ResizeError, match="whole multiple of 2"):
+        resize_group_state(sd, (2, 2), "grouped", 0, 3)
