@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import numpy as np
 
+from moe.hierarchical import expert_id_table
 from reid.data import MODALITIES
 
 
 def expert_groups(sizes: list[int], placement: str) -> list[int]:
-    """The coarse group of every global expert id of a hierarchical layer (see moe/hierarchical.py):
-    "grouped" - a group's experts contiguous; "spread" - interleaved, fine index first."""
-    if placement == "grouped":
-        return [g for g, n in enumerate(sizes) for _ in range(n)]
-    return [g for f in range(max(sizes)) for g, n in enumerate(sizes) if f < n]
+    """The coarse group of every global expert id of a hierarchical layer (ids: moe/hierarchical.py)."""
+    owner = [0] * sum(sizes)
+    for g, ids in enumerate(expert_id_table(tuple(sizes), placement)):
+        for i in ids:
+            owner[i] = g
+    return owner
 
 
 def group_shares(summary: dict) -> dict[str, list[float]] | None:
