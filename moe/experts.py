@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from moe.config import ExpertConfig
 from moe.fused_ffn import expert_ffn
+from moe.grad_buffers import ExpertGradBuffers
 from moe.grouped import ExpertBatch, grouped_linear
 from moe.indexing import gather_rows
 
@@ -95,6 +96,7 @@ class FFNExperts(GroupedExperts):
         self.b1 = _stacked(num_local, dim, hidden)
         self.w2 = _stacked(num_local, hidden, hidden, dim)
         self.b2 = _stacked(num_local, hidden, dim)
+        self.grad_buffers = ExpertGradBuffers()  # the fused path's weight gradients, kept between steps
 
     def forward(self, x_ULC: torch.Tensor, counts_E: torch.Tensor, host_counts=None) -> torch.Tensor:
         # "fused" (the default on CPU): per-expert GEMMs with the bias inside, backward by hand.
@@ -103,7 +105,7 @@ class FFNExperts(GroupedExperts):
             return super().forward(x_ULC, counts_E, host_counts)
         u, l, c = x_ULC.shape
         counts = [n * l for n in (host_counts if host_counts is not None else counts_E.tolist())]
-        y = expert_ffn(x_ULC.reshape(u * l, c), self.w1, self.b1, self.w2, self.b2, counts)
+        y = expert_ffn(x_ULC.reshape(u * l, c), self.w1, self.b1, self.w2, self.b2, counts, self.grad_buffers)
         return y.reshape(u, l, c)
 
     def _compute(self, x_ULC: torch.Tensor, batch: ExpertBatch) -> torch.Tensor:

@@ -17,6 +17,8 @@ Measured on the 2-core CPU (FFN alone, same FLOPs): 0.93-0.94x the dense FFN's t
 bench shapes; with one [T, F] buffer instead of per-expert blocks it was 0.98-0.99x.
 Same multiply-adds as the dense FFN of hidden width F over T rows; an expert with no rows gets
 zero gradients. Needs the block sizes on the host (one device sync on GPUs, free on CPU).
+The weight gradients go into the layer's persistent buffers when it passes them
+(moe/grad_buffers.py): no step allocates or zero-fills the [E, ...] gradients of idle experts.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from moe import compat
+from moe.grad_buffers import ExpertGradBuffers
 
 
 def _blocks(counts: list[int]):
@@ -43,7 +46,7 @@ class _ExpertFFN(torch.autograd.Function):
     step, where one [T, F] block of a large map is mapped fresh and faulted in every step."""
 
     @staticmethod
-    def forward(ctx, x_TC, w1_ECF, b1_EF, w2_EFC, b2_EC, counts):  # noqa: D102
+    def forward(ctx, x_TC, w1_ECF, b1_EF, w2_EFC, b2_EC, counts, grads):  # noqa: D102
         y_TC = x_TC.new_empty(x_TC.shape[0], w2_EFC.shape[2])
         hidden = []
         for e, rows in _blocks(counts):
@@ -53,6 +56,7 @@ class _ExpertFFN(torch.autograd.Function):
             hidden += [h, a]
         ctx.save_for_backward(x_TC, w1_ECF, w2_EFC, *hidden)
         ctx.counts = counts
+        ctx.grads, ctx.params = grads, (w1_ECF, b1_EF, w2_EFC, b2_EC)
         return y_TC
 
     @staticmethod
@@ -62,10 +66,9 @@ class _ExpertFFN(torch.autograd.Function):
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
         dy_TC = dy_TC.contiguous()
         dx_TC = torch.empty_like(x_TC) if need_x else None
-        dw1 = torch.zeros_like(w1) if need_w1 else None
-        dw2 = torch.zeros_like(w2) if need_w2 else None
-        db1 = w1.new_zeros(w1.shape[0], w1.shape[2]) if need_b1 else None
-        db2 = w2.new_zeros(w2.shape[0], w2.shape[2]) if need_b2 else None
+        active = frozenset(e for e, _ in _blocks(ctx.counts))
+        dw1, db1, dw2, db2 = (_weight_grad(ctx.grads, p, active) if need else None
+                              for p, need in zip(ctx.params, (need_w1, need_b1, need_w2, need_b2)))
         for i, (e, rows) in enumerate(_blocks(ctx.counts)):
             h, a = hidden[2 * i], hidden[2 * i + 1]
             dy = dy_TC[rows]
@@ -81,12 +84,21 @@ class _ExpertFFN(torch.autograd.Function):
                 torch.mm(x_TC[rows].t(), dh, out=dw1[e])
             if need_b1:
                 torch.sum(dh, 0, out=db1[e])
-        return dx_TC, dw1, db1, dw2, db2, None
+        # a persistent buffer goes back as a fresh alias: autograd adopts it as .grad, no copy
+        return (dx_TC, *(g.detach() if g is not None else None for g in (dw1, db1, dw2, db2)), None, None)
+
+
+def _weight_grad(grads: ExpertGradBuffers | None, param: torch.Tensor, active: frozenset[int]) -> torch.Tensor:
+    """Where the backward writes ``param``'s gradient (the active experts' slices; the rest are zero)."""
+    if grads is None:
+        return torch.zeros_like(param)
+    return grads.grad_for(param, active)[0]
 
 
 def expert_ffn(x_TC: torch.Tensor, w1_ECF: torch.Tensor, b1_EF: torch.Tensor, w2_EFC: torch.Tensor,
-               b2_EC: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """Per-expert Linear-GELU-Linear over row blocks of ``counts``: [T, C] -> [T, C_out]."""
+               b2_EC: torch.Tensor, counts: list[int], grads: ExpertGradBuffers | None = None) -> torch.Tensor:
+    """Per-expert Linear-GELU-Linear over row blocks of ``counts``: [T, C] -> [T, C_out]. ``grads``:
+    persistent buffers for the weight gradients (None: fresh tensors every backward)."""
     if x_TC.shape[0] != sum(counts):
         raise ValueError(f"expert_ffn: {x_TC.shape[0]} rows but the counts add up to {sum(counts)}")
-    return _ExpertFFN.apply(x_TC.contiguous(), w1_ECF, b1_EF, w2_EFC, b2_EC, list(counts))
+    return _ExpertFFN.apply(x_TC.contiguous(), w1_ECF, b1_EF, w2_EFC, b2_EC, list(counts), grads)
