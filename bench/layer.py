@@ -20,10 +20,12 @@ The router adds 2*C*E multiply-adds per routed unit and its metadata (expert id 
   msmoe bench layer --shape thesis             # the thesis map [B, 80, 80, 256] with 8x8 patches
   msmoe bench layer --device cuda --dtype bf16 --shape thesis --json out.json   # + TFLOP/s, % of GEMM peak
   msmoe bench layer --device cuda --dtype bf16 --shape gpu --skip fairscale --deepspeed-group 16384   # fills an H100
+  msmoe bench layer --experts-sweep 8,32,128,512 --skip fairscale --json sweep.json   # cost vs expert count
 """
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import statistics
 import time
@@ -197,6 +199,40 @@ def run_layer_bench(spec: LayerBenchSpec) -> tuple[list[BenchRow], dict]:
            "cpu": platform.processor() or platform.machine(), "gemm_peak_tflops": peak,
            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
     return rows, env
+
+
+def run_experts_sweep(spec: LayerBenchSpec, experts: list[int]) -> list[dict]:
+    """The layer bench at each expert count (same shape, same active FLOPs): one row per E with our
+    layer's and DeepSpeed's time relative to the dense FFN, and our minor page faults per step."""
+    out = []
+    for e in experts:
+        rows, env = run_layer_bench(dataclasses.replace(spec, experts=e))
+        by = {r.name.split(" (")[0]: r for r in rows}
+        ours = by.get(f"PatchMoE P={spec.patch}")
+        ds = next((r for r in rows if r.name.startswith("DeepSpeed")), None)
+        out.append({"experts": e, "dense_ms": rows[0].ms_median,
+                    "patchmoe_ms": ours.ms_median if ours else None,
+                    "patchmoe_x_dense": ours.ratio_to_dense if ours else None,
+                    "tokenmoe_x_dense": by["TokenMoE P=1"].ratio_to_dense if "TokenMoE P=1" in by else None,
+                    "deepspeed_x_dense": ds.ratio_to_dense if ds else None,
+                    "patchmoe_faults_per_step": ours.page_faults_per_step if ours else None,
+                    "device": env["device"], "threads": env["threads"]})
+    return out
+
+
+def sweep_table(spec: LayerBenchSpec, sweep: list[dict]) -> list[str]:
+    """The sweep as Markdown lines (printed by ``msmoe bench layer --experts-sweep``, and a section of the
+    scaling report)."""
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+    lines = [f"B={spec.batch} {spec.height}x{spec.width} C={spec.dim} F={spec.hidden} K={spec.top_k} P={spec.patch}, "
+             f"{spec.dtype}, {sweep[0]['device']}, {sweep[0]['threads']} thread(s); paired medians over "
+             f"{spec.repeats} rounds (x dense: time / the dense FFN of equal active FLOPs, same round)", "",
+             "| E | PatchMoE x dense | TokenMoE x dense | DeepSpeed MoE x dense | PatchMoE minor faults/step |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['experts']} | {f(r['patchmoe_x_dense'], '.2f')} | {f(r['tokenmoe_x_dense'], '.2f')} | "
+              f"{f(r['deepspeed_x_dense'], '.2f')} | {f(r['patchmoe_faults_per_step'], ',.0f')} |" for r in sweep]
+    return lines
 
 
 def print_rows(spec: LayerBenchSpec, rows: list[BenchRow], env: dict) -> None:

@@ -150,7 +150,9 @@ def plot_projection(proj, path):
 
 # ------------------------------------------------------------------ report
 def write_scale_report(recs: list[dict], out_dir: str, alpha_us: float | None = None,
-                       beta_gbps: float | None = None) -> str:
+                       beta_gbps: float | None = None, layer_sweep: dict | None = None) -> str:
+    """``layer_sweep``: a ``msmoe bench layer --experts-sweep ... --json`` file's content (a section
+    on the layer's cost against the expert count)."""
     os.makedirs(out_dir, exist_ok=True)
     recs = sorted(recs, key=lambda r: (r["mode"], r["world_size"], r["ep_size"], r["num_experts"]))
     eff = efficiency(recs)
@@ -205,6 +207,15 @@ def write_scale_report(recs: list[dict], out_dir: str, alpha_us: float | None = 
     L += ["", "![breakdown](breakdown.png)", "", "## All-to-all volume and memory", "",
           "![a2a](a2a_volume.png)", "", "![memory](memory.png)", "", "## Expert load", "",
           "![load](expert_load.png)", ""]
+    if layer_sweep:
+        from bench.layer import LayerBenchSpec, sweep_table
+
+        spec = LayerBenchSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in layer_sweep["args"].items()
+                                 if k in LayerBenchSpec.__dataclass_fields__})
+        L += ["## Layer cost against the expert count (equal active FLOPs)", "",
+              "One MoE layer forward + backward (`msmoe bench layer --experts-sweep`): more experts at the same "
+              "active compute per point should cost the same.", ""]
+        L += sweep_table(spec, layer_sweep["sweep"]) + [""]
     if proj:
         L += ["## Projection to 8-1024 GPUs — a MODEL, not a measurement", "",
               f"alpha = {ab.alpha_s * 1e6:.2f} us per peer and all-to-all, "

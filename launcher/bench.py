@@ -34,6 +34,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--experts-sweep", default=None, metavar="E1,E2,...",
+                   help="time each expert count at the same active FLOPs and print one table (ours, DeepSpeed's, "
+                        "dense); with --json the sweep goes there (msmoe report --layer-sweep adds it to the report)")
     p.set_defaults(func=run_layer)
 
     e = sub.add_parser("ep", help="expert-parallel step time and all-to-all bytes at several EP sizes",
@@ -64,6 +67,13 @@ def run_layer(args: argparse.Namespace) -> int:
         skip=tuple(s for s in args.skip.split(",") if s), fairscale_group=args.fairscale_group,
         deepspeed_group=args.deepspeed_group, repeats=args.repeats, warmup=args.warmup, dtype=args.dtype,
         device=args.device)
+    if args.experts_sweep:
+        sweep = layer.run_experts_sweep(spec, [int(e) for e in args.experts_sweep.split(",") if e])
+        print("\n".join(layer.sweep_table(spec, sweep)))
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump({"args": {"shape": args.shape, **asdict(spec)}, "sweep": sweep}, fh, indent=2)
+        return 0
     rows, env = layer.run_layer_bench(spec)
     env["allocator"] = allocator.describe()
     layer.print_rows(spec, rows, env)

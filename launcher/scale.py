@@ -43,6 +43,8 @@ def add_parsers(sub) -> None:
     r.add_argument("--out", default=None, help="directory for report.md and the plots (default: beside --points)")
     r.add_argument("--alpha-us", type=float, default=None, help="projection: latency per peer (us), not fitted")
     r.add_argument("--beta-gbps", type=float, default=None, help="projection: link bandwidth (Gb/s), not fitted")
+    r.add_argument("--layer-sweep", default=None, metavar="JSON",
+                   help="a `msmoe bench layer --experts-sweep ... --json` file: adds the layer cost vs expert count")
     r.set_defaults(func=run_report)
 
 
@@ -82,6 +84,15 @@ def run_report(args) -> int:
         raise FileNotFoundError(f"--points {args.points}: no such file; make it with `msmoe scale`")
     path = scale_report.write_scale_report(load_points(args.points),
                                            args.out or os.path.dirname(os.path.abspath(args.points)),
-                                           args.alpha_us, args.beta_gbps)
+                                           args.alpha_us, args.beta_gbps, _read_json(args.layer_sweep))
     print(f"report: {path}")
     return 0
+
+
+def _read_json(path: str | None):
+    if path is None:
+        return None
+    import json
+
+    with open(path) as fh:
+        return json.load(fh)

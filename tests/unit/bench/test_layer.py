@@ -33,3 +33,25 @@ def test_bench_layer_prints_figures(tmp_path):
     assert patch["ratio_to_dense"] == pytest.approx(
         statistics.median(a / b for a, b in zip(patch["ms_rounds"], dense["ms_rounds"])))
     assert all(r["page_faults_per_step"] >= 0 for r in rows)
+
+
+def test_experts_sweep_table_and_report_section(tmp_path):
+    """--experts-sweep: one row per expert count, each our and DeepSpeed's time over the dense FFN's of the
+    same rounds; the JSON feeds the scaling report's section."""
+    js = tmp_path / "sweep.json"
+    out = run_cli("bench", "layer", "--batch", "1", "--height", "8", "--width", "8", "--dim", "16", "--hidden", "16",
+                  "--patch", "4", "--repeats", "2", "--warmup", "1", "--skip", "fairscale", "--experts-sweep", "2,8",
+                  "--json", str(js), threads=None, timeout=300)
+    assert out.returncode == 0, out.stderr
+    sweep = json.loads(js.read_text())["sweep"]
+    assert [r["experts"] for r in sweep] == [2, 8]
+    for r in sweep:
+        assert r["patchmoe_x_dense"] > 0 and r["deepspeed_x_dense"] > 0 and r["patchmoe_faults_per_step"] >= 0
+        assert f"| {r['experts']} | {r['patchmoe_x_dense']:.2f} | " in out.stdout
+    from bench.scale_report import write_scale_report
+    from tests.helpers import scale_record
+
+    recs = [scale_record("strong", 1, 1, 4, 100.0), scale_record("strong", 2, 1, 4, 160.0)]
+    path = write_scale_report(recs, str(tmp_path / "rep"), layer_sweep=json.loads(js.read_text()))
+    text = open(path).read()
+    assert "## Layer cost against the expert count" in text and f"| 8 | {sweep[1]['patchmoe_x_dense']:.2f} |" in text
