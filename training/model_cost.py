@@ -63,6 +63,29 @@ def _slots(layer) -> int:
 
 
 @torch.no_grad()
+def inference_memory_mb(model, batch, device: torch.device) -> float:
+    """Tensor memory of one inference forward at its peak, MiB: the weights plus the largest set of
+    live activations. CUDA: the allocator's peak (reset first); CPU (no allocator statistics): the
+    profiler's record of every allocation and free, summed in order, plus the weights."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        model(batch)
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        model(batch)
+    live = peak = 0
+    for ev in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += ev.self_cpu_memory_usage  # an op's own allocations; "[memory]" events: frees
+        peak = max(peak, live)
+    weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    return (weights + peak) / 2**20
+
+
+@torch.no_grad()
 def inference_cost(model, batch, world_size: int, device: torch.device, repeats: int = 3) -> dict:
     """FLOPs and latency per image of the inference forward on ``batch`` (this rank's images);
     every rank calls it with a batch of the same size (the all-to-alls pair up)."""
@@ -80,18 +103,20 @@ def inference_cost(model, batch, world_size: int, device: torch.device, repeats:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             times.append(time.perf_counter() - t0)
+        memory_mb = inference_memory_mb(model, batch, device)
     finally:
         model.train(was_training)
     images = batch.rgb.shape[0]
-    totals = torch.tensor([flops, images, min(times)], dtype=torch.float64, device=device)
-    if world_size > 1:  # FLOPs and images add up; the step takes as long as its slowest rank
+    totals = torch.tensor([flops, images, min(times), memory_mb], dtype=torch.float64, device=device)
+    if world_size > 1:  # FLOPs and images add up; time and memory: the largest rank's
         summed = totals[:2].clone()
         dist.all_reduce(summed)
-        slowest = totals[2:].clone()
-        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-        totals = torch.cat([summed, slowest])
-    flops_all, images_all, seconds = totals.tolist()
+        largest = totals[2:].clone()
+        dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+        totals = torch.cat([summed, largest])
+    flops_all, images_all, seconds, memory_mb = totals.tolist()
     per_rank = images_all / world_size
     return {"flops_per_image": flops_all / images_all, "batch_latency_ms": 1e3 * seconds,
             "latency_ms_per_image": 1e3 * seconds / per_rank, "batch_per_rank": int(per_rank),
+            "peak_mem_mb": memory_mb,
             "timed_repeats": repeats}

@@ -151,10 +151,12 @@ def _cost_and_routing(summary: dict) -> list[str]:
         p, inf = cost["parameters"], cost["inference"]
         mem = summary.get("peak_mem_mb_per_rank") or []
         lines += ["| parameters (total) | active per patch | FLOPs per image (inference, counted) | "
-                  "latency per image | peak memory (training, max rank) |", "|---|---|---|---|---|",
+                  "latency per image | peak memory (training, max rank) | peak tensor memory (inference, max rank) |",
+                  "|---|---|---|---|---|---|",
                   f"| {_count(p['total'])} ({_count(p['experts'])} in experts) | {_count(p['active_per_patch'])} | "
                   f"{_count(inf['flops_per_image'])} | {inf['latency_ms_per_image']:.2f} ms "
-                  f"(batch of {inf['batch_per_rank']} per rank) | {max(mem):.0f} MiB |" if mem else "| | | | | |", ""]
+                  f"(batch of {inf['batch_per_rank']} per rank) | {max(mem):.0f} MiB | "
+                  f"{inf.get('peak_mem_mb', float('nan')):.1f} MiB |" if mem else "| | | | | | |", ""]
     rows = {**usage.get("layers", {}), **({"fusion gate (scales)": usage["fusion_gate"]} if "fusion_gate" in usage
                                           else {})}
     if rows:

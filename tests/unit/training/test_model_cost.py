@@ -79,3 +79,13 @@ def test_usage_variance_activation_rate_and_stability_by_hand():
     assert block["activation_rate"] == 0.5  # two of four got at least half of an even share (1/8)
     assert block["gate_stability"] == pytest.approx((0.25 + 0.25 + 0 + 0) / 4)  # std of 0.75/0.25 is 0.25
     assert got["fusion_gate"]["gate_stability"] == 0 and got["fusion_gate"]["activation_rate"] == 1
+
+
+def test_inference_memory_is_weights_plus_the_largest_live_activations():
+    from training.model_cost import inference_memory_mb
+
+    m = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 256))
+    x = torch.randn(512, 256)
+    weights = sum(p.numel() * 4 for p in m.parameters())
+    # the peak is during GELU: its input and output [512, 1024] both alive (then the input is freed)
+    assert inference_memory_mb(m, x, torch.device("cpu")) == pytest.approx((weights + 2 * 512 * 1024 * 4) / 2**20)
