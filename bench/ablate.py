@@ -26,7 +26,7 @@ DEFAULT_CONFIGS = ("configs/default.yaml", "configs/hierarchical.yaml", "configs
                    "configs/ablations/scales4.yaml", "configs/ablations/scales5.yaml", "configs/ablations/gate1.yaml",
                    "configs/ablations/gate3.yaml", "configs/ablations/temp0.5.yaml", "configs/ablations/temp2.0.yaml")
 COLUMNS = ("run", "config", "model", "map", "rank1", "samples_per_s", "params_total", "params_active_per_patch",
-           "flops_per_image", "latency_ms_per_image", "peak_train_mem_mb", "activation_rate", "usage_variance",
+           "flops_per_image", "latency_ms_per_image", "peak_train_mem_mb", "peak_infer_mem_mb", "activation_rate", "usage_variance",
            "gate_stability", "fusion_gate_stability", "elapsed_s")
 
 
@@ -138,6 +138,7 @@ def row(run_root: str, name: str) -> dict:
     peak = s.get("peak_mem_mb_per_rank")
     return {"run": name, "config": s["config"]["name"], "model": model_kind(s["config"]["model"]),
             "map": s["map"], "rank1": s["rank1"], "peak_train_mem_mb": max(peak) if peak else None,
+            "peak_infer_mem_mb": inf.get("peak_mem_mb"),
             "samples_per_s": s["samples_per_s"], "params_total": params.get("total"),
             "params_active_per_patch": params.get("active_per_patch"), "flops_per_image": inf.get("flops_per_image"),
             "latency_ms_per_image": inf.get("latency_ms_per_image"), "activation_rate": mean("activation_rate"),
@@ -159,8 +160,8 @@ def write_table(rows: list[dict], out: str, run_root: str) -> str:
     lines = ["# Ablation", "", "Accuracy, cost and expert usage per run (MoE figures: mean over the MoE layers; "
              "activation: experts with at least half an even share of the patches; stability: standard deviation "
              "of the shares across logging intervals; model: streams / MoE blocks / head fusion).", "",
-             "| run | model | mAP | Rank-1 | samples/s | params (active/patch) | MFLOP/image | ms/image | peak MiB | "
-             "activation | usage var | gate stab. | fusion gate stab. |", "|---" * 13 + "|"]
+             "| run | model | mAP | Rank-1 | samples/s | params (active/patch) | MFLOP/image | ms/image | peak MiB train | "
+             "infer | activation | usage var | gate stab. | fusion gate stab. |", "|---" * 14 + "|"]
     for r in rows:
         report = os.path.relpath(os.path.join(run_root, r["run"], "report.md"), out)
         lines.append(
@@ -168,6 +169,7 @@ def write_table(rows: list[dict], out: str, run_root: str) -> str:
             f"{_fmt(r['params_total'], ',')} ({_fmt(r['params_active_per_patch'], ',')}) | "
             f"{_fmt(r['flops_per_image'] and r['flops_per_image'] / 1e6, '.1f')} | "
             f"{_fmt(r['latency_ms_per_image'], '.2f')} | {_fmt(r['peak_train_mem_mb'], '.0f')} | "
+            f"{_fmt(r['peak_infer_mem_mb'], '.0f')} | "
             f"{_fmt(r['activation_rate'], '.0%')} | "
             f"{_fmt(r['usage_variance'], '.4f')} | {_fmt(r['gate_stability'], '.3f')} | "
             f"{_fmt(r['fusion_gate_stability'], '.3f')} |")
