@@ -13,17 +13,42 @@ that was most of the layer's backward. Here each parameter has one buffer, kept 
   * autograd receives a fresh alias of the buffer (``detach()``: same storage, a new tensor), and
     when ``param.grad`` is unset it adopts that alias as ``param.grad`` without a copy.
 
-When ``param.grad`` is already set (gradients accumulating over micro-batches, or a
-``zero_grad(set_to_none=False)``) the buffer may be what ``param.grad`` holds, so it is not
-written: that call gets a freshly zeroed tensor and autograd adds it, as before.
-Values are bit-identical to the fresh-tensor path: the same per-expert writes, and zeros where
-no row went. A caller that keeps a reference to last step's ``param.grad`` sees it overwritten by
-the next backward (as with any in-place gradient buffer).
+The buffer is reused only while nothing else refers to its memory (the storage's reference
+count): while ``param.grad`` holds it (gradients accumulating over micro-batches, or a
+``zero_grad(set_to_none=False)``), while a caller keeps an earlier gradient (``torch.autograd.grad``
+results, a saved ``param.grad``), the backward writes into a new buffer instead, which becomes the
+one kept. Nothing handed out is ever overwritten. Values are bit-identical to the fresh-tensor
+path: the same per-expert writes, and zeros where no row went.
 """
 
 from __future__ import annotations
 
 import torch
+
+
+def _storage_refs(t: torch.Tensor) -> int | None:
+    fn = getattr(torch._C, "_storage_Use_Count", None)
+    return None if fn is None else fn(t.untyped_storage()._cdata)
+
+
+def _calibrate() -> int | None:
+    """The reference count a storage shows when one tensor holds it (None: cannot tell here)."""
+    t = torch.zeros(1)
+    alone = _storage_refs(t)
+    if alone is None:
+        return None
+    alias = t.detach()
+    shared = _storage_refs(t)
+    del alias
+    return alone if shared == alone + 1 and _storage_refs(t) == alone else None
+
+
+_SOLE_OWNER_REFS = _calibrate()
+
+
+def sole_owner(t: torch.Tensor) -> bool:
+    """Whether ``t`` is the only tensor on its memory (False when that cannot be told)."""
+    return _SOLE_OWNER_REFS is not None and _storage_refs(t) == _SOLE_OWNER_REFS
 
 
 class ExpertGradBuffers:
@@ -38,10 +63,10 @@ class ExpertGradBuffers:
         slice is zero. -> (tensor, persistent): persistent when it is this parameter's buffer."""
         key = id(param)
         buf = self._bufs.get(key)
-        if param.grad is not None or (buf is not None and (buf.shape != param.shape or buf.dtype != param.dtype
-                                                           or buf.device != param.device)):
+        if param.grad is not None:  # accumulating: autograd adds what we return to it
             return torch.zeros_like(param), False
-        if buf is None:
+        if buf is None or not sole_owner(buf) or buf.shape != param.shape or buf.dtype != param.dtype \
+                or buf.device != param.device:  # first use, or its memory is still someone's gradient
             buf = self._bufs[key] = torch.zeros_like(param)
         else:
             stale = sorted(self._written.get(key, frozenset()) - active)

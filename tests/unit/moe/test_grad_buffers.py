@@ -24,6 +24,7 @@ def _grads(ps, counts, buffers, seed):
 def test_buffers_give_the_fresh_path_bit_for_bit_as_the_active_experts_change():
     fresh, kept = _params(), _params()
     buffers = ExpertGradBuffers()
+    first = None
     # expert 1 and 4 active, then idle (their slices must come back zero), then others, then all
     for step, counts in enumerate([[0, 5, 0, 0, 3, 0], [2, 0, 0, 4, 0, 0], [0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1]]):
         want = _grads(fresh, counts, None, step)
@@ -31,6 +32,8 @@ def test_buffers_give_the_fresh_path_bit_for_bit_as_the_active_experts_change():
         for a, b in zip(want, got):
             assert torch.equal(a, b), step
         assert kept[0].grad.data_ptr() == buffers._bufs[id(kept[0])].data_ptr()  # adopted, not copied
+        first = buffers._bufs[id(kept[0])] if first is None else first
+        assert buffers._bufs[id(kept[0])] is first  # the same memory, step after step
         for p in fresh + kept:
             p.grad = None
 
@@ -62,3 +65,16 @@ def test_patch_moe_training_steps_match_fresh_gradients():
         assert (b.experts.w1.grad.flatten(1).abs().sum(1) == 0).any()  # some experts idle this step
         for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
             assert torch.equal(pa.grad, pb.grad), (step, name)
+
+
+def test_a_gradient_still_held_is_never_overwritten():
+    """torch.autograd.grad hands the gradients to the caller (no .grad): a second backward must not write
+    into what the first returned."""
+    ps = _params()
+    buffers = ExpertGradBuffers()
+    x = torch.randn(8, 8)
+    one = torch.autograd.grad(expert_ffn(x, *ps, [0, 5, 0, 0, 3, 0], buffers).sum(), ps)
+    kept = [g.clone() for g in one]
+    torch.autograd.grad((2 * expert_ffn(x, *ps, [2, 0, 0, 4, 0, 2], buffers)).sum(), ps)
+    for a, b in zip(one, kept):
+        assert torch.equal(a, b)
