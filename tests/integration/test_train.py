@@ -57,11 +57,14 @@ def _eval(tmp, name, nproc):
 
 @pytest.mark.slow
 def test_ep2_equals_ep1_on_the_full_model(tmp_path):
+    """64 experts (most of them idle in a step, a different set each step: the persistent gradient
+    buffers zero and rewrite them) trained at EP=1 and EP=2 on 2 processes."""
     tmp = str(tmp_path)
     for ep in (1, 2):
-        _train(tmp, f"ep{ep}", 2, f"train.ep_size={ep}", "train.steps=6", "eval.untrained=false")
+        _train(tmp, f"ep{ep}", 2, f"train.ep_size={ep}", "train.steps=6", "eval.untrained=false",
+               "model.patch_moe.router.num_experts=64")
     one, two = _summary(tmp, "ep1"), _summary(tmp, "ep2")
-    assert two["ep_size"] == 2 and one["ep_size"] == 1 and two["world_size"] == 2
+    assert two["ep_size"] == 2 and one["ep_size"] == 1 and two["world_size"] == 2 and two["num_experts"] == 64
     assert len(two["loss_history"]) == 6
     for a, b in zip(one["loss_history"], two["loss_history"]):
         assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (one["loss_history"], two["loss_history"])
