@@ -24,7 +24,7 @@ from launcher import allocator
 
 allocator.tune()  # before torch is imported: see launcher/allocator.py
 
-from launcher import ablate, bench, checkpoints, convert, data, fit, launch, scale, submit, train  # noqa: E402
+from launcher import ablate, bench, checkpoints, convert, data, export, fit, launch, scale, submit, train  # noqa: E402
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -35,6 +35,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from moe.resize import ResizeError
     from parallel.all_to_all import CollectiveError
     from parallel.devices import DeviceCountError
+    from parallel.consolidate import ConsolidateError
     from parallel.groups import ParallelConfigError
     from parallel.reshard import ReshardError
     from reid.data import DataError
@@ -44,7 +45,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
     return (ConfigError, LaunchError, SubmitError, ScaleError, CheckpointMismatch, CollectiveError, DataError,
             ReshardError, ResizeError, ParallelConfigError, DeviceCountError, RunOwnershipError,
-            CheckpointUnverified, CheckpointWriteError, FileNotFoundError)
+            CheckpointUnverified, CheckpointWriteError, ConsolidateError, FileNotFoundError)
 
 
 def _said_by_every_rank(exc: Exception) -> bool:
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_parser(sub)
     train.add_parsers(sub)
     convert.add_parser(sub)
+    export.add_parsers(sub)
     checkpoints.add_parser(sub)
     launch.add_parser(sub)
     submit.add_parser(sub)

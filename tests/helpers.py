@@ -138,3 +138,37 @@ def scale_record(mode, w, ep, e, sps, dispatch=1.0, combine=1.0, fwd_bytes=0.0, 
             "peak_mem_mb_per_rank": [100.0] * w, "expert_load_fraction": {"block1": [1 / e] * e},
             "load_imbalance": {"block1": 1.0}, "dropped_fraction": 0.0, "device": "cpu", "backend": "gloo",
             "env": {"torch": "x"}}
+
+
+# ---- an exported model, used the way a user would: one plain process, no DeepSpeed, no process group
+EXPORTED_METRICS = """
+import json, sys
+import numpy as np
+import torch.distributed as dist
+from reid.data import load_splits
+from reid.embed import embed_split
+from reid.exported import load_exported
+from reid.metrics import cosine_distance, evaluate
+
+model, splits = load_exported(sys.argv[1]), load_splits(sys.argv[2])
+(_, q), (_, g) = (embed_split(model.net, splits[s], 32) for s in ("query", "gallery"))
+col = lambda s, c: np.asarray(splits[s][c])
+m = evaluate(cosine_distance(q, g), col("query", "pid"), col("gallery", "pid"), col("query", "camid"),
+             col("gallery", "camid"), max_rank=20)
+np.save(sys.argv[3], q)
+print(json.dumps({"map": m.map, "cmc": [m.rank(k) for k in range(1, 21)], "deepspeed": "deepspeed" in sys.modules,
+                  "distributed": dist.is_initialized()}))
+"""
+
+
+def exported_metrics(model_path: str, data_path: str, query_feats_npy: str) -> dict:
+    """mAP / CMC of an exported model on a dataset's query vs gallery, computed in a fresh process
+    that never imports DeepSpeed (reported back); the query features are saved to ``query_feats_npy``."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", EXPORTED_METRICS, model_path, data_path, query_feats_npy],
+                          capture_output=True, text=True, cwd=ROOT, env=cli_env(None, "1"), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -19,7 +19,7 @@ import shutil
 import pytest
 import torch
 
-from tests.helpers import TINY_DATA, run_cli, run_torchrun
+from tests.helpers import TINY_DATA, exported_metrics, run_cli, run_torchrun
 from tests.integration.test_reliability import _weights
 from training import checkpoint
 
@@ -114,3 +114,9 @@ def test_ep_and_world_size_changes_at_zero0_and_zero1_refused(tmp_path):
     assert ("checkpoint step0000002 in " in proc.stderr and "was saved at EP=1 on 1 rank(s), ZeRO stage 1; "
             "this run is EP=2 on 2 rank(s), ZeRO stage 1" in proc.stderr
             and "Resume at the saved size (train.ep_size=1, --nproc 1), or train with train.zero_stage=0" in proc.stderr)
+    # the ZeRO-1 checkpoint exports like any other: one plain process evaluates it as the engine does
+    run_cli("export", "--run-dir", f"{tmp}/runs/z", "--out", f"{tmp}/z.safetensors", check=True)
+    run_cli("eval", "--run-dir", f"{tmp}/runs/z", check=True)
+    ev = json.load(open(f"{tmp}/runs/z/eval.json"))
+    m = exported_metrics(f"{tmp}/z.safetensors", f"{tmp}/data", f"{tmp}/zq.npy")
+    assert not m["deepspeed"] and abs(m["map"] - ev["map"]) < 1e-6 and m["cmc"] == pytest.approx(ev["cmc"][:20])

@@ -15,10 +15,11 @@ import json
 import os
 import subprocess
 
+import numpy as np
 import pytest
 import torch
 
-from tests.helpers import ROOT, TINY_DATA, cli_command, cli_env, run_cli
+from tests.helpers import ROOT, TINY_DATA, cli_command, cli_env, exported_metrics, run_cli
 
 LOSS_ATOL = 0.1
 
@@ -87,6 +88,20 @@ def test_ep2_equals_ep1_on_the_full_model(tmp_path):
     # `msmoe eval` on the saved checkpoint reproduces the run's own final evaluation
     ev = _eval(tmp, "ep2", nproc=2)
     assert ev["step"] == 6 and abs(ev["map"] - two["map"]) < 1e-6 and ev["cmc"] == pytest.approx(two["cmc"])
+    # `msmoe export`: the 64 experts of both ranks in one file; one plain process reproduces the metrics
+    model = f"{tmp}/model.safetensors"
+    run_cli("export", "--run-dir", f"{tmp}/runs/ep2", "--out", model, check=True)
+    m = exported_metrics(model, f"{tmp}/data", f"{tmp}/q.npy")
+    assert not m["deepspeed"] and not m["distributed"]
+    assert abs(m["map"] - two["map"]) < 1e-6 and m["cmc"] == pytest.approx(two["cmc"][:20])
+    # `msmoe embed` writes the same features with the image names
+    run_cli("embed", "--model", model, "--data", f"{tmp}/data", "--split", "query", "--out", f"{tmp}/q.safetensors",
+            check=True)
+    from safetensors import safe_open
+
+    with safe_open(f"{tmp}/q.safetensors", framework="np") as fh:
+        feats, names = fh.get_tensor("features"), json.loads(fh.metadata()["names"])
+    assert np.allclose(feats, np.load(f"{tmp}/q.npy"), atol=1e-6) and len(names) == len(feats) == two["num_valid_queries"] + two["num_skipped_queries"]
 
 
 @pytest.mark.slow
