@@ -44,7 +44,7 @@ def measure(config: str, workdir: str, precision: str, quick: bool) -> dict:
     world = init_distributed(timeout_s=cfg.train.collective_timeout_s)
     if cfg.data.source == "synth":
         ensure_synth(cfg.data.path, cfg.data.synth_spec(), progress=False)
-    trainer = Trainer(cfg, world, progress=False)
+    trainer = Trainer(cfg, world)
     trainer.engine.train()
     interval = IntervalStats()
     for s in range(WARMUP):

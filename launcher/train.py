@@ -50,7 +50,9 @@ def add_parsers(sub) -> None:
 def _common(p) -> None:
     p.add_argument("--nproc", type=int, default=1,
                    help="processes on this machine; >1 starts torchrun --standalone for you")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="--progress: the progress bar; --no-progress: one plain line per logging step "
+                        "(default: the bar when stdout is a terminal, else the lines)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
@@ -102,12 +104,17 @@ def _launch(nproc: int) -> int:
     return 128 + done.signal
 
 
+def progress_choice(flag: bool | None) -> str:
+    """--progress / --no-progress / neither -> "bar" / "lines" / "auto" (training/job.py: display_mode)."""
+    return "auto" if flag is None else ("bar" if flag else "lines")
+
+
 def run_train(args) -> int:
     from training import job
 
     req = job.TrainRequest(config=args.config, overrides=tuple(args.overrides), resume=args.resume,
                            auto_resume=args.auto_resume, init_from=args.init_from, stop_at=args.stop_at,
-                           progress=not args.no_progress, overwrite=args.overwrite)
+                           progress=progress_choice(args.progress), overwrite=args.overwrite)
     if _needs_launch(args.nproc):
         check_nproc_gpus(args.nproc)
         job.preflight(req, args.nproc)  # one message and exit 2 here rather than one per worker

@@ -4,6 +4,10 @@ carries no timer branches.
 
 Stages of a PatchMoE forward: route (unfold, pool, gate, plan), dispatch (to the experts'
 ranks), experts (grouped matmuls), combine (back, weighted sum, fold).
+
+While torch.profiler records (``train.profile_steps``), every timer also opens a named range
+``moe.<stage>`` (``moe.route``, ``moe.dispatch``, ``moe.experts``, ``moe.combine``) around the
+stage; otherwise that costs one check of the profiler's state.
 """
 
 from __future__ import annotations
@@ -20,11 +24,18 @@ class StageTimer(Protocol):
     def stage(self, name: str) -> AbstractContextManager: ...
 
 
+def profiler_range(name: str) -> AbstractContextManager:
+    """The range ``moe.<name>`` in a torch.profiler trace while one records; else nothing."""
+    if torch.autograd._profiler_enabled():
+        return torch.profiler.record_function(f"moe.{name}")
+    return nullcontext()
+
+
 class NullTimer:
-    """Measures nothing (the default)."""
+    """Measures nothing (the default); names the stage for a recording profiler."""
 
     def stage(self, name: str) -> AbstractContextManager:
-        return nullcontext()
+        return profiler_range(name)
 
 
 class WallTimer:
@@ -39,7 +50,7 @@ class WallTimer:
         self.calls: dict[str, int] = defaultdict(int)
 
     def stage(self, name: str) -> AbstractContextManager:
-        return self._measure(name) if self.active else nullcontext()
+        return self._measure(name) if self.active else profiler_range(name)
 
     @contextmanager
     def _measure(self, name: str) -> Iterator[None]:
@@ -47,7 +58,8 @@ class WallTimer:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         try:
-            yield
+            with profiler_range(name):
+                yield
         finally:
             if self.cuda_sync:
                 torch.cuda.synchronize()

@@ -13,13 +13,18 @@ import subprocess
 import time
 
 
+ENABLE = "run .ci/system-deps as root to install SLURM (slurmctld slurmd slurm-client munge), then rerun"
+
+
 def available() -> str | None:
-    """None if a cluster can be started here, else why not."""
+    """None if a cluster can be started here, else why not and the command that enables the tests
+    (pytest prints it in the summary: ``-rs`` in pyproject.toml's addopts)."""
     if os.geteuid() != 0:
-        return "SLURM daemons need root"
+        return "SLURM tests skipped: the SLURM daemons need root; as root, run .ci/system-deps to install SLURM, " \
+               "then rerun the tests"
     missing = [b for b in ("slurmctld", "slurmd", "sbatch", "munged") if shutil.which(b) is None]
     if missing:
-        return f"not installed: {missing} (apt-get install slurmctld slurmd slurm-client munge)"
+        return f"SLURM tests skipped: {' '.join(missing)} not installed; {ENABLE}"
     return None
 
 

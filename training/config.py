@@ -64,6 +64,8 @@ class TrainConfig:
     max_bad_steps: int = 5  # non-finite loss/gradients this many steps in a row: checkpoint and stop
     collapse_share: float = 0.9  # one expert taking more than this share of a layer's patches ...
     collapse_intervals: int = 3  # ... for this many logging intervals in a row is reported as a collapse
+    profile_steps: tuple[int, ...] | None = None  # [a, b]: torch.profiler records steps a..b (training/profiling.py)
+    wandb_project: str = ""  # also log the metrics to this Weights & Biases project (needs the wandb package)
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, f"train.steps={self.steps} must be >= 1")
@@ -94,6 +96,16 @@ class TrainConfig:
         _require(self.max_bad_steps >= 1, f"train.max_bad_steps={self.max_bad_steps} must be >= 1")
         _require(0 < self.collapse_share <= 1, f"train.collapse_share={self.collapse_share} must be in (0, 1]")
         _require(self.collapse_intervals >= 1, f"train.collapse_intervals={self.collapse_intervals} must be >= 1")
+        if self.profile_steps is not None:
+            ps = self.profile_steps
+            _require(isinstance(ps, tuple) and len(ps) == 2
+                     and all(isinstance(v, int) and not isinstance(v, bool) for v in ps)
+                     and 1 <= ps[0] <= ps[1] <= self.steps,
+                     f"train.profile_steps={list(ps) if isinstance(ps, tuple) else ps!r} must be [a, b] with "
+                     f"1 <= a <= b <= train.steps={self.steps} (the steps to record, as logged: e.g. [5, 7]); "
+                     "leave it unset (null) to profile nothing")
+        _require(isinstance(self.wandb_project, str),
+                 f"train.wandb_project={self.wandb_project!r} must be a project name (text), or empty for no W&B")
 
     def ep_size_for(self, world_size: int, num_experts: int) -> int:
         """The EP size of a run of ``world_size`` ranks (see the class docstring); ``num_experts``: a

@@ -17,8 +17,10 @@ from dataclasses import dataclass
 import yaml
 
 from moe.config import ConfigError
+from parallel.rank_output import launcher_rank, prefix_rank_output
 from training.config import RunConfig, load_config
 from training.checkpoint import COMPLETE
+from training.run_log import check_wandb
 
 
 @dataclass(frozen=True)
@@ -29,8 +31,17 @@ class TrainRequest:
     auto_resume: bool = False  # resume if there is a checkpoint, else start (requeued jobs)
     init_from: str | None = None  # start from these weights (e.g. made by msmoe convert)
     stop_at: int | None = None  # stop after this step (checkpointed)
-    progress: bool = True
+    progress: str = "auto"  # "bar", "lines" or "auto": the bar on a terminal, else lines (training/progress.py)
     overwrite: bool = False  # start over in a run directory that holds another run's checkpoints
+
+
+def display_mode(progress: str, stream=None) -> str:
+    """The rank-0 progress display of a request: "bar" or "lines"; "auto" is the bar when stdout is
+    a terminal and one plain line per logging step otherwise (a log file)."""
+    if progress == "auto":
+        stream = stream if stream is not None else sys.stdout
+        return "bar" if stream.isatty() else "lines"
+    return progress
 
 
 def setup_threads(threads: int) -> None:
@@ -92,6 +103,7 @@ def preflight(req: TrainRequest, world_size: int) -> RunConfig:
     if cfg.data.source == "disk" and read_meta(cfg.data.path) is None:
         raise DataError(f"no dataset at data.path={cfg.data.path!r} (data.source=disk): import one with "
                         "`msmoe data rgbnt201`, or use data.source=synth")
+    check_wandb(cfg.train.wandb_project)
     ownership.check_start(cfg.run_dir, resume=wants_resume(req, cfg), overwrite=req.overwrite)
     ownership.check_unlocked(cfg.run_dir)
     return cfg
@@ -126,16 +138,19 @@ def train(req: TrainRequest) -> int:
     from training.preemption import Preemption
 
     preemption = Preemption().install()  # before anything slow: a signal during start-up is kept too
+    prefix_rank_output(launcher_rank())  # "[rank N] " before every line of the other ranks, DeepSpeed's too
     cfg = load_config(req.config, list(req.overrides))  # a bad config fails here, before any process group
+    check_wandb(cfg.train.wandb_project)
     resume = wants_resume(req, cfg)
     ownership.check_start(cfg.run_dir, resume=resume, overwrite=req.overwrite)  # every rank alike, read-only
     faults = FaultPlan.from_env()
     setup_threads(cfg.train.threads)
     world = init_distributed(timeout_s=cfg.train.collective_timeout_s)
+    prefix_rank_output(world.rank)  # mpirun: the rank is known now
     lock = ownership.RunLock(cfg.run_dir)
     try:
         identity = _own_run_dir(cfg, world, lock, resume, req.overwrite)
-        prepare_data(cfg, world, req.progress)
+        prepare_data(cfg, world, display_mode(req.progress) == "bar")
         return _train(req, cfg, world, identity.run_id, resume, preemption, faults)
     finally:
         lock.release()
@@ -150,7 +165,8 @@ def _train(req: TrainRequest, cfg: RunConfig, world, run_id: str, resume: bool, 
     from training.trainer import Trainer
 
     t_start = time.perf_counter()
-    trainer = Trainer(cfg, world, progress=req.progress, preemption=preemption, faults=faults, run_id=run_id)
+    trainer = Trainer(cfg, world, display=display_mode(req.progress), preemption=preemption, faults=faults,
+                      run_id=run_id)
     untrained_path = os.path.join(cfg.run_dir, "untrained.json")
     untrained = None
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
@@ -219,10 +235,12 @@ def evaluate(run_dir: str, overrides: tuple[str, ...] = (), checkpoint_dir: str 
     from training.metrics import write_json
     from training.trainer import Trainer
 
+    prefix_rank_output(launcher_rank())
     cfg = load_config(os.path.join(run_dir, "config.yaml"), list(overrides))
     setup_threads(cfg.train.threads)
     world = init_distributed()
-    trainer = Trainer(cfg, world, progress=False)
+    prefix_rank_output(world.rank)
+    trainer = Trainer(cfg, world)
     step = trainer.load_weights(checkpoint_dir or os.path.join(run_dir, "checkpoints"))
     metrics, _ = trainer.evaluate()
     if world.rank == 0:

@@ -51,8 +51,8 @@ class StepResult:
 class IntervalStats:
     """Routing statistics of a logging interval, accumulated on the device (read at log steps).
 
-    load [layers, E] routed patches; fusion [S] mean fusion weight; dropped and active: sums over
-    steps of the per-step mean over layers."""
+    load [layers, E] routed patches; fusion [S] mean fusion weight; dropped [layers]: sums over
+    steps of each layer's dropped fraction; active: sum over steps of the per-step mean over layers."""
 
     def __init__(self) -> None:
         self.steps = 0
@@ -63,10 +63,10 @@ class IntervalStats:
         fw = out.fusion_weights.detach().float().mean(0)
         if out.moe_stats:
             load = torch.stack([st.load.float() for st in out.moe_stats])
-            dropped = torch.stack([st.dropped_fraction for st in out.moe_stats]).mean()
+            dropped = torch.stack([st.dropped_fraction.float().reshape(()) for st in out.moe_stats])
             active = torch.stack([st.active_experts for st in out.moe_stats]).mean()
         else:
-            load, dropped, active = fw.new_zeros(0), fw.new_zeros(()), fw.new_zeros(())
+            load, dropped, active = fw.new_zeros(0), fw.new_zeros(0), fw.new_zeros(())
         first = self.steps == 0
         self.load = load if first else self.load + load
         self.fusion = fw if first else self.fusion + fw
@@ -76,10 +76,21 @@ class IntervalStats:
         return active
 
     def packed(self) -> torch.Tensor:
-        """[load..., fusion mean..., dropped mean, active mean] as one float64 vector (one all-reduce)."""
+        """[load..., fusion mean..., dropped mean per layer..., active mean] as one float64 vector
+        (one all-reduce); :meth:`unpack` reads the reduced vector back."""
         n = self.steps
-        return torch.cat([self.load.flatten().double(), self.fusion.double() / n,
-                          torch.stack([self.dropped, self.active]).double() / n])
+        return torch.cat([self.load.flatten().double(), self.fusion.double() / n, self.dropped.double() / n,
+                          self.active.double().reshape(1) / n])
+
+    def unpack(self, reduced: torch.Tensor, world_size: int) -> dict:
+        """The all-reduced :meth:`packed` vector (on the host) as load [layers][E] (world sums),
+        fusion [S], dropped [layers] and active (means over ranks)."""
+        nl, ns, nd = self.load.numel(), self.fusion.numel(), self.dropped.numel()
+        w = world_size
+        return {"load": reduced[:nl].reshape(self.load.shape).tolist(),
+                "fusion": (reduced[nl:nl + ns] / w).tolist(),
+                "dropped": (reduced[nl + ns:nl + ns + nd] / w).tolist(),
+                "active": float(reduced[nl + ns + nd]) / w}
 
 
 class StageClock:
@@ -156,6 +167,40 @@ class RunProgress:
         timed = int(d.get("timed_steps", 0))
         return cls(History(**d["history"]), float(d.get("train_time_s", 0.0)), timed, dict(d.get("stage_s", {})),
                    int(d.get("stage_samples", timed)), list(d.get("warnings", [])))
+
+
+def interval_record(*, step: int, result: StepResult, lr: float, seconds: float, steps: int, total_steps: int,
+                    samples_per_step: int, stages_s: dict, layer_names: list[str], load: list, dropped: list,
+                    active: float, a2a_bytes: dict) -> dict:
+    """One line of metrics.jsonl (training/run_log.py): the logging step ``step`` (steps done, as
+    logged) after an interval of ``steps`` steps that took ``seconds`` of wall time.
+
+    loss          the logging step's loss parts (means over ranks), as in summary.json's history
+    lr            the logging step's learning rate
+    samples_per_s over the interval (global batch x steps / wall time)
+    eta_s         the steps left to train.steps at the interval's pace
+    step_time_ms  step: the interval's mean wall time per step; the rest: the stage breakdown of the
+                  interval's sampled step (data, forward, backward, optimizer; route, dispatch,
+                  experts, combine summed over the MoE layers); absent with train.stage_timing=off
+    expert_load   per MoE layer: each expert's share of the interval's routed patches (all ranks)
+    dropped_fraction  per MoE layer: the interval's mean share of routed patches over capacity
+    active_experts    mean experts per patch (mean over layers, steps and ranks)
+    a2a_bytes_per_step  rank 0's all-to-all payload bytes per step over the interval (total, offrank)
+    """
+    per_step = seconds / max(steps, 1)
+    return {
+        "step": step,
+        "loss": {"total": result.loss, "id": result.id, "triplet": result.triplet, "aux": result.aux},
+        "lr": lr,
+        "samples_per_s": samples_per_step * steps / seconds if seconds > 0 else 0.0,
+        "eta_s": per_step * max(total_steps - step, 0),
+        "step_time_ms": {"step": 1000 * per_step, **{k: 1000 * v for k, v in stages_s.items()}},
+        "expert_load": {name: (np.asarray(row, dtype=float) / max(sum(row), 1)).tolist()
+                        for name, row in zip(layer_names, load)},
+        "dropped_fraction": dict(zip(layer_names, dropped)),
+        "active_experts": active,
+        "a2a_bytes_per_step": {k: v / max(steps, 1) for k, v in a2a_bytes.items()},
+    }
 
 
 def a2a_per_step(comm, steps: int) -> dict:

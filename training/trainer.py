@@ -39,9 +39,13 @@ from training.evaluate import eval_batch, retrieval
 from training.faults import NO_FAULTS, FaultPlan
 from training.guards import BadStepGuard, CollapseDetector, TrainingHalted
 from training.model_cost import inference_cost, parameter_counts
-from training.metrics import IntervalStats, RunProgress, StageClock, StepResult, a2a_per_step, build_summary
+from training.metrics import (
+    IntervalStats, RunProgress, StageClock, StepResult, a2a_per_step, build_summary, interval_record,
+)
 from training.preemption import Preemption
-from training.progress import ProgressBar
+from training.profiling import StepProfiler
+from training.progress import ProgressMode, build_progress
+from training.run_log import NoRunLog, RunLog
 
 WARMUP_STEPS = 3  # first steps left out of throughput and stage timing (first calls, allocator)
 
@@ -50,15 +54,23 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**31 - 1)
 
 
+class _Span:
+    """Where the current logging interval began: step, wall clock, all-to-all byte counters."""
+
+    def __init__(self, step: int, t0: float, comm: CommCounter) -> None:
+        self.step, self.t0 = step, t0
+        self.a2a_total, self.a2a_offrank = comm.total_bytes, comm.offrank_bytes
+
+
 class Trainer:
     """Builds everything once; ``train`` runs the steps; ``evaluate`` the retrieval metrics."""
 
-    def __init__(self, cfg: RunConfig, world: WorldInfo, progress: bool = True,
+    def __init__(self, cfg: RunConfig, world: WorldInfo, display: ProgressMode = "off",
                  preemption: Preemption | None = None, faults: FaultPlan = NO_FAULTS, run_id: str = ""):
         self.cfg, self.world, self.faults, self.run_id = cfg, world, faults, run_id
         self.preemption = preemption if preemption is not None else Preemption()
         self.rank, self.world_size, self.device = world.rank, world.world_size, world.device
-        self.show_progress = progress and self.rank == 0
+        self.display: ProgressMode = display if self.rank == 0 else "off"  # training/progress.py
         self.ckpt_dir = os.path.join(cfg.run_dir, checkpoint.CKPT_DIR)
         tc = cfg.train
 
@@ -87,8 +99,9 @@ class Trainer:
         self.step = 0
         self.progress = RunProgress()
         self.bad_steps = BadStepGuard(tc.max_bad_steps)
-        self.collapse = CollapseDetector(tc.collapse_share, tc.collapse_intervals,
-                                         [f"block{b}" for b in cfg.model.moe_blocks])
+        self.layer_names = [f"block{b}" for b in cfg.model.moe_blocks]
+        self.collapse = CollapseDetector(tc.collapse_share, tc.collapse_intervals, self.layer_names)
+        self.last_stages: dict[str, float] = {}  # seconds per stage of the last sampled step
         self.a2a_per_step: dict = {}
         self.preempted = False
         self.resharded: str | None = None  # set by resume: "resharded EP 4 -> 2"
@@ -120,7 +133,10 @@ class Trainer:
             self.engine.step()
         sync_batchnorm_stats(self.model, self.groups)
         clock.mark("optimizer")
-        self.progress.add_stages(clock.measured())
+        stages = clock.measured()
+        self.progress.add_stages(stages)
+        if stages:
+            self.last_stages = stages
         return result
 
     def train(self, stop_at: int | None = None) -> None:
@@ -128,25 +144,38 @@ class Trainer:
         tc = self.cfg.train
         end = tc.steps if stop_at is None else min(tc.steps, stop_at)
         interval, first_step = IntervalStats(), self.step
-        bar = ProgressBar(self.cfg.name, self.step, tc.steps, self.show_progress)
+        bar = build_progress(self.display, self.cfg.name, self.step, tc.steps)
+        log = self._open_run_log()
+        profiler = StepProfiler(tc.profile_steps, os.path.join(self.cfg.run_dir, "profile"), self.rank, self.device)
         self.comm.reset()
         self.engine.train()
-        while self.step < end:
-            s = self.step
-            self.faults.at_step_start(s, self.rank)
-            t0 = time.perf_counter()
-            r = self.train_step(s, interval, self._sampled(s))
-            self._record(s, r, time.perf_counter() - t0)
-            if self.step % tc.log_every == 0 or self.step == end:
-                self._log_interval(interval)
-                interval = IntervalStats()
-            if self.step % tc.ckpt_every == 0 and self.step < end:
-                self.save()
-            bar.update(r, self.progress.samples_per_s(tc.p * tc.k))
-            if r.preempt:  # some rank was signalled: every rank stops after this same step
-                self.preempted = True
-                break
-        bar.close()
+        span = _Span(self.step, time.perf_counter(), self.comm)  # the logging interval so far
+        try:
+            while self.step < end:
+                s = self.step
+                self.faults.at_step_start(s, self.rank)
+                profiler.before(s)
+                t0 = time.perf_counter()
+                r = self.train_step(s, interval, self._sampled(s))
+                self._record(s, r, time.perf_counter() - t0)
+                profiler.after(s)
+                if self.step % tc.log_every == 0 or self.step == end:
+                    record = self._log_interval(interval, r, span)
+                    interval, span = IntervalStats(), _Span(self.step, time.perf_counter(), self.comm)
+                    self.last_stages = {}  # the next interval's sampled step fills it
+                    if record is not None:
+                        log.write(record)
+                        bar.logged(record)
+                if self.step % tc.ckpt_every == 0 and self.step < end:
+                    self.save()
+                bar.update(r, self.progress.samples_per_s(tc.p * tc.k))
+                if r.preempt:  # some rank was signalled: every rank stops after this same step
+                    self.preempted = True
+                    break
+        finally:
+            profiler.close()
+            bar.close()
+            log.close()
         self.timer.active = False  # evaluation is not timed
         self.a2a_per_step = a2a_per_step(self.comm, max(self.step - first_step, 1))
         self.save()
@@ -208,26 +237,41 @@ class Trainer:
         self.progress.record(r, self.cfg.train.lr_at(s), seconds if s >= WARMUP_STEPS else None)
         self.step = s + 1
 
-    def _log_interval(self, interval: IntervalStats) -> None:
-        """A logging step: the interval's routing statistics, summed over ranks, read on the host."""
+    def _open_run_log(self):
+        """Rank 0's metrics.jsonl / TensorBoard / W&B writers (training/run_log.py), continuing from this step."""
+        if self.rank != 0:
+            return NoRunLog()
+        tc = self.cfg.train
+        return RunLog(self.cfg.run_dir, self.step, wandb_project=tc.wandb_project, run_name=self.cfg.name,
+                      run_id=self.run_id, config=self.cfg.to_dict())
+
+    def _log_interval(self, interval: IntervalStats, last: StepResult, span: "_Span") -> dict | None:
+        """A logging step: the interval's routing statistics, summed over ranks, read on the host; returns
+        the step's metrics record (training/metrics.py: interval_record)."""
         if interval.steps == 0:
-            return
+            return None
         reduced = interval.packed().to(self.device)
         if self.world_size > 1:
             collective("all-reduce of the interval's routing statistics", dist.all_reduce, reduced, host_reads=True)
-        reduced = reduced.cpu()
-        w = self.world_size
-        nl, ns = interval.load.numel(), interval.fusion.numel()
+        got = interval.unpack(reduced.cpu(), self.world_size)
         h = self.progress.history
         h.load_steps.append(self.step)
-        h.load.append(reduced[:nl].reshape(interval.load.shape).tolist())
-        h.fusion_load.append((reduced[nl:nl + ns] / w).tolist())
-        h.dropped.append(float(reduced[nl + ns]) / w)
-        h.active.append(float(reduced[nl + ns + 1]) / w)
+        h.load.append(got["load"])
+        h.fusion_load.append(got["fusion"])
+        h.dropped.append(float(np.mean(got["dropped"])) if got["dropped"] else 0.0)
+        h.active.append(got["active"])
         for msg in self.collapse.update(self.step, h.load[-1]):
             self.progress.warnings.append(msg)
             if self.rank == 0:
                 print(f"warning: {msg}", flush=True)
+        tc = self.cfg.train
+        return interval_record(
+            step=self.step, result=last, lr=h.lr[-1], seconds=time.perf_counter() - span.t0,
+            steps=self.step - span.step, total_steps=tc.steps, samples_per_step=tc.p * tc.k,
+            stages_s=self.last_stages,
+            layer_names=self.layer_names, load=got["load"], dropped=got["dropped"], active=got["active"],
+            a2a_bytes={"total": self.comm.total_bytes - span.a2a_total,
+                       "offrank": self.comm.offrank_bytes - span.a2a_offrank})
 
     # ------------------------------------------------------------- checkpoint
     def save(self) -> None:

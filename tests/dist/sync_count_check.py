@@ -36,7 +36,7 @@ def main():
         ensure_synth(cfg.data.path, cfg.data.synth_spec(), progress=False)
     if world.world_size > 1:
         dist.barrier()
-    trainer = Trainer(cfg, world, progress=False)
+    trainer = Trainer(cfg, world)
     trainer.engine.train()
     interval = IntervalStats()
     for s in range(args.warmup):

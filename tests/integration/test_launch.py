@@ -218,7 +218,7 @@ def _netns_possible() -> str | None:
 def two_namespaces():
     why = _netns_possible()
     if why:
-        pytest.skip(f"network namespaces unavailable here: {why}")
+        pytest.skip(f"network namespaces unavailable here: {why} (run .ci/system-deps as root for iproute2)")
     tag = str(os.getpid() % 10000)
     ns, veth = [f"msm{tag}a", f"msm{tag}b"], [f"mv{tag}a", f"mv{tag}b"]
     addrs = ["10.78.0.1", "10.78.0.2"]

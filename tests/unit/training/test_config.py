@@ -59,3 +59,15 @@ def test_seed_ablation_plan_is_complete():
     assert {0.5, 1.0, 2.0} <= got["temperature"]
     seed = [p for p in ABLATIONS if load_config(p).model.streams == "fused"]  # the others: modality streams
     assert len(seed) == 10
+
+
+def test_profile_steps_and_wandb_project_are_checked_up_front():
+    cfg = load_config(os.path.join(ROOT, "configs/tiny.yaml"), ["train.profile_steps=[3,5]"])
+    assert cfg.train.profile_steps == (3, 5) and RunConfig().train.profile_steps is None
+    assert load_config(None, ["train.steps=4", "train.profile_steps=[4,4]"]).train.profile_steps == (4, 4)
+    for bad in ("[5,3]", "[0,2]", "[2,21]", "5", "[1,2,3]", "[1.5,2]", "[true,2]"):
+        with pytest.raises(ConfigError, match=r"train.profile_steps=.* must be \[a, b\] with 1 <= a <= b <= "
+                                              r"train.steps=20"):
+            load_config(os.path.join(ROOT, "configs/tiny.yaml"), [f"train.profile_steps={bad}"])
+    with pytest.raises(ConfigError, match="train.wandb_project=3 must be a project name"):
+        load_config(None, ["train.wandb_project=3"])
