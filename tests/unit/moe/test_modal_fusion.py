@@ -54,10 +54,10 @@ def fusion_reference(layer, f_MSBD, present, expert_mods):
     return torch.stack(outs), torch.stack(joints)
 
 
-@pytest.mark.parametrize("ec,k,heads,present", [
-    (1, 1, 1, (0, 1, 2)), (1, 1, 2, (0, 2)), (3, 2, 1, (0, 1, 2)), (2, 1, 2, (2,)), (3, 1, 1, (1, 0)),
+@pytest.mark.parametrize("ec,k,heads,present,kind", [
+    (1, 1, 1, (0, 1, 2), "seed"), (1, 1, 2, (0, 2), "ffn"), (3, 2, 1, (0, 1, 2), "seed"), (2, 1, 2, (2,), "ffn"),
+    (3, 1, 1, (1, 0), "seed"),
 ])
-@pytest.mark.parametrize("kind", ["seed", "ffn"])
 def test_matches_loop_reference(ec, k, heads, present, kind):
     torch.manual_seed(0)
     layer = HierarchicalFusion(_cfg(ec, k, heads, kind))
