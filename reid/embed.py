@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from reid.data import MODALITIES, Batch, DataError, chunks, fetch
+from reid.rgbnt201 import read_image
 
 FOLDER_NAMES = ({"rgb": "RGB", "nir": "NI", "tir": "TI"}, {m: m for m in MODALITIES})
 EXTS = (".jpg", ".jpeg", ".png", ".bmp")
@@ -50,17 +51,8 @@ def folder_names(folder: str) -> tuple[dict[str, str], list[str]]:
 
 
 def _read(dirs: dict[str, str], names: list[str], height: int, width: int) -> Batch:
-    from PIL import Image
-
-    images = {}
-    for m, d in dirs.items():
-        arrays = []
-        for name in names:
-            with Image.open(os.path.join(d, name)) as im:
-                im = im.convert("RGB" if m == "rgb" else "L").resize((width, height), Image.BILINEAR)
-                a = np.asarray(im, dtype=np.uint8)
-            arrays.append(a.transpose(2, 0, 1) if a.ndim == 3 else a[None])
-        images[m] = torch.from_numpy(np.stack(arrays)).float().div_(127.5).sub_(1.0)
+    images = {m: torch.from_numpy(np.stack([read_image(os.path.join(d, n), m, height, width) for n in names]))
+              .float().div_(127.5).sub_(1.0) for m, d in dirs.items()}
     zeros = torch.zeros(len(names), dtype=torch.long)
     return Batch(images["rgb"], images["nir"], images["tir"], zeros, zeros)
 

@@ -82,16 +82,18 @@ def _scan(split_dir: str, on_bad: str, report: ImportReport) -> list[tuple[str, 
     return good
 
 
-def _load(split_dir: str, name: str, height: int, width: int) -> dict[str, np.ndarray]:
+def read_image(path: str, modality: str, height: int, width: int) -> np.ndarray:
+    """One modality's image as uint8 [C, height, width] (RGB: 3 channels, NIR/TIR: 1), bilinear resize."""
     from PIL import Image
 
-    out = {}
-    for m, sub in MODALITY_DIRS.items():
-        with Image.open(os.path.join(split_dir, sub, name)) as im:
-            im = im.convert("RGB" if m == "rgb" else "L").resize((width, height), Image.BILINEAR)
-            a = np.asarray(im, dtype=np.uint8)
-        out[m] = a.transpose(2, 0, 1).copy() if a.ndim == 3 else a[None].copy()
-    return out
+    with Image.open(path) as im:
+        im = im.convert("RGB" if modality == "rgb" else "L").resize((width, height), Image.BILINEAR)
+        a = np.asarray(im, dtype=np.uint8)
+    return a.transpose(2, 0, 1).copy() if a.ndim == 3 else a[None].copy()
+
+
+def _load(split_dir: str, name: str, height: int, width: int) -> dict[str, np.ndarray]:
+    return {m: read_image(os.path.join(split_dir, sub, name), m, height, width) for m, sub in MODALITY_DIRS.items()}
 
 
 def import_rgbnt201(src: str, out_dir: str, height: int = 128, width: int = 64, on_bad: str = "error",
