@@ -150,9 +150,9 @@ class ExpertConfig:
     hidden_dim: F, the hidden width (the thesis fusion: 2 x model dim).
     dropout:    dropout inside the "seed" expert (the thesis fusion: 0.1).
     impl:       batched-matmul backend: "auto", "grouped_mm", "bmm" (see moe/grouped.py) or
-                "fused": ffn experts as one function with per-expert GEMMs, the bias inside
-                and a hand-written backward (moe/fused_ffn.py); "auto" takes it for ffn
-                experts on CPU. Other expert kinds treat "fused" as "auto".
+                "fused": ffn experts as one function, a batched GEMM per bucket of experts with
+                equal row counts, the bias inside, a hand-written backward (moe/fused_ffn.py);
+                "auto" takes it for ffn experts on CPU. Other expert kinds treat "fused" as "auto".
     """
 
     kind: ExpertKind = "seed"

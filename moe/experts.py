@@ -99,7 +99,7 @@ class FFNExperts(GroupedExperts):
         self.grad_buffers = ExpertGradBuffers()  # the fused path's weight gradients, kept between steps
 
     def forward(self, x_ULC: torch.Tensor, counts_E: torch.Tensor, host_counts=None) -> torch.Tensor:
-        # "fused" (the default on CPU): per-expert GEMMs with the bias inside, backward by hand.
+        # "fused" (the default on CPU): batched GEMMs over buckets of experts, bias inside, backward by hand.
         # It walks the experts on the host, so it needs the counts there (a read unless given).
         if not (self.impl == "fused" or (self.impl == "auto" and not x_ULC.is_cuda)):
             return super().forward(x_ULC, counts_E, host_counts)

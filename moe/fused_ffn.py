@@ -1,20 +1,27 @@
-"""FFN experts (Linear - GELU - Linear) as one autograd function: per-expert GEMMs, bias fused.
+"""FFN experts (Linear - GELU - Linear) as one autograd function: batched GEMMs, bias fused.
 
 Legend: T rows sorted by expert, C in/out channels, F hidden width, E local experts,
-n_e rows of expert e (host integers; they slice T into E contiguous blocks).
+n_e rows of expert e (host integers; they slice T into E contiguous blocks), G experts of one
+bucket (active experts with the same row count n), A active experts.
 
 Why: the grouped-matmul path adds each row's expert bias as a separate gather + add and lets
 autograd keep its own copies; on CPU those passes over [T, F] cost as much as the routing.
-Here each expert is one ``addmm`` with its bias inside (as ``nn.Linear`` does for the dense
-FFN), the output goes straight into the [T, C] buffer, and the backward is written out and run
-expert by expert (each expert's hidden blocks are used while still in cache):
+Here the active experts are put in buckets of equal row count (patch routing makes every count a
+multiple of P*P, so a step has a handful of distinct counts) and each bucket is one batched GEMM
+per matmul, the bias inside (``baddbmm``), written out forward and backward:
 
-  forward   h_e = x_e W1_e + b1_e     a_e = gelu(h_e)     y_e = a_e W2_e + b2_e
-  backward  da_e = dy_e W2_e^T        dW2_e = a_e^T dy_e      db2_e = sum_rows dy_e
-            dh_e = gelu'(h_e) * da_e  dx_e = dh_e W1_e^T      dW1_e = x_e^T dh_e   db1_e = sum_rows dh_e
+  forward   h = x W1 + b1     a = gelu(h)     y = a W2 + b2                    (per expert of the bucket)
+  backward  da = dy W2^T      dW2 = a^T dy    db2 = sum_rows dy
+            dh = gelu'(h) * da                dx = dh W1^T    dW1 = x^T dh    db1 = sum_rows dh
 
-Measured on the 2-core CPU (FFN alone, same FLOPs): 0.93-0.94x the dense FFN's time at both
-bench shapes; with one [T, F] buffer instead of per-expert blocks it was 0.98-0.99x.
+Why buckets: a GEMM of one expert's few rows runs on one core (the BLAS does not split it), so
+with many experts a loop over experts left the second core idle while the dense FFN's large GEMMs
+used both; a batched GEMM splits its batch over the cores, and a bucket's Python work is the same
+for 2 experts or 200. A bucket whose experts are consecutive ids uses views of the rows and
+weights; otherwise its rows and weights are gathered once (``index_select``) and its outputs and
+weight gradients scattered (``index_copy_``). Each expert's GEMMs are the same BLAS calls as an
+unbatched loop, so the values are bit-identical to it (tests/unit/moe/test_fast_paths.py).
+
 Same multiply-adds as the dense FFN of hidden width F over T rows; an expert with no rows gets
 zero gradients. Needs the block sizes on the host (one device sync on GPUs, free on CPU).
 The weight gradients go into the layer's persistent buffers when it passes them
@@ -22,6 +29,8 @@ The weight gradients go into the layer's persistent buffers when it passes them
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,30 +40,96 @@ from moe import compat
 from moe.grad_buffers import ExpertGradBuffers
 
 
-def _blocks(counts: list[int]):
+@dataclass(frozen=True)
+class Bucket:
+    """Active experts with ``rows_each`` rows each: their ids and where their rows sit in T."""
+
+    rows_each: int  # n
+    ids: tuple[int, ...]  # [G] expert ids, ascending
+    starts: tuple[int, ...]  # [G] first row of each expert in T
+
+    @property
+    def consecutive(self) -> bool:
+        """Consecutive ids: the rows form one block of T and the weights one slice (views, no copies)."""
+        return self.ids[-1] - self.ids[0] + 1 == len(self.ids)
+
+    def take(self, t: torch.Tensor, ids_G: torch.Tensor | None) -> torch.Tensor:
+        """This bucket's experts of a stacked [E, ...] tensor -> [G, ...]."""
+        if ids_G is None:
+            return t[self.ids[0]: self.ids[-1] + 1]
+        return t.index_select(0, ids_G)
+
+    def rows_of(self, x_TC: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """This bucket's rows of [T, C] -> [G, n, C]."""
+        g, n = len(self.ids), self.rows_each
+        if rows is None:
+            return x_TC[self.starts[0]: self.starts[0] + g * n].view(g, n, -1)
+        return x_TC.index_select(0, rows).view(g, n, -1)
+
+
+def buckets_of(counts: list[int]) -> list[Bucket]:
+    """The active experts of ``counts`` in buckets of equal row count (in order of first appearance)."""
+    by: dict[int, tuple[list[int], list[int]]] = {}
     start = 0
     for e, n in enumerate(counts):
         if n:
-            yield e, slice(start, start + n)
+            ids, starts = by.setdefault(n, ([], []))
+            ids.append(e)
+            starts.append(start)
         start += n
+    return [Bucket(n, tuple(ids), tuple(starts)) for n, (ids, starts) in by.items()]
+
+
+def _indices(b: Bucket, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(ids [G], rows [G*n]) as index tensors, or (None, None) when the bucket is consecutive."""
+    if b.consecutive:
+        return None, None
+    ids = torch.tensor(b.ids, device=device)
+    rows = (torch.tensor(b.starts, device=device)[:, None] + torch.arange(b.rows_each, device=device)).reshape(-1)
+    return ids, rows
+
+
+def _bmm(a_GMK: torch.Tensor, b_GKN: torch.Tensor, bias_G1N: torch.Tensor | None = None) -> torch.Tensor:
+    """Batched (bias +) GEMM; a bucket of one expert is a plain 2-D GEMM, which the BLAS splits over
+    the cores when it is large (its batched GEMM splits only the batch)."""
+    if a_GMK.shape[0] == 1:
+        y = torch.mm(a_GMK[0], b_GKN[0]) if bias_G1N is None else torch.addmm(bias_G1N[0, 0], a_GMK[0], b_GKN[0])
+        return y.unsqueeze(0)
+    return torch.bmm(a_GMK, b_GKN) if bias_G1N is None else torch.baddbmm(bias_G1N, a_GMK, b_GKN)
+
+
+def _put_rows(dst_TC: torch.Tensor, b: Bucket, rows: torch.Tensor | None, src_GnC: torch.Tensor) -> None:
+    g, n = len(b.ids), b.rows_each
+    if rows is None:
+        dst_TC[b.starts[0]: b.starts[0] + g * n].copy_(src_GnC.reshape(g * n, -1))
+    else:
+        dst_TC.index_copy_(0, rows, src_GnC.reshape(g * n, -1))
+
+
+def _put_experts(dst_E: torch.Tensor, b: Bucket, ids: torch.Tensor | None, src_G: torch.Tensor) -> None:
+    if ids is None:
+        dst_E[b.ids[0]: b.ids[-1] + 1].copy_(src_G)
+    else:
+        dst_E.index_copy_(0, ids, src_G)
 
 
 class _ExpertFFN(torch.autograd.Function):
-    """Expert by expert, forward and backward: each expert's hidden activations are their own
-    [n_e, F] blocks, used while they are still in cache (the backward of one expert runs
-    da -> dh -> dx, dW1 back to back) and small enough for the allocator to reuse step after
-    step, where one [T, F] block of a large map is mapped fresh and faulted in every step."""
+    """Bucket by bucket, forward and backward (see the module docstring)."""
 
     @staticmethod
     def forward(ctx, x_TC, w1_ECF, b1_EF, w2_EFC, b2_EC, counts, grads):  # noqa: D102
         y_TC = x_TC.new_empty(x_TC.shape[0], w2_EFC.shape[2])
-        hidden = []
-        for e, rows in _blocks(counts):
-            h = torch.addmm(b1_EF[e], x_TC[rows], w1_ECF[e])
-            a = F.gelu(h)
-            torch.addmm(b2_EC[e], a, w2_EFC[e], out=y_TC[rows])
-            hidden += [h, a]
-        ctx.save_for_backward(x_TC, w1_ECF, w2_EFC, *hidden)
+        saved = []
+        for b in buckets_of(counts):
+            ids, rows = _indices(b, x_TC.device)
+            x_GnC = b.rows_of(x_TC, rows)
+            w1_GCF, w2_GFC = b.take(w1_ECF, ids), b.take(w2_EFC, ids)
+            h_GnF = _bmm(x_GnC, w1_GCF, b.take(b1_EF, ids).unsqueeze(1))
+            a_GnF = F.gelu(h_GnF)
+            _put_rows(y_TC, b, rows, _bmm(a_GnF, w2_GFC, b.take(b2_EC, ids).unsqueeze(1)))
+            saved.append((b, ids, rows, x_GnC, w1_GCF, w2_GFC, h_GnF, a_GnF))
+        ctx.buckets = saved  # rows/weights of each bucket (gathered copies or views), kept for the backward
+        ctx.x_shape = x_TC.shape
         ctx.counts = counts
         ctx.grads, ctx.params = grads, (w1_ECF, b1_EF, w2_EFC, b2_EC)
         return y_TC
@@ -62,28 +137,26 @@ class _ExpertFFN(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy_TC):  # noqa: D102
-        x_TC, w1, w2, *hidden = ctx.saved_tensors
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
         dy_TC = dy_TC.contiguous()
-        dx_TC = torch.empty_like(x_TC) if need_x else None
-        active = frozenset(e for e, _ in _blocks(ctx.counts))
+        dx_TC = dy_TC.new_empty(ctx.x_shape) if need_x else None
+        active = frozenset(e for e, n in enumerate(ctx.counts) if n)
         dw1, db1, dw2, db2 = (_weight_grad(ctx.grads, p, active) if need else None
                               for p, need in zip(ctx.params, (need_w1, need_b1, need_w2, need_b2)))
-        for i, (e, rows) in enumerate(_blocks(ctx.counts)):
-            h, a = hidden[2 * i], hidden[2 * i + 1]
-            dy = dy_TC[rows]
+        for b, ids, rows, x_GnC, w1_GCF, w2_GFC, h_GnF, a_GnF in ctx.buckets:
+            dy_GnC = b.rows_of(dy_TC, rows)
             if need_w2:
-                torch.mm(a.t(), dy, out=dw2[e])
+                _put_experts(dw2, b, ids, _bmm(a_GnF.transpose(1, 2), dy_GnC))
             if need_b2:
-                torch.sum(dy, 0, out=db2[e])
-            da = torch.mm(dy, w2[e].t())
-            dh = compat.gelu_backward_(da, h)  # in place
+                _put_experts(db2, b, ids, dy_GnC.sum(1))
+            dh_GnF = compat.gelu_backward_(_bmm(dy_GnC, w2_GFC.transpose(1, 2)), h_GnF)  # in place
             if need_x:
-                torch.mm(dh, w1[e].t(), out=dx_TC[rows])
+                _put_rows(dx_TC, b, rows, _bmm(dh_GnF, w1_GCF.transpose(1, 2)))
             if need_w1:
-                torch.mm(x_TC[rows].t(), dh, out=dw1[e])
+                _put_experts(dw1, b, ids, _bmm(x_GnC.transpose(1, 2), dh_GnF))
             if need_b1:
-                torch.sum(dh, 0, out=db1[e])
+                _put_experts(db1, b, ids, dh_GnF.sum(1))
+        ctx.buckets = None
         # a persistent buffer goes back as a fresh alias: autograd adopts it as .grad, no copy
         return (dx_TC, *(g.detach() if g is not None else None for g in (dw1, db1, dw2, db2)), None, None)
 

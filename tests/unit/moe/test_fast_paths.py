@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from moe.combine import slot_sum, slot_sum_to_map
 from moe.dispatch import DispatchPlan
-from moe.fused_ffn import expert_ffn
+from moe.fused_ffn import buckets_of, expert_ffn
 from moe.units import PatchView, make_grid, patchify, pool_units, take_units, unpatchify
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -31,9 +31,9 @@ def _leaves(*shapes, dtype=torch.float32):
     return [torch.randn(*s, dtype=dtype).requires_grad_() for s in shapes]
 
 
-@pytest.mark.parametrize("counts", [[5, 0, 3, 9], [0, 0, 0, 4], [2, 2, 2, 2]])
+@pytest.mark.parametrize("counts", [[5, 0, 3, 9], [0, 0, 0, 4], [2, 2, 2, 2], [4, 4, 0, 4, 7, 1, 7]])
 def test_fused_ffn_matches_per_expert_modules(counts):
-    c, f, e = 6, 10, 4
+    c, f, e = 6, 10, len(counts)
     t = sum(counts)
     mine = _leaves((t, c), (e, c, f), (e, f), (e, f, c), (e, c))
     ref = [p.detach().clone().requires_grad_() for p in mine]
@@ -47,6 +47,37 @@ def test_fused_ffn_matches_per_expert_modules(counts):
         torch.testing.assert_close(a.grad, b.grad, **TOL, msg=name)
     empty = [i for i, n in enumerate(counts) if n == 0]
     assert all(mine[1].grad[i].abs().sum() == 0 and mine[4].grad[i].abs().sum() == 0 for i in empty)
+
+
+def _ffn_gemm_loop(x, w1, b1, w2, b2, counts):
+    """The same BLAS calls one expert at a time (what the buckets batch): addmm, gelu, addmm."""
+    x, w1, b1, w2, b2 = (t.detach() for t in (x, w1, b1, w2, b2))
+    y, start = x.new_empty(x.shape[0], w2.shape[2]), 0
+    for e, n in enumerate(counts):
+        if n:
+            torch.addmm(b2[e], F.gelu(torch.addmm(b1[e], x[start:start + n], w1[e])), w2[e],
+                        out=y[start:start + n])
+        start += n
+    return y
+
+
+def test_fused_ffn_buckets_equal_an_expert_by_expert_loop_bit_for_bit():
+    """Buckets of equal row count (consecutive ids: views; scattered ids: gathers), values and gradients."""
+    torch.manual_seed(0)
+    counts = [64, 0, 128, 64, 64, 0, 0, 192, 64, 128, 0, 64]
+    c, f, e = 32, 48, len(counts)
+    assert {len(b.ids) > 1 and not b.consecutive for b in buckets_of(counts)} == {True, False}
+    mine = _leaves((sum(counts), c), (e, c, f), (e, f), (e, f, c), (e, c))
+    y = expert_ffn(*mine, counts)
+    assert torch.equal(y, _ffn_gemm_loop(*mine, counts))
+    ref = [p.detach().clone().requires_grad_() for p in mine]
+    g = torch.randn_like(y)
+    y.backward(g)
+    _ffn_loop(*ref, counts).backward(g)
+    for name, a, b in zip(["x", "w1", "b1", "w2", "b2"], mine, ref):
+        torch.testing.assert_close(a.grad, b.grad, **TOL, msg=name)
+    idle = torch.tensor([n == 0 for n in counts])
+    assert mine[1].grad[idle].abs().sum() == 0 and mine[2].grad[idle].abs().sum() == 0
 
 
 def test_fused_ffn_without_input_grad_and_in_bf16():
