@@ -88,12 +88,13 @@ PRESETS = {
 MEASURED = "measured"
 
 
-def measured_preset(alpha_s: float, beta_s_per_byte: float, ranks_per_node: int) -> NodePreset:
-    """This machine's fitted one-level model as a preset: both levels the same loopback link."""
+def measured_preset(alpha_s: float, beta_s_per_byte: float) -> NodePreset:
+    """This machine's fitted one-level model as a preset: both levels the same loopback link (one GPU
+    per "node", so any EP size fits it)."""
     gbps = 8 / (beta_s_per_byte * 1e9) if beta_s_per_byte > 0 else float("inf")
     link = Link(alpha_s * 1e6, gbps)
-    return NodePreset(MEASURED, ranks_per_node, link, link,
-                      "fitted on the measured points: gloo over this machine's loopback, both levels the same",
+    return NodePreset(MEASURED, 1, link, link,
+                      "fitted on the measured points: gloo over this machine's loopback, one level (both the same)",
                       measured=True)
 
 
@@ -106,6 +107,24 @@ def parse_presets(spec: str) -> list[str]:
         raise ValueError(f"--preset {spec!r}: {bad or 'nothing'} is not a preset; choose from {', '.join(known)} "
                          "(comma list, e.g. --preset h100-ndr,a100-hdr)")
     return names
+
+
+def parse_node(spec: str) -> NodePreset:
+    """``--node NAME=GPUS,INTRA_US,INTRA_GBPS,INTER_US,INTER_GBPS`` -> a preset of the user's own."""
+    usage = ("--node NAME=GPUS,INTRA_US,INTRA_GBPS,INTER_US,INTER_GBPS (GPUs per node; latency per peer in us and "
+             "bandwidth per GPU and direction in Gb/s inside a node, then between nodes), e.g. --node ours=8,2,3000,6,350")
+    name, _, rest = spec.partition("=")
+    parts = rest.split(",")
+    try:
+        gpus, vals = int(parts[0]), [float(v) for v in parts[1:]]
+    except ValueError:
+        gpus, vals = 0, []
+    if not name or name in PRESETS or name == MEASURED or len(vals) != 4 or gpus < 1 or min(vals) < 0 \
+            or not (vals[1] > 0 and vals[3] > 0):
+        why = "the name is a built-in preset's" if name in PRESETS or name == MEASURED else "expected"
+        raise ValueError(f"--node {spec!r}: {why}: {usage}; bandwidths > 0")
+    return NodePreset(name, gpus, Link(vals[0], vals[1]), Link(vals[2], vals[3]),
+                      "given on the command line (--node): the user's figures")
 
 
 def ranks_per_node(ep: int, gpus_per_node: int) -> int:

@@ -216,6 +216,7 @@ class ProjectionSpec:
     compute_from: str | None = None  # a msmoe train summary.json (EP = 1) on the target device
     fit_max_world: int | None = None  # validation: fit on points with at most this many ranks
     fine_slots: int | None = None  # Kf for node-local placement (default: the points' top-k)
+    nodes: tuple = ()  # NodePresets of the user's own (--node), shown after the named ones
 
 
 def projection_inputs(recs: list[dict], spec: ProjectionSpec) -> tuple[StepCost | None, list[NodePreset], str]:
@@ -228,4 +229,4 @@ def projection_inputs(recs: list[dict], spec: ProjectionSpec) -> tuple[StepCost 
     cost = cost_from_points(recs, measured, spec.fine_slots)
     if spec.compute_from:
         cost = cost_from_run(spec.compute_from, cost, reference_point(recs))
-    return cost, presets_for(list(spec.presets), ab), ""
+    return cost, presets_for(list(spec.presets), ab) + list(spec.nodes), ""

@@ -7,7 +7,7 @@ import argparse
 import os
 
 from bench import scale_report, scale_sweep
-from bench.comm_model import MEASURED, PRESETS, parse_presets
+from bench.comm_model import MEASURED, PRESETS, parse_node, parse_presets
 from bench.projection import DEFAULT_PRESETS, ProjectionSpec
 
 
@@ -29,9 +29,14 @@ def add_parsers(sub) -> None:
     p.add_argument("--modes", default=None, help="strong, weak or both (default strong,weak)")
     p.add_argument("--validation", action="store_true",
                    help="the sweep that checks the report's model: world 1,2,4 x EP 1,2,4, 4 experts, strong and "
-                        "weak, into runs/validation; `msmoe report` fits on <= 2 ranks and predicts the 4-rank "
-                        "points (any of --world/--ep/--experts/--modes/--run-root given still wins)")
-    p.add_argument("--steps", type=int, default=24, help="training steps per point (the first 3 are not timed)")
+                        "weak, 40 steps with the stages timed every 2nd, into runs/validation; `msmoe report "
+                        "--fit-max-world 2` fits on <= 2 ranks and predicts the 4-rank points (any sweep flag given "
+                        "still wins)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps per point (the first 3 are not timed; default 24, 40 with --validation)")
+    p.add_argument("--sample-every", type=int, default=None,
+                   help="time the stage breakdown (route/dispatch/combine...) on one step in this many (train.log_every; "
+                        "default steps/4, 2 with --validation: the all-to-all stages the model is checked on)")
     p.add_argument("--run-root", default=None, help="where the point runs go (default runs/scale)")
     p.add_argument("--out", default=None, help="JSON lines file (default: <run-root>/points.jsonl)")
     p.add_argument("--collect", default=None, metavar="RUN_ROOT", help="only turn existing summaries into JSON lines")
@@ -51,6 +56,9 @@ def add_parsers(sub) -> None:
     r.add_argument("--preset", default=",".join(DEFAULT_PRESETS),
                    help=f"node presets to project onto, side by side (comma list of {', '.join([*PRESETS, MEASURED])}; "
                         "'measured' is this machine's loopback fit; sources in docs/PROJECTION.md)")
+    r.add_argument("--node", action="append", default=[], metavar="NAME=GPUS,INTRA_US,INTRA_GBPS,INTER_US,INTER_GBPS",
+                   help="a node of your own beside the presets (repeatable), e.g. ours=8,2,3000,6,350: GPUs per "
+                        "node, latency per peer (us) and bandwidth per GPU and direction (Gb/s), inside then between")
     r.add_argument("--compute-from", default=None, metavar="SUMMARY_JSON",
                    help="per-rank compute from a `msmoe train` run on the target device (its summary.json, EP=1) "
                         "instead of the measured points")
@@ -64,9 +72,10 @@ def add_parsers(sub) -> None:
     r.set_defaults(func=run_report)
 
 
-SWEEP_DEFAULTS = {"world": [1, 2], "ep": [1, 2], "experts": [4, 8], "modes": "strong,weak", "run_root": "runs/scale"}
+SWEEP_DEFAULTS = {"world": [1, 2], "ep": [1, 2], "experts": [4, 8], "modes": "strong,weak", "run_root": "runs/scale",
+                  "steps": 24}
 VALIDATION_SWEEP = {"world": [1, 2, 4], "ep": [1, 2, 4], "experts": [4], "modes": "strong,weak",
-                    "run_root": "runs/validation"}
+                    "run_root": "runs/validation", "steps": 40, "sample_every": 2}
 
 
 def _fill_defaults(args) -> None:
@@ -75,6 +84,8 @@ def _fill_defaults(args) -> None:
     for k, v in base.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.sample_every is not None and not 1 <= args.sample_every <= args.steps:
+        raise scale_sweep.ScaleError(f"--sample-every {args.sample_every}: must be between 1 and --steps {args.steps}")
 
 
 def run_scale(args) -> int:
@@ -85,7 +96,7 @@ def run_scale(args) -> int:
         print(f"{len(recs)} points -> {out}")
         return 0
     spec = scale_sweep.SweepSpec(
-        config=args.config, steps=args.steps, run_root=args.run_root,
+        config=args.config, steps=args.steps, run_root=args.run_root, sample_every=args.sample_every,
         out=args.out or os.path.join(args.run_root, "points.jsonl"), gpus_per_node=args.gpus_per_node,
         partition=args.partition, time=args.time, device=args.device, dry_run=args.dry_run)
     modes = [m for m in args.modes.split(",") if m]
@@ -104,7 +115,7 @@ def run_scale(args) -> int:
     scale_sweep.run_local(points, spec, extra)
     recs = scale_sweep.collect(spec.run_root, spec.out)
     print(f"{len(recs)} points -> {spec.out}   (next: msmoe report --points {spec.out}"
-          + (" --fit-on 'world<=2')" if args.validation else ")"))
+          + (" --fit-max-world 2)" if args.validation else ")"))
     return 0
 
 
@@ -127,7 +138,10 @@ def run_report(args) -> int:
 def _projection_spec(args) -> ProjectionSpec:
     """The report's projection flags, checked before anything is read."""
     try:
-        presets = parse_presets(args.preset)
+        presets = parse_presets(args.preset) if args.preset else []
+        nodes = tuple(parse_node(n) for n in args.node)
+        if not presets and not nodes:
+            raise ValueError("--preset '': name a preset or give --node")
     except ValueError as exc:
         raise scale_sweep.ScaleError(str(exc)) from None
     if args.compute_from and not os.path.isfile(args.compute_from):
@@ -137,7 +151,7 @@ def _projection_spec(args) -> ProjectionSpec:
         raise scale_sweep.ScaleError(f"--fit-max-world {args.fit_max_world}: must be >= 1 (the largest world size to fit on)")
     if args.fine_slots is not None and args.fine_slots < 1:
         raise scale_sweep.ScaleError(f"--fine-slots {args.fine_slots}: must be >= 1 (fine experts per coarse slot)")
-    return ProjectionSpec(tuple(presets), args.compute_from, args.fit_max_world, args.fine_slots)
+    return ProjectionSpec(tuple(presets), args.compute_from, args.fit_max_world, args.fine_slots, nodes)
 
 
 def _read_json(path: str | None):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from bench.comm_model import PRESETS, a2a_s, allreduce_s
+from bench.comm_model import PRESETS, Link, a2a_s, allreduce_s
 from bench.projection import StepCost, cost_from_run, decide, layout_name, reference_point, step_s, validate
 from bench.scale_sweep import ScaleError
 from launcher.scale import _projection_spec
@@ -79,8 +79,13 @@ def test_compute_from_a_gpu_run(tmp_path):
 
 
 def test_report_flags_are_checked_before_anything_runs(tmp_path):
-    ns = dict(preset="h100-ndr", compute_from=None, fit_max_world=None, fine_slots=None)
+    ns = dict(preset="h100-ndr", compute_from=None, fit_max_world=None, fine_slots=None, node=[])
     assert _projection_spec(argparse.Namespace(**ns)).presets == ("h100-ndr",)
+    (ours,) = _projection_spec(argparse.Namespace(**{**ns, "preset": "", "node": ["ours=4,1.5,2000,6,350"]})).nodes
+    assert (ours.name, ours.gpus_per_node, ours.intra, ours.inter) == ("ours", 4, Link(1.5, 2000.0), Link(6.0, 350.0))
+    for bad in ("ours=4,1.5,2000,6", "ours=4,1.5,2000,6,0", "h100-ndr=8,1,1,1,1", "=8,1,1,1,1"):
+        with pytest.raises(ScaleError, match="--node"):
+            _projection_spec(argparse.Namespace(**{**ns, "node": [bad]}))
     with pytest.raises(ScaleError, match="--preset 'h100-nd'"):
         _projection_spec(argparse.Namespace(**{**ns, "preset": "h100-nd"}))
     with pytest.raises(ScaleError, match="--fit-max-world 0"):
