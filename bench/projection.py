@@ -127,8 +127,9 @@ def layout_name(placement: str, ep: str) -> str:
 
 
 def decide(cost: StepCost, preset: NodePreset, nodes=NODE_COUNTS) -> tuple[list[dict], list[str]]:
-    """Per node count the efficiency of each layout, the best one, and where the best one changes."""
-    rows, changes, best_prev = [], [], None
+    """Per node count the efficiency of each layout and the best one; and the break-even points:
+    where node-local overtakes flat placement, and EP = GPUs/node overtakes EP = GPUs (or back)."""
+    rows = []
     for m in nodes:
         g = m * preset.gpus_per_node
         eff = {}
@@ -139,10 +140,28 @@ def decide(cost: StepCost, preset: NodePreset, nodes=NODE_COUNTS) -> tuple[list[
             eff[layout_name(placement, ep)] = cost.compute_s / step_s(cost, preset, g, e, placement)[0]
         best = max(eff, key=lambda k: (round(eff[k], 6), k == layout_name("flat", "all")))
         rows.append({"nodes": m, "gpus": g, "efficiency": eff, "best": best})
-        if best_prev is not None and best != best_prev:
-            changes.append(f"{preset.name}: from {m} node(s) ({g} GPUs) {best} beats {best_prev}")
-        best_prev = best
-    return rows, changes
+    flat = layout_name("flat", "all")
+    notes = [break_even(preset.name, rows, flat, layout_name("node-local", "all")),
+             break_even(preset.name, rows, flat, layout_name("flat", "node"))]
+    return rows, [n for n in notes if n]
+
+
+def break_even(name: str, rows: list[dict], a: str, b: str) -> str | None:
+    """Where layout ``b`` starts (or stops) beating ``a`` over the node counts of ``rows``."""
+    pts = [(r["nodes"], r["efficiency"][b] - r["efficiency"][a]) for r in rows
+           if a in r["efficiency"] and b in r["efficiency"] and r["nodes"] > 1]
+    if not pts:
+        return None
+    flips, prev = [], None
+    for m, d in pts:
+        wins = d > 1e-9
+        if prev is not None and wins != prev:
+            flips.append(f"{'beats' if wins else 'falls behind'} from {m} nodes")
+        prev = wins
+    first_m, first_d = pts[0]
+    start = f"{b} {'beats' if first_d > 1e-9 else 'does not beat'} {a} at {first_m} nodes"
+    return f"{name}: {start}" + (", then " + ", then ".join(flips) if flips else
+                                 f" and up to {pts[-1][0]} nodes")
 
 
 # ------------------------------------------------------------------ validation

@@ -97,9 +97,7 @@ def projection_section(cost: StepCost, presets: list, out_dir: str) -> list[str]
                      + f" | {r['best']} |")
     if cost.expert_params_per_rank is None:
         L += ["", "EP = GPUs/node beyond one node is left out: the points do not record the expert parameters."]
-    L += ["", "Break-even points (MODEL): " + ("; ".join(changes) if changes else
-                                               "none: the best layout is the same at every node count above"), "",
-          "![layout](layout_model.png)", ""]
+    L += ["", "Break-even points (MODEL):", ""] + [f"- {c}" for c in changes] + ["", "![layout](layout_model.png)", ""]
     return L
 
 
@@ -108,9 +106,9 @@ def validation_section(recs: list[dict], fit_max_world: int | None) -> list[str]
     v = validate(recs, fit_max_world)
     L = ["## Validation: the fitted model against points it was not fitted on", "",
          f"Fitted on the points with at most {v['fit_max_world']} rank(s) (`--fit-max-world`): "
-         f"{', '.join(f'`{p}`' for p in v['fit_on']) or 'none'} (all-to-all), with their EP=1 twins "
-         f"{', '.join(f'`{p}`' for p in v['twins_in_fit']) or 'none'} subtracted. Predicted: every point with more "
-         "ranks and EP >= 2; none of them entered the fit.", ""]
+         f"{', '.join(f'`{p}`' for p in v['fit_on']) or 'none'} (all-to-all), and the EP=1 points "
+         f"{', '.join(f'`{p}`' for p in v['twins_in_fit']) or 'none'} (their stage times subtracted from their EP>=2 "
+         "twins'). Predicted: every point with more ranks and EP >= 2; none of them entered the fit.", ""]
     if v["model"] is None:
         return L + [f"No validation: {v['why_not']}. Measure one with `msmoe scale --validation` "
                     "(world 1,2,4 x EP 1,2,4), then `msmoe report --points runs/validation/points.jsonl`.", ""]

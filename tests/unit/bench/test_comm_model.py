@@ -21,7 +21,7 @@ def test_equal_levels_reduce_to_the_one_level_model(ep, gpus_per_node):
     for nbytes in (0.0, 1e3, 7.5e6):
         assert a2a_s(same, "flat", ep, nbytes) == pytest.approx(ab.a2a_s(ep, nbytes), rel=1e-12)
     # and the measured preset is exactly the fitted one-level model at any node size
-    meas = measured_preset(alpha_s, beta, gpus_per_node)
+    meas = measured_preset(alpha_s, beta)
     assert a2a_s(meas, "flat", ep, 2e6) == pytest.approx(ab.a2a_s(ep, 2e6), rel=1e-12)
 
 

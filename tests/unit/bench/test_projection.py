@@ -55,7 +55,16 @@ def test_layout_decision_by_hand():
     assert two["efficiency"][layout_name("flat", "node")] == pytest.approx(0.010 / ep8)
     assert step_s(_cost(params=2e6), h, 16, 8, "flat")[0] == pytest.approx(ep8)
     best = max(two["efficiency"], key=two["efficiency"].get)
-    assert two["best"] == best and any(best in c for c in changes)
+    assert two["best"] == best
+    # node-local sends half the cross-node bytes (Kf = 2) and fewer IB peers: ahead from 2 nodes on
+    assert all(r["efficiency"][layout_name("node-local", "all")] > r["efficiency"][layout_name("flat", "all")]
+               for r in rows[1:])
+    assert changes[0] == ("h100-ndr: node-local, EP=GPUs beats flat, EP=GPUs at 2 nodes and up to 128 nodes")
+    # a huge expert gradient to all-reduce: EP = GPUs/node loses from 2 nodes; tiny: it wins
+    big = decide(_cost(params=1e9), h)[1][1]
+    small = decide(_cost(params=1.0), h)[1][1]
+    assert big.startswith("h100-ndr: flat, EP=GPUs/node does not beat flat, EP=GPUs at 2 nodes")
+    assert small.startswith("h100-ndr: flat, EP=GPUs/node beats flat, EP=GPUs at 2 nodes")
 
 
 def test_compute_from_a_gpu_run(tmp_path):
