@@ -33,7 +33,7 @@ class StepCost:
     """What one rank does per step, from a measurement."""
 
     compute_s: float  # per step, without the expert all-to-all
-    samples_per_rank: float
+    samples_per_rank: float  # per step
     bytes_per_call: float  # handed to one flat all-to-all by one rank
     calls: float  # payload all-to-alls per step (forward + backward)
     expert_params_per_rank: float | None  # at EP = all ranks; None: not recorded
@@ -60,7 +60,8 @@ def cost_from_points(recs: list[dict], measured: NodePreset, fine_slots: int | N
     compute_s = max(ref["step_time_ms"]["step"] / 1e3 - modelled, 1e-9)
     params = ref.get("expert_params")
     kf = fine_slots or ref.get("top_k") or 1
-    return StepCost(compute_s, ref["samples_per_s"] / ref["world_size"], per_call, calls,
+    per_rank = ref.get("per_rank_batch") or ref["global_batch"] / ref["world_size"]  # samples per rank and step
+    return StepCost(compute_s, per_rank, per_call, calls,
                     params / ref["ep_size"] if params else None, int(kf),
                     f"measured point `{point_label(ref)}` ({ref['device']}), its step minus the fitted all-to-all")
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from bench.comm_model import PRESETS, Link, a2a_s, allreduce_s
-from bench.projection import StepCost, cost_from_run, decide, layout_name, reference_point, step_s, validate
+from bench.comm_model import PRESETS, Link, a2a_s, allreduce_s, measured_preset
+from bench.projection import StepCost, cost_from_points, cost_from_run, project, decide, layout_name, reference_point, step_s, validate
 from bench.scale_sweep import ScaleError
 from launcher.scale import _projection_spec
 from tests.helpers import ALPHA, BETA, scale_point, validation_sweep_records as _sweep
@@ -28,6 +28,18 @@ def test_held_out_points_are_predicted_by_a_fit_that_never_saw_them():
     # the held-out measurement moves the error, never the prediction
     other = validate(_sweep(0.080), fit_max_world=2)["rows"][0]
     assert other["a2a_pred_ms"] == row["a2a_pred_ms"] and other["a2a_meas_ms"] == pytest.approx(80.0)
+
+
+def test_compute_from_the_points_by_hand():
+    recs = _sweep(0.040)
+    ab = validate(recs, fit_max_world=2)["model"]
+    cost = cost_from_points(recs, measured_preset(ab.alpha_s, ab.beta_s_per_byte))
+    # reference: the largest EP point (s w4 ep4): 16 samples over 4 ranks, 8 calls of 12e6 / 8 bytes
+    assert cost.samples_per_rank == 4 and cost.calls == 8 and cost.bytes_per_call == 1.5e6
+    assert cost.compute_s == pytest.approx(0.150 - 8 * (ALPHA * 3 + BETA * 1.5e6 * 3 / 4))
+    h = PRESETS["h100-ndr"]
+    p16 = project(cost, h)[1]
+    assert p16["gpus"] == 16 and p16["samples_per_s"] == pytest.approx(16 * 4 / (1e-3 * p16["step_ms"]))
 
 
 def test_validation_default_holds_out_the_largest_world_and_says_why_not():
