@@ -64,7 +64,7 @@ def projection_section(cost: StepCost, presets: list, out_dir: str) -> list[str]
         label = f"**{p.name}** (this machine's loopback, fitted)" if p.measured else p.name
         L.append(f"| {label} | {'one level' if p.measured else p.gpus_per_node} | {p.intra.latency_us:.1f} us/peer, {_bw(p.intra.bandwidth_gbps)} | "
                  f"{p.inter.latency_us:.1f} us/peer, {_bw(p.inter.bandwidth_gbps)} | {p.source} |")
-    projs = {p.name: project(cost, p) for p in presets}
+    projs = {("measured (loopback)" if p.measured else p.name): project(cost, p) for p in presets}
     L += ["", "Flat placement, EP = all GPUs (MODEL): all-to-all ms per step, samples/s, efficiency = compute / step.",
           "", "| GPUs | " + " | ".join(f"{n}: a2a ms | {n}: samples/s | {n}: efficiency" for n in projs) + " |",
           "|---|" + "---|---|---|" * len(projs)]
