@@ -4,7 +4,7 @@
 #   make train   set up, make the default data if missing, train it with 2 processes and EP=2, evaluate, report
 #   make bench   set up, then print the layer benchmark
 #   make report  set up, run a small scaling sweep (1-2 processes, EP 1/2, 4/8 experts), write runs/scale/report.md
-#   make validation  set up, sweep 1/2/4 processes x EP 1/2/4 (~8 min on 2 cores), write runs/validation/report.md:
+#   make validation  set up, sweep 1/2/4 processes x EP 1/2/4 (~5 min on 2 cores), write runs/validation/report.md:
 #                the projection model fitted on <= 2 processes, its error on the 4-process points
 #   make gpu-bundle  set up, then download into .whl/ the wheels a GPU node without network lacks (deepspeed built
 #                here, its requirements, datasets, fairscale; cp312 manylinux; never torch); prints the size (< 40 MiB)
