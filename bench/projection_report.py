@@ -127,3 +127,16 @@ def validation_section(recs: list[dict], fit_max_world: int | None) -> list[str]
                  f"{_ms(r['step_meas_ms'])} | {_pct(pct_error(r['step_pred_ms'], r['step_meas_ms']))} | "
                  f"{r['twin'] or '-'} |")
     return L + [""]
+
+
+def validation_summary(recs: list[dict], fit_max_world: int | None) -> list[str]:
+    """The held-out errors as plain lines (what ``msmoe report`` prints)."""
+    v = validate(recs, fit_max_world)
+    if v["model"] is None:
+        return [f"validation: none ({v['why_not']}; see msmoe scale --validation)"]
+    out = [f"validation: model fitted on {', '.join(v['fit_on'])} (<= {v['fit_max_world']} ranks); held out:"]
+    for r in v["rows"]:
+        out.append(f"  {r['point']:14s} all-to-all {_ms(r['a2a_pred_ms'])} ms predicted, {_ms(r['a2a_meas_ms'])} "
+                   f"measured ({_pct(pct_error(r['a2a_pred_ms'], r['a2a_meas_ms']))}); step {_ms(r['step_pred_ms'])} "
+                   f"vs {_ms(r['step_meas_ms'])} ms ({_pct(pct_error(r['step_pred_ms'], r['step_meas_ms']))})")
+    return out

@@ -9,6 +9,7 @@ import os
 from bench import scale_report, scale_sweep
 from bench.comm_model import MEASURED, PRESETS, parse_node, parse_presets
 from bench.projection import DEFAULT_PRESETS, ProjectionSpec
+from bench.projection_report import validation_summary
 
 
 def _ints(s: str) -> list[int]:
@@ -126,11 +127,13 @@ def run_report(args) -> int:
         raise FileNotFoundError(f"--points {args.points}: no such file; make it with `msmoe scale`")
     spec = _projection_spec(args)
     try:
-        path = scale_report.write_scale_report(load_points(args.points),
-                                               args.out or os.path.dirname(os.path.abspath(args.points)),
+        recs = load_points(args.points)
+        path = scale_report.write_scale_report(recs, args.out or os.path.dirname(os.path.abspath(args.points)),
                                                _read_json(args.layer_sweep), spec)
     except ValueError as exc:  # a points or --compute-from file that cannot be used, named
         raise scale_sweep.ScaleError(str(exc)) from None
+    for line in validation_summary(recs, spec.fit_max_world):
+        print(line)
     print(f"report: {path}")
     return 0
 

@@ -3,6 +3,7 @@
 import os
 
 from bench.projection import ProjectionSpec
+from bench.projection_report import validation_summary
 from bench.scale_report import write_scale_report
 from tests.helpers import scale_record, validation_sweep_records
 
@@ -34,3 +35,7 @@ def test_report_projects_only_the_presets_asked_for_and_validates_on_held_out_po
     assert "| s w4 ep4 E4 | " in val and "| s w4 ep1 E4 |" in val  # the held-out point and its compute twin
     # 40 ms measured forward all-to-all; the hand prediction of tests/unit/bench/test_projection.py
     assert "| 40.00 |" in val and "w4" not in val.split("Predicted:")[0]
+    lines = validation_summary(recs, 2)
+    assert lines[0] == "validation: model fitted on s w2 ep2 E4, w w2 ep2 E4 (<= 2 ranks); held out:"
+    assert lines[1].split()[:4] == ["s", "w4", "ep4", "E4"] and "40.00 measured" in lines[1]
+    assert validation_summary(recs[:3], None)[0].startswith("validation: none (no point with EP >= 2 and at most 1")
