@@ -182,8 +182,10 @@ def validate(recs: list[dict], fit_max_world: int | None = None) -> dict:
     limit = fit_max_world if fit_max_world is not None else (worlds[-2] if len(worlds) > 1 else worlds[-1])
     fit_set = [r for r in recs if r["world_size"] <= limit]
     held = [r for r in recs if r["world_size"] > limit and r["ep_size"] >= 2]
+    fitted = {(r["mode"], r["world_size"], r["num_experts"]) for r in fit_set if r["ep_size"] >= 2}
     out = {"fit_max_world": limit, "fit_on": [point_label(r) for r in fit_set if r["ep_size"] >= 2],
-           "twins_in_fit": [point_label(r) for r in fit_set if r["ep_size"] == 1], "rows": [], "model": None}
+           "twins_in_fit": [point_label(r) for r in fit_set if r["ep_size"] == 1
+                            and (r["mode"], r["world_size"], r["num_experts"]) in fitted], "rows": [], "model": None}
     ab = fit_alpha_beta(fit_set)
     if ab is None or not held:
         out["why_not"] = ("no point with EP >= 2 and at most {} ranks to fit on".format(limit) if ab is None else
