@@ -4,6 +4,8 @@
 #   make train   set up, make the default data if missing, train it with 2 processes and EP=2, evaluate, report
 #   make bench   set up, then print the layer benchmark
 #   make report  set up, run a small scaling sweep (1-2 processes, EP 1/2, 4/8 experts), write runs/scale/report.md
+#   make validation  set up, sweep 1/2/4 processes x EP 1/2/4 (~5 min on 2 cores), write runs/validation/report.md:
+#                the projection model fitted on <= 2 processes, its error on the 4-process points
 #   make gpu-bundle  set up, then download into .whl/ the wheels a GPU node without network lacks (deepspeed built
 #                here, its requirements, datasets, fairscale; cp312 manylinux; never torch); prints the size (< 40 MiB)
 #   make gpu-check OUT=dir  on the GPU node, with its own python3 and torch: install .whl/ into /tmp/msmoe-site and
@@ -18,7 +20,7 @@ GPU_PYTHON ?= python3
 GPU_SITE   ?= /tmp/msmoe-site
 OUT        ?= runs/gpu-check
 
-.PHONY: setup test test-fast train bench report gpu-bundle gpu-check clean
+.PHONY: setup test test-fast train bench report validation gpu-bundle gpu-check clean
 
 setup: $(STAMP)
 
@@ -50,6 +52,11 @@ report: setup
 	rm -rf runs/scale
 	$(VENV)/bin/msmoe scale --config configs/scale.yaml --world 1,2 --ep 1,2 --experts 4,8 --modes strong,weak
 	$(VENV)/bin/msmoe report --points runs/scale/points.jsonl
+
+validation: setup
+	rm -rf runs/validation
+	$(VENV)/bin/msmoe scale --config configs/scale.yaml --validation
+	$(VENV)/bin/msmoe report --points runs/validation/points.jsonl --fit-max-world 2
 
 gpu-bundle: setup
 	$(PY) -m bench.gpu_bundle --out .whl

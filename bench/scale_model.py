@@ -1,11 +1,10 @@
-"""The scaling model behind ``msmoe report``: efficiency of the measured points, an alpha-beta
-all-to-all model fitted to them, and the weak-scaling projection it gives.
+"""The measured side of ``msmoe report``: the points, their efficiency, and the one-level alpha-beta
+all-to-all model fitted to them.
 
 Modelled (labelled so everywhere): t = alpha * (p - 1) + beta * bytes * (p - 1) / p per all-to-all
 and rank, fitted by least squares to the measured all-to-all stage times (dispatch + combine,
-minus the same stages of the EP=1 twin point), and used to project weak scaling (experts per rank
-and batch per rank fixed, EP = all ranks) to 8-1024 GPUs. Compute time per rank is taken from the
-measured point.
+minus the same stages of the EP=1 twin point). It becomes the "measured" (loopback) preset of the
+two-level model (bench/comm_model.py); the projection and its validation are bench/projection.py.
 """
 
 from __future__ import annotations
@@ -14,9 +13,6 @@ import json
 from dataclasses import dataclass
 
 import numpy as np
-
-PROJECT_RANKS = (8, 16, 32, 64, 128, 256, 512, 1024)
-
 
 def load_points(path: str) -> list[dict]:
     recs = []
@@ -98,37 +94,3 @@ def fit_alpha_beta(recs: list[dict]) -> AlphaBeta | None:
         sol = np.array([0.0, max(beta, 0.0)])
         note = "bandwidth term only (the points do not separate latency from bandwidth)"
     return AlphaBeta(float(sol[0]), float(sol[1]), len(ys), note)
-
-
-def project(recs: list[dict], ab: AlphaBeta, ranks=PROJECT_RANKS) -> list[dict]:
-    """Weak-scaling projection from the largest measured EP point (per-rank work fixed)."""
-    cands = [r for r in recs if r["ep_size"] >= 2] or recs
-    ref = max(cands, key=lambda r: (r["world_size"], r["ep_size"], r["samples_per_s"]))
-    ms = ref["step_time_ms"]
-    a2a = ref["a2a_bytes_per_step"]
-    calls = a2a.get("calls") or 0
-    per_call = a2a["total"] / calls if calls else 0.0
-    measured_a2a = calls * ab.a2a_s(ref["ep_size"], per_call)
-    compute_s = max(ms["step"] / 1e3 - measured_a2a, 1e-9)
-    per_rank_sps = ref["samples_per_s"] / ref["world_size"]
-    out = []
-    for p in ranks:
-        t_a2a = calls * ab.a2a_s(p, per_call)
-        step = compute_s + t_a2a
-        out.append({"gpus": p, "step_ms": 1e3 * step, "a2a_ms": 1e3 * t_a2a,
-                    "samples_per_s": p * per_rank_sps * (ms["step"] / 1e3) / step,
-                    "efficiency": compute_s / step})
-    return out
-
-
-
-
-def network_model(recs: list[dict], alpha_us: float | None = None, beta_gbps: float | None = None) -> AlphaBeta | None:
-    """The model fitted to ``recs``, with latency (us per peer) and/or bandwidth (Gb/s) replaced where given."""
-    ab = fit_alpha_beta(recs)
-    if alpha_us is None and beta_gbps is None:
-        return ab
-    base = ab or AlphaBeta(0.0, 0.0, 0, "")
-    return AlphaBeta(alpha_us * 1e-6 if alpha_us is not None else base.alpha_s,
-                     1 / (beta_gbps * 1e9 / 8) if beta_gbps else base.beta_s_per_byte, base.fitted_on,
-                     "given on the command line (--alpha-us / --beta-gbps)")

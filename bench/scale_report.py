@@ -2,13 +2,16 @@
 ``msmoe scale`` -> ``report.md`` + PNG plots.
 
   msmoe report --points runs/scale/points.jsonl --out runs/scale
-  msmoe report --points points.jsonl --alpha-us 5 --beta-gbps 100   # project onto a network you know
+  msmoe report --points points.jsonl --preset h100-ndr,a100-hdr     # project onto those nodes
+  msmoe report --points points.jsonl --preset h100-ndr --compute-from runs/gpu/summary.json   # with H100 compute
+  msmoe report --points runs/validation/points.jsonl --fit-max-world 2   # fit on <= 2 ranks, predict the rest
 
 Measured: throughput vs ranks, strong and weak scaling efficiency, the step-time breakdown,
 all-to-all volume, peak memory per rank, expert-load heatmaps, the environment.
 
-Modelled (labelled so everywhere): the alpha-beta all-to-all model and projection of
-bench/scale_model.py.
+Modelled (labelled so everywhere): the two-level all-to-all model and node presets of
+bench/comm_model.py, the projection and layout decision of bench/projection.py (sections in
+bench/projection_report.py), and the validation of the fitted model on held-out points.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ import os
 
 import numpy as np
 
-from bench.scale_model import efficiency, network_model, point_label, project
+from bench.projection import ProjectionSpec, project, projection_inputs
+from bench.projection_report import projection_section, validation_section
+from bench.scale_model import efficiency, point_label
 from training.report import pyplot  # matplotlib on the Agg backend, as for run reports
 
 STAGES = ("data", "route", "dispatch", "experts", "combine", "forward_other", "backward", "optimizer")
@@ -125,39 +130,40 @@ def plot_load(recs, path):
     plt.close(fig)
 
 
-def plot_projection(proj, path):
+def plot_projection(projs: dict, path):
+    """``projs``: preset name -> bench.projection.project rows."""
     plt = pyplot()
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-    g = [p["gpus"] for p in proj]
-    ax[0].plot(g, [p["samples_per_s"] for p in proj], marker="o", ls="--")
-    ax[0].set_xscale("log", base=2)
+    for name, proj in projs.items():
+        g = [p["gpus"] for p in proj]
+        ax[0].plot(g, [p["samples_per_s"] for p in proj], marker="o", ls="--", label=name)
+        ax[1].plot(g, [100 * p["efficiency"] for p in proj], marker="o", ls="--", label=name)
+    for a in ax:
+        a.set_xscale("log", base=2)
+        a.set_xlabel("GPUs (ranks)")
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
     ax[0].set_yscale("log")
-    ax[0].set_xlabel("GPUs (ranks)")
     ax[0].set_ylabel("samples / s")
     ax[0].set_title("MODEL: projected weak-scaling throughput")
-    ax[1].plot(g, [100 * p["efficiency"] for p in proj], marker="o", ls="--", color="tab:red")
-    ax[1].set_xscale("log", base=2)
     ax[1].set_ylim(0, 105)
-    ax[1].set_xlabel("GPUs (ranks)")
     ax[1].set_ylabel("efficiency (%)")
-    ax[1].set_title("MODEL: alpha-beta all-to-all, not measured")
-    for a in ax:
-        a.grid(alpha=0.3)
+    ax[1].set_title("MODEL: two-level all-to-all per preset, not measured")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 # ------------------------------------------------------------------ report
-def write_scale_report(recs: list[dict], out_dir: str, alpha_us: float | None = None,
-                       beta_gbps: float | None = None, layer_sweep: dict | None = None) -> str:
+def write_scale_report(recs: list[dict], out_dir: str, layer_sweep: dict | None = None,
+                       projection: ProjectionSpec = ProjectionSpec()) -> str:
     """``layer_sweep``: a ``msmoe bench layer --experts-sweep ... --json`` file's content (a section
-    on the layer's cost against the expert count)."""
+    on the layer's cost against the expert count); ``projection``: the modelled sections' options."""
     os.makedirs(out_dir, exist_ok=True)
     recs = sorted(recs, key=lambda r: (r["mode"], r["world_size"], r["ep_size"], r["num_experts"]))
     eff = efficiency(recs)
-    ab = network_model(recs, alpha_us, beta_gbps)
-    proj = project(recs, ab) if ab else []
+    cost, presets, why_no_projection = projection_inputs(recs, projection)
+    projs = {p.name: project(cost, p) for p in presets} if cost else {}
 
     plots = {"throughput.png": lambda p: plot_throughput(recs, p),
              "breakdown.png": lambda p: plot_breakdown(recs, p),
@@ -170,8 +176,8 @@ def write_scale_report(recs: list[dict], out_dir: str, alpha_us: float | None = 
              "expert_load.png": lambda p: plot_load(recs, p)}
     if eff:
         plots["efficiency.png"] = lambda p: plot_efficiency(eff, p)
-    if proj:
-        plots["projection_model.png"] = lambda p: plot_projection(proj, p)
+    if projs:
+        plots["projection_model.png"] = lambda p: plot_projection(projs, p)
     for name, fn in plots.items():
         fn(os.path.join(out_dir, name))
 
@@ -216,18 +222,12 @@ def write_scale_report(recs: list[dict], out_dir: str, alpha_us: float | None = 
               "One MoE layer forward + backward (`msmoe bench layer --experts-sweep`): more experts at the same "
               "active compute per point should cost the same.", ""]
         L += sweep_table(spec, layer_sweep["sweep"]) + [""]
-    if proj:
-        L += ["## Projection to 8-1024 GPUs — a MODEL, not a measurement", "",
-              f"alpha = {ab.alpha_s * 1e6:.2f} us per peer and all-to-all, "
-              f"beta = {ab.beta_s_per_byte * 1e9:.4f} ns/byte ({8 / max(ab.beta_s_per_byte, 1e-30) / 1e9:.2f} Gb/s); "
-              f"{ab.note}; fitted on {ab.fitted_on} point(s). Weak scaling from the largest measured EP point: "
-              "per-rank batch and experts per rank fixed, EP = all ranks, compute per rank as measured. "
-              "The measured interconnect here may be nothing like a cluster's: pass --alpha-us/--beta-gbps "
-              "to project onto yours.", "",
-              "| GPUs | step ms | all-to-all ms | samples/s | efficiency |", "|---|---|---|---|---|"]
-        L += [f"| {p['gpus']} | {p['step_ms']:.1f} | {p['a2a_ms']:.1f} | {p['samples_per_s']:.0f} | "
-              f"{p['efficiency']:.1%} |" for p in proj]
-        L += ["", "![projection](projection_model.png)", ""]
+    if cost:
+        L += projection_section(cost, presets, out_dir)
+        L += ["![projection](projection_model.png)", ""]
+    else:
+        L += ["## Projection — not made", "", why_no_projection, ""]
+    L += validation_section(recs, projection.fit_max_world)
     path = os.path.join(out_dir, "report.md")
     with open(path, "w") as fh:
         fh.write("\n".join(L) + "\n")

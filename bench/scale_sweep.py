@@ -48,6 +48,8 @@ class SweepSpec:
     time: str = "00:30:00"
     device: str = "cuda"
     dry_run: bool = False  # SLURM: print the job scripts only
+    sample_every: int | None = None  # train.log_every: the stage breakdown is timed on one step per this many
+                                     # (None: steps // 4)
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,9 @@ def point_record(summary: dict, mode: str | None = None) -> dict:
         "mode": mode or ("weak" if "-weak-" in name else "strong"),
         "world_size": world, "ep_size": summary["ep_size"], "num_experts": summary["num_experts"],
         "threads_per_rank": summary.get("threads_per_rank"),
+        "expert_params": ((summary.get("model_cost") or {}).get("parameters") or {}).get("experts"),
+        "top_k": ((cfg.get("model") or {}).get("patch_moe") or {}).get("router", {}).get("top_k"),
+        "precision": cfg["train"].get("precision"), "model_config": cfg.get("model"),
         "global_batch": cfg["train"]["p"] * cfg["train"]["k"],
         "per_rank_batch": cfg["train"]["p"] * cfg["train"]["k"] // world,
         "steps": summary["steps"], "moe_layers": summary["moe_layers"],
@@ -172,7 +177,8 @@ def run_local(points: list[Point], spec: SweepSpec, extra: list[str]) -> None:
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     for i, pt in enumerate(points, 1):
         over = [*extra, *pt.overrides(base.train.p), f"out_dir={spec.run_root}", "eval.untrained=false",
-                f"train.steps={spec.steps}", f"train.ckpt_every={10**9}", f"train.log_every={max(spec.steps // 4, 1)}"]
+                f"train.steps={spec.steps}", f"train.ckpt_every={10**9}",
+                f"train.log_every={spec.sample_every or max(spec.steps // 4, 1)}"]
         load_config(spec.config, over)  # a point the config cannot run fails here, named
         cmd = torchrun_command(pt.world, ["-m", "launcher.cli", "train", "--config", spec.config, "--no-progress",
                                           "--overwrite", *over])  # a sweep measures afresh

@@ -7,6 +7,9 @@ import argparse
 import os
 
 from bench import scale_report, scale_sweep
+from bench.comm_model import MEASURED, PRESETS, parse_node, parse_presets
+from bench.projection import DEFAULT_PRESETS, ProjectionSpec
+from bench.projection_report import validation_summary
 
 
 def _ints(s: str) -> list[int]:
@@ -20,12 +23,22 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("scale", help="throughput sweep (world x EP x experts) -> JSON lines",
                        description=scale_sweep.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/scale.yaml")
-    p.add_argument("--world", type=_ints, default=[1, 2], help="world sizes, e.g. 1,2,4")
-    p.add_argument("--ep", type=_ints, default=[1, 2], help="EP sizes")
-    p.add_argument("--experts", type=_ints, default=[4, 8], help="expert counts (model.patch_moe.router.num_experts)")
-    p.add_argument("--modes", default="strong,weak", help="strong, weak or both")
-    p.add_argument("--steps", type=int, default=24, help="training steps per point (the first 3 are not timed)")
-    p.add_argument("--run-root", default="runs/scale", help="where the point runs go")
+    p.add_argument("--world", type=_ints, default=None, help="world sizes, e.g. 1,2,4 (default 1,2)")
+    p.add_argument("--ep", type=_ints, default=None, help="EP sizes (default 1,2)")
+    p.add_argument("--experts", type=_ints, default=None,
+                   help="expert counts (model.patch_moe.router.num_experts; default 4,8)")
+    p.add_argument("--modes", default=None, help="strong, weak or both (default strong,weak)")
+    p.add_argument("--validation", action="store_true",
+                   help="the sweep that checks the report's model: world 1,2,4 x EP 1,2,4, 4 experts, strong and "
+                        "weak, 40 steps with the stages timed every 2nd, into runs/validation; `msmoe report "
+                        "--fit-max-world 2` fits on <= 2 ranks and predicts the 4-rank points (any sweep flag given "
+                        "still wins)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps per point (the first 3 are not timed; default 24, 40 with --validation)")
+    p.add_argument("--sample-every", type=int, default=None,
+                   help="time the stage breakdown (route/dispatch/combine...) on one step in this many (train.log_every; "
+                        "default steps/4, 2 with --validation: the all-to-all stages the model is checked on)")
+    p.add_argument("--run-root", default=None, help="where the point runs go (default runs/scale)")
     p.add_argument("--out", default=None, help="JSON lines file (default: <run-root>/points.jsonl)")
     p.add_argument("--collect", default=None, metavar="RUN_ROOT", help="only turn existing summaries into JSON lines")
     p.add_argument("--slurm", action="store_true", help="submit the points as SLURM job arrays instead")
@@ -41,21 +54,50 @@ def add_parsers(sub) -> None:
                        description=scale_report.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("--points", default="runs/scale/points.jsonl")
     r.add_argument("--out", default=None, help="directory for report.md and the plots (default: beside --points)")
-    r.add_argument("--alpha-us", type=float, default=None, help="projection: latency per peer (us), not fitted")
-    r.add_argument("--beta-gbps", type=float, default=None, help="projection: link bandwidth (Gb/s), not fitted")
+    r.add_argument("--preset", default=",".join(DEFAULT_PRESETS),
+                   help=f"node presets to project onto, side by side (comma list of {', '.join([*PRESETS, MEASURED])}; "
+                        "'measured' is this machine's loopback fit; sources in docs/PROJECTION.md)")
+    r.add_argument("--node", action="append", default=[], metavar="NAME=GPUS,INTRA_US,INTRA_GBPS,INTER_US,INTER_GBPS",
+                   help="a node of your own beside the presets (repeatable), e.g. ours=8,2,3000,6,350: GPUs per "
+                        "node, latency per peer (us) and bandwidth per GPU and direction (Gb/s), inside then between")
+    r.add_argument("--compute-from", default=None, metavar="SUMMARY_JSON",
+                   help="per-rank compute from a `msmoe train` run on the target device (its summary.json, EP=1) "
+                        "instead of the measured points")
+    r.add_argument("--fit-max-world", type=int, default=None,
+                   help="validation: fit the network model on points with at most this many ranks and predict the "
+                        "others (default: all but the largest world size)")
+    r.add_argument("--fine-slots", type=int, default=None,
+                   help="node-local placement: fine experts per coarse slot, Kf (default: the points' top-k)")
     r.add_argument("--layer-sweep", default=None, metavar="JSON",
                    help="a `msmoe bench layer --experts-sweep ... --json` file: adds the layer cost vs expert count")
     r.set_defaults(func=run_report)
 
 
+SWEEP_DEFAULTS = {"world": [1, 2], "ep": [1, 2], "experts": [4, 8], "modes": "strong,weak", "run_root": "runs/scale",
+                  "steps": 24}
+VALIDATION_SWEEP = {"world": [1, 2, 4], "ep": [1, 2, 4], "experts": [4], "modes": "strong,weak",
+                    "run_root": "runs/validation", "steps": 40, "sample_every": 2}
+
+
+def _fill_defaults(args) -> None:
+    """Unset sweep flags from --validation's sweep, or from the plain defaults."""
+    base = VALIDATION_SWEEP if args.validation else SWEEP_DEFAULTS
+    for k, v in base.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.sample_every is not None and not 1 <= args.sample_every <= args.steps:
+        raise scale_sweep.ScaleError(f"--sample-every {args.sample_every}: must be between 1 and --steps {args.steps}")
+
+
 def run_scale(args) -> int:
+    _fill_defaults(args)
     if args.collect:
         out = args.out or os.path.join(args.collect, "points.jsonl")
         recs = scale_sweep.collect(args.collect, out)
         print(f"{len(recs)} points -> {out}")
         return 0
     spec = scale_sweep.SweepSpec(
-        config=args.config, steps=args.steps, run_root=args.run_root,
+        config=args.config, steps=args.steps, run_root=args.run_root, sample_every=args.sample_every,
         out=args.out or os.path.join(args.run_root, "points.jsonl"), gpus_per_node=args.gpus_per_node,
         partition=args.partition, time=args.time, device=args.device, dry_run=args.dry_run)
     modes = [m for m in args.modes.split(",") if m]
@@ -73,7 +115,8 @@ def run_scale(args) -> int:
         return 0
     scale_sweep.run_local(points, spec, extra)
     recs = scale_sweep.collect(spec.run_root, spec.out)
-    print(f"{len(recs)} points -> {spec.out}   (next: msmoe report --points {spec.out})")
+    print(f"{len(recs)} points -> {spec.out}   (next: msmoe report --points {spec.out}"
+          + (" --fit-max-world 2)" if args.validation else ")"))
     return 0
 
 
@@ -82,11 +125,36 @@ def run_report(args) -> int:
 
     if not os.path.isfile(args.points):
         raise FileNotFoundError(f"--points {args.points}: no such file; make it with `msmoe scale`")
-    path = scale_report.write_scale_report(load_points(args.points),
-                                           args.out or os.path.dirname(os.path.abspath(args.points)),
-                                           args.alpha_us, args.beta_gbps, _read_json(args.layer_sweep))
+    spec = _projection_spec(args)
+    try:
+        recs = load_points(args.points)
+        path = scale_report.write_scale_report(recs, args.out or os.path.dirname(os.path.abspath(args.points)),
+                                               _read_json(args.layer_sweep), spec)
+    except ValueError as exc:  # a points or --compute-from file that cannot be used, named
+        raise scale_sweep.ScaleError(str(exc)) from None
+    for line in validation_summary(recs, spec.fit_max_world):
+        print(line)
     print(f"report: {path}")
     return 0
+
+
+def _projection_spec(args) -> ProjectionSpec:
+    """The report's projection flags, checked before anything is read."""
+    try:
+        presets = parse_presets(args.preset) if args.preset else []
+        nodes = tuple(parse_node(n) for n in args.node)
+        if not presets and not nodes:
+            raise ValueError("--preset '': name a preset or give --node")
+    except ValueError as exc:
+        raise scale_sweep.ScaleError(str(exc)) from None
+    if args.compute_from and not os.path.isfile(args.compute_from):
+        raise FileNotFoundError(f"--compute-from {args.compute_from}: no such file; give the summary.json of a "
+                                "`msmoe train` run (EP=1) on the target device, e.g. runs/<name>/summary.json")
+    if args.fit_max_world is not None and args.fit_max_world < 1:
+        raise scale_sweep.ScaleError(f"--fit-max-world {args.fit_max_world}: must be >= 1 (the largest world size to fit on)")
+    if args.fine_slots is not None and args.fine_slots < 1:
+        raise scale_sweep.ScaleError(f"--fine-slots {args.fine_slots}: must be >= 1 (fine experts per coarse slot)")
+    return ProjectionSpec(tuple(presets), args.compute_from, args.fit_max_world, args.fine_slots, nodes)
 
 
 def _read_json(path: str | None):

@@ -140,6 +140,30 @@ def scale_record(mode, w, ep, e, sps, dispatch=1.0, combine=1.0, fwd_bytes=0.0, 
             "env": {"torch": "x"}}
 
 
+ALPHA, BETA = 300e-6, 1 / 0.5e9  # the validation records' network: 300 us per peer, 0.5 GB/s, loopback-like
+
+
+def scale_point(mode, w, ep, fwd_bytes, a2a_fwd_s=None, step_ms=100.0):
+    """A point whose forward all-to-all time follows (ALPHA, BETA) unless ``a2a_fwd_s`` is given."""
+    calls = 8  # 4 forward + 4 backward payload all-to-alls
+    if ep == 1:
+        r = scale_record(mode, w, 1, 4, 50.0, dispatch=0.5, combine=0.5)
+    else:
+        t = a2a_fwd_s if a2a_fwd_s is not None else 4 * (ALPHA * (ep - 1) + BETA * fwd_bytes / 4 * (ep - 1) / ep)
+        r = scale_record(mode, w, ep, 4, 50.0, dispatch=0.5 + 1e3 * t / 2, combine=0.5 + 1e3 * t / 2,
+                         fwd_bytes=fwd_bytes, calls=calls)
+    r["step_time_ms"]["step"] = step_ms
+    return r
+
+
+def validation_sweep_records(w4_a2a_s):
+    """World 1-2 points that follow (ALPHA, BETA) and a world-4 EP=4 point measured at ``w4_a2a_s``."""
+    small = [scale_point("strong", 1, 1, 0), scale_point("strong", 2, 1, 0), scale_point("strong", 2, 2, 4e6),
+             scale_point("weak", 2, 1, 0), scale_point("weak", 2, 2, 8e6)]
+    big = [scale_point("strong", 4, 1, 0, step_ms=120.0), scale_point("strong", 4, 4, 6e6, a2a_fwd_s=w4_a2a_s, step_ms=150.0)]
+    return small + big
+
+
 # ---- an exported model, used the way a user would: one plain process, no DeepSpeed, no process group
 EXPORTED_METRICS = """
 import json, sys

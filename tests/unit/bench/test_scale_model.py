@@ -1,8 +1,10 @@
-"""The efficiency and alpha-beta arithmetic of the scaling report (bench/scale_model.py) on hand-made points."""
+"""The efficiency and one-level alpha-beta arithmetic of the scaling report (bench/scale_model.py) on hand-made points."""
 
 import pytest
 
-from bench.scale_model import AlphaBeta, efficiency, fit_alpha_beta, project
+from bench.comm_model import measured_preset
+from bench.projection import PROJECT_GPUS, cost_from_points, project
+from bench.scale_model import AlphaBeta, efficiency, fit_alpha_beta
 from tests.helpers import scale_record
 
 
@@ -27,8 +29,9 @@ def test_alpha_beta_fit_recovers_the_model_it_was_made_from():
         recs.append(scale_record("strong", ep, 1, 8, 10.0, dispatch=0.0, combine=0.0))
     ab = fit_alpha_beta(recs)
     assert ab.alpha_s == pytest.approx(alpha, rel=1e-6) and ab.beta_s_per_byte == pytest.approx(beta, rel=1e-6)
-    proj = project(recs, ab)
-    assert [p["gpus"] for p in proj] == [8, 16, 32, 64, 128, 256, 512, 1024]
+    measured = measured_preset(ab.alpha_s, ab.beta_s_per_byte)
+    proj = project(cost_from_points(recs, measured), measured)
+    assert [p["gpus"] for p in proj] == list(PROJECT_GPUS) == [8, 16, 32, 64, 128, 256, 512, 1024]
     eff = [p["efficiency"] for p in proj]
     assert all(a >= b for a, b in zip(eff, eff[1:])) and 0 < eff[-1] < eff[0] <= 1  # latency term grows with p
     assert AlphaBeta(1.0, 0.0, 1, "").a2a_s(1, 1e9) == 0.0
