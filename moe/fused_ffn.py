@@ -40,6 +40,14 @@ from moe import compat
 from moe.grad_buffers import ExpertGradBuffers
 
 
+# An expert whose GEMMs are shorter than this (2 * n * C * F flops each) goes in a batched bucket: its
+# per-op Python and BLAS-call overhead would be a large part of it. Longer ones are buckets of one
+# (views, no gathers): gathering an expert's weights costs C*F copies, a fixed share of a short GEMM
+# but not worth it for a long one. Measured on the 2-core CPU (FFN alone, x the dense FFN's time):
+# C=128 F=256 n=64 (E=512) 2.5 -> 1.4 batched; C=256 F=512 n~400 (E=64) 0.91 one by one, 0.93 batched.
+BATCH_BELOW_FLOP = 10e6
+
+
 @dataclass(frozen=True)
 class Bucket:
     """Active experts with ``rows_each`` rows each: their ids and where their rows sit in T."""
@@ -67,8 +75,9 @@ class Bucket:
         return x_TC.index_select(0, rows).view(g, n, -1)
 
 
-def buckets_of(counts: list[int]) -> list[Bucket]:
-    """The active experts of ``counts`` in buckets of equal row count (in order of first appearance)."""
+def buckets_of(counts: list[int], flop_per_row: float = 0.0) -> list[Bucket]:
+    """The active experts of ``counts`` in buckets of equal row count (in order of first appearance);
+    experts whose GEMMs reach BATCH_BELOW_FLOP (``flop_per_row`` = 2 * C * F per row) one per bucket."""
     by: dict[int, tuple[list[int], list[int]]] = {}
     start = 0
     for e, n in enumerate(counts):
@@ -77,7 +86,13 @@ def buckets_of(counts: list[int]) -> list[Bucket]:
             ids.append(e)
             starts.append(start)
         start += n
-    return [Bucket(n, tuple(ids), tuple(starts)) for n, (ids, starts) in by.items()]
+    out = []
+    for n, (ids, starts) in by.items():
+        if n * flop_per_row >= BATCH_BELOW_FLOP:  # one expert per bucket: views, no gathers
+            out += [Bucket(n, (e,), (s,)) for e, s in zip(ids, starts)]
+        else:
+            out.append(Bucket(n, tuple(ids), tuple(starts)))
+    return out
 
 
 def _indices(b: Bucket, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -89,28 +104,34 @@ def _indices(b: Bucket, device: torch.device) -> tuple[torch.Tensor | None, torc
     return ids, rows
 
 
-def _bmm(a_GMK: torch.Tensor, b_GKN: torch.Tensor, bias_G1N: torch.Tensor | None = None) -> torch.Tensor:
-    """Batched (bias +) GEMM; a bucket of one expert is a plain 2-D GEMM, which the BLAS splits over
-    the cores when it is large (its batched GEMM splits only the batch)."""
+def _bmm(a_GMK: torch.Tensor, b_GKN: torch.Tensor, bias_G1N: torch.Tensor | None = None,
+         out: torch.Tensor | None = None) -> torch.Tensor:
+    """Batched (bias +) GEMM, into ``out`` when given; a bucket of one expert is a plain 2-D GEMM,
+    which the BLAS splits over the cores when it is large (its batched GEMM splits only the batch)."""
     if a_GMK.shape[0] == 1:
-        y = torch.mm(a_GMK[0], b_GKN[0]) if bias_G1N is None else torch.addmm(bias_G1N[0, 0], a_GMK[0], b_GKN[0])
-        return y.unsqueeze(0)
-    return torch.bmm(a_GMK, b_GKN) if bias_G1N is None else torch.baddbmm(bias_G1N, a_GMK, b_GKN)
+        o = None if out is None else out[0]
+        y = torch.mm(a_GMK[0], b_GKN[0], out=o) if bias_G1N is None else \
+            torch.addmm(bias_G1N[0, 0], a_GMK[0], b_GKN[0], out=o)
+        return y.unsqueeze(0) if out is None else out
+    return torch.bmm(a_GMK, b_GKN, out=out) if bias_G1N is None else torch.baddbmm(bias_G1N, a_GMK, b_GKN, out=out)
 
 
-def _put_rows(dst_TC: torch.Tensor, b: Bucket, rows: torch.Tensor | None, src_GnC: torch.Tensor) -> None:
+def _into_rows(dst_TC: torch.Tensor, b: Bucket, rows: torch.Tensor | None, compute) -> None:
+    """The bucket's [G, n, C] result into its rows of ``dst_TC``: written in place when they are one
+    block, else computed and scattered. ``compute(out)`` returns the result (into ``out`` if given)."""
     g, n = len(b.ids), b.rows_each
     if rows is None:
-        dst_TC[b.starts[0]: b.starts[0] + g * n].copy_(src_GnC.reshape(g * n, -1))
+        compute(dst_TC[b.starts[0]: b.starts[0] + g * n].view(g, n, -1))
     else:
-        dst_TC.index_copy_(0, rows, src_GnC.reshape(g * n, -1))
+        dst_TC.index_copy_(0, rows, compute(None).reshape(g * n, -1))
 
 
-def _put_experts(dst_E: torch.Tensor, b: Bucket, ids: torch.Tensor | None, src_G: torch.Tensor) -> None:
+def _into_experts(dst_E: torch.Tensor, b: Bucket, ids: torch.Tensor | None, compute) -> None:
+    """The bucket's [G, ...] result into its experts' slices of ``dst_E`` (in place when consecutive)."""
     if ids is None:
-        dst_E[b.ids[0]: b.ids[-1] + 1].copy_(src_G)
+        compute(dst_E[b.ids[0]: b.ids[-1] + 1])
     else:
-        dst_E.index_copy_(0, ids, src_G)
+        dst_E.index_copy_(0, ids, compute(None))
 
 
 class _ExpertFFN(torch.autograd.Function):
@@ -120,13 +141,13 @@ class _ExpertFFN(torch.autograd.Function):
     def forward(ctx, x_TC, w1_ECF, b1_EF, w2_EFC, b2_EC, counts, grads):  # noqa: D102
         y_TC = x_TC.new_empty(x_TC.shape[0], w2_EFC.shape[2])
         saved = []
-        for b in buckets_of(counts):
+        for b in buckets_of(counts, 2.0 * w1_ECF.shape[1] * w1_ECF.shape[2]):
             ids, rows = _indices(b, x_TC.device)
             x_GnC = b.rows_of(x_TC, rows)
             w1_GCF, w2_GFC = b.take(w1_ECF, ids), b.take(w2_EFC, ids)
             h_GnF = _bmm(x_GnC, w1_GCF, b.take(b1_EF, ids).unsqueeze(1))
             a_GnF = F.gelu(h_GnF)
-            _put_rows(y_TC, b, rows, _bmm(a_GnF, w2_GFC, b.take(b2_EC, ids).unsqueeze(1)))
+            _into_rows(y_TC, b, rows, lambda out: _bmm(a_GnF, w2_GFC, b.take(b2_EC, ids).unsqueeze(1), out))
             saved.append((b, ids, rows, x_GnC, w1_GCF, w2_GFC, h_GnF, a_GnF))
         ctx.buckets = saved  # rows/weights of each bucket (gathered copies or views), kept for the backward
         ctx.x_shape = x_TC.shape
@@ -146,16 +167,16 @@ class _ExpertFFN(torch.autograd.Function):
         for b, ids, rows, x_GnC, w1_GCF, w2_GFC, h_GnF, a_GnF in ctx.buckets:
             dy_GnC = b.rows_of(dy_TC, rows)
             if need_w2:
-                _put_experts(dw2, b, ids, _bmm(a_GnF.transpose(1, 2), dy_GnC))
+                _into_experts(dw2, b, ids, lambda out: _bmm(a_GnF.transpose(1, 2), dy_GnC, out=out))
             if need_b2:
-                _put_experts(db2, b, ids, dy_GnC.sum(1))
+                _into_experts(db2, b, ids, lambda out: torch.sum(dy_GnC, 1, out=out))
             dh_GnF = compat.gelu_backward_(_bmm(dy_GnC, w2_GFC.transpose(1, 2)), h_GnF)  # in place
             if need_x:
-                _put_rows(dx_TC, b, rows, _bmm(dh_GnF, w1_GCF.transpose(1, 2)))
+                _into_rows(dx_TC, b, rows, lambda out: _bmm(dh_GnF, w1_GCF.transpose(1, 2), out=out))
             if need_w1:
-                _put_experts(dw1, b, ids, _bmm(x_GnC.transpose(1, 2), dh_GnF))
+                _into_experts(dw1, b, ids, lambda out: _bmm(x_GnC.transpose(1, 2), dh_GnF, out=out))
             if need_b1:
-                _put_experts(db1, b, ids, dh_GnF.sum(1))
+                _into_experts(db1, b, ids, lambda out: torch.sum(dh_GnF, 1, out=out))
         ctx.buckets = None
         # a persistent buffer goes back as a fresh alias: autograd adopts it as .grad, no copy
         return (dx_TC, *(g.detach() if g is not None else None for g in (dw1, db1, dw2, db2)), None, None)
