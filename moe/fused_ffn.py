@@ -65,7 +65,7 @@ class Bucket:
         """This bucket's experts of a stacked [E, ...] tensor -> [G, ...]."""
         if ids_G is None:
             return t[self.ids[0]: self.ids[-1] + 1]
-        return t.index_select(0, ids_G)
+        return t.flatten(1).index_select(0, ids_G).view(len(self.ids), *t.shape[1:])  # 2-D: the fast kernel
 
     def rows_of(self, x_TC: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
         """This bucket's rows of [T, C] -> [G, n, C]."""
@@ -131,7 +131,7 @@ def _into_experts(dst_E: torch.Tensor, b: Bucket, ids: torch.Tensor | None, comp
     if ids is None:
         compute(dst_E[b.ids[0]: b.ids[-1] + 1])
     else:
-        dst_E.index_copy_(0, ids, compute(None))
+        dst_E.view(dst_E.shape[0], -1).index_copy_(0, ids, compute(None).flatten(1))  # 2-D: the fast kernel
 
 
 class _ExpertFFN(torch.autograd.Function):
