@@ -103,7 +103,7 @@ def main():
     groups = ParallelGroups.build(args.ep_size, E)
     moe_engine = build(groups, world.world_size, args.zero, args.clip)
     engine, model, disp = moe_engine.engine, moe_engine.engine.module, moe_engine.engine.module.moe.deepspeed_moe.dispatcher
-    first, el = disp.first_expert, disp.num_local_experts
+    el = disp.num_local_experts
     losses, norms, ds_norms = [], [], []
     for step in range(args.steps):
         x, y = batch(step, world.rank, world.world_size)
