@@ -3,7 +3,8 @@
   * EP=2 equals EP=1: the whole ReID model in the DeepSpeed engine gives the same loss curve and
     the same retrieval metrics whether its experts are split over the 2 ranks or replicated.
   * Resume is exact: N steps, stop, resume for M steps == N+M steps straight (loss and weights).
-  * Every ablation config of the thesis's multi-scale fusion trains (shrunk to the tiny sizes) with its own scale count.
+  * Every ablation config of the thesis's multi-scale fusion builds and steps with its own scale count (shrunk);
+    one of each family trains end to end.
   * bf16: the whole model in DeepSpeed's bf16 trains close to fp32 (LOSS_ATOL), configs/gpu.yaml shrunk.
 
 Bound (stated once, used below):
@@ -176,32 +177,66 @@ def test_resume_without_checkpoint_says_so(tmp_path):
         _train(str(tmp_path), "fresh", 1, "train.steps=2", extra=("--resume",))
 
 
-@pytest.mark.slow
-def test_seed_ablation_configs_train(tmp_path):
-    """Every config in configs/ablations (the thesis's fusion plan and the stream ablations) trains, shrunk."""
-    tmp = str(tmp_path)
-    shrink = ("model.dim=32", "model.depth=2", "model.moe_blocks=[1]", "model.stem_stride=4",
-              "model.patch_moe.expert.hidden_dim=64", "train.steps=2", "train.p=8", "train.k=2", "train.ep_size=1",
-              "train.warmup_steps=1", "eval.untrained=false", "eval.batch_size=32")
-    procs = []
+ABLATION_SHRINK = ("model.dim=32", "model.depth=2", "model.moe_blocks=[1]", "model.stem_stride=4",
+                   "model.patch_moe.expert.hidden_dim=64", "train.steps=2", "train.p=8", "train.k=2",
+                   "train.ep_size=1", "train.warmup_steps=1", "eval.untrained=false", "eval.batch_size=32")
+# one config of each family trains for real (gate, scales, streams, given modality groups); the temperature
+# variants change one router setting, which the in-process step below covers for every config
+ABLATIONS_TRAINED = ("gate3", "scales5", "streams", "modal_given")
+
+
+def _ablation_settings(path):
+    import yaml
+
+    raw = yaml.safe_load(open(path))
+    return raw, raw["model"].get("multiscale", {})
+
+
+def test_every_ablation_config_builds_and_takes_a_step():
+    """Every config in configs/ablations (the thesis's fusion plan and the stream ablations), shrunk: its
+    model is built as configured and one forward/backward gives fusion weights over its own scales."""
+    from reid.data import Batch
+    from reid.model import ReIDModel
+    from training.config import load_config
+
     paths = sorted(glob.glob(os.path.join(ROOT, "configs", "ablations", "*.yaml")))
-    _train(tmp, "warm", 1, *shrink)  # makes the data once, before the parallel runs
+    assert {os.path.basename(p)[:-5] for p in paths} >= set(ABLATIONS_TRAINED)
+    g = torch.Generator().manual_seed(0)
+    b, h, w = 4, 64, 32
+    batch = Batch(torch.randn(b, 3, h, w, generator=g), torch.randn(b, 1, h, w, generator=g),
+                  torch.randn(b, 1, h, w, generator=g), torch.arange(b) // 2, torch.arange(b) % 3)
+    for p in paths:
+        raw, ms_raw = _ablation_settings(p)
+        cfg = load_config(p, list(ABLATION_SHRINK))
+        ms = cfg.model.multiscale_config()
+        for key, value in ms_raw.items():  # the stream ablations keep the fusion's
+            assert getattr(ms, key) == (tuple(value) if isinstance(value, list) else value), (p, key)
+        torch.manual_seed(0)
+        out = ReIDModel(cfg.model, num_classes=3)(batch)
+        assert out.fusion_weights.shape == (b, len(ms.scales)), p
+        torch.testing.assert_close(out.fusion_weights.sum(1), torch.ones(b))
+        (out.logits.sum() + out.aux_loss).backward()
+
+
+@pytest.mark.slow
+def test_one_ablation_config_of_each_family_trains(tmp_path):
+    tmp = str(tmp_path)
+    paths = [os.path.join(ROOT, "configs", "ablations", f"{n}.yaml") for n in ABLATIONS_TRAINED]
+    _train(tmp, "warm", 1, *ABLATION_SHRINK)  # makes the data once, before the parallel runs
     for i in range(0, len(paths), 2):
         pair = paths[i:i + 2]
         procs = [subprocess.Popen(cli_command("train", "--config", p, "--no-progress", f"out_dir={tmp}/runs",
-                                              f"data.path={tmp}/data", f"data.synth={TINY_DATA}", *shrink),
+                                              f"data.path={tmp}/data", f"data.synth={TINY_DATA}", *ABLATION_SHRINK),
                                   cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                  for p in pair]
         for p, proc in zip(pair, procs):
             log = proc.communicate(timeout=300)[0]
             assert proc.returncode == 0, f"{p}:\n{log[-3000:]}"
     for p in paths:
-        import yaml
-
-        raw = yaml.safe_load(open(p))
+        raw, ms_raw = _ablation_settings(p)
         s = _summary(tmp, raw["name"])
         ms = s["config"]["model"]["multiscale"]
-        for key, value in raw["model"].get("multiscale", {}).items():  # the stream ablations keep the fusion's
+        for key, value in ms_raw.items():
             assert ms[key] == value
         assert len(s["fusion_weight_mean"]) == len(ms.get("scales", [4, 8, 16]))
         assert s["steps"] == 2
