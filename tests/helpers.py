@@ -34,9 +34,11 @@ needs_cpu_grouped_mm = pytest.mark.skipif(
 # ---- the msmoe command line
 
 def cli_env(env: dict | None = None, threads: str | None = "1") -> dict:
-    """This process's environment with PYTHONPATH=ROOT and OMP_NUM_THREADS=``threads`` (None: as
-    inherited), then ``env`` on top; a value of None in ``env`` removes that variable."""
-    out = {**os.environ, "PYTHONPATH": ROOT}
+    """This process's environment with PYTHONPATH=ROOT, OMP_NUM_THREADS=``threads`` (None: as
+    inherited) and run reports without their PNG plots (MSMOE_REPORT_PLOTS=0, training/figures.py;
+    the tests that read plots pass {"MSMOE_REPORT_PLOTS": "1"}), then ``env`` on top; a value of None
+    in ``env`` removes that variable."""
+    out = {**os.environ, "PYTHONPATH": ROOT, "MSMOE_REPORT_PLOTS": "0"}
     if threads is not None:
         out["OMP_NUM_THREADS"] = threads
     for key, value in (env or {}).items():

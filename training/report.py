@@ -12,16 +12,10 @@ import os
 
 import numpy as np
 
+from training.figures import PLOTS_ENV, plots_wanted, pyplot, run_plot
 from training.report_modal import modal_section
 
-
-def pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+__all__ = ["pyplot", "write_report"]  # pyplot: the other reports' matplotlib (bench/)
 
 
 def _smooth(y, n: int = 10):
@@ -31,6 +25,7 @@ def _smooth(y, n: int = 10):
     return np.convolve(y, np.ones(n) / n, mode="valid")
 
 
+@run_plot
 def plot_losses(summary: dict, path: str) -> None:
     plt = pyplot()
     h = summary["history"]
@@ -55,6 +50,7 @@ def plot_losses(summary: dict, path: str) -> None:
     plt.close(fig)
 
 
+@run_plot
 def plot_cmc(summary: dict, path: str) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4))
@@ -74,6 +70,7 @@ def plot_cmc(summary: dict, path: str) -> None:
     plt.close(fig)
 
 
+@run_plot
 def plot_expert_load(summary: dict, layer: int, name: str, path: str) -> None:
     plt = pyplot()
     h = summary["history"]
@@ -93,6 +90,7 @@ def plot_expert_load(summary: dict, layer: int, name: str, path: str) -> None:
     plt.close(fig)
 
 
+@run_plot
 def plot_fusion_weights(weights_NS: np.ndarray, scales, path: str, max_samples: int = 40) -> None:
     """The multi-scale fusion's gate weight of each scale expert (4/8/16 windows) per sample."""
     plt = pyplot()
@@ -108,6 +106,7 @@ def plot_fusion_weights(weights_NS: np.ndarray, scales, path: str, max_samples: 
     plt.close(fig)
 
 
+@run_plot
 def plot_step_time(summary: dict, path: str) -> None:
     plt = pyplot()
     st = summary["step_time_ms"]
@@ -170,7 +169,8 @@ def _cost_and_routing(summary: dict) -> list[str]:
 
 
 def write_report(summary: dict, run_dir: str, fusion_weights: np.ndarray | None = None) -> list[str]:
-    """Write the plots and report.md into ``run_dir``; returns the files written."""
+    """Write the plots (unless switched off: training/figures.py) and report.md into ``run_dir``;
+    returns the files written."""
     files = []
 
     def out(name):
@@ -272,6 +272,9 @@ def write_report(summary: dict, run_dir: str, fusion_weights: np.ndarray | None 
     lines += ["## Data", "", "| split | images | identities | cameras |", "|---|---|---|---|"]
     lines += [f"| {k} | {v['images']} | {v['identities']} | {v['cameras']} |" for k, v in d.items()]
     lines += ["", "Full figures: `summary.json`; configuration: `config.yaml`.", ""]
+    if not plots_wanted():
+        lines = [line for line in lines if not line.startswith("![")]
+        lines.insert(1, f"\n_Plots not drawn ({PLOTS_ENV}=0)._")
     with open(out("report.md"), "w") as fh:
         fh.write("\n".join(lines))
-    return files
+    return [f for f in files if os.path.exists(f)]

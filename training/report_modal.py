@@ -14,6 +14,7 @@ import numpy as np
 
 from moe.hierarchical import expert_id_table
 from reid.data import MODALITIES
+from training.figures import pyplot, run_plot
 
 
 def expert_groups(sizes: list[int], placement: str) -> list[int]:
@@ -51,9 +52,8 @@ def _group_names(n: int, summary: dict) -> list[str]:
     return list(MODALITIES) if given and n == len(MODALITIES) else [f"group {i}" for i in range(n)]
 
 
+@run_plot
 def plot_group_load(shares: dict[str, list[float]], names: list[str], path: str) -> None:
-    from training.report import pyplot
-
     plt = pyplot()
     blocks = list(shares)
     fig, ax = plt.subplots(figsize=(2.2 + 1.4 * len(blocks), 3.2))
@@ -81,11 +81,10 @@ def split_weights(weights_NX: np.ndarray, scales) -> tuple[np.ndarray, np.ndarra
     return modality, within
 
 
+@run_plot
 def plot_modal_fusion(weights_NX: np.ndarray, scales, path: str, max_samples: int = 40) -> None:
     """One heatmap per modality (its fine gate's scale weights per sample) and one of the
     cross-modal gate's modality weights."""
-    from training.report import pyplot
-
     plt = pyplot()
     modality, within = split_weights(weights_NX[:max_samples], scales)
     m = modality.shape[1]

@@ -25,10 +25,13 @@ from tests.helpers import ROOT, TINY_DATA, cli_command, cli_env, exported_metric
 LOSS_ATOL = 0.1
 
 
-def _train(tmp, name, nproc, *overrides, extra=(), config="configs/tiny.yaml", timeout=600):
+def _train(tmp, name, nproc, *overrides, extra=(), config="configs/tiny.yaml", timeout=600, env=None):
     return run_cli("train", "--config", config, "--no-progress", *extra, f"name={name}", f"out_dir={tmp}/runs",
                    f"data.path={tmp}/data", f"data.synth={TINY_DATA}", *overrides, nproc=nproc, timeout=timeout,
-                   check=True)
+                   check=True, env=env)
+
+
+PLOTS = {"MSMOE_REPORT_PLOTS": "1"}  # the tests' runs leave the report's plots out unless asked (tests/helpers.py)
 
 
 def _summary(tmp, name):
@@ -64,7 +67,7 @@ def test_ep2_equals_ep1_on_the_full_model(tmp_path):
     tmp = str(tmp_path)
     for ep in (1, 2):
         _train(tmp, f"ep{ep}", 2, f"train.ep_size={ep}", "train.steps=6", "eval.untrained=false",
-               "model.patch_moe.router.num_experts=64")
+               "model.patch_moe.router.num_experts=64", env=PLOTS if ep == 2 else None)
     one, two = _summary(tmp, "ep1"), _summary(tmp, "ep2")
     assert two["ep_size"] == 2 and one["ep_size"] == 1 and two["world_size"] == 2 and two["num_experts"] == 64
     assert len(two["loss_history"]) == 6
@@ -77,6 +80,10 @@ def test_ep2_equals_ep1_on_the_full_model(tmp_path):
     assert two["a2a_bytes_per_step"]["offrank"] > 0 and one["a2a_bytes_per_step"]["total"] == 0
     for f in ("report.md", "cmc.png", "loss.png", "expert_load_block1.png", "fusion_weights.png", "step_time.png"):
         assert os.path.getsize(os.path.join(tmp, "runs", "ep2", f)) > 0
+    # MSMOE_REPORT_PLOTS=0 (ep1): the same report without plots or links to them, and saying so
+    assert not glob.glob(os.path.join(tmp, "runs", "ep1", "*.png"))
+    plain = open(os.path.join(tmp, "runs", "ep1", "report.md")).read()
+    assert "![" not in plain and "_Plots not drawn (MSMOE_REPORT_PLOTS=0)._" in plain and "## Expert load" in plain
     for key in ("map", "rank1", "rank5", "rank10", "loss_history", "samples_per_s", "world_size", "ep_size",
                 "num_experts", "steps", "step_time_ms", "expert_load"):
         assert key in two
@@ -134,7 +141,8 @@ def test_modality_streams_with_given_groups_ep2_equals_ep1(tmp_path):
                "model.fusion=hierarchical", "model.hierarchical_fusion={experts_per_cell: 2, top_k: 1, "
                "expert: {kind: seed, hidden_dim: 64, dropout: 0.0}}")
     for ep in (1, 2):
-        _train(tmp, f"s{ep}", 2, *streams, f"train.ep_size={ep}", "train.steps=4", "eval.untrained=false")
+        _train(tmp, f"s{ep}", 2, *streams, f"train.ep_size={ep}", "train.steps=4", "eval.untrained=false",
+               env=PLOTS if ep == 2 else None)
     one, two = _summary(tmp, "s1"), _summary(tmp, "s2")
     assert two["num_experts"] == 6 and two["ep_size"] == 2
     for a, b in zip(one["loss_history"], two["loss_history"]):
