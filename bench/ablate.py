@@ -182,7 +182,7 @@ def write_table(rows: list[dict], out: str, run_root: str) -> str:
 
 
 def _plot(rows: list[dict], path: str) -> None:
-    from training.report import pyplot
+    from training.figures import pyplot
 
     plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 
 from bench.projection import (LAYOUTS, PROJECT_GPUS, StepCost, decide, layout_name, pct_error, project, validate)
-from training.report import pyplot
+from training.figures import pyplot
 
 
 def _bw(gbps: float) -> str:

@@ -23,7 +23,7 @@ import numpy as np
 from bench.projection import ProjectionSpec, project, projection_inputs
 from bench.projection_report import projection_section, validation_section
 from bench.scale_model import efficiency, point_label
-from training.report import pyplot  # matplotlib on the Agg backend, as for run reports
+from training.figures import pyplot  # matplotlib on the Agg backend, as for run reports
 
 STAGES = ("data", "route", "dispatch", "experts", "combine", "forward_other", "backward", "optimizer")
 

@@ -15,8 +15,6 @@ import numpy as np
 from training.figures import PLOTS_ENV, plots_wanted, pyplot, run_plot
 from training.report_modal import modal_section
 
-__all__ = ["pyplot", "write_report"]  # pyplot: the other reports' matplotlib (bench/)
-
 
 def _smooth(y, n: int = 10):
     y = np.asarray(y, dtype=float)
