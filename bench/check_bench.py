@@ -12,6 +12,10 @@ the same run, and its time against DeepSpeed's layer. Goals (issue 13), reported
   PatchMoE fwd+bwd >= ``GOAL_GEMM_SHARE`` of the measured dense bf16 GEMM rate
   PatchMoE throughput >= ``GOAL_VS_DEEPSPEED`` x DeepSpeed's layer
 The section passes when the benchmark ran; the goals are targets, reported beside it.
+
+Then the expert-count sweep (issue 17: the step cost stays flat in E at fixed active FLOPs), at the
+thesis shape, reported as a table beside it (a sweep that fails is named, the section still passes):
+  python3 -m launcher.cli bench layer --device cuda --dtype bf16 --shape thesis --experts-sweep 8,64,256 ...
 """
 
 from __future__ import annotations
@@ -39,6 +43,40 @@ def bench_command(args) -> list[str]:
     dtype = "bf16" if args.device.startswith("cuda") else "fp32"
     return [sys.executable, "-m", "launcher.cli", "bench", "layer", "--device", args.device, "--dtype", dtype,
             *shape, "--skip", "fairscale", "--json", out]
+
+
+SWEEP_EXPERTS = "8,64,256"
+
+
+def sweep_command(args) -> list[str]:
+    out = os.path.join(args.workdir, "sweep.json")
+    if args.quick:
+        shape = ["--shape", "small", "--batch", "2", "--height", "16", "--width", "16", "--repeats", "2", "--warmup", "1",
+                 "--experts-sweep", "4,16"]
+    else:
+        shape = ["--shape", "thesis", "--repeats", "5", "--warmup", "2", "--experts-sweep", SWEEP_EXPERTS]
+    dtype = "bf16" if args.device.startswith("cuda") else "fp32"
+    return [sys.executable, "-m", "launcher.cli", "bench", "layer", "--device", args.device, "--dtype", dtype,
+            *shape, "--skip", "fairscale", "--json", out]
+
+
+def run_sweep(args) -> dict:
+    """The expert-count sweep: {"rows": [...]} from its JSON, or {"error": ...} naming why it has none."""
+    log = os.path.join(args.workdir, "sweep.log")
+    try:
+        with open(log, "w") as fh:
+            code = subprocess.run(sweep_command(args), stdout=fh, stderr=subprocess.STDOUT,
+                                  timeout=args.sweep_timeout).returncode
+    except subprocess.TimeoutExpired:
+        return {"error": f"the sweep ran past {args.sweep_timeout:g} s (log: {log})"}
+    path = os.path.join(args.workdir, "sweep.json")
+    if code != 0 or not os.path.isfile(path):
+        with open(log) as fh:
+            lines = [ln for ln in fh.read().splitlines() if ln.strip()]
+        return {"error": f"bench layer --experts-sweep exited {code}: {lines[-1][:300] if lines else ''}"}
+    with open(path) as fh:
+        data = json.load(fh)
+    return {"rows": data["sweep"], "shape": data["args"].get("shape")}
 
 
 def goals(rows: list[dict]) -> dict:
@@ -76,13 +114,17 @@ def check(args) -> tuple[bool, str, dict, list]:
         return "n/a" if v is None else f"{v:.2f} ({'met' if goal['met'] else 'NOT met'}, goal {goal['target']:g})"
     summary = (f"{len(rows)} contenders; dense GEMM {peak:.0f} TFLOP/s; " if peak else f"{len(rows)} contenders; ") + \
         "; ".join(f"{name}: {fmt(goal)}" for name, goal in g.items())
+    sweep = run_sweep(args)
+    summary += "; experts sweep: " + (sweep["error"] if "error" in sweep else ", ".join(
+        f"E={r['experts']} {r['patchmoe_x_dense']:.2f}x dense" for r in sweep["rows"] if r.get("patchmoe_x_dense")))
     figures = {"gemm_peak_tflops": peak, "goals": g, "shape": data["args"].get("shape"), "dtype": data["args"]["dtype"],
-               "gpu": data["env"].get("gpu"), "printed": text[-2500:]}
+               "gpu": data["env"].get("gpu"), "printed": text[-2500:], "experts_sweep": sweep}
     return True, summary, figures, rows
 
 
 def _options(p) -> None:
     p.add_argument("--run-timeout", type=float, default=150.0)
+    p.add_argument("--sweep-timeout", type=float, default=90.0)
 
 
 def main(argv: list[str] | None = None) -> int:

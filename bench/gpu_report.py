@@ -65,6 +65,15 @@ def _bench(r: dict) -> list[str]:
     for name, g in (f.get("goals") or {}).items():
         verdict = "n/a" if g["met"] is None else ("PASS" if g["met"] else "FAIL")
         out.append(f"- goal {name} >= {g['target']:g}: {verdict} ({_f(g['value'], '.2f', 'not measured')})")
+    sweep = f.get("experts_sweep") or {}
+    if sweep.get("rows"):
+        out += ["", f"Expert-count sweep ({sweep.get('shape')} shape, same active FLOPs; time / the dense FFN's, "
+                    "paired medians):", "", "| E | PatchMoE x dense | TokenMoE x dense | DeepSpeed MoE x dense |",
+                "|---|---|---|---|"]
+        out += [f"| {x['experts']} | {_f(x['patchmoe_x_dense'], '.2f')} | {_f(x['tokenmoe_x_dense'], '.2f')} | "
+                f"{_f(x['deepspeed_x_dense'], '.2f')} |" for x in sweep["rows"]]
+    elif sweep.get("error"):
+        out += ["", f"Expert-count sweep: none ({sweep['error']})"]
     return out
 
 

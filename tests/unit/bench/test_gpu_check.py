@@ -102,6 +102,9 @@ def test_dry_run_of_every_section_on_cpu(tmp_path):
         assert sections[name]["passed"], (name, sections[name]["summary"])
     md = (tmp_path / "results.md").read_text()
     assert "MoE layers vs the float64 loop reference" in md and "Layer benchmark" in md
+    sweep = sections["bench"]["figures"]["experts_sweep"]  # the expert-count sweep ran, one row per E
+    assert [r["experts"] for r in sweep["rows"]] == [4, 16] and all(r["patchmoe_x_dense"] > 0 for r in sweep["rows"])
+    assert "Expert-count sweep (small shape" in md and "| 16 |" in md
     assert (tmp_path / "gpu-check.log").stat().st_size > 0
 
 
