@@ -33,6 +33,8 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PIP) install -q -r requirements.txt
 	$(PIP) install -q --no-deps -e .
 	$(PY) -c 'import torch; assert torch.__version__.startswith("2.13.0"), torch.__version__'
+	# DeepSpeed's CPU communication op, built once here (build/torch_extensions) rather than inside the first run
+	$(PY) -m parallel.ds_ops
 	touch $(STAMP)
 
 test: setup

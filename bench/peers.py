@@ -33,6 +33,9 @@ def single_rank_group(device: torch.device) -> None:
         atexit.register(shutil.rmtree, tmp, True)
         store = dist.FileStore(os.path.join(tmp, "store"), 1)
         dist.init_process_group(backend, store=store, rank=0, world_size=1)
+    from parallel.ds_ops import prepare_shm_op
+
+    prepare_shm_op()
     deepspeed.init_distributed(dist_backend=backend)  # DeepSpeed's comm layer adopts the group above
 
 

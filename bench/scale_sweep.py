@@ -170,11 +170,11 @@ def collect(run_root: str, out: str, env: dict | None = None) -> list[dict]:
 
 def run_local(points: list[Point], spec: SweepSpec, extra: list[str]) -> None:
     """Each point as a torchrun job on this machine, one after the other."""
-    from parallel.launchenv import torchrun_command
+    from parallel.launchenv import torchrun_command, with_on_path
     from training.config import load_config
 
     base = load_config(spec.config, extra)
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = with_on_path(ROOT)
     for i, pt in enumerate(points, 1):
         over = [*extra, *pt.overrides(base.train.p), f"out_dir={spec.run_root}", "eval.untrained=false",
                 f"train.steps={spec.steps}", f"train.ckpt_every={10**9}",

@@ -231,7 +231,9 @@ def run_launch(args) -> int:
     if not os.path.isabs(cmd[0]) and os.path.exists(os.path.join(bindir, cmd[0])):
         cmd = [os.path.join(bindir, cmd[0]), *cmd[1:]]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    from parallel.launchenv import with_on_path
+
+    env = with_on_path(root)
     if spec.device == "cpu":
         from parallel.devices import cuda_device_count
 

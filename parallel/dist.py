@@ -63,6 +63,8 @@ def init_distributed(backend: str | None = None, timeout_s: float = 300.0) -> Wo
     """Join (or create) the process group; safe to call twice."""
     import deepspeed
 
+    from parallel.ds_ops import prepare_shm_op
+
     launcher = discover_launcher()
     if launcher == "mpi":
         _env_from_mpi()
@@ -91,6 +93,7 @@ def init_distributed(backend: str | None = None, timeout_s: float = 300.0) -> Wo
         timeout = timedelta(seconds=group_timeout_s(backend, timeout_s))
         torch.distributed.init_process_group(backend=backend, timeout=timeout, **_attempt_store(timeout))
         atexit.register(_destroy_at_exit)
+    prepare_shm_op()  # DeepSpeed's CPU op: built once, a killed build's lock cleared (parallel/ds_ops.py)
     deepspeed.init_distributed(  # adopts the group above
         dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(seconds=group_timeout_s(backend, timeout_s))
     )

@@ -19,6 +19,17 @@ LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", *MPI_RANK_VARS, "TORCHELAST
 FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 
 
+def with_on_path(folder: str, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """A copy of ``environ`` (default: this process's) whose PYTHONPATH starts with ``folder`` and
+    keeps what the caller had after it: a child process started with it still sees the caller's
+    packages (on the GPU node: the bundle in /tmp/msmoe-site). Empty entries are dropped (Python
+    reads an empty entry as the current directory)."""
+    env = dict(os.environ if environ is None else environ)
+    kept = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != folder]
+    env["PYTHONPATH"] = os.pathsep.join([folder, *kept])
+    return env
+
+
 def discover_launcher(environ: Mapping[str, str] | None = None) -> str:
     """"env" (torchrun / deepspeed / accelerate), "mpi" (mpirun) or "single" (no launcher)."""
     env = os.environ if environ is None else environ

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from moe import compat
-from parallel.launchenv import torchrun_command
+from parallel.launchenv import torchrun_command, with_on_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(ROOT, "tests", "golden")
@@ -34,11 +34,11 @@ needs_cpu_grouped_mm = pytest.mark.skipif(
 # ---- the msmoe command line
 
 def cli_env(env: dict | None = None, threads: str | None = "1") -> dict:
-    """This process's environment with PYTHONPATH=ROOT, OMP_NUM_THREADS=``threads`` (None: as
+    """This process's environment with ROOT first on PYTHONPATH, OMP_NUM_THREADS=``threads`` (None: as
     inherited) and run reports without their PNG plots (MSMOE_REPORT_PLOTS=0, training/figures.py;
     the tests that read plots pass {"MSMOE_REPORT_PLOTS": "1"}), then ``env`` on top; a value of None
     in ``env`` removes that variable."""
-    out = {**os.environ, "PYTHONPATH": ROOT, "MSMOE_REPORT_PLOTS": "0"}
+    out = {**with_on_path(ROOT), "MSMOE_REPORT_PLOTS": "0"}
     if threads is not None:
         out["OMP_NUM_THREADS"] = threads
     for key, value in (env or {}).items():
@@ -80,7 +80,7 @@ def run_torchrun(script: str, nproc: int, args: list[str], out_dir: str, timeout
 
 
 def _run(cmd, out_dir, nproc, timeout, env=None):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, **(env or {})}
+    env = {**with_on_path(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
@@ -107,7 +107,7 @@ def run_parallel(cmds, out_dir, nproc, timeout=400, envs=None):
     envs = envs or [{}] * len(cmds)
     procs = []
     for cmd, env in zip(cmds, envs):
-        full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, **env}
+        full_env = {**with_on_path(ROOT), "OMP_NUM_THREADS": "1", **env}
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                       cwd=ROOT, env=full_env))
     outs = []

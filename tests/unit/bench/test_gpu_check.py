@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from bench import check_bench, check_dispatch, check_layers, section
+from parallel.launchenv import with_on_path
 from tests.helpers import ROOT
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present: the check would run")
@@ -19,7 +20,7 @@ no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present:
 
 def _run(cmd, **kw):
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": ROOT}, **kw)
+                          env=with_on_path(ROOT), **kw)
 
 
 @no_cuda

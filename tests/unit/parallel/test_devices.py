@@ -9,6 +9,7 @@ import pytest
 
 from launcher.train import check_nproc_gpus
 from parallel.devices import DeviceCountError, check_gpu_count
+from parallel.launchenv import with_on_path
 from tests.helpers import ROOT
 
 
@@ -41,7 +42,7 @@ def test_train_refuses_before_starting_workers_on_a_machine_without_enough_gpus(
             "train.check_nproc_gpus = (lambda f: (lambda n, count=None: f(n, count=1)))(train.check_nproc_gpus); "
             "train.run_child = lambda *a, **k: sys.exit('torchrun was started'); "
             "from launcher.cli import main; sys.exit(main(['train', '--config', 'configs/tiny.yaml', '--nproc', '2']))")
-    env = {**os.environ, "PYTHONPATH": ROOT}
+    env = with_on_path(ROOT)
     env.pop("RANK", None)
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert p.returncode == 2, p.stderr

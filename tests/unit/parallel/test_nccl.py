@@ -7,6 +7,7 @@ import os
 import pytest
 
 from parallel.nccl import NCCL_ENV_DEFAULTS, apply_nccl_env, group_timeout_s, watchdog_grace_s
+from parallel.launchenv import with_on_path
 from tests.helpers import ROOT, run_torchrun
 
 
@@ -36,7 +37,7 @@ def test_init_distributed_sets_nothing_for_gloo():
             "print(w.backend, all_to_all._host_wait_s, os.environ.get('TORCH_NCCL_ASYNC_ERROR_HANDLING'))")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCH_NCCL", "NCCL_", "RANK", "WORLD"))}
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                       env={**env, "PYTHONPATH": ROOT}, timeout=300)
+                       env=with_on_path(ROOT, env), timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.strip().splitlines()[-1] == "gloo None None"
 
