@@ -7,20 +7,25 @@
 #   make validation  set up, sweep 1/2/4 processes x EP 1/2/4 (~5 min on 2 cores), write runs/validation/report.md:
 #                the projection model fitted on <= 2 processes, its error on the 4-process points
 #   make gpu-bundle  set up, then download into .whl/ the wheels a GPU node without network lacks (deepspeed built
-#                here, its requirements, datasets, fairscale; cp312 manylinux; never torch); prints the size (< 40 MiB)
-#   make gpu-check OUT=dir  on the GPU node, with its own python3 and torch: install .whl/ into /tmp/msmoe-site and
-#                run the prepared check (<= 8 min on one H100): log, results.json, results.md in OUT (runs/gpu-check)
+#                here, its requirements, datasets, fairscale; cp312 manylinux; never torch nor any distribution of
+#                the node's image, bench/gpu_node_packages.txt); prints the size (< 40 MiB)
+#   make gpu-standin  (not in CI, ~5 GB download) the GPU node's Python 3.12 + torch 2.11 stack on CPU, offline:
+#                the bundle installed as on the node, the check's quick dry run, the fast test suite
+#   make gpu-check OUT=dir  on the GPU node, with its own python3 and torch: install into /tmp/msmoe-site the wheels
+#                of .whl/ the node lacks (those it has are skipped, by name) and run the prepared check (<= 8 min on one H100): log, results.json, results.md in OUT (runs/gpu-check)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
+SHARED     ?= ../shared
+STANDIN    ?= /tmp/gpu-standin
 GPU_PYTHON ?= python3
 GPU_SITE   ?= /tmp/msmoe-site
 OUT        ?= runs/gpu-check
 
-.PHONY: setup test test-fast train bench report validation gpu-bundle gpu-check clean
+.PHONY: setup test test-fast train bench report validation gpu-bundle gpu-check gpu-standin clean
 
 setup: $(STAMP)
 
@@ -69,14 +74,21 @@ gpu-check:
 	@$(GPU_PYTHON) -m bench.gpu_check --preflight
 	@ls .whl/*.whl >/dev/null 2>&1 || { echo "gpu-check: no wheels in .whl/: run make gpu-bundle where the package registry is reachable and bring .whl/ with the checkout" >&2; exit 2; }
 	rm -rf $(GPU_SITE)
-	@if $(GPU_PYTHON) -m pip --version >/dev/null 2>&1; then \
-		echo "$(GPU_PYTHON) -m pip install -q --no-index --no-deps --target $(GPU_SITE) .whl/*.whl"; \
-		$(GPU_PYTHON) -m pip install -q --no-index --no-deps --target $(GPU_SITE) .whl/*.whl; \
-	else \
-		echo "gpu-check: $(GPU_PYTHON) has no pip: unpacking the wheels into $(GPU_SITE)"; \
-		$(GPU_PYTHON) -m bench.gpu_bundle --out .whl --unpack-into $(GPU_SITE); \
-	fi
+	# wheels whose distribution the node already has are skipped, by name; the rest go to $(GPU_SITE)
+	$(GPU_PYTHON) -m bench.gpu_bundle --out .whl --install-into $(GPU_SITE)
 	PYTHONPATH=$(GPU_SITE):. $(GPU_PYTHON) -m bench.gpu_check --out $(OUT)
+
+# Not in CI (it downloads ~5 GB): the GPU node's Python/torch stack on this CPU machine, offline
+# ($(SHARED)/tools/gpu-node-standin): build it, add the image's distributions the bundle relies on that the
+# stand-in's build leaves out, install the bundle the way make gpu-check does, then the quick dry run of
+# every section from a cold extension cache and the fast test suite.
+gpu-standin: gpu-bundle
+	$(SHARED)/tools/gpu-node-standin build
+	$(STANDIN)/node/bin/python -m bench.gpu_bundle --out .whl --image-missing | xargs -r $(STANDIN)/node/bin/python -m pip install -q --no-deps
+	rm -rf $(STANDIN)/site $(STANDIN)/torch_ext $(STANDIN)/dry
+	$(SHARED)/tools/gpu-node-standin run $(STANDIN)/node/bin/python -m bench.gpu_bundle --out .whl --install-into $(STANDIN)/site
+	$(SHARED)/tools/gpu-node-standin dry
+	$(SHARED)/tools/gpu-node-standin fast
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,21 +1,25 @@
 """``make gpu-bundle``: the wheels a GPU node without network needs beside its own torch.
 
 The target image (see README, "First run on a GPU") has Python 3.12, torch 2.11 (CUDA 13) and the
-packages in ``IMAGE_HAS``; it lacks deepspeed, datasets, fairscale and their requirements. This
-writes exactly those, for CPython 3.12 manylinux x86-64, into ``.whl/`` (git-ignored):
+distributions listed in ``bench/gpu_node_packages.txt`` (read on the node, dated in its header); it
+lacks deepspeed, datasets, fairscale and some of their requirements. This writes exactly those, for
+CPython 3.12 manylinux x86-64, into ``.whl/`` (git-ignored):
 
   1. deepspeed and fairscale (pins from requirements.txt) built here: ``pip wheel --no-deps``
   2. their requirements (torch left out) and datasets (pinned) resolved together for the target
      (``pip install --dry-run --report``; pydantic-core comes out as the cp312 build pydantic pins)
-  3. every resolved project except the image's packages and what they pull in, downloaded
-     ``--no-deps``; wheels of other versions left in ``.whl/`` are removed (one version each)
+  3. every resolved project except the image's distributions and what they pull in, downloaded
+     ``--no-deps``; wheels of other versions left in ``.whl/`` are removed (one version each);
+     ``.whl/image-provided.txt`` lists the image's distributions the bundle relies on (name==version
+     as resolved here: what a stand-in of the image must hold)
 
   .venv/bin/python -m bench.gpu_bundle                 # what make gpu-bundle runs
   .venv/bin/python -m bench.gpu_bundle --out /tmp/whl  # elsewhere
 Idempotent: wheels already present are kept. Fails above ``--max-mib`` (40).
-On the node: python3 -m pip install -q --no-index --no-deps --target /tmp/msmoe-site .whl/*.whl, or
-where that interpreter has no pip (make gpu-check falls back to it):
-  python3 -m bench.gpu_bundle --unpack-into /tmp/msmoe-site      # wheels are zip files: unpacked as pip would
+On the node (what make gpu-check runs): each wheel whose distribution the node's python3 already
+imports is skipped, by name, and the rest installed with pip --no-index --no-deps --target, or unzipped
+as pip would where that interpreter has no pip:
+  python3 -m bench.gpu_bundle --install-into /tmp/msmoe-site
 """
 
 from __future__ import annotations
@@ -34,9 +38,8 @@ from email.parser import Parser
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILT = ("deepspeed", "fairscale")  # sdists (or wheels) built to wheels here
 RESOLVED = ("datasets",)  # downloaded as wheels, with their requirements
-# On the image already (NOTES.md, read off the machine); never bundled, nor what they require.
-IMAGE_HAS = ("torch", "triton", "accelerate", "mpi4py", "numpy", "pyarrow", "pandas", "pyyaml", "tqdm",
-             "matplotlib", "safetensors", "tensorboard", "pytest")
+IMAGE_LIST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_node_packages.txt")
+PROVIDED = "image-provided.txt"  # in the bundle folder: the image's distributions the bundle needs
 TARGET = ["--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp",
           "--abi", "cp312", "--abi", "abi3", "--abi", "none",
           "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_17_x86_64",
@@ -75,6 +78,12 @@ def wheel_requirements(path: str) -> list[str]:
 
 def requirement_name(req: str) -> str:
     return canonical(re.match(r"\s*([A-Za-z0-9_.-]+)", req).group(1))
+
+
+def image_has(path: str = IMAGE_LIST) -> frozenset[str]:
+    """The node image's distributions (canonical names; # comments and blank lines skipped)."""
+    with open(path) as fh:
+        return frozenset(canonical(ln.split("#")[0].strip()) for ln in fh if ln.split("#")[0].strip())
 
 
 def pip(*args: str) -> None:
@@ -130,13 +139,18 @@ def build(out: str, requirements_txt: str) -> list[str]:
             have = next(f for f in os.listdir(out) if wheel_project(f) == (name, pinned[name]))
         built[name] = have
 
+    image = image_has()
     reqs = [f"{n}=={pinned[n]}" for n in RESOLVED]
     for f in built.values():
-        reqs += [r for r in wheel_requirements(os.path.join(out, f)) if requirement_name(r) not in IMAGE_HAS]
+        reqs += [r for r in wheel_requirements(os.path.join(out, f)) if requirement_name(r) != "torch"]
     graph = resolve(reqs)
-    excluded = closure(set(IMAGE_HAS), {n: deps for n, (_, deps) in graph.items()})
+    excluded = closure(set(image), {n: deps for n, (_, deps) in graph.items()})
     want = {n: v for n, (v, _) in graph.items() if n not in excluded}
     want.update({n: pinned[n] for n in BUILT})
+    with open(os.path.join(out, PROVIDED), "w") as fh:
+        fh.write(f"# distributions of {os.path.basename(IMAGE_LIST)} (the node's image) that the bundle needs "
+                 "and leaves out; versions as resolved for the bundle\n")
+        fh.writelines(f"{n}=={graph[n][0]}\n" for n in sorted(excluded & image) if n in graph)
 
     for (name, version), f in present.items():  # one version per project, nothing stale
         if want.get(name) != version:
@@ -165,13 +179,79 @@ def unpack_into(folder: str, target: str) -> list[str]:
     return wheels
 
 
+def wheel_distribution(path: str) -> str:
+    """The distribution a wheel installs (its dist-info Name, canonical)."""
+    with zipfile.ZipFile(path) as zf:
+        meta = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
+        return canonical(Parser().parsestr(zf.read(meta).decode())["Name"])
+
+
+def install_into(folder: str, target: str, log=print) -> list[str]:
+    """What make gpu-check runs on the node: skip, by name, every wheel whose distribution this
+    interpreter already imports (the image's copy wins, never shadowed from PYTHONPATH), install
+    the rest into ``target`` (pip --no-index --no-deps, or unpack_into without pip). The wheels
+    installed."""
+    from importlib import metadata
+
+    wheels = sorted(f for f in os.listdir(folder) if f.endswith(".whl"))
+    keep = []
+    for f in wheels:
+        try:
+            have = metadata.version(wheel_distribution(os.path.join(folder, f)))
+        except metadata.PackageNotFoundError:
+            keep.append(f)
+            continue
+        log(f"gpu-bundle: skipping {f}: this python already has {wheel_distribution(os.path.join(folder, f))} "
+            f"{have}")
+    if not keep:
+        return []
+    has_pip = subprocess.run([sys.executable, "-m", "pip", "--version"], capture_output=True).returncode == 0
+    if has_pip:
+        pip("install", "-q", "--no-index", "--no-deps", "--target", target, *(os.path.join(folder, f) for f in keep))
+    else:
+        log(f"gpu-bundle: {sys.executable} has no pip: unpacking the wheels into {target}")
+        staging = tempfile.mkdtemp(prefix="msmoe-wheels-")
+        try:
+            for f in keep:
+                shutil.copy(os.path.join(folder, f), staging)
+            unpack_into(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    log(f"gpu-bundle: {len(keep)} wheels installed into {target}, {len(wheels) - len(keep)} skipped")
+    return keep
+
+
+def image_missing(provided: str) -> list[str]:
+    """The name==version lines of ``provided`` whose distribution this interpreter lacks."""
+    from importlib import metadata
+
+    out = []
+    with open(provided) as fh:
+        for line in (ln.strip() for ln in fh if ln.strip() and not ln.startswith("#")):
+            try:
+                metadata.version(line.split("==")[0])
+            except metadata.PackageNotFoundError:
+                out.append(line)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(ROOT, ".whl"))
     p.add_argument("--requirements", default=os.path.join(ROOT, "requirements.txt"))
     p.add_argument("--max-mib", type=float, default=40.0)
     p.add_argument("--unpack-into", default=None, help="install --out's wheels into this folder without pip")
+    p.add_argument("--install-into", default=None, help="on the node: install --out's wheels into this folder, "
+                   "skipping those whose distribution this python already has")
+    p.add_argument("--image-missing", action="store_true", help="print the entries of --out's image-provided.txt "
+                   "this python lacks (what a stand-in of the node's image must add)")
     args = p.parse_args(argv)
+    if args.image_missing:
+        print("\n".join(image_missing(os.path.join(args.out, PROVIDED))))
+        return 0
+    if args.install_into:
+        install_into(args.out, args.install_into)
+        return 0
     if args.unpack_into:
         wheels = unpack_into(args.out, args.unpack_into)
         print(f"gpu-bundle: {len(wheels)} wheels unpacked into {args.unpack_into}")

@@ -55,6 +55,7 @@ SECTIONS = (
     Section("bench", "bench.check_bench", 160, ("--run-timeout", "80", "--sweep-timeout", "70")),
 )
 TESTS_BUDGET_S = 300
+PREPARE_LIMIT_S = 600  # DeepSpeed's CPU op build before the sections (~1 min on 2 cores); outside every budget
 
 
 class Log:
@@ -122,6 +123,26 @@ def wait_or_kill(proc: subprocess.Popen, timeout: float) -> int:
         return 124
 
 
+def prepare_ops(out: str, log: Log) -> None:
+    """Build DeepSpeed's CPU communication op before any section starts (parallel/ds_ops.py), with
+    CUDA hidden as the CPU-only processes of the check see it: a build inside a section's time budget
+    was killed half-way and left a lock every later DeepSpeed init waited on."""
+    cmd = [sys.executable, "-m", "parallel.ds_ops"]
+    log(f"[prepare] {' '.join(cmd)}  (before the sections, outside their budgets)")
+    t0 = time.perf_counter()
+    path = os.path.join(out, "prepare.log")
+    with open(path, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+                                env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+        code = wait_or_kill(proc, PREPARE_LIMIT_S)
+    with open(path, errors="replace") as fh:
+        said = [ln for ln in fh.read().splitlines() if ln.startswith(("msmoe:", "DeepSpeed's CPU"))]
+    for line in said:
+        log(f"[prepare] {line}")
+    log(f"[prepare] {'done' if code == 0 else f'exit {code} (see prepare.log); the sections go on'} in "
+        f"{time.perf_counter() - t0:.0f} s")
+
+
 def finish_section(name: str, code: int, secs: float, out: str, log: Log, budget: float) -> dict:
     log.append_file(name, os.path.join(out, f"{name}.log"))
     path = os.path.join(out, f"{name}.json")
@@ -173,6 +194,7 @@ def run_all(args) -> int:
     env = environment(args.device)
     log(f"gpu-check: {json.dumps(env)}")
     wanted = set(args.only.split(",")) if args.only else {s.name for s in SECTIONS} | {"tests"}
+    prepare_ops(out, log)
     t_start = time.perf_counter()
     results: dict[str, dict] = {}
 
