@@ -36,7 +36,7 @@ def add_parser(sub) -> None:
     c = sub.add_parser("convert", help="move a checkpoint to another EP size or expert count",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("--src", required=True, help="checkpoint directory (holds <tag>/ and 'latest')")
-    c.add_argument("--tag", default=None, help="tag to convert (default: the one in 'latest')")
+    c.add_argument("--tag", default=None, help="tag to convert (default: the newest complete step that verifies)")
     c.add_argument("--out", required=True, help="output checkpoint directory")
     c.add_argument("--ep-size", type=int, default=None, help="expert-parallel size of the new checkpoint")
     c.add_argument("--num-experts", type=int, default=None,
@@ -55,23 +55,25 @@ def add_parser(sub) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from parallel.reshard import ReshardError, reshard_checkpoint, resize_experts_checkpoint
-
-    from training import checkpoint
+    from parallel.reshard import ReshardError
+    from training.verify import reading
 
     src, out = os.path.realpath(args.src), os.path.realpath(args.out)
     if out == src or out.startswith(src + os.sep):
         raise ReshardError(f"--out {args.out} is {'--src itself' if out == src else 'inside --src'} ({args.src}): "
                            "converting in place would mix checkpoints of two layouts in one directory; give a new "
                            "directory, e.g. --out runs/<name>-converted/checkpoints")
-    tag = args.tag or checkpoint.newest_complete(args.src)
-    if tag is None:
-        latest = os.path.join(args.src, "latest")
-        if not os.path.isfile(latest):
-            raise ReshardError(f"no --tag given and no complete checkpoint (nor a 'latest' file) in {args.src}")
-        tag = open(latest).read().strip()
     if (args.ep_size is None) == (args.num_experts is None):
         raise ReshardError("give exactly one of --ep-size (reshard) or --num-experts (upcycle/prune/merge)")
+    with reading(args.src, args.tag, "convert") as tag:  # verified, and not pruned while it is read
+        return _convert(args, tag)
+
+
+def _convert(args: argparse.Namespace, tag: str) -> int:
+    from parallel.reshard import ReshardError, reshard_checkpoint, resize_experts_checkpoint
+
+    from training import checkpoint
+
     if args.ep_size is not None:
         if args.group is not None:
             raise ReshardError("--group resizes one group (with --num-experts); it does not go with --ep-size")

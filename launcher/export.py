@@ -46,14 +46,13 @@ def run_export(args: argparse.Namespace) -> int:
     from reid.data import image_size, load_splits, read_meta
     from reid.exported import save_exported
     from training import checkpoint
+    from training.verify import reading
 
     ckpt_dir = os.path.join(args.run_dir, checkpoint.CKPT_DIR)
-    tag = args.tag or checkpoint.newest_complete(ckpt_dir)
-    if tag is None:
-        raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir}: train the run first (or name --tag)")
     with open(os.path.join(args.run_dir, "config.yaml")) as fh:
         cfg = yaml.safe_load(fh)
-    state = consolidated_state(os.path.join(ckpt_dir, tag))
+    with reading(ckpt_dir, args.tag, "export") as tag:  # verified, and not pruned while it is read
+        state = consolidated_state(os.path.join(ckpt_dir, tag))
     if read_meta(cfg["data"]["path"]) is not None:  # the training images' size, from the data itself
         size = image_size(load_splits(cfg["data"]["path"]))
     else:

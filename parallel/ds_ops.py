@@ -63,12 +63,28 @@ def lock_holders(path: str) -> list[int]:
     return pids
 
 
-def clear_stale_lock(op_dir: str, log: Callable[[str], None] = print) -> bool:
-    """Remove ``op_dir/lock`` when no live process holds it; True when one was removed."""
+def _identity(path: str) -> tuple[int, int, float] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino, st.st_mtime
+
+
+def clear_stale_lock(op_dir: str, log: Callable[[str], None] = print, settle_s: float = 1.0) -> bool:
+    """Remove ``op_dir/lock`` when no live process holds it; True when one was removed.
+
+    Every DeepSpeed load takes the lock for a moment, and torch releases it by closing the file
+    *then* removing it: a lock seen without a holder is only stale if it is still there, the same
+    file, ``settle_s`` later (removing it in that instant would make the releasing process fail)."""
     lock = os.path.join(op_dir, "lock")
-    if not os.path.exists(lock) or lock_holders(lock):
+    first = _identity(lock)
+    if first is None or lock_holders(lock):
         return False
-    age = time.time() - os.path.getmtime(lock)
+    time.sleep(settle_s)
+    if _identity(lock) != first or lock_holders(lock):
+        return False  # released (or taken again) meanwhile: a live loader's
+    age = time.time() - first[2]
     with contextlib.suppress(FileNotFoundError):
         os.remove(lock)
     log(f"msmoe: removed a stale lock {lock} ({age:.0f} s old, no process holds it: left by a killed "

@@ -241,7 +241,7 @@ def evaluate(run_dir: str, overrides: tuple[str, ...] = (), checkpoint_dir: str 
     world = init_distributed()
     prefix_rank_output(world.rank)
     trainer = Trainer(cfg, world)
-    step = trainer.load_weights(checkpoint_dir or os.path.join(run_dir, "checkpoints"))
+    step = trainer.load_weights(checkpoint_dir or os.path.join(run_dir, "checkpoints"), what="eval")
     metrics, _ = trainer.evaluate()
     if world.rank == 0:
         write_json(os.path.join(run_dir, "eval.json"), {"step": step, "modalities": list(cfg.eval.modalities),

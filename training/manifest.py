@@ -1,7 +1,11 @@
 """A checkpoint step's manifest: the ``COMMITTED`` marker lists every file with its size and hash.
 
   {"format": "msmoe-manifest/1", "step": 20, "run_id": "...", "hash": "blake2b",
+   "layout": {"ep_size": 2, "world_size": 2, "zero_stage": 0},
    "files": {"mp_rank_00_model_states.pt": {"size": 652877, "blake2b": "..."}, ...}}
+
+``layout`` (absent in manifests written before it) is what training/layout_check.py checks the
+files against: exactly the files of one EP size.
 
 Older runs wrote a plain step number: such a marker still means "complete" but cannot be checked
 (``Marker.legacy``). Hashing is split across ranks: file i of the sorted names belongs to rank
@@ -29,6 +33,7 @@ class Marker:
     step: int
     run_id: str | None
     files: dict[str, dict] | None
+    layout: dict | None = None
 
     @property
     def legacy(self) -> bool:
@@ -74,10 +79,10 @@ def entries(step_dir: str, names: list[str]) -> dict[str, dict]:
     return out
 
 
-def write(step_dir: str, step: int, run_id: str, files: dict[str, dict]) -> None:
+def write(step_dir: str, step: int, run_id: str, files: dict[str, dict], layout: dict | None = None) -> None:
     """Write the manifest atomically: the step counts as complete once this returns."""
     doc = {"format": FORMAT, "step": step, "run_id": run_id, "hash": "blake2b",
-           "files": {k: files[k] for k in sorted(files)}}
+           **({"layout": dict(layout)} if layout else {}), "files": {k: files[k] for k in sorted(files)}}
     write_text_atomic(os.path.join(step_dir, MARKER), json.dumps(doc, indent=1) + "\n")
 
 
@@ -97,7 +102,8 @@ def read(step_dir: str) -> Marker:
         doc = json.loads(text)
         if doc.get("format") != FORMAT or not isinstance(doc.get("files"), dict):
             raise ValueError(f"format {doc.get('format')!r}")
-        return Marker(step=int(doc["step"]), run_id=str(doc.get("run_id", "")), files=doc["files"])
+        layout = doc.get("layout") if isinstance(doc.get("layout"), dict) else None
+        return Marker(step=int(doc["step"]), run_id=str(doc.get("run_id", "")), files=doc["files"], layout=layout)
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise MarkerError(f"{path}: not a manifest nor a step number ({exc}; {len(text)} bytes)") from None
 

@@ -85,5 +85,5 @@ def write_error(error: str, step: int, tag: str, ckpt_dir: str, previous: str | 
     """The one message every rank raises: what failed, and which checkpoint a resume would use."""
     still = (f"{previous} is still the newest complete checkpoint" if previous
              else "there is no complete checkpoint yet")
-    return CheckpointWriteError(f"checkpoint at step {step} could not be written ({error}); {tag} stays "
-                                f"incomplete and is ignored; {still} in {ckpt_dir}")
+    return CheckpointWriteError(f"checkpoint at step {step} could not be written ({error}); {tag} was not "
+                                f"committed and its unfinished directory is removed; {still} in {ckpt_dir}")

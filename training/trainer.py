@@ -178,7 +178,8 @@ class Trainer:
             log.close()
         self.timer.active = False  # evaluation is not timed
         self.a2a_per_step = a2a_per_step(self.comm, max(self.step - first_step, 1))
-        self.save()
+        if self.step > first_step or not checkpoint.is_complete(self.ckpt_dir, self.step):
+            self.save()  # nothing trained since a resume at this step: its checkpoint stays as it is
 
     # ------------------------------------------------------- parts of a step
     def batch(self, step: int) -> tuple[Batch, torch.Tensor]:
@@ -279,8 +280,10 @@ class Trainer:
         client = {"step": self.step, "run_id": self.run_id, **self.progress.state_dict(),
                   "skipped_steps": self.bad_steps.skipped, "collapse_events": self.collapse.events,
                   "ep_size": self.groups.ep_size, "world_size": self.world_size}  # the layout (training/elastic.py)
+        layout = {"ep_size": self.groups.ep_size, "world_size": self.world_size,
+                  "zero_stage": self.cfg.train.zero_stage}
         checkpoint.save(self.engine, self.ckpt_dir, self.step, client, self.cfg.train.keep_last, self.rank,
-                        self.world_size, self.faults, run_id=self.run_id)
+                        self.world_size, self.faults, run_id=self.run_id, layout=layout)
 
     def has_checkpoint(self) -> bool:
         return checkpoint.newest_complete(self.ckpt_dir) is not None
@@ -300,10 +303,11 @@ class Trainer:
         self.collapse.events = list(client.get("collapse_events", []))
         return self.step
 
-    def load_weights(self, ckpt_dir: str) -> int:
-        """Weights only (e.g. a checkpoint converted to another expert count); training still starts
-        at step 0. Returns the step it was saved at (0 if unknown)."""
-        return checkpoint.load_weights(self.engine, ckpt_dir, self.cfg.name)
+    def load_weights(self, ckpt_dir: str, what: str = "--init-from") -> int:
+        """Weights only (e.g. a checkpoint converted to another expert count) of the newest verified
+        step; training still starts at step 0. Returns the step it was saved at (0 if unknown)."""
+        step, _ = checkpoint.load_weights(self.engine, ckpt_dir, self.cfg.name, self.rank, self.world_size, what)
+        return step
 
     def close(self) -> None:
         """Stop the prefetch thread (also after an error or a preemption; safe to call twice)."""

@@ -11,11 +11,14 @@ complete step verifies, else 1 (a legacy newest step cannot be verified: 1 too).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
-from training import manifest
-from training.checkpoint import CKPT_DIR, list_steps
+from training import manifest, read_lock
+from training.checkpoint import CKPT_DIR, CheckpointUnverified, list_steps
+from training.layout_check import layout_problems
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,7 @@ def inspect(ckpt_dir: str, step: int, tag: str, complete: bool) -> StepReport:
     if marker.legacy:
         return StepReport(step, tag, True, "unverified (legacy)", None, *_on_disk(step_dir))
     problems = manifest.check(step_dir, marker.files, sorted(marker.files))
+    problems += layout_problems(step_dir, sorted(marker.files), marker.layout)
     return StepReport(step, tag, True, "mismatch" if problems else "verified", marker.run_id, len(marker.files),
                       sum(int(f["size"]) for f in marker.files.values()), problems)
 
@@ -95,3 +99,46 @@ def verify_dir(path: str) -> tuple[str, int]:
     reports = survey(ckpt_dir)
     line, code = verdict(reports)
     return format_table(ckpt_dir, reports) + "\n" + line, code
+
+
+@contextlib.contextmanager
+def reading(ckpt_dir: str, tag: str | None = None, what: str = "export",
+            log: Callable[[str], None] = print) -> Iterator[str]:
+    """For a reader in one process (export, convert): the newest complete step whose files match
+    its manifest and its layout (or ``tag``, checked alike), held under its read lock while the
+    caller reads it, so a training that prunes the directory leaves it alone. Says which step, and
+    why a newer one was passed over. Raises CheckpointUnverified / FileNotFoundError (exit 2)."""
+    passed: list[tuple[str, str]] = []
+    for _ in range(3):  # a prune may delete a step between the listing and its lock
+        steps = [(s, t) for s, t, c in reversed(list_steps(ckpt_dir)) if c and (tag is None or t == tag)]
+        if not steps:
+            break
+        for step, t in steps:
+            with read_lock.shared(ckpt_dir, t):
+                if not os.path.isfile(os.path.join(ckpt_dir, t, manifest.MARKER)):
+                    continue  # pruned just now
+                report = inspect(ckpt_dir, step, t, True)
+                if report.check == "mismatch":
+                    passed.append((t, report.problems[0]))
+                    log(f"warning: {what}: {t} (step {step}) in {ckpt_dir} does not verify: {report.problems[0]}")
+                    continue
+                note = "" if not passed else f", instead of {passed[0][0]}, which does not verify"
+                kind = "unverifiable (old marker)" if report.check != "verified" else "verified"
+                log(f"{what}: {t} (step {step}), the newest {kind} checkpoint in {ckpt_dir}{note}")
+                yield t
+                return
+        if passed:
+            break
+    if tag is not None and not passed and os.path.isdir(os.path.join(ckpt_dir, tag)):
+        with read_lock.shared(ckpt_dir, tag):  # named by the user, but no manifest: e.g. another tool's checkpoint
+            log(f"warning: {what}: {tag} in {ckpt_dir} has no {manifest.MARKER} manifest (not committed by msmoe's "
+                "training): using it unverified, as --tag asks")
+            yield tag
+            return
+    if passed:
+        why = "; ".join(f"{t}: {p}" for t, p in passed)
+        raise CheckpointUnverified(f"{what}: no checkpoint in {ckpt_dir} matches its manifest ({why}); "
+                                   f"`msmoe checkpoints verify {ckpt_dir}` lists them")
+    named = f" named {tag}" if tag else ""
+    raise FileNotFoundError(f"{what}: no complete checkpoint{named} in {ckpt_dir}: train the run first"
+                            + (" (or name another --tag)" if tag else ""))

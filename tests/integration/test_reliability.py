@@ -88,7 +88,8 @@ def test_kill_during_checkpoint_save_resumes_from_the_previous_one(tmp_path, ref
     ckpt = f"{tmp_path}/runs/mid/checkpoints"
     proc = _run(_train_cmd(str(tmp_path), "mid"), fault="kill_in_save@10")
     assert proc.returncode != 0
-    assert checkpoint.incomplete(ckpt) == ["step0000010"]  # written, never committed
+    partial = checkpoint.incomplete(ckpt)  # written into a fresh directory, never committed nor renamed
+    assert len(partial) == 1 and partial[0].startswith("step0000010.partial-")
     assert checkpoint.newest_complete(ckpt) == "step0000005" and open(f"{ckpt}/latest").read() == "step0000005"
     again = _run(_train_cmd(str(tmp_path), "mid", extra=["--resume"]))
     assert again.returncode == 0, again.stderr[-3000:]
@@ -296,10 +297,11 @@ def test_disk_full_during_a_save_names_the_path_and_keeps_the_previous_checkpoin
     assert proc.returncode == 2, proc.stderr[-3000:]
     err = proc.stderr
     assert "msmoe: error: checkpoint at step 15 could not be written (rank 0: " in err, err[-3000:]
-    assert f"{ckpt}/step0000015/" in err and ": No space left on device (" in err and " bytes free on its filesystem)" in err
-    assert "step0000015 stays incomplete and is ignored; step0000010 is still the newest complete checkpoint" in err
+    assert f"{ckpt}/step0000015.partial-" in err and ": No space left on device (" in err and " bytes free on its filesystem)" in err
+    assert ("step0000015 was not committed and its unfinished directory is removed; step0000010 is still the newest "
+            "complete checkpoint") in err
     assert "Traceback" not in err and "basic_ios" not in err
     assert checkpoint.newest_complete(ckpt) == "step0000010" and open(f"{ckpt}/latest").read() == "step0000010"
-    assert checkpoint.incomplete(ckpt) == ["step0000015"]
+    assert checkpoint.incomplete(ckpt) == []  # the failed save's files are gone: the space is back
     check = _verify(ckpt)
     assert check.returncode == 0 and "newest complete: step0000010, verified" in check.stdout, check.stdout

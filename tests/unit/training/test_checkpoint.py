@@ -3,11 +3,13 @@ run's own steps, the verified choice on resume, and a save that fails (disk full
 
 import errno
 import os
+import re
 from collections import namedtuple
 
 import pytest
 
 from training import checkpoint, manifest, save_guard
+from training.verify import verify_dir
 
 NAMES = ("mp_rank_00_model_states.pt", "layer_0_expert_0_mp_rank_00_model_states.pt",
          "expp_rank_0_mp_rank_00_optim_states.pt")
@@ -137,14 +139,15 @@ def test_disk_full_during_save_is_named_and_the_previous_step_stays_newest(tmp_p
     with pytest.raises(save_guard.CheckpointWriteError) as info:
         checkpoint.save(engine, ck, 10, {"step": 10}, 3, 0, 1, run_id="r")
     msg = str(info.value)
-    path = os.path.join(ck, "step0000010", NAMES[1])
-    assert f"rank 0: {path}: No space left on device (" in msg and "bytes free on its filesystem" in msg, msg
+    path = re.escape(os.path.join(ck, "step0000010.partial-")) + "[0-9a-f]+" + re.escape(f"/{NAMES[1]}")
+    assert re.search(f"rank 0: {path}: No space left on device \\(", msg) and "bytes free on its filesystem" in msg, msg
     assert f"step0000005 is still the newest complete checkpoint in {ck}" in msg
     if fail == "iostream":
         assert "(4096 bytes free on its filesystem)" in msg
-    assert engine.after_write == ["step0000010"]  # DeepSpeed's save ran to its end (no rank left in a barrier)
+    assert [t[:19] for t in engine.after_write] == ["step0000010.partial"]  # DeepSpeed's save ran to its end
     assert engine.checkpoint_engine.written == [NAMES[0]]  # later writes of the lost step skipped
-    assert checkpoint.newest_complete(ck) == "step0000005" and checkpoint.incomplete(ck) == ["step0000010"]
+    # the failed save's own directory is removed (it frees the space); nothing else is touched
+    assert checkpoint.newest_complete(ck) == "step0000005" and checkpoint.incomplete(ck) == []
     assert open(os.path.join(ck, "latest")).read() == "step0000005"
     assert isinstance(info.value, OSError)
 
@@ -162,10 +165,13 @@ def test_a_failed_manifest_write_leaves_the_step_incomplete(tmp_path, monkeypatc
     assert checkpoint.newest_complete(ck) == "step0000005"
 
 
-def test_saving_a_committed_step_again_uncommits_it_first(tmp_path):
+def test_a_failed_save_of_a_committed_step_leaves_that_step_as_it_was(tmp_path):
     ck = str(tmp_path)
     checkpoint.save(_Engine(_Writer()), ck, 5, {"step": 5}, 3, 0, 1, run_id="r")
-    with pytest.raises(save_guard.CheckpointWriteError, match="there is no complete checkpoint yet"):
+    before = manifest.read(os.path.join(ck, "step0000005")).files
+    with pytest.raises(save_guard.CheckpointWriteError, match="step0000005 is still the newest complete"):
         checkpoint.save(_Engine(_Writer(fail=OSError(errno.EIO, "Input/output error"), on="expp")), ck, 5,
                         {"step": 5}, 3, 0, 1, run_id="r")
-    assert checkpoint.newest_complete(ck) is None  # its files were half rewritten: no longer complete
+    assert checkpoint.newest_complete(ck) == "step0000005" and verify_dir(ck)[1] == 0  # never written into
+    assert manifest.read(os.path.join(ck, "step0000005")).files == before
+    assert sorted(os.listdir(ck)) == ["latest", "step0000005"]  # the failed save's directory is gone
