@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
     s.add_argument("--config", default=None, help="take data.path and data.synth from this run config")
     s.add_argument("--out", default=None, help="output directory (default: the config's data.path)")
     s.add_argument("--seed", type=int, default=None)
-    s.add_argument("--force", action="store_true", help="regenerate even if present")
+    s.add_argument("--force", action="store_true", help="regenerate even if present (only a set msmoe made is replaced)")
     s.set_defaults(func=run_synth)
     r = dsub.add_parser("rgbnt201", help="import an RGBNT201 folder (train_171/, test/ with RGB/NI/TI)")
     r.add_argument("--src", required=True)
@@ -31,7 +31,6 @@ def add_parser(sub) -> None:
 
 def run_synth(args: argparse.Namespace) -> int:
     import dataclasses
-    import shutil
 
     from training.config import load_config
     from reid.data import dataset_summary, load_splits
@@ -42,9 +41,7 @@ def run_synth(args: argparse.Namespace) -> int:
     if args.seed is not None:
         spec = dataclasses.replace(spec, seed=args.seed)
     out = args.out or cfg.data.path
-    if args.force:
-        shutil.rmtree(out, ignore_errors=True)
-    made = ensure_synth(out, spec)
+    made = ensure_synth(out, spec, force=args.force, field="--out" if args.out else "data.path")
     print(("generated" if made else "already present:"), out, dataset_summary(load_splits(out)))
     return 0
 

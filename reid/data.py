@@ -3,8 +3,9 @@
 Storage: a Hugging Face ``datasets.DatasetDict`` saved with ``save_to_disk`` (Arrow files,
 memory-mapped on load) with splits ``train``, ``query``, ``gallery`` and columns
   rgb [3, H, W] uint8, nir [1, H, W] uint8, tir [1, H, W] uint8, pid int32, camid int32, name str
-plus ``msmoe_data.json`` (what made it). The JSON is written last: a directory without it is
-an interrupted write and is rebuilt, never read.
+plus ``msmoe_data.json`` (what made it), written last into a temp dir that is then renamed into
+place (reid/dataset_dir.py): a directory without it is not a dataset and is never read; one that is
+not msmoe's own is never replaced.
 
 Batches: :class:`PKSampler` draws, for each step, P identities x K images as one global batch
 from (seed, step) alone - so a resumed run sees exactly the batches an uninterrupted one would -
@@ -43,32 +44,42 @@ def features(height: int, width: int):
 
 
 def write_dataset(out_dir: str, split_records: dict[str, Callable[[], Iterable[dict]]], height: int, width: int,
-                  meta: dict, num_shards: int = 2) -> None:
-    """Write the splits to ``out_dir`` (replacing it) as Arrow; ``meta`` goes last.
+                  meta: dict, num_shards: int = 2, field: str = "data.path", reuse: bool = False) -> bool:
+    """Write the splits to ``out_dir`` as Arrow, ``meta`` last; True when it wrote.
 
-    ``split_records`` maps a split name to a zero-argument function yielding its records.
+    ``split_records`` maps a split name to a zero-argument function yielding its records. One writer
+    at a time, into a temp dir renamed into place; an existing ``out_dir`` is replaced only if msmoe
+    made it (reid/dataset_dir.py; ``field`` names the setting in the refusal). ``reuse``: keep a set
+    with this very ``meta`` that is there once the lock is held (another process made it meanwhile).
     """
     import datasets
     from datasets import Dataset, DatasetDict
 
+    from reid import dataset_dir
+
     datasets.disable_progress_bars()  # our own bar reports progress
-    tmp = out_dir.rstrip("/") + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    feats = features(height, width)
-    parts = {}
-    for split, recs in split_records.items():
-        parts[split] = Dataset.from_generator(
-            _records_gen, gen_kwargs={"make": recs}, features=feats,
-            cache_dir=os.path.join(tmp, "_cache"), keep_in_memory=False,
-        )
-    dd = DatasetDict(parts)
-    dd.save_to_disk(os.path.join(tmp, "arrow"), num_shards={k: min(num_shards, max(1, len(v))) for k, v in parts.items()})
-    del dd, parts
-    shutil.rmtree(os.path.join(tmp, "_cache"), ignore_errors=True)
-    with open(os.path.join(tmp, META_FILE), "w") as fh:
-        json.dump(meta, fh, indent=1)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    with dataset_dir.writer_lock(out_dir):
+        if reuse and read_meta(out_dir) == meta:
+            return False
+        dataset_dir.check_replaceable(out_dir, field)
+        dataset_dir.clear_leftovers(out_dir)
+        tmp = dataset_dir.new_temp_dir(out_dir)
+        feats = features(height, width)
+        parts = {}
+        for split, recs in split_records.items():
+            parts[split] = Dataset.from_generator(
+                _records_gen, gen_kwargs={"make": recs}, features=feats,
+                cache_dir=os.path.join(tmp, "_cache"), keep_in_memory=False,
+            )
+        dd = DatasetDict(parts)
+        dd.save_to_disk(os.path.join(tmp, "arrow"),
+                        num_shards={k: min(num_shards, max(1, len(v))) for k, v in parts.items()})
+        del dd, parts
+        shutil.rmtree(os.path.join(tmp, "_cache"), ignore_errors=True)
+        with open(os.path.join(tmp, META_FILE), "w") as fh:
+            json.dump(meta, fh, indent=1)
+        dataset_dir.publish(tmp, out_dir, field)
+    return True
 
 
 def _records_gen(make):
@@ -76,11 +87,21 @@ def _records_gen(make):
 
 
 def read_meta(data_dir: str) -> dict | None:
+    """The dataset's ``msmoe_data.json``; None when there is none. Unreadable: DataError naming the file."""
     path = os.path.join(data_dir, META_FILE)
     if not os.path.isfile(path):
         return None
-    with open(path) as fh:
-        return json.load(fh)
+    try:
+        with open(path, "rb") as fh:
+            meta = json.loads(fh.read().decode("utf-8"))
+        problem = None if isinstance(meta, dict) else f"it holds a JSON {type(meta).__name__}, not an object"
+    except (OSError, ValueError) as exc:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        problem = f"{type(exc).__name__}: {exc}"
+    if problem:
+        raise DataError(f"the dataset's metadata {path} is unreadable ({problem}): the set in {data_dir!r} is "
+                        f"damaged; make it again with `msmoe data synth --force --out {data_dir}` (for data.source="
+                        f"synth) or `msmoe data rgbnt201 --src <RGBNT201 folder> --out {data_dir}`")
+    return meta
 
 
 def load_splits(data_dir: str):

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from reid.data import DataError, write_dataset
+from reid.dataset_dir import check_replaceable
 
 MODALITY_DIRS = {"rgb": "RGB", "nir": "NI", "tir": "TI"}
 SPLIT_DIRS = {"train": "train_171", "test": "test"}
@@ -102,6 +103,7 @@ def import_rgbnt201(src: str, out_dir: str, height: int = 128, width: int = 64, 
 
     if on_bad not in ("error", "skip"):
         raise ValueError(f"on_bad={on_bad!r} must be 'error' or 'skip'")
+    check_replaceable(out_dir, "--out")  # before the scan: a folder msmoe did not make is refused at once
     report = ImportReport()
     scanned = {}
     for split, sub in SPLIT_DIRS.items():
@@ -124,5 +126,5 @@ def import_rgbnt201(src: str, out_dir: str, height: int = 128, width: int = 64, 
     meta = {"kind": "rgbnt201", "src": os.path.abspath(src), "height": height, "width": width,
             "records": report.records, "skipped": len(report.bad), "bad": report.bad}
     write_dataset(out_dir, {"train": maker("train"), "query": maker("test"), "gallery": maker("test")},
-                  height, width, meta)
+                  height, width, meta, field="--out")
     return report

@@ -243,22 +243,36 @@ def num_records(spec: SynthSpec, split: str) -> int:
     return per_id * (spec.num_train_ids if split == "train" else spec.num_test_ids)
 
 
-def ensure_synth(out_dir: str, spec: SynthSpec, progress: bool = True) -> bool:
-    """Generate the set into ``out_dir`` unless it is already there for this exact spec.
+def ensure_synth(out_dir: str, spec: SynthSpec, progress: bool = True, force: bool = False,
+                 field: str = "data.path") -> bool:
+    """Generate the set into ``out_dir`` unless it is already there for this exact spec (``force``:
+    regardless). Returns True when it generated.
 
-    Returns True when it generated. A directory made from another spec is replaced.
+    A set of another spec is replaced; a folder msmoe did not make is refused (DataError naming
+    ``field``). Processes making the same ``out_dir`` at once wait for one generation and share it.
     """
     from tqdm import tqdm
 
-    from reid.data import read_meta, spec_meta, write_dataset
+    from reid.data import spec_meta, write_dataset
 
-    meta = spec_meta("synth", spec)
-    if read_meta(out_dir) == meta:
+    if not force and not synth_needs_writing(out_dir, spec, field):
         return False
     def maker(split):
         return lambda: tqdm(records(spec, split), total=num_records(spec, split), desc=f"synth {split}",
                             disable=not progress, leave=False)
 
     splits = {split: maker(split) for split in ("train", "query", "gallery")}
-    write_dataset(out_dir, splits, spec.height, spec.width, meta)
+    return write_dataset(out_dir, splits, spec.height, spec.width, spec_meta("synth", spec), field=field,
+                         reuse=not force)
+
+
+def synth_needs_writing(out_dir: str, spec: SynthSpec, field: str = "data.path") -> bool:
+    """Whether ``out_dir`` lacks this spec's set (read-only; the launching process asks it too).
+    Garbage metadata, or a folder msmoe did not make where the set would go, raise DataError."""
+    from reid.data import read_meta, spec_meta
+    from reid.dataset_dir import check_replaceable
+
+    if read_meta(out_dir) == spec_meta("synth", spec):
+        return False
+    check_replaceable(out_dir, field)
     return True

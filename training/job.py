@@ -61,12 +61,20 @@ def prepare_data(cfg: RunConfig, world, progress: bool = True) -> None:
     from reid.data import DataError, read_meta
     from reid.synth import ensure_synth
 
+    problem = None  # a DataError of a generating rank reaches every rank (none is left waiting)
     if cfg.data.source == "synth" and world.local_rank == 0:
-        made = ensure_synth(cfg.data.path, cfg.data.synth_spec(), progress=world.rank == 0 and progress)
-        if made and world.rank == 0:
-            print(f"generated the synthetic multi-spectral ReID set in {cfg.data.path}", flush=True)
+        try:
+            made = ensure_synth(cfg.data.path, cfg.data.synth_spec(), progress=world.rank == 0 and progress)
+            if made and world.rank == 0:
+                print(f"generated the synthetic multi-spectral ReID set in {cfg.data.path}", flush=True)
+        except DataError as exc:
+            problem = str(exc)
     if world.world_size > 1:
-        dist.barrier()
+        problems: list = [None] * world.world_size
+        dist.all_gather_object(problems, problem)
+        problem = next((p for p in problems if p), None)
+    if problem:
+        raise DataError(problem)
     if read_meta(cfg.data.path) is None:
         raise DataError(f"no dataset at data.path={cfg.data.path!r}: run `msmoe data synth --out {cfg.data.path}` "
                         "(or import one with `msmoe data rgbnt201`)")
@@ -91,6 +99,7 @@ def preflight(req: TrainRequest, world_size: int) -> RunConfig:
     launching process): the config, its sizes at this world size, the data, the run directory."""
     from moe.config import expert_sharding_error
     from reid.data import DataError, read_meta
+    from reid.synth import synth_needs_writing
     from training import ownership
 
     cfg = load_config(req.config, list(req.overrides))
@@ -100,7 +109,9 @@ def preflight(req: TrainRequest, world_size: int) -> RunConfig:
                                         ep_field="train.ep_size")
         if problem:
             raise ConfigError(problem)
-    if cfg.data.source == "disk" and read_meta(cfg.data.path) is None:
+    if cfg.data.source == "synth":
+        synth_needs_writing(cfg.data.path, cfg.data.synth_spec())  # garbage metadata, a folder not msmoe's
+    elif read_meta(cfg.data.path) is None:  # garbage metadata raises here
         raise DataError(f"no dataset at data.path={cfg.data.path!r} (data.source=disk): import one with "
                         "`msmoe data rgbnt201`, or use data.source=synth")
     check_wandb(cfg.train.wandb_project)

@@ -1,0 +1,135 @@
+"""Dataset directories (reid/dataset_dir.py): msmoe replaces only what it made, writers take turns,
+a killed writer's leftovers are cleared (only its own), unreadable metadata is named."""
+
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from reid import dataset_dir
+from reid.data import META_FILE, DataError, load_splits, read_meta
+from reid.rgbnt201 import import_rgbnt201
+from reid.synth import SynthSpec, ensure_synth
+from tests.helpers import ROOT, cli_env
+
+TINY = SynthSpec(num_train_ids=2, num_test_ids=1, num_cameras=2, images_per_camera=2, height=32, width=16)
+
+
+def _tree(folder) -> dict:
+    """Every file under ``folder`` (relative path -> bytes)."""
+    out = {}
+    for base, _, files in os.walk(folder):
+        for f in files:
+            path = os.path.join(base, f)
+            out[os.path.relpath(path, folder)] = open(path, "rb").read()
+    return out
+
+
+def _user_folder(path, with_meta=False):
+    os.makedirs(path / "photos")
+    (path / "notes.txt").write_text("my thesis notes")
+    (path / "photos" / "a.jpg").write_bytes(b"\xff\xd8 not really")
+    if with_meta:  # a file of msmoe's name among the user's own
+        (path / META_FILE).write_text('{"kind": "synth"}')
+    return _tree(path)
+
+
+@pytest.mark.parametrize("with_meta", [False, True])
+def test_a_folder_msmoe_did_not_make_is_refused_and_kept(tmp_path, with_meta):
+    user = tmp_path / "mine"
+    before = _user_folder(user, with_meta)
+    for force in (False, True):
+        with pytest.raises(DataError) as err:
+            ensure_synth(str(user), TINY, progress=False, force=force)
+        assert f"data.path={str(user)!r}" in str(err.value) and "notes.txt" in str(err.value)
+        assert "Set data.path to a new or empty folder" in str(err.value)
+    with pytest.raises(DataError, match=r"--out=.*notes\.txt"):
+        import_rgbnt201(str(tmp_path / "no_src"), str(user), 32, 16, progress=False)
+    assert _tree(user) == before
+    assert sorted(os.listdir(tmp_path)) == [".mine.msmoe-lock", "mine"]  # no temp dir left
+
+
+def test_a_file_is_refused_and_an_empty_folder_is_written(tmp_path):
+    (tmp_path / "a_file").write_text("keep")
+    with pytest.raises(DataError, match="is a file, not a dataset folder"):
+        ensure_synth(str(tmp_path / "a_file"), TINY, progress=False)
+    assert (tmp_path / "a_file").read_text() == "keep"
+    (tmp_path / "empty").mkdir()
+    assert ensure_synth(str(tmp_path / "empty"), TINY, progress=False)
+    assert sorted(os.listdir(tmp_path / "empty")) == ["arrow", META_FILE]
+
+
+def test_msmoe_sets_are_replaced_whole_by_another_spec_or_force(tmp_path):
+    out = str(tmp_path / "set")
+    assert ensure_synth(out, TINY, progress=False)
+    assert not ensure_synth(out, TINY, progress=False)  # present: kept
+    bigger = SynthSpec(**{**TINY.__dict__, "num_train_ids": 3})
+    assert ensure_synth(out, bigger, progress=False)
+    assert len(np.unique(np.asarray(load_splits(out)["train"]["pid"]))) == 3
+    assert ensure_synth(out, bigger, progress=False, force=True)
+    assert sorted(os.listdir(tmp_path)) == [".set.msmoe-lock", "set"]  # the old sets went with their temp dirs
+
+
+def _hold_the_lock_in_a_process(out: str) -> tuple[subprocess.Popen, str]:
+    """A real process that takes the write lock and starts writing a temp dir, then sleeps."""
+    code = ("import os, sys, time\nfrom reid import dataset_dir\n"
+            "with dataset_dir.writer_lock(sys.argv[1]):\n"
+            "    tmp = dataset_dir.new_temp_dir(sys.argv[1])\n"
+            "    os.makedirs(os.path.join(tmp, '_cache', 'generator'))\n"
+            "    open(os.path.join(tmp, '_cache', 'generator', 'part.arrow'), 'wb').write(b'half')\n"
+            "    print(tmp, flush=True)\n"
+            "    time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, out], stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                            env=cli_env())
+    return proc, proc.stdout.readline().strip()
+
+
+def test_a_killed_writer_holds_nobody_up_and_only_its_own_leftovers_go(tmp_path):
+    out = str(tmp_path / "set")
+    proc, tmp = _hold_the_lock_in_a_process(out)
+    assert os.path.isdir(tmp) and os.path.basename(tmp).startswith(".set.msmoe-tmp-")
+    with open(dataset_dir.lock_path(out)) as fh:  # held while it lives ...
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert f"PID {proc.pid} on " in fh.read()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    with open(dataset_dir.lock_path(out)) as fh:  # ... and released by the kernel when it dies
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    lookalike = tmp_path / ".set.msmoe-tmp-1-0123456789ab"  # msmoe's name, the user's files: kept
+    lookalike.mkdir()
+    (lookalike / "diary.txt").write_text("mine")
+    (tmp_path / "set.partial").mkdir()  # not of this pattern: kept
+    said = []
+    assert dataset_dir.clear_leftovers(out, say=said.append) == [tmp]
+    assert "removed 1 unfinished dataset write(s)" in said[0]
+    _hold_the_lock_in_a_process(out)[0].kill()  # a second killed write: cleared by the next generation
+    assert ensure_synth(out, TINY, progress=False)
+    assert sorted(os.listdir(tmp_path)) == [".set.msmoe-lock", ".set.msmoe-tmp-1-0123456789ab", "set", "set.partial"]
+    assert (lookalike / "diary.txt").read_text() == "mine"
+    assert len(load_splits(out)["query"]) == 2
+
+
+@pytest.mark.parametrize("content,problem", [
+    (b'{"kind": "synth", ', "JSONDecodeError: Expecting property name enclosed in double quotes: line 1 column 19"),
+    (b"\xff\xfe\x00garbage", "UnicodeDecodeError"),
+    (b"[1, 2]", "it holds a JSON list, not an object"),
+])
+def test_unreadable_metadata_is_named_with_the_fix(tmp_path, content, problem):
+    out = str(tmp_path / "set")
+    assert ensure_synth(out, TINY, progress=False)
+    with open(os.path.join(out, META_FILE), "wb") as fh:
+        fh.write(content)
+    for read in (read_meta, load_splits, lambda d: ensure_synth(d, TINY, progress=False)):
+        with pytest.raises(DataError) as err:
+            read(out)
+        text = str(err.value)
+        assert f"metadata {os.path.join(out, META_FILE)} is unreadable ({problem}" in text, text
+        assert f"`msmoe data synth --force --out {out}`" in text
+    assert ensure_synth(out, TINY, progress=False, force=True)  # the fix it names works
+    assert read_meta(out)["kind"] == "synth"
