@@ -42,11 +42,12 @@ def _user_folder(path, with_meta=False):
 def test_a_folder_msmoe_did_not_make_is_refused_and_kept(tmp_path, with_meta):
     user = tmp_path / "mine"
     before = _user_folder(user, with_meta)
-    for force in (False, True):
+    for force in ({}, {"force": True}):
         with pytest.raises(DataError) as err:
-            ensure_synth(str(user), TINY, progress=False, force=force)
+            ensure_synth(str(user), TINY, progress=False, **force)
         assert f"data.path={str(user)!r}" in str(err.value) and "notes.txt" in str(err.value)
         assert "Set data.path to a new or empty folder" in str(err.value)
+        assert _tree(user) == before
     with pytest.raises(DataError, match=r"--out=.*notes\.txt"):
         import_rgbnt201(str(tmp_path / "no_src"), str(user), 32, 16, progress=False)
     assert _tree(user) == before
@@ -70,8 +71,9 @@ def test_msmoe_sets_are_replaced_whole_by_another_spec_or_force(tmp_path):
     bigger = SynthSpec(**{**TINY.__dict__, "num_train_ids": 3})
     assert ensure_synth(out, bigger, progress=False)
     assert len(np.unique(np.asarray(load_splits(out)["train"]["pid"]))) == 3
-    assert ensure_synth(out, bigger, progress=False, force=True)
     assert sorted(os.listdir(tmp_path)) == [".set.msmoe-lock", "set"]  # the old sets went with their temp dirs
+    assert ensure_synth(out, bigger, progress=False, force=True)
+    assert sorted(os.listdir(tmp_path)) == [".set.msmoe-lock", "set"]
 
 
 def _hold_the_lock_in_a_process(out: str) -> tuple[subprocess.Popen, str]:
