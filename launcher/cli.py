@@ -25,6 +25,7 @@ from launcher import allocator
 allocator.tune()  # before torch is imported: see launcher/allocator.py
 
 from launcher import ablate, bench, checkpoints, convert, data, export, fit, launch, scale, submit, train  # noqa: E402
+from launcher import worker_exit  # noqa: E402
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -40,21 +41,24 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from parallel.reshard import ReshardError
     from reid.data import DataError
     from training.checkpoint import CheckpointMismatch, CheckpointUnverified
+    from training.final_writes import ReportWriteError
     from training.ownership import RunOwnershipError
     from training.save_guard import CheckpointWriteError
 
     return (ConfigError, LaunchError, SubmitError, ScaleError, CheckpointMismatch, CollectiveError, DataError,
             ReshardError, ResizeError, ParallelConfigError, DeviceCountError, RunOwnershipError,
-            CheckpointUnverified, CheckpointWriteError, ConsolidateError, FileNotFoundError)
+            CheckpointUnverified, CheckpointWriteError, ConsolidateError, FileNotFoundError, ReportWriteError)
 
 
 def _said_by_every_rank(exc: Exception) -> bool:
-    """Errors every rank finds alike (config, sizes, run ownership): only rank 0 prints them."""
+    """Errors every rank finds alike (config, sizes, run ownership, rank 0's failed report): only rank 0
+    prints them."""
     from moe.config import ConfigError
     from parallel.groups import ParallelConfigError
+    from training.final_writes import ReportWriteError
     from training.ownership import RunOwnershipError
 
-    return isinstance(exc, (ConfigError, ParallelConfigError, RunOwnershipError))
+    return isinstance(exc, (ConfigError, ParallelConfigError, RunOwnershipError, ReportWriteError))
 
 
 USER_ERRORS = _user_errors()
@@ -94,8 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         code = int(args.func(args) or 0)
         from parallel.dist import leave_distributed
 
-        leave_distributed(code)  # returns only when this process joined no process group
-        return code
+        status = worker_exit.report(code)  # under `msmoe train --nproc N`: noted for it (launcher/worker_exit.py)
+        leave_distributed(code, status)  # returns only when this process joined no process group
+        return status
     except USER_ERRORS as exc:  # a bad setting or input: the message says what and how to fix it
         if not _said_by_every_rank(exc) or os.environ.get("RANK", "0") == "0":
             print(f"msmoe: error: {exc}", file=sys.stderr)
@@ -105,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             from parallel.dist import exit_after_broken_collective
 
             exit_after_broken_collective(2)
-        return 2
+        return worker_exit.report(2)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 
+from launcher import worker_exit
 from launcher.child import run_child
 
 SHUTDOWN_TIMEOUT_S = 120
@@ -95,13 +95,13 @@ def _launch(nproc: int) -> int:
         env["OMP_NUM_THREADS"] = str(threads_per_worker(0, {**env, "LOCAL_WORLD_SIZE": str(nproc)}))
     # a stop signal reaches the workers through torchrun, which waits this long for their checkpoint
     options = [f"--shutdown-timeout={SHUTDOWN_TIMEOUT_S}"]
-    done = run_child(torchrun_command(nproc, ["-m", "launcher.cli", *cleaned], options=options), env)
-    if done.signal is None:
-        return done.code
-    name = signal.Signals(done.signal).name
-    print(f"msmoe: {name}: the workers stopped (see above for the checkpoint); exit {128 + done.signal}",
-          file=sys.stderr, flush=True)
-    return 128 + done.signal
+    with worker_exit.exits_folder() as exits:  # how each worker ended, past torchrun (launcher/worker_exit.py)
+        env[worker_exit.ENV] = exits
+        done = run_child(torchrun_command(nproc, ["-m", "launcher.cli", *cleaned], options=options), env)
+        code, note = worker_exit.outcome(worker_exit.read(exits), nproc, done.signal, done.code)
+    if note:
+        print(note, file=sys.stderr, flush=True)
+    return code
 
 
 def progress_choice(flag: bool | None) -> str:

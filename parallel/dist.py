@@ -151,9 +151,9 @@ def exit_after_broken_collective(code: int) -> None:
     _exit_now(code)
 
 
-def leave_distributed(code: int) -> None:
-    """End a process that joined a process group: on success every rank meets at a barrier and the
-    group is destroyed; then the process exits at once with ``code``. Leaving through the
+def leave_distributed(code: int, status: int | None = None) -> None:
+    """End a process that joined a process group: on success (``code`` 0) every rank meets at a barrier
+    and the group is destroyed; then the process exits at once with ``status`` (default: ``code``). Leaving through the
     interpreter's normal shutdown instead, a rank sometimes aborted in a C++ destructor
     ("terminate called without an active exception", about 1 run in 30 here) after its work was
     done, turning a finished run into a failed one. Returns if no group exists."""
@@ -165,4 +165,4 @@ def leave_distributed(code: int) -> None:
         except Exception as exc:  # noqa: BLE001 - the work is done; report and leave
             print(f"msmoe: warning: leaving the process group: {exc}", file=sys.stderr)
     atexit._run_exitfuncs()  # Python's exit handlers still run (temp files, logs); C++ teardown does not
-    _exit_now(code)
+    _exit_now(code if status is None else status)

@@ -5,6 +5,7 @@
 Tests import from here (``from tests.helpers import ROOT, run_cli``); tests/conftest.py holds the
 autouse fixture."""
 
+import contextlib
 import glob
 import json
 import os
@@ -66,6 +67,21 @@ def run_cli(*args: str, nproc: int = 1, torchrun: tuple | list = (), cwd: str = 
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(path: str, size: str):
+    """A real, small filesystem at ``path`` (a tmpfs of ``size``, e.g. "3m") for the tests of a full
+    disk; skips the test where mounting is not allowed (no root, a container without the right)."""
+    os.makedirs(path, exist_ok=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", path], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", path], check=False)
 
 
 # ---- worker scripts (tests/dist/) under a real launcher, and their per-rank JSON

@@ -8,6 +8,10 @@
                          restart does not repeat it)
   stall@3:1              rank 1 stops calling collectives at the start of step 3 (sleeps)
   nan_loss@5             the loss of step 5 is NaN on every rank (or the given rank)
+  fill_disk@20           rank 0 fills the filesystem of the run's out_dir (a file FILL_NAME there,
+                         written up to ENOSPC) once training ends at step 20 with its checkpoint
+                         committed: the report's writes then meet a really full disk. Only on a
+                         filesystem of at most 256 MiB (a test's tmpfs): elsewhere it is refused
 
 The variable is parsed once, at start-up, into a :class:`FaultPlan` that the trainer and the
 checkpoint writer are handed (like the stage timer); :data:`NO_FAULTS` is the default. Faults
@@ -17,7 +21,9 @@ restarted job shows recovery, not the same fault again.
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -26,8 +32,10 @@ from typing import Mapping
 from moe.config import ConfigError
 
 ENV = "MSMOE_FAULT"
-KINDS = ("kill_in_save", "kill", "stall", "nan_loss")
-PROCESS_FAULTS = ("kill_in_save", "kill", "stall")  # these default to rank 0; nan_loss to every rank
+KINDS = ("kill_in_save", "kill", "stall", "nan_loss", "fill_disk")
+PROCESS_FAULTS = ("kill_in_save", "kill", "stall", "fill_disk")  # these default to rank 0; nan_loss to every rank
+FILL_NAME = "msmoe_fault_fill"  # fill_disk's file; delete it to free the space again
+FILL_LIMIT = 256 << 20  # bytes: fill_disk refuses a larger filesystem
 
 
 @dataclass(frozen=True)
@@ -83,6 +91,28 @@ class FaultPlan:
             print(f"fault injection: rank {rank} stops calling collectives at step {step}", flush=True)
             while True:
                 time.sleep(3600)
+
+    def fill_disk(self, step: int, rank: int, folder: str) -> None:
+        """Fill ``folder``'s filesystem to the last byte if ``fill_disk`` is planned for this step and rank."""
+        if not self.fires("fill_disk", step, rank):
+            return
+        total = shutil.disk_usage(folder).total
+        if total > FILL_LIMIT:
+            raise ConfigError(f"{ENV}: fill_disk@{step} would fill the filesystem of {folder} ({total >> 20} MiB); "
+                              f"it runs only on one of at most {FILL_LIMIT >> 20} MiB: set out_dir on a small tmpfs")
+        path = os.path.join(folder, FILL_NAME)
+        print(f"fault injection: rank {rank} fills the filesystem of {folder} ({path}) after step {step}", flush=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            for size in (1 << 20, 1 << 12, 1):  # down to the last byte of the last page
+                try:
+                    while True:
+                        os.write(fd, b"\0" * size)
+                except OSError as exc:
+                    if exc.errno != errno.ENOSPC:
+                        raise
+        finally:
+            os.close(fd)
 
 
 NO_FAULTS = FaultPlan()

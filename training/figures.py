@@ -1,5 +1,5 @@
-"""Matplotlib for reports (Agg backend, imported on first use) and the switch that leaves a run
-report's PNG plots out.
+"""Matplotlib for reports (Agg backend, imported on first use), the atomic PNG writer every run
+plot goes through (:func:`save_figure`), and the switch that leaves a run report's PNG plots out.
 
 ``MSMOE_REPORT_PLOTS=0`` in the environment: runs write ``report.md`` (tables, figures in text)
 without drawing its plots, which saves about a second per run (matplotlib's import and the
@@ -12,6 +12,8 @@ from __future__ import annotations
 import functools
 import os
 
+from parallel.files import atomic_file
+
 PLOTS_ENV = "MSMOE_REPORT_PLOTS"
 
 
@@ -22,6 +24,16 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig, path: str, **kwargs) -> None:
+    """``fig`` as a PNG at ``path``, written atomically (parallel/files.py: a full disk leaves the old
+    plot or none, never a cut one), then closed."""
+    try:
+        with atomic_file(path, "wb") as fh:
+            fig.savefig(fh, format="png", dpi=110, **kwargs)
+    finally:
+        pyplot().close(fig)
 
 
 def plots_wanted() -> bool:

@@ -2,8 +2,11 @@
 evaluate -> summary.json, report.md and the COMPLETE marker. ``msmoe train`` and ``msmoe eval``
 (launcher/train.py) parse their command line and call :func:`train` / :func:`evaluate`.
 
-Exit codes: 0 finished, stopped at ``--stop-at`` or preempted (with a checkpoint); 3 halted by a
-guard (too many non-finite steps, with a checkpoint).
+Exit codes: 0 finished (also when a stop signal came after the last step: the run completes and
+says so), stopped at ``--stop-at`` or preempted under SLURM (with a checkpoint); 128 + the signal
+(130 SIGINT, 143 SIGTERM) when a stop signal to any rank stopped training (with a checkpoint);
+2 when the final writes fail (training/final_writes.py: the checkpoint is safe, ``--resume``
+writes the report); 3 halted by a guard (too many non-finite steps, with a checkpoint).
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import yaml
 from moe.config import ConfigError
 from parallel.rank_output import launcher_rank, prefix_rank_output
 from training.config import RunConfig, load_config
-from training.checkpoint import COMPLETE
 from training.run_log import check_wandb
 
 
@@ -169,10 +171,11 @@ def train(req: TrainRequest) -> int:
 
 def _train(req: TrainRequest, cfg: RunConfig, world, run_id: str, resume: bool, preemption, faults) -> int:
     from reid.metrics import RetrievalMetrics
+    from training import final_writes
+    from training.collect import gathered
     from training.guards import TrainingHalted
     from training.metrics import write_json
-    from training.preemption import interrupted_exit_code, requeue, under_slurm
-    from training.report import write_report
+    from training.preemption import agreed_signal, interrupted_exit_code, requeue, signal_flags, signal_name, under_slurm
     from training.trainer import Trainer
 
     t_start = time.perf_counter()
@@ -207,36 +210,43 @@ def _train(req: TrainRequest, cfg: RunConfig, world, run_id: str, resume: bool, 
         return 3
     finally:
         trainer.close()  # the batch prefetch thread, whatever ended the loop
+    stop = trainer.stop_signal  # agreed by every rank, whichever rank(s) the signal reached
     if trainer.preempted and under_slurm():
         note = requeue(world.rank)
-        _say(world, f"preempted (signal {preemption.signal}): checkpoint at step {trainer.step} in {trainer.ckpt_dir}"
+        _say(world, f"preempted (signal {stop}): checkpoint at step {trainer.step} in {trainer.ckpt_dir}"
                     + (f"; {note}" if note else ""))
         return 0
     if trainer.preempted:
-        _say(world, f"interrupted by {preemption.name} after step {trainer.step}: checkpoint in {trainer.ckpt_dir}; "
+        _say(world, f"interrupted by {signal_name(stop)} after step {trainer.step}: checkpoint in {trainer.ckpt_dir}; "
                     f"continue with --resume", file=sys.stderr)
-        return interrupted_exit_code(preemption.signal)
+        return interrupted_exit_code(stop)
     if trainer.step < cfg.train.steps:
         _say(world, f"stopped at step {trainer.step} of {cfg.train.steps}; checkpoint in {trainer.ckpt_dir}; "
                     f"continue with --resume")
         return 0
+    faults.fill_disk(trainer.step, world.rank, os.path.dirname(cfg.run_dir))  # MSMOE_FAULT=fill_disk@N
     metrics, q = trainer.evaluate()
     peak_mem = trainer.gather_peak_memory_mb()  # every rank takes part (training's peak: before model_cost)
     cost = trainer.model_cost()
     missing = trainer.evaluate_missing_modalities() if cfg.eval.missing_modalities else None
+    late = agreed_signal(gathered(signal_flags(preemption.signal), world.world_size, "stop signal"))
+    error = None
     if world.rank == 0:
         summary = trainer.summary(metrics, untrained, time.perf_counter() - t_start, peak_mem, cost)
         summary["missing_modality"] = missing
-        write_json(os.path.join(cfg.run_dir, "summary.json"), summary)
-        write_report(summary, cfg.run_dir, q.fusion_weights)
         base = f"  (untrained {untrained.map:.1%})" if untrained is not None else ""
         print(f"{cfg.name}: mAP {metrics.map:.1%}{base}  Rank-1 {metrics.rank(1):.1%}  Rank-5 {metrics.rank(5):.1%}  "
               f"Rank-10 {metrics.rank(10):.1%}  |  {summary['samples_per_s']:.1f} samples/s", flush=True)
-        print(f"report: {os.path.join(cfg.run_dir, 'report.md')}", flush=True)
-        if preemption.signal is not None:
-            print(f"{preemption.name} arrived after the last step: the run is complete", flush=True)
-        with open(os.path.join(cfg.run_dir, COMPLETE), "w") as fh:  # job scripts read it (msmoe submit)
-            fh.write(f"{trainer.step}\n")
+        try:
+            final_writes.write_outputs(cfg.run_dir, summary, q.fusion_weights, trainer.step)
+        except OSError as exc:
+            error = final_writes.failure(exc, cfg.run_dir)
+    final_writes.agree(error, world.world_size, trainer.step, cfg.run_dir, trainer.ckpt_dir,
+                       final_writes.resume_command(req.config, req.overrides, world.world_size))
+    _say(world, f"report: {os.path.join(cfg.run_dir, 'report.md')}")
+    if late is not None:
+        _say(world, f"{signal_name(late)} arrived after the last step, during the final evaluation: the run is "
+                    "complete (checkpoint and report written), exit 0")
     return 0
 
 

@@ -45,7 +45,7 @@ class StepResult:
     triplet: float
     aux: float
     active: float  # mean active experts per patch over the MoE layers
-    preempt: bool  # some rank was signalled
+    preempt: int  # the stop signal some rank received, agreed over ranks (training/preemption.py); 0: none
 
 
 class IntervalStats:

@@ -12,7 +12,8 @@ import os
 
 import numpy as np
 
-from training.figures import PLOTS_ENV, plots_wanted, pyplot, run_plot
+from parallel.files import write_text_atomic
+from training.figures import PLOTS_ENV, plots_wanted, pyplot, run_plot, save_figure
 from training.report_modal import modal_section
 
 
@@ -44,8 +45,7 @@ def plot_losses(summary: dict, path: str) -> None:
     ax2.set_ylabel("learning rate")
     ax[1].set_title("balance loss and learning rate")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 @run_plot
@@ -64,8 +64,7 @@ def plot_cmc(summary: dict, path: str) -> None:
     ax.legend(loc="lower right")
     ax.set_title("CMC curve (query vs gallery, same-camera matches excluded)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 @run_plot
@@ -84,8 +83,7 @@ def plot_expert_load(summary: dict, layer: int, name: str, path: str) -> None:
     ax.set_title(f"{name}: share of routed patches per expert (1/E = {1 / e:.2f} is balanced)")
     fig.colorbar(im, ax=ax, label="share")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 @run_plot
@@ -100,8 +98,7 @@ def plot_fusion_weights(weights_NS: np.ndarray, scales, path: str, max_samples: 
     ax.set_title("multi-scale MoE fusion: expert weights per sample")
     fig.colorbar(im, ax=ax, label="weight")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 @run_plot
@@ -125,8 +122,7 @@ def plot_step_time(summary: dict, path: str) -> None:
         ax.legend(ncol=4, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.35))
     ax.set_title(f"step time: {st.get('step', 0):.1f} ms")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _pct(x) -> str:
@@ -273,6 +269,5 @@ def write_report(summary: dict, run_dir: str, fusion_weights: np.ndarray | None 
     if not plots_wanted():
         lines = [line for line in lines if not line.startswith("![")]
         lines.insert(1, f"\n_Plots not drawn ({PLOTS_ENV}=0)._")
-    with open(out("report.md"), "w") as fh:
-        fh.write("\n".join(lines))
+    write_text_atomic(out("report.md"), "\n".join(lines))
     return [f for f in files if os.path.exists(f)]

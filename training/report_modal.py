@@ -14,7 +14,7 @@ import numpy as np
 
 from moe.hierarchical import expert_id_table
 from reid.data import MODALITIES
-from training.figures import pyplot, run_plot
+from training.figures import pyplot, run_plot, save_figure
 
 
 def expert_groups(sizes: list[int], placement: str) -> list[int]:
@@ -67,8 +67,7 @@ def plot_group_load(shares: dict[str, list[float]], names: list[str], path: str)
     ax.set_title("modality-group load (dashed: even)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def split_weights(weights_NX: np.ndarray, scales) -> tuple[np.ndarray, np.ndarray]:
@@ -99,8 +98,7 @@ def plot_modal_fusion(weights_NX: np.ndarray, scales, path: str, max_samples: in
     axes[m].set_title("cross-modal coarse gate: weight of each modality", fontsize=9)
     axes[m].set_xlabel("query sample")
     fig.colorbar(im, ax=list(axes), label="weight", shrink=0.8)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path, bbox_inches="tight")
 
 
 def modal_section(summary: dict, run_dir: str, fusion_weights: np.ndarray | None, out) -> list[str]:

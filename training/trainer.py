@@ -42,7 +42,7 @@ from training.model_cost import inference_cost, parameter_counts
 from training.metrics import (
     IntervalStats, RunProgress, StageClock, StepResult, a2a_per_step, build_summary, interval_record,
 )
-from training.preemption import Preemption
+from training.preemption import Preemption, agreed_signal, signal_flags
 from training.profiling import StepProfiler
 from training.progress import ProgressMode, build_progress
 from training.run_log import NoRunLog, RunLog
@@ -104,6 +104,7 @@ class Trainer:
         self.last_stages: dict[str, float] = {}  # seconds per stage of the last sampled step
         self.a2a_per_step: dict = {}
         self.preempted = False
+        self.stop_signal: int | None = None  # the signal that stopped the loop, the same on every rank
         self.resharded: str | None = None  # set by resume: "resharded EP 4 -> 2"
 
     # ------------------------------------------------------------------ train
@@ -170,14 +171,15 @@ class Trainer:
                     self.save()
                 bar.update(r, self.progress.samples_per_s(tc.p * tc.k))
                 if r.preempt:  # some rank was signalled: every rank stops after this same step
-                    self.preempted = True
+                    self.preempted, self.stop_signal = True, r.preempt
                     break
         finally:
             profiler.close()
             bar.close()
             log.close()
         self.timer.active = False  # evaluation is not timed
-        self.a2a_per_step = a2a_per_step(self.comm, max(self.step - first_step, 1))
+        # none measured when no step ran here (a resume that only writes the report): not zeros
+        self.a2a_per_step = a2a_per_step(self.comm, self.step - first_step) if self.step > first_step else {}
         if self.step > first_step or not checkpoint.is_complete(self.ckpt_dir, self.step):
             self.save()  # nothing trained since a resume at this step: its checkpoint stays as it is
 
@@ -210,17 +212,16 @@ class Trainer:
                              *[n.float() for n in compat.foreach_norm(grads)]]) if grads \
             else parts.total.detach().float().reshape(1)
         bad = (~torch.isfinite(norms).all()).double()
-        flag = 1.0 if self.preemption.signal is not None else 0.0
-        vec = torch.stack([bad, parts.total.detach().double(), parts.id.double(), parts.triplet.double(),
-                           parts.aux.double(), active.double(),
-                           torch.tensor(flag, dtype=torch.float64, device=bad.device)])
+        flags = torch.tensor(signal_flags(self.preemption.signal), dtype=torch.float64, device=bad.device)
+        vec = torch.cat([torch.stack([bad, parts.total.detach().double(), parts.id.double(), parts.triplet.double(),
+                                      parts.aux.double(), active.double()]), flags])
         vec = vec.to(self.device)  # NCCL reduces device tensors only
         if self.world_size > 1:
             collective("all-reduce of the step's losses, finiteness and preemption flag", dist.all_reduce, vec,
                        host_reads=True)
-        bad_n, total, ce, tri, aux, act, preempt = vec.tolist()
+        bad_n, total, ce, tri, aux, act, *signals = vec.tolist()
         w = self.world_size
-        return StepResult(bad_n > 0, total / w, ce / w, tri / w, aux / w, act / w, preempt > 0)
+        return StepResult(bad_n > 0, total / w, ce / w, tri / w, aux / w, act / w, agreed_signal(signals) or 0)
 
     def _record(self, s: int, r: StepResult, seconds: float) -> None:
         """After step ``s``: the skip guard, the history, the clocks (warm-up steps are not timed)."""

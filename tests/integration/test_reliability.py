@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import ROOT, TINY_DATA, cli_command, cli_env
+from tests.helpers import ROOT, TINY_DATA, cli_command, cli_env, mounted_tmpfs
 from training import checkpoint
 
 STEPS = 30
@@ -277,16 +277,8 @@ def test_truncated_expert_file_on_two_ranks_both_resume_from_the_previous_step(t
 def small_disk(tmp_path):
     """A 3 MiB tmpfs (room for two tiny checkpoints of ~1.2 MB, not a third); skips where mounting
     is not allowed."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True,
-                          text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()} (the unit test of save() covers ENOSPC)")
-    try:
-        yield str(mnt)
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    with mounted_tmpfs(str(tmp_path / "small"), "3m") as mnt:
+        yield mnt
 
 
 def test_disk_full_during_a_save_names_the_path_and_keeps_the_previous_checkpoint(tmp_path, small_disk):
