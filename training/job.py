@@ -229,7 +229,9 @@ def _train(req: TrainRequest, cfg: RunConfig, world, run_id: str, resume: bool, 
     peak_mem = trainer.gather_peak_memory_mb()  # every rank takes part (training's peak: before model_cost)
     cost = trainer.model_cost()
     missing = trainer.evaluate_missing_modalities() if cfg.eval.missing_modalities else None
-    late = agreed_signal(gathered(signal_flags(preemption.signal), world.world_size, "stop signal"))
+    # a stop signal to any rank after the last step's all-reduce: every rank learns of it here
+    late = agreed_signal([sum(n) for n in zip(*gathered(signal_flags(preemption.signal), world.world_size,
+                                                         "stop signal"))])
     error = None
     if world.rank == 0:
         summary = trainer.summary(metrics, untrained, time.perf_counter() - t_start, peak_mem, cost)

@@ -90,6 +90,10 @@ def test_kill_during_checkpoint_save_resumes_from_the_previous_one(tmp_path, ref
     assert proc.returncode != 0
     partial = checkpoint.incomplete(ckpt)  # written into a fresh directory, never committed nor renamed
     assert len(partial) == 1 and partial[0].startswith("step0000010.partial-")
+    # rank 1, waiting for rank 0 in the save's agreement, names the collective (was: gloo's raw traceback)
+    assert ("[rank 1] msmoe: error: collective 'all-gather of every rank's checkpoint outcome' failed on rank 1: "
+            "another rank died or stopped calling it") in proc.stderr, proc.stderr[-3000:]
+    assert "[rank 1] Traceback" not in proc.stderr
     assert checkpoint.newest_complete(ckpt) == "step0000005" and open(f"{ckpt}/latest").read() == "step0000005"
     again = _run(_train_cmd(str(tmp_path), "mid", extra=["--resume"]))
     assert again.returncode == 0, again.stderr[-3000:]
@@ -297,3 +301,32 @@ def test_disk_full_during_a_save_names_the_path_and_keeps_the_previous_checkpoin
     assert checkpoint.incomplete(ckpt) == []  # the failed save's files are gone: the space is back
     check = _verify(ckpt)
     assert check.returncode == 0 and "newest complete: step0000010, verified" in check.stdout, check.stdout
+
+
+def test_disk_full_after_the_final_commit_names_the_report_and_resume_writes_it(tmp_path, small_disk):
+    """The disk fills (for real: MSMOE_FAULT=fill_disk) once the step-10 checkpoint is committed: the
+    report's first write fails, named; nothing half-written, no COMPLETE; freed, --resume writes the
+    report without training a step."""
+    tmp = str(tmp_path)
+    cmd = _train_cmd(tmp, "full", nproc=1, extra=["train.steps=10", f"out_dir={small_disk}"])
+    run = f"{small_disk}/full"
+    proc = _run(cmd, fault="fill_disk@10")
+    err = proc.stderr
+    assert proc.returncode == 2, err[-3000:]
+    assert (f"msmoe: error: the run's report could not be written ({run}/summary.json: No space left on device "
+            "(0 bytes free on its filesystem)); training is done and its checkpoint step0000010 (step 10) is "
+            f"committed and safe in {run}/checkpoints") in err, err[-3000:]
+    assert "--resume` (it evaluates step0000010 again)" in err and "Traceback" not in err
+    left = sorted(os.listdir(run))
+    assert not [f for f in left if f.endswith(".tmp") or os.path.getsize(f"{run}/{f}") == 0], left
+    assert not {"summary.json", "report.md", "COMPLETE"} & set(left), left
+    assert _verify(f"{run}/checkpoints").returncode == 0
+    logged = open(f"{run}/metrics.jsonl").read()
+    os.remove(f"{small_disk}/msmoe_fault_fill")  # the user frees the space
+    again = _run([*cmd, "--resume"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed 'full' at step 10" in again.stdout and "train full step" not in again.stdout  # no step trained
+    summary = json.load(open(f"{run}/summary.json"))
+    assert summary["steps"] == 10 and len(summary["loss_history"]) == 10 and 0 <= summary["map"] <= 1
+    assert open(f"{run}/COMPLETE").read() == "10\n" and os.path.getsize(f"{run}/report.md") > 0
+    assert open(f"{run}/metrics.jsonl").read() == logged

@@ -5,6 +5,7 @@ over an old one, a YAML typo, impossible sizes, an in-place convert) and asserts
 the exit code, the one message, no process left behind, which checkpoint is the newest.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -57,6 +58,54 @@ def test_a_stop_signal_to_msmoe_train_stops_every_process_after_a_checkpoint(tmp
     assert 4 <= step < 400 and checkpoint.newest_complete(ckpts) == checkpoint.tag_of(step)
     survivors = [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert survivors == [], [p.cmdline() for p in survivors]
+
+
+def _workers(proc) -> dict[int, psutil.Process]:
+    """rank -> worker process of a `msmoe train --nproc N` (below its torchrun)."""
+    out = {}
+    for p in psutil.Process(proc.pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "RANK" in (env := p.environ()) and "launcher.cli" in " ".join(p.cmdline()):
+                out[int(env["RANK"])] = p
+    return out
+
+
+@pytest.mark.slow
+def test_a_stop_signal_to_one_worker_only_acts_like_one_to_msmoe_train(tmp_path):
+    """`kill` of rank 1 alone: both ranks stop after the same step with a checkpoint, rank 0 names the
+    signal, and the command exits 143 as for a SIGTERM to itself (was: TypeError, ChildFailedError, 1)."""
+    tmp = str(tmp_path)
+    ckpts = f"{tmp}/runs/one/checkpoints"
+    cmd = cli_command("train", "--nproc", "2", "train.ep_size=2", *_args(tmp, "one", 400))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                            env=cli_env(threads=None))
+    _wait_for(lambda: checkpoint.newest_complete(ckpts) is not None, what="the first checkpoint")
+    _workers(proc)[1].send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 143, out[-3000:]
+    assert "interrupted by SIGTERM after step" in out and "Traceback" not in out, out[-3000:]
+    step = int(out.split("interrupted by SIGTERM after step ")[1].split(":")[0])
+    assert 4 <= step < 400 and checkpoint.newest_complete(ckpts) == checkpoint.tag_of(step)
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_the_final_evaluation_completes_the_run_and_exits_0(tmp_path):
+    tmp = str(tmp_path)
+    run = f"{tmp}/runs/last"
+    cmd = cli_command("train", "--nproc", "2", "train.ep_size=2", *_args(tmp, "last", 8))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                            env=cli_env(threads=None))
+    # the final checkpoint is committed: what is left is the evaluation (about 2 s here) and the report
+    _wait_for(lambda: checkpoint.newest_complete(f"{run}/checkpoints") == checkpoint.tag_of(8), timeout=300,
+              what="the final checkpoint")
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out[-3000:]
+    assert "SIGINT arrived after the last step, during the final evaluation: the run is complete" in out, out[-3000:]
+    assert "msmoe: SIGINT came as the run was finishing: the workers completed it" in out
+    assert "the workers stopped" not in out
+    assert open(f"{run}/COMPLETE").read() == "8\n" and json.load(open(f"{run}/summary.json"))["steps"] == 8
+    assert os.path.isfile(f"{run}/report.md")
 
 
 @pytest.mark.slow

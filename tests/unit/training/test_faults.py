@@ -1,8 +1,13 @@
 """The fault plan (training/faults.py): parsed once, which rank and step each fault hits."""
 
+import errno
+import os
+import shutil
+
 import pytest
 
 from moe.config import ConfigError
+from tests.helpers import mounted_tmpfs
 from training.faults import NO_FAULTS, FaultPlan
 
 
@@ -25,3 +30,24 @@ def test_nothing_without_the_variable_or_after_an_elastic_restart():
 def test_a_malformed_item_is_named(spec):
     with pytest.raises(ConfigError, match=rf"MSMOE_FAULT=.*item '{spec}' must look like kind@step"):
         FaultPlan.parse(spec)
+
+
+def test_fill_disk_fills_a_small_filesystem_for_real_and_refuses_a_large_one(tmp_path):
+    from training.faults import FILL_NAME
+
+    plan = FaultPlan.parse("fill_disk@20")
+    assert plan.fires("fill_disk", 20, 0) and not plan.fires("fill_disk", 20, 1)  # rank 0 by default
+    with mounted_tmpfs(str(tmp_path / "small"), "1m") as mnt:
+        plan.fill_disk(19, 0, mnt)  # another step: nothing
+        assert os.listdir(mnt) == []
+        plan.fill_disk(20, 0, mnt)
+        with pytest.raises(OSError) as err:
+            with open(os.path.join(mnt, "summary.json"), "w") as fh:
+                fh.write("{}")
+        assert err.value.errno == errno.ENOSPC
+        os.remove(os.path.join(mnt, FILL_NAME))  # the space comes back
+        open(os.path.join(mnt, "summary.json"), "w").write("{}")
+    if shutil.disk_usage(str(tmp_path)).total > 256 << 20:  # never a real disk
+        with pytest.raises(ConfigError, match=r"fill_disk@20 would fill the filesystem of .* small tmpfs"):
+            plan.fill_disk(20, 0, str(tmp_path))
+        assert os.listdir(tmp_path) == ["small"]
