@@ -9,7 +9,9 @@ experts per MoE layer (weights only).
                 --group 0 --num-experts 8 --mode upcycle
 
 --ep-size: the converted checkpoint loads with ``msmoe train --resume`` (DeepSpeed's
-``load_checkpoint``) on a world of the new EP size, optimizer state included (ZeRO stage 0).
+``load_checkpoint``) on a world of the new EP size, optimizer state included. It is a ZeRO stage 0
+checkpoint, also when --src was saved at ZeRO 1/2 (whose partitioned optimizer state is put together
+first); a ZeRO 1/2 run resumes from it too (the state is partitioned again on load).
 --num-experts: weights only (Adam moments cannot follow a change of shape); start from it with
 ``msmoe train --init-from <dir> model.patch_moe.router.num_experts=<N>``. Upcycling copies every
 expert (copy 0 exact, the others with --noise) and keeps the layer's function; prune/merge keep the
@@ -79,7 +81,8 @@ def _convert(args: argparse.Namespace, tag: str) -> int:
             raise ReshardError("--group resizes one group (with --num-experts); it does not go with --ep-size")
         info = reshard_checkpoint(args.src, tag, args.out, args.ep_size)
         checkpoint.mark_complete(args.out, tag)
-        print(f"converted {tag}: EP {info['from_ep_size']} -> {info['to_ep_size']}, written to {info['out']}")
+        stage = f", ZeRO stage {info['from_zero_stage']} -> 0" if info["from_zero_stage"] else ""
+        print(f"converted {tag}: EP {info['from_ep_size']} -> {info['to_ep_size']}{stage}, written to {info['out']}")
         return 0
     transform, note = _transform(args)
     info = resize_experts_checkpoint(args.src, tag, args.out, transform)

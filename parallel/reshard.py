@@ -11,6 +11,11 @@ are not: DeepSpeed refuses them at another EP size (its group sizes no longer ma
 expert states of all source ranks are concatenated along the expert axis (rank r holds experts
 r*El .. (r+1)*El-1) and cut again for the new ranks, so every expert's Adam moments land on the
 rank that now owns it; dense states are copied.
+
+A ZeRO stage 1/2 checkpoint partitions that state over the ranks instead (``zero_pp_rank_<r>``
+files): its per-EP-rank states are first rebuilt as ZeRO 0 would have saved them
+(parallel/zero_state.py), so the result is a ZeRO 0 checkpoint at the new EP size, which a ZeRO 0
+run loads as it is and a ZeRO 1/2 run at any world size loads through parallel/zero_load.py.
 """
 
 from __future__ import annotations
@@ -26,12 +31,16 @@ import torch
 from parallel.ds_names import EXPERT_FILE, EXPERT_FILE_RE, LAYER_KEY, PER_EXPERT_KEY, PER_EXPERT_KEY_RE
 from parallel.files import staged_dir
 from parallel.groups import group_name
+from parallel.zero_state import ZeroStateError, plain_states, zero_files, zero_stage_of
 
 OPTIM = "expp_rank_{}_mp_rank_00_optim_states.pt"
 
 
 class ReshardError(ValueError):
     pass
+
+
+MODEL = "mp_rank_00_model_states.pt"
 
 
 def _load(path: str):
@@ -48,12 +57,12 @@ def source_ep_size(tag_dir: str) -> int:
     return len(ranks)
 
 
-def _optimizer_of(obj: dict, path: str) -> dict:
+def optimizer_of(obj: dict, path: str) -> dict:
     opt = obj.get("optimizer")
     if not isinstance(opt, dict) or "state" not in opt or "param_groups" not in opt:
         raise ReshardError(
-            f"{path}: not a plain optimizer state (ZeRO stage 1/2 partitions its state). Reshard a checkpoint "
-            "saved with zero_optimization.stage=0, or convert the ZeRO 1/2 checkpoint to stage 0 first"
+            f"{path}: not a plain optimizer state (a bf16/fp16 run's DeepSpeed optimizer): resume it at the EP size "
+            "it was saved at, or start a new run from its weights with --init-from (the optimizer state restarts)"
         )
     return opt
 
@@ -101,25 +110,38 @@ def reshard_checkpoint(src_dir: str, tag: str, dst_dir: str, new_ep_size: int) -
     src = os.path.join(src_dir, tag)
     if not os.path.isdir(src):
         raise ReshardError(f"no checkpoint tag {tag!r} in {src_dir}")
-    p_src = source_ep_size(src)
-    model = _load(os.path.join(src, "mp_rank_00_model_states.pt"))
+    model = _load(os.path.join(src, MODEL))
+    zero = zero_stage_of(model)
     for e in model.get("num_experts") or []:
         if e % new_ep_size:
             raise ReshardError(f"a MoE layer has num_experts={e}, not divisible by the new ep_size={new_ep_size}")
-    sources_raw = [_load(os.path.join(src, OPTIM.format(r))) for r in range(p_src)]
-    sources = [_optimizer_of(o, os.path.join(src, OPTIM.format(r))) for r, o in enumerate(sources_raw)]
+    if zero == 0:
+        p_src = source_ep_size(src)
+        sources_raw = [_load(os.path.join(src, OPTIM.format(r))) for r in range(p_src)]
+        sources = [optimizer_of(o, os.path.join(src, OPTIM.format(r))) for r, o in enumerate(sources_raw)]
+        extra = {k: v for k, v in sources_raw[0].items() if k != "optimizer"}
+    else:
+        try:
+            sources = plain_states(src, model)
+        except ZeroStateError as exc:
+            raise ReshardError(str(exc)) from None
+        p_src, extra = len(sources), {}
     new = reshard_optimizer(sources, new_ep_size)
 
     dst = os.path.join(dst_dir, tag)
+    skip = {OPTIM.format(r) for r in range(p_src)} | set(zero_files(src).values())
     with staged_dir(dst) as tmp:
         for f in os.listdir(src):
-            if not f.startswith("expp_rank_"):
+            if f not in skip and not (zero and f == MODEL):
                 shutil.copy2(os.path.join(src, f), os.path.join(tmp, f))
+        if zero:  # now a ZeRO 0 checkpoint of the new EP size (training/elastic.py reads its layout from here)
+            model["ds_config"] = {**model["ds_config"], "zero_optimization": {
+                **model["ds_config"]["zero_optimization"], "stage": 0}}
+            model.update(param_shapes=None, optimizer=None, ep_size=new_ep_size)
+            torch.save(model, os.path.join(tmp, MODEL))
         for r, opt in enumerate(new):
-            obj = {k: v for k, v in sources_raw[0].items() if k != "optimizer"}
-            obj["optimizer"] = opt
-            torch.save(obj, os.path.join(tmp, OPTIM.format(r)))
-    return {"tag": tag, "from_ep_size": p_src, "to_ep_size": new_ep_size, "out": dst}
+            torch.save({**extra, "optimizer": opt}, os.path.join(tmp, OPTIM.format(r)))
+    return {"tag": tag, "from_ep_size": p_src, "to_ep_size": new_ep_size, "from_zero_stage": zero, "out": dst}
 
 
 def resize_experts_checkpoint(src_dir: str, tag: str, dst_dir: str, transform, layer_prefix: str = "blocks.") -> dict:

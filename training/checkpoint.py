@@ -199,15 +199,17 @@ def load(engine, ckpt_dir: str, config_name: str, **kwargs) -> tuple[str | None,
         raise
 
 
-def resume(engine, ckpt_dir: str, config_name: str, rank: int = 0, world_size: int = 1, prepare=None) -> dict:
+def resume(engine, ckpt_dir: str, config_name: str, rank: int = 0, world_size: int = 1, prepare=None,
+           loader=None) -> dict:
     """Load the newest complete checkpoint whose files match its manifest (weights, optimizer);
     every rank calls it and all load the same step. Returns its client state.
 
     ``prepare(ckpt_dir, tag) -> load_dir``, if given, runs on every rank once the tag is chosen and
-    says where DeepSpeed loads it from (training/elastic.py: a copy resharded to this run's EP size)."""
+    says where DeepSpeed loads it from (training/elastic.py: a copy resharded to this run's EP size);
+    ``loader(engine, load_dir, config_name, tag)`` (default :func:`load`) loads it."""
     tag = choose_verified(ckpt_dir, config_name, rank, world_size)
     load_dir = ckpt_dir if prepare is None else prepare(ckpt_dir, tag)  # elastic EP: maybe a resharded copy
-    path, client = load(engine, load_dir, config_name, tag=tag)
+    path, client = (loader or load)(engine, load_dir, config_name, tag=tag)
     if path is None:
         raise RuntimeError(f"--resume: DeepSpeed could not load {tag} in {load_dir}")
     return client

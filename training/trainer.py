@@ -296,7 +296,7 @@ class Trainer:
         run = elastic.Layout(self.groups.ep_size, self.world_size, self.cfg.train.zero_stage)
         reshard = elastic.ElasticResume(run, self.rank)
         client = checkpoint.resume(self.engine, self.ckpt_dir, self.cfg.name, rank=self.rank,
-                                   world_size=self.world_size, prepare=reshard.prepare)
+                                   world_size=self.world_size, prepare=reshard.prepare, loader=reshard.load)
         self.resharded = reshard.note
         self.step = int(client["step"])
         self.progress = RunProgress.from_state_dict(client)

@@ -47,14 +47,22 @@ def test_saved_layout_from_client_state_and_from_deepspeed_files(tmp_path):
     assert elastic.saved_layout(str(tmp_path / "c")) == Layout(2, 2, 1)
 
 
-def test_zero_1_at_another_size_is_refused_before_loading(tmp_path):
-    ok = [(Layout(4, 4, 0), Layout(2, 2, 0)), (Layout(2, 2, 0), Layout(2, 4, 0)), (Layout(2, 2, 1), Layout(2, 2, 1))]
+def test_only_a_low_precision_zero_1_2_checkpoint_at_another_layout_is_refused(tmp_path):
+    """fp32 ZeRO 1/2 checkpoints move to any EP / world size / stage (their state is rebuilt from the
+    partitions); bf16/fp16 ones keep fp32 master weights in the partitions and are refused, naming both
+    layouts and two fixes that work (the saved layout, or --init-from)."""
+    ok = [(Layout(4, 4, 0), Layout(2, 2, 0)), (Layout(2, 2, 0), Layout(2, 4, 0)), (Layout(2, 2, 1), Layout(2, 2, 1)),
+          (Layout(2, 2, 1), Layout(1, 1, 1)), (Layout(2, 2, 2), Layout(1, 2, 0)), (Layout(2, 2, 1), Layout(2, 2, 0))]
     for saved, run in ok:
         assert elastic.refusal("step0000002", "ck", saved, run) is None
-    msg = elastic.refusal("step0000002", "ck", Layout(2, 2, 1), Layout(1, 1, 1))
-    assert "saved at EP=2 on 2 rank(s), ZeRO stage 1; this run is EP=1 on 1 rank(s)" in msg
-    assert "train.ep_size=2, --nproc 2" in msg and "train.zero_stage=0" in msg
-    assert elastic.refusal("t", "ck", Layout(2, 2, 2), Layout(2, 4, 2)) is not None  # world size alone, too
+    assert elastic.refusal("t", "ck", Layout(2, 2, 1), Layout(2, 2, 1), "bf16") is None  # the same layout loads as is
+    assert elastic.refusal("t", "ck", Layout(2, 2, 0), Layout(1, 1, 0), "bf16") is None  # ZeRO 0: reshard.py decides
+    msg = elastic.refusal("step0000002", "ck", Layout(2, 2, 1), Layout(1, 1, 1), "bf16")
+    assert "saved at EP=2 on 2 rank(s), ZeRO stage 1 with bf16 weights; this run is EP=1 on 1 rank(s)" in msg
+    assert "train.ep_size=2 train.zero_stage=1, --nproc 2" in msg and "--init-from ck name=<new name>" in msg
     _checkpoint(str(tmp_path / "step0000002"), 1, ep_size=2, world_size=2)
-    with pytest.raises(ElasticError, match="ZeRO stage 1/2 partitions the optimizer state"):
+    torch.save({"module": {}, "ds_config": {"zero_optimization": {"stage": 1}, "bf16": {"enabled": True}},
+                "dp_world_size": 2, "ep_size": 2, "world_size": 2},
+               str(tmp_path / "step0000002" / elastic.MODEL_FILE))
+    with pytest.raises(ElasticError, match="with bf16 weights"):
         elastic.ElasticResume(Layout(1, 1, 1), rank=0).prepare(str(tmp_path), "step0000002")
