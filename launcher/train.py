@@ -36,6 +36,9 @@ def add_parsers(sub) -> None:
                    help="stop after this step (checkpointed; the schedule still targets train.steps)")
     t.add_argument("--overwrite", action="store_true",
                    help="start over in a run directory that holds another run's checkpoints (deletes them)")
+    t.add_argument("--accept-model-change", action="store_true",
+                   help="--resume although the config changes the model (top_k, temperature, ...: the same "
+                        "parameter shapes); without it such a resume is refused, naming the fields")
     _common(t)
     t.set_defaults(func=run_train)
 
@@ -114,7 +117,8 @@ def run_train(args) -> int:
 
     req = job.TrainRequest(config=args.config, overrides=tuple(args.overrides), resume=args.resume,
                            auto_resume=args.auto_resume, init_from=args.init_from, stop_at=args.stop_at,
-                           progress=progress_choice(args.progress), overwrite=args.overwrite)
+                           progress=progress_choice(args.progress), overwrite=args.overwrite,
+                           accept_model_change=args.accept_model_change)
     if _needs_launch(args.nproc):
         check_nproc_gpus(args.nproc)
         job.preflight(req, args.nproc)  # one message and exit 2 here rather than one per worker

@@ -35,6 +35,7 @@ class TrainRequest:
     stop_at: int | None = None  # stop after this step (checkpointed)
     progress: str = "auto"  # "bar", "lines" or "auto": the bar on a terminal, else lines (training/progress.py)
     overwrite: bool = False  # start over in a run directory that holds another run's checkpoints
+    accept_model_change: bool = False  # resume although the config changes the model (same parameter shapes)
 
 
 def display_mode(progress: str, stream=None) -> str:
@@ -96,6 +97,13 @@ def wants_resume(req: TrainRequest, cfg: RunConfig) -> bool:
     return req.resume or ((req.auto_resume or restart > 0) and found)
 
 
+def check_model_change(req: TrainRequest, cfg: RunConfig, resume: bool) -> None:
+    """A resume whose config changes the run's model: refused, naming the fields (training/model_change.py)."""
+    from training.model_change import check_resume
+
+    check_resume(cfg, resume, req.accept_model_change, req.config, req.overrides)
+
+
 def preflight(req: TrainRequest, world_size: int) -> RunConfig:
     """What can be checked before any worker starts (``msmoe train --nproc N`` runs it in the
     launching process): the config, its sizes at this world size, the data, the run directory."""
@@ -117,6 +125,7 @@ def preflight(req: TrainRequest, world_size: int) -> RunConfig:
         raise DataError(f"no dataset at data.path={cfg.data.path!r} (data.source=disk): import one with "
                         "`msmoe data rgbnt201`, or use data.source=synth")
     check_wandb(cfg.train.wandb_project)
+    check_model_change(req, cfg, wants_resume(req, cfg))
     ownership.check_start(cfg.run_dir, resume=wants_resume(req, cfg), overwrite=req.overwrite)
     ownership.check_unlocked(cfg.run_dir)
     return cfg
@@ -155,6 +164,7 @@ def train(req: TrainRequest) -> int:
     cfg = load_config(req.config, list(req.overrides))  # a bad config fails here, before any process group
     check_wandb(cfg.train.wandb_project)
     resume = wants_resume(req, cfg)
+    check_model_change(req, cfg, resume)  # before config.yaml is written again
     ownership.check_start(cfg.run_dir, resume=resume, overwrite=req.overwrite)  # every rank alike, read-only
     faults = FaultPlan.from_env()
     setup_threads(cfg.train.threads)
