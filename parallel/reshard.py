@@ -130,6 +130,7 @@ def reshard_checkpoint(src_dir: str, tag: str, dst_dir: str, new_ep_size: int) -
 
     dst = os.path.join(dst_dir, tag)
     skip = {OPTIM.format(r) for r in range(p_src)} | set(zero_files(src).values())
+    skip.add("COMMITTED")  # the source's manifest lists the source's files: the caller commits the copy
     with staged_dir(dst) as tmp:
         for f in os.listdir(src):
             if f not in skip and not (zero and f == MODEL):
