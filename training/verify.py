@@ -109,6 +109,12 @@ def reading(ckpt_dir: str, tag: str | None = None, what: str = "export",
     caller reads it, so a training that prunes the directory leaves it alone. Says which step, and
     why a newer one was passed over. Raises CheckpointUnverified / FileNotFoundError (exit 2)."""
     passed: list[tuple[str, str]] = []
+    asked = "as --tag asks"
+    if tag is None and not any(c for _, _, c in list_steps(ckpt_dir)):
+        latest = os.path.join(ckpt_dir, "latest")  # a plain DeepSpeed save (no msmoe commit): its pointer
+        if os.path.isfile(latest):
+            with open(latest) as fh:
+                tag, asked = fh.read().strip() or None, "as its 'latest' file names it"
     for _ in range(3):  # a prune may delete a step between the listing and its lock
         steps = [(s, t) for s, t, c in reversed(list_steps(ckpt_dir)) if c and (tag is None or t == tag)]
         if not steps:
@@ -132,7 +138,7 @@ def reading(ckpt_dir: str, tag: str | None = None, what: str = "export",
     if tag is not None and not passed and os.path.isdir(os.path.join(ckpt_dir, tag)):
         with read_lock.shared(ckpt_dir, tag):  # named by the user, but no manifest: e.g. another tool's checkpoint
             log(f"warning: {what}: {tag} in {ckpt_dir} has no {manifest.MARKER} manifest (not committed by msmoe's "
-                "training): using it unverified, as --tag asks")
+                f"training): using it unverified, {asked}")
             yield tag
             return
     if passed:
