@@ -201,8 +201,11 @@ def test_checkpoint_of_another_model_shape_is_named(tmp_path):
     assert first.returncode == 0, first.stderr[-2000:]
     other = _run(_train_cmd(tmp, "shape", nproc=1, extra=["train.steps=10", "--resume",
                                                             "model.patch_moe.expert.hidden_dim=32"]))
-    assert other.returncode == 2
-    assert "was saved by a model of another shape" in other.stderr and "msmoe convert" in other.stderr
+    assert other.returncode == 2 and "Traceback" not in other.stderr
+    # refused before anything loads (training/model_change.py), naming the field and the way back
+    assert "--resume: this config changes the model of run 'shape'" in other.stderr, other.stderr[-2000:]
+    assert "model.patch_moe.expert.hidden_dim" in other.stderr and "64" in other.stderr and "32" in other.stderr
+    assert "with the saved values (model.patch_moe.expert.hidden_dim=64)" in other.stderr
 
 
 # ---- checkpoint integrity (training/manifest.py, training/checkpoint.py: resume, save)
