@@ -1,23 +1,25 @@
 """Typed, validated configuration of the MoE layers.
 
 Every config is a frozen dataclass validated in ``__post_init__``: a bad value fails at build
-time with a message that names the field, the value and what would be accepted.
+time with a message that names the field, the value and what would be accepted. Mappings (YAML,
+overrides) become configs through :func:`from_dict` (moe/config_dict.py, re-exported here), which
+checks every value's type first.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, is_dataclass, replace
-import types
-from typing import Any, Literal, Mapping, Union, get_args, get_origin, get_type_hints
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Literal
+
+from moe.config_dict import ConfigError, from_dict
+
+__all__ = ["BalanceConfig", "ConfigError", "ExpertConfig", "HierarchicalFusionConfig", "HierarchicalMoEConfig",
+           "MultiScaleMoEConfig", "PatchMoEConfig", "RouterConfig", "expert_sharding_error", "from_dict"]
 
 ScoreFn = Literal["softmax", "sigmoid"]
 NoiseKind = Literal["none", "gaussian", "jitter"]
 ExpertKind = Literal["seed", "ffn", "conv"]
 CapacityPriority = Literal["order", "score"]
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field and the fix."""
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -387,40 +389,3 @@ class HierarchicalFusionConfig:
     @property
     def num_experts(self) -> int:
         return self.num_cells * self.experts_per_cell
-
-
-def from_dict(cls: type, data: Mapping[str, Any] | None, path: str = "") -> Any:
-    """Build a (nested) config dataclass from a plain mapping, typed by its annotations: nested
-    dataclasses from nested mappings, tuples from lists, numbers checked (an int where a float is
-    declared is widened). Unknown keys, non-numbers and missing fields raise ConfigError naming the
-    dotted path. The one builder of every config family (moe, reid, training)."""
-    where = path or "the config"
-    if data is None:
-        data = {}
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{where} must be a mapping, got {data!r}")
-    hints = get_type_hints(cls)
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} in {where}; known keys: {sorted(known)}")
-    kwargs: dict[str, Any] = {}
-    for name, value in data.items():
-        hint, key = hints[name], f"{path}.{name}" if path else name
-        if get_origin(hint) in (Union, types.UnionType) and isinstance(value, list):
-            hint = next((a for a in get_args(hint) if get_origin(a) is tuple), hint)  # int | tuple[int, ...]
-        if is_dataclass(hint) and not isinstance(value, hint):
-            value = from_dict(hint, value, key)
-        elif getattr(hint, "__origin__", None) is tuple and isinstance(value, list):
-            value = tuple(value)
-        elif getattr(hint, "__origin__", None) is tuple and hint.__args__[0] is str and isinstance(value, str):
-            value = tuple(v.strip() for v in value.split(",") if v.strip())  # "rgb,nir" on the command line
-        elif hint in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise ConfigError(f"{key}={value!r} must be a number")
-        elif hint is float and isinstance(value, int):
-            value = float(value)
-        kwargs[name] = value
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:  # a missing required field
-        raise ConfigError(f"{cls.__name__}{' at ' + path if path else ''}: {exc}") from exc

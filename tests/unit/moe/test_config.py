@@ -65,3 +65,18 @@ def test_from_dict_nested_and_unknown_keys():
         from_dict(PatchMoEConfig, {"dim": 16, "router": {"num_experts": 8, "top_k": 9}})
     with pytest.raises(ConfigError, match="PatchMoEConfig"):
         from_dict(PatchMoEConfig, {"router": {"num_experts": 8}})
+
+
+def test_from_dict_checks_each_value_against_its_annotation():
+    with pytest.raises(ConfigError, match=r"^router.top_k=2.0 must be an integer \(a whole number\), not a decimal "
+                                          r"number: write router.top_k=2$"):
+        from_dict(PatchMoEConfig, {"dim": 16, "router": {"num_experts": 8, "top_k": 2.0}})
+    with pytest.raises(ConfigError, match=r"^router.normalize_topk='yes please' must be true or false, not text$"):
+        from_dict(PatchMoEConfig, {"dim": 16, "router": {"num_experts": 8, "normalize_topk": "yes please"}})
+    with pytest.raises(ConfigError, match=r"^scales=\[4, 8.5\] must be a list of integers: 8.5 is a decimal number$"):
+        from_dict(MultiScaleMoEConfig, {"dim": 16, "scales": [4, 8.5]})
+    with pytest.raises(ConfigError, match=r"^router.dynamic_top_p=True must be a number, not a boolean$"):
+        from_dict(PatchMoEConfig, {"dim": 16, "router": {"num_experts": 8, "dynamic_top_p": True}})
+    cfg = from_dict(PatchMoEConfig, {"dim": 16, "capacity_factor": None, "router": {"num_experts": 8, "k_max": None,
+                                                                                   "temperature": 2}})
+    assert cfg.capacity_factor is None and cfg.router.temperature == 2.0 and isinstance(cfg.router.temperature, float)

@@ -65,9 +65,44 @@ def test_profile_steps_and_wandb_project_are_checked_up_front():
     cfg = load_config(os.path.join(ROOT, "configs/tiny.yaml"), ["train.profile_steps=[3,5]"])
     assert cfg.train.profile_steps == (3, 5) and RunConfig().train.profile_steps is None
     assert load_config(None, ["train.steps=4", "train.profile_steps=[4,4]"]).train.profile_steps == (4, 4)
-    for bad in ("[5,3]", "[0,2]", "[2,21]", "5", "[1,2,3]", "[1.5,2]", "[true,2]"):
+    for bad in ("[5,3]", "[0,2]", "[2,21]", "5", "[1,2,3]"):
         with pytest.raises(ConfigError, match=r"train.profile_steps=.* must be \[a, b\] with 1 <= a <= b <= "
                                               r"train.steps=20"):
             load_config(os.path.join(ROOT, "configs/tiny.yaml"), [f"train.profile_steps={bad}"])
+    for bad, kind in (("[1.5,2]", "1.5 is a decimal number"), ("[true,2]", "True is a boolean")):
+        with pytest.raises(ConfigError, match=rf"train.profile_steps=\[.*\] must be a list of integers: {kind}"):
+            load_config(os.path.join(ROOT, "configs/tiny.yaml"), [f"train.profile_steps={bad}"])
     with pytest.raises(ConfigError, match="train.wandb_project=3 must be a project name"):
         load_config(None, ["train.wandb_project=3"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.steps=5.7", "train.steps=5.7 must be an integer (a whole number), not a decimal number"),
+    ("train.keep_last=1.5", "train.keep_last=1.5 must be an integer (a whole number), not a decimal number"),
+    ("train.keep_last=2.0", "train.keep_last=2.0 must be an integer (a whole number), not a decimal number: "
+                            "write train.keep_last=2"),
+    ("train.elastic_ep=maybe", "train.elastic_ep='maybe' must be true or false, not text"),
+    ("eval.untrained=1", "eval.untrained=1 must be true or false, not an integer"),
+    ("train.steps=true", "train.steps=True must be an integer (a whole number), not a boolean"),
+    ("train.steps=null", "train.steps=None must be an integer (a whole number), not null"),
+    ("model.moe_blocks=[1.0]", "model.moe_blocks=[1.0] must be a list of integers: 1.0 is a decimal number"),
+    ("model.patch_moe.router.num_experts=4.0", "model.patch_moe.router.num_experts=4.0 must be an integer"),
+    ("model.patch_moe.router.k_max=2.5", "model.patch_moe.router.k_max=2.5 must be an integer"),
+    ("model.patch_moe.capacity_factor=big", "model.patch_moe.capacity_factor='big' must be a number, not text"),
+    ("data.synth.num_cameras=2.5", "data.synth.num_cameras=2.5 must be an integer"),
+])
+def test_counts_are_integers_and_switches_booleans_in_every_section(override, message):
+    """Each config family (training, reid's model and data, moe's layers) goes through the one builder."""
+    with pytest.raises(ConfigError) as err:
+        load_config(os.path.join(ROOT, "configs/tiny.yaml"), [override])
+    assert message in str(err.value)
+
+
+def test_a_float_count_is_refused_where_an_int_one_passes():
+    with pytest.raises(ConfigError, match=r"train.steps=6.0 must be an integer .*: write train.steps=6"):
+        load_config(os.path.join(ROOT, "configs/tiny.yaml"), ["train.steps=6.0"])
+    cfg = load_config(os.path.join(ROOT, "configs/tiny.yaml"),
+                      ["train.steps=6", "train.elastic_ep=true", "train.lr=1", "model.patch_moe.capacity_factor=null",
+                       "model.patch_moe.router.k_max=null"])
+    assert cfg.train.steps == 6 and cfg.train.elastic_ep is True
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)  # an int is widened where a float is declared

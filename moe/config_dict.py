@@ -1,0 +1,111 @@
+"""The one builder of every config family (moe, reid, training): :func:`from_dict` turns a plain
+mapping (YAML, ``key=value`` overrides, a saved config) into a frozen config dataclass, checking each
+value against the field's annotation before the dataclass validates its ranges:
+
+  int               an integer; a float (``train.steps=5.7``, even ``6.0``) or a boolean is refused
+  float             a number (an int is widened); a boolean or text is refused
+  bool              ``true`` or ``false`` only (``train.elastic_ep=maybe`` is refused)
+  X | None          null, or what X accepts
+  tuple[int, ...]   a list (or tuple) of integers
+  a dataclass       a nested mapping, built the same way
+
+Every refusal is a ConfigError naming the dotted field, the value, the type it has and the one it
+needs.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import fields, is_dataclass
+from typing import Any, Mapping, Union, get_args, get_origin, get_type_hints
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the fix."""
+
+
+_KIND = {bool: "a boolean", int: "an integer", float: "a decimal number", str: "text", list: "a list",
+         tuple: "a list", dict: "a mapping", type(None): "null"}
+
+
+def _kind(value: Any) -> str:
+    """What ``value`` is, in the words of a YAML file."""
+    return next((name for t, name in _KIND.items() if type(value) is t), type(value).__name__)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _scalar_problem(key: str, value: Any, hint: Any) -> str | None:
+    """Why ``value`` does not fit the scalar annotation ``hint`` (int, float, bool); None if it does."""
+    if hint is int and not _is_int(value):
+        fix = f": write {key}={int(value)}" if isinstance(value, float) and value.is_integer() else ""
+        return f"{key}={value!r} must be an integer (a whole number), not {_kind(value)}{fix}"
+    if hint is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        return f"{key}={value!r} must be a number, not {_kind(value)}"
+    if hint is bool and not isinstance(value, bool):
+        return f"{key}={value!r} must be true or false, not {_kind(value)}"
+    return None
+
+
+def _optional(hint: Any) -> Any:
+    """X for an annotation ``X | None`` (one X), else None."""
+    if get_origin(hint) in (Union, types.UnionType):
+        args = [a for a in get_args(hint) if a is not type(None)]
+        if len(args) == 1 and len(get_args(hint)) == 2:
+            return args[0]
+    return None
+
+
+def _check_type(key: str, value: Any, hint: Any) -> None:
+    inner = _optional(hint)
+    if inner is not None:
+        if value is None:
+            return
+        hint = inner
+    problem = _scalar_problem(key, value, hint) if hint in (int, float, bool) else None
+    if problem is None and get_origin(hint) is tuple and get_args(hint)[:1] == (int,) \
+            and isinstance(value, (list, tuple)):
+        bad = [v for v in value if not _is_int(v)]
+        if bad:
+            problem = f"{key}={list(value)} must be a list of integers: {bad[0]!r} is {_kind(bad[0])}"
+    if problem:
+        raise ConfigError(problem)
+
+
+def from_dict(cls: type, data: Mapping[str, Any] | None, path: str = "") -> Any:
+    """Build a (nested) config dataclass from a plain mapping, typed by its annotations: nested
+    dataclasses from nested mappings, tuples from lists, every value checked against its field's
+    type (see the module docstring; an int where a float is declared is widened). Unknown keys,
+    values of the wrong type and missing fields raise ConfigError naming the dotted path."""
+    where = path or "the config"
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where} must be a mapping, got {data!r}")
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in {where}; known keys: {sorted(known)}")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        hint, key = hints[name], f"{path}.{name}" if path else name
+        if get_origin(hint) in (Union, types.UnionType) and isinstance(value, list):
+            hint = next((a for a in get_args(hint) if get_origin(a) is tuple), hint)  # int | tuple[int, ...]
+        if is_dataclass(hint) and not isinstance(value, hint):
+            value = from_dict(hint, value, key)
+        elif getattr(hint, "__origin__", None) is tuple and hint.__args__[0] is str and isinstance(value, str):
+            value = tuple(v.strip() for v in value.split(",") if v.strip())  # "rgb,nir" on the command line
+        else:
+            _check_type(key, value, hint)
+            if get_origin(hint) is tuple and isinstance(value, list):
+                value = tuple(value)
+            elif hint is float and isinstance(value, int):
+                value = float(value)
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a missing required field
+        raise ConfigError(f"{cls.__name__}{' at ' + path if path else ''}: {exc}") from exc
