@@ -72,6 +72,15 @@ def check_nproc_gpus(nproc: int, count=None) -> None:
         check_gpu_count(nproc, "--nproc", CPU_FIX, found)
 
 
+def check_nproc(nproc: int) -> None:
+    """``--nproc`` counts processes: 0 or less is refused (it used to run one)."""
+    if nproc < 1:
+        from launcher.launch import LaunchError
+
+        raise LaunchError(f"--nproc {nproc}: the number of processes on this machine must be >= 1 "
+                          "(--nproc 1 runs in this process, --nproc N starts N workers under torchrun)")
+
+
 def _needs_launch(nproc: int) -> bool:
     """More than one process asked for, and no launcher started this one yet."""
     from parallel.launchenv import discover_launcher
@@ -115,6 +124,7 @@ def progress_choice(flag: bool | None) -> str:
 def run_train(args) -> int:
     from training import job
 
+    check_nproc(args.nproc)
     req = job.TrainRequest(config=args.config, overrides=tuple(args.overrides), resume=args.resume,
                            auto_resume=args.auto_resume, init_from=args.init_from, stop_at=args.stop_at,
                            progress=progress_choice(args.progress), overwrite=args.overwrite,
@@ -129,6 +139,7 @@ def run_train(args) -> int:
 def run_eval(args) -> int:
     from training import job
 
+    check_nproc(args.nproc)
     if _needs_launch(args.nproc):
         check_nproc_gpus(args.nproc)
         return _launch(args.nproc)

@@ -9,6 +9,7 @@ import contextlib
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -214,3 +215,24 @@ def exported_metrics(model_path: str, data_path: str, query_feats_npy: str) -> d
                           capture_output=True, text=True, cwd=ROOT, env=cli_env(None, "1"), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---- a directory that refuses new files
+
+@contextlib.contextmanager
+def unwritable(path: str):
+    """``path`` (a directory) refuses new files for the duration, root included: chmod 0555, or as root
+    (whom permission bits do not stop) ``chattr +i``; skips the test where neither works."""
+    if os.geteuid() != 0:
+        os.chmod(path, 0o555)
+        try:
+            yield
+        finally:
+            os.chmod(path, 0o755)
+        return
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", path], capture_output=True).returncode:
+        pytest.skip("root without chattr +i on this filesystem: no way to make a directory unwritable")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", path], check=True)

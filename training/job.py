@@ -22,6 +22,8 @@ import yaml
 from moe.config import ConfigError
 from parallel.rank_output import launcher_rank, prefix_rank_output
 from training.config import RunConfig, load_config
+from training.checkpoint import CKPT_DIR
+from training.room import check_room, check_writable
 from training.run_log import check_wandb
 
 
@@ -128,6 +130,7 @@ def preflight(req: TrainRequest, world_size: int) -> RunConfig:
     check_model_change(req, cfg, wants_resume(req, cfg))
     ownership.check_start(cfg.run_dir, resume=wants_resume(req, cfg), overwrite=req.overwrite)
     ownership.check_unlocked(cfg.run_dir)
+    check_writable(cfg.run_dir, os.path.join(cfg.run_dir, CKPT_DIR), cfg.out_dir)
     return cfg
 
 
@@ -166,6 +169,7 @@ def train(req: TrainRequest) -> int:
     resume = wants_resume(req, cfg)
     check_model_change(req, cfg, resume)  # before config.yaml is written again
     ownership.check_start(cfg.run_dir, resume=resume, overwrite=req.overwrite)  # every rank alike, read-only
+    check_writable(cfg.run_dir, os.path.join(cfg.run_dir, CKPT_DIR), cfg.out_dir)  # before anything is written
     faults = FaultPlan.from_env()
     setup_threads(cfg.train.threads)
     world = init_distributed(timeout_s=cfg.train.collective_timeout_s)
@@ -191,6 +195,7 @@ def _train(req: TrainRequest, cfg: RunConfig, world, run_id: str, resume: bool, 
     t_start = time.perf_counter()
     trainer = Trainer(cfg, world, display=display_mode(req.progress), preemption=preemption, faults=faults,
                       run_id=run_id)
+    check_room(trainer)  # one checkpoint of this model fits, before the first step
     untrained_path = os.path.join(cfg.run_dir, "untrained.json")
     untrained = None
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
