@@ -2,7 +2,8 @@
 
 ``runs/<name>/run.json``  the run's identity: a random run id, when and where it was created. Every
                           checkpoint it commits carries the id, and pruning deletes only checkpoints
-                          with its own id.
+                          with its own id. Lost or garbled, ``--resume`` takes the id back from the
+                          checkpoints' manifests, with a warning (the garbled file is kept aside).
 ``runs/<name>/.lock``     held while a run writes the directory (host, PID, start time), created
                           atomically (O_EXCL). A lock left by a dead process on this host is taken
                           over with a message; one held by a live process (or by another host) stops
@@ -19,11 +20,12 @@ import json
 import os
 import shutil
 import socket
+import sys
 import uuid
 from dataclasses import asdict, dataclass
 
 from parallel.files import write_text_atomic
-from training.checkpoint import CKPT_DIR, COMPLETE, newest_complete
+from training.checkpoint import CKPT_DIR, COMPLETE, list_steps, newest_complete, run_of
 
 RUN_FILE = "run.json"
 LOCK_FILE = ".lock"
@@ -51,20 +53,80 @@ def _now() -> str:
     return datetime.datetime.now().isoformat(timespec="seconds")
 
 
-def read_identity(run_dir: str) -> RunIdentity | None:
+def _load_identity(run_dir: str) -> tuple[RunIdentity | None, str]:
+    """(the identity in run.json, or None and what is wrong with the file: "is missing", ...)."""
     try:
         with open(os.path.join(run_dir, RUN_FILE)) as fh:
-            return RunIdentity(**json.load(fh))
-    except (OSError, ValueError, TypeError):
+            text = fh.read()
+    except FileNotFoundError:
+        return None, "is missing"
+    except OSError as exc:
+        return None, f"cannot be read ({exc.strerror or exc})"
+    try:
+        doc = json.loads(text)
+        ident = RunIdentity(**doc)
+        if not (isinstance(ident.run_id, str) and ident.run_id):
+            raise ValueError(f"run_id {ident.run_id!r}")
+        return ident, ""
+    except (ValueError, TypeError) as exc:
+        return None, f"is not a run record ({type(exc).__name__}: {str(exc)[:80]}; {len(text)} bytes)"
+
+
+def read_identity(run_dir: str) -> RunIdentity | None:
+    return _load_identity(run_dir)[0]
+
+
+def recorded_identity(run_dir: str, name: str) -> tuple[RunIdentity, str] | None:
+    """The run's identity as its checkpoints record it: the run_id in the manifest of the newest
+    complete step that has one, dated by the oldest step of that run; (identity, that newest tag)."""
+    ckpt_dir = os.path.join(run_dir, CKPT_DIR)
+    done = [(tag, run_of(ckpt_dir, tag)) for _, tag, complete in reversed(list_steps(ckpt_dir)) if complete]
+    run_id, newest = next(((rid, tag) for tag, rid in done if rid), (None, None))
+    if run_id is None:
         return None
+    first = [tag for tag, rid in done if rid == run_id][-1]
+    started = datetime.datetime.fromtimestamp(os.path.getmtime(os.path.join(ckpt_dir, first)))
+    return RunIdentity(run_id, name, started.isoformat(timespec="seconds"), socket.gethostname()), newest
+
+
+def _replace_lost_identity(run_dir: str, name: str, problem: str) -> RunIdentity:
+    """--resume with run.json missing or garbage: take the identity back from the checkpoints (their
+    own steps stay this run's, pruned to train.keep_last as before), or start a new one when none
+    records it (then the old steps are never pruned); say which. A garbage file is kept aside."""
+    path = os.path.join(run_dir, RUN_FILE)
+    found = recorded_identity(run_dir, name)
+    steps = [tag for _, tag, complete in list_steps(os.path.join(run_dir, CKPT_DIR)) if complete]
+    if found is not None:
+        ident, tag = found
+        say = (f"continuing run {ident.run_id}, the id recorded in the manifest of {tag}; run.json is written "
+               f"again, and this run's old steps are pruned as before (train.keep_last)")
+    else:
+        ident = RunIdentity.new(name)
+        say = (f"no checkpoint records a run id (old markers), so this is a new run {ident.run_id}; the existing "
+               f"steps {steps} are not known to be its own and are never pruned" if steps else
+               f"there is no checkpoint to continue either: new run id {ident.run_id}")
+    if not steps and not os.path.lexists(path):
+        return ident  # a --resume of nothing: it stops later, saying so
+    if os.path.lexists(path):
+        aside = f"{path}.unreadable-{datetime.datetime.now().strftime('%Y%m%dT%H%M%S%f')}"
+        os.replace(path, aside)
+        say = f"{say} (the old file is kept as {aside})"
+    print(f"warning: {path} {problem}: {say}", file=sys.stderr, flush=True)
+    return ident
 
 
 def claim(run_dir: str, name: str, *, resume: bool, overwrite: bool) -> RunIdentity:
     """The identity this run writes under (rank 0 only, after :func:`check_start`): the existing one
-    when resuming, a new one otherwise (``--overwrite`` first deletes the old run's checkpoints)."""
-    old = read_identity(run_dir)
+    when resuming, a new one otherwise (``--overwrite`` first deletes the old run's checkpoints).
+    Resuming without a readable run.json recovers it from the checkpoints (:func:`recorded_identity`)."""
+    old, problem = _load_identity(run_dir)
     if resume and old is not None:
         return old
+    if resume and not overwrite:
+        ident = _replace_lost_identity(run_dir, name, problem)
+        os.makedirs(run_dir, exist_ok=True)
+        write_text_atomic(os.path.join(run_dir, RUN_FILE), json.dumps(asdict(ident), indent=1))
+        return ident
     if overwrite:
         shutil.rmtree(os.path.join(run_dir, CKPT_DIR), ignore_errors=True)
         for f in RUN_OUTPUTS:
