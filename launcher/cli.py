@@ -25,7 +25,7 @@ from launcher import allocator
 allocator.tune()  # before torch is imported: see launcher/allocator.py
 
 from launcher import ablate, bench, checkpoints, convert, data, export, fit, launch, scale, submit, train  # noqa: E402
-from launcher import worker_exit  # noqa: E402
+from launcher import worker_errors, worker_exit  # noqa: E402
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -102,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         leave_distributed(code, status)  # returns only when this process joined no process group
         return status
     except USER_ERRORS as exc:  # a bad setting or input: the message says what and how to fix it
-        if not _said_by_every_rank(exc) or os.environ.get("RANK", "0") == "0":
+        if worker_errors.report(str(exc)):
+            pass  # a worker of `msmoe train --nproc N`: the launcher says it once (launcher/worker_errors.py)
+        elif not _said_by_every_rank(exc) or os.environ.get("RANK", "0") == "0":
             print(f"msmoe: error: {exc}", file=sys.stderr)
         from parallel.all_to_all import CollectiveError
 

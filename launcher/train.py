@@ -15,8 +15,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 
-from launcher import worker_exit
+from launcher import worker_errors, worker_exit
 from launcher.child import run_child
 
 SHUTDOWN_TIMEOUT_S = 120
@@ -107,9 +108,11 @@ def _launch(nproc: int) -> int:
         env["OMP_NUM_THREADS"] = str(threads_per_worker(0, {**env, "LOCAL_WORLD_SIZE": str(nproc)}))
     # a stop signal reaches the workers through torchrun, which waits this long for their checkpoint
     options = [f"--shutdown-timeout={SHUTDOWN_TIMEOUT_S}"]
-    with worker_exit.exits_folder() as exits:  # how each worker ended, past torchrun (launcher/worker_exit.py)
-        env[worker_exit.ENV] = exits
-        done = run_child(torchrun_command(nproc, ["-m", "launcher.cli", *cleaned], options=options), env)
+    with worker_exit.exits_folder() as exits, tempfile.TemporaryDirectory(prefix="msmoe-worker-errors-") as said:
+        env[worker_exit.ENV] = exits  # how each worker ended, past torchrun (launcher/worker_exit.py)
+        env[worker_errors.ENV] = said  # a worker's user error, said once (launcher/worker_errors.py)
+        done = run_child(torchrun_command(nproc, ["-m", "launcher.cli", *cleaned], options=options,
+                                          runner="launcher.worker_errors"), env)
         code, note = worker_exit.outcome(worker_exit.read(exits), nproc, done.signal, done.code)
     if note:
         print(note, file=sys.stderr, flush=True)

@@ -48,11 +48,13 @@ def launcher_vars(environ: Mapping[str, str] | None = None) -> list[str]:
 
 def torchrun_command(nproc_per_node: int | str, target: Sequence[str], *, python: str | None = None,
                      nnodes: int | str = 1, node_rank: int | None = None, rdzv_endpoint: str | None = None,
-                     rdzv_id: str | None = None, options: Sequence[str] = ()) -> list[str]:
+                     rdzv_id: str | None = None, options: Sequence[str] = (),
+                     runner: str = "torch.distributed.run") -> list[str]:
     """``python -m torch.distributed.run ... <target>``. One node without a rendezvous endpoint runs
     ``--standalone``; otherwise the c10d rendezvous at ``rdzv_endpoint`` (host:port). ``target`` is
-    ``["-m", "module", args...]`` or ``[script, args...]``; ``options`` are further torchrun flags."""
-    cmd = [python or sys.executable, "-m", "torch.distributed.run"]
+    ``["-m", "module", args...]`` or ``[script, args...]``; ``options`` are further torchrun flags;
+    ``runner``: the module that runs torchrun (torch's own unless a wrapper of it is given)."""
+    cmd = [python or sys.executable, "-m", runner]
     if rdzv_endpoint is None:
         cmd += ["--standalone", f"--nproc_per_node={nproc_per_node}"]
     else:
