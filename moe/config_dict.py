@@ -5,6 +5,7 @@ value against the field's annotation before the dataclass validates its ranges:
   int               an integer; a float (``train.steps=5.7``, even ``6.0``) or a boolean is refused
   float             a number (an int is widened); a boolean or text is refused
   bool              ``true`` or ``false`` only (``train.elastic_ep=maybe`` is refused)
+  str               text (``out_dir=5`` is refused: quote it, ``out_dir='5'``)
   X | None          null, or what X accepts
   tuple[int, ...]   a list (or tuple) of integers
   a dataclass       a nested mapping, built the same way
@@ -38,7 +39,7 @@ def _is_int(value: Any) -> bool:
 
 
 def _scalar_problem(key: str, value: Any, hint: Any) -> str | None:
-    """Why ``value`` does not fit the scalar annotation ``hint`` (int, float, bool); None if it does."""
+    """Why ``value`` does not fit the scalar annotation ``hint`` (int, float, bool, str); None if it does."""
     if hint is int and not _is_int(value):
         fix = f": write {key}={int(value)}" if isinstance(value, float) and value.is_integer() else ""
         return f"{key}={value!r} must be an integer (a whole number), not {_kind(value)}{fix}"
@@ -46,6 +47,9 @@ def _scalar_problem(key: str, value: Any, hint: Any) -> str | None:
         return f"{key}={value!r} must be a number, not {_kind(value)}"
     if hint is bool and not isinstance(value, bool):
         return f"{key}={value!r} must be true or false, not {_kind(value)}"
+    if hint is str and not isinstance(value, str):
+        quote = f": quote it ({key}='{value}')" if isinstance(value, (int, float)) else ""
+        return f"{key}={value!r} must be text, not {_kind(value)}{quote}"
     return None
 
 
@@ -64,7 +68,7 @@ def _check_type(key: str, value: Any, hint: Any) -> None:
         if value is None:
             return
         hint = inner
-    problem = _scalar_problem(key, value, hint) if hint in (int, float, bool) else None
+    problem = _scalar_problem(key, value, hint) if hint in (int, float, bool, str) else None
     if problem is None and get_origin(hint) is tuple and get_args(hint)[:1] == (int,) \
             and isinstance(value, (list, tuple)):
         bad = [v for v in value if not _is_int(v)]

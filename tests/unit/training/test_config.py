@@ -72,7 +72,7 @@ def test_profile_steps_and_wandb_project_are_checked_up_front():
     for bad, kind in (("[1.5,2]", "1.5 is a decimal number"), ("[true,2]", "True is a boolean")):
         with pytest.raises(ConfigError, match=rf"train.profile_steps=\[.*\] must be a list of integers: {kind}"):
             load_config(os.path.join(ROOT, "configs/tiny.yaml"), [f"train.profile_steps={bad}"])
-    with pytest.raises(ConfigError, match="train.wandb_project=3 must be a project name"):
+    with pytest.raises(ConfigError, match="train.wandb_project=3 must be text, not an integer"):
         load_config(None, ["train.wandb_project=3"])
 
 
@@ -90,6 +90,8 @@ def test_profile_steps_and_wandb_project_are_checked_up_front():
     ("model.patch_moe.router.k_max=2.5", "model.patch_moe.router.k_max=2.5 must be an integer"),
     ("model.patch_moe.capacity_factor=big", "model.patch_moe.capacity_factor='big' must be a number, not text"),
     ("data.synth.num_cameras=2.5", "data.synth.num_cameras=2.5 must be an integer"),
+    ("out_dir=5", "out_dir=5 must be text, not an integer: quote it (out_dir='5')"),
+    ("name=[a]", "name=['a'] must be text, not a list"),
 ])
 def test_counts_are_integers_and_switches_booleans_in_every_section(override, message):
     """Each config family (training, reid's model and data, moe's layers) goes through the one builder."""
