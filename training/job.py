@@ -195,7 +195,6 @@ def _train(req: TrainRequest, cfg: RunConfig, world, run_id: str, resume: bool, 
     t_start = time.perf_counter()
     trainer = Trainer(cfg, world, display=display_mode(req.progress), preemption=preemption, faults=faults,
                       run_id=run_id)
-    check_room(trainer)  # one checkpoint of this model fits, before the first step
     untrained_path = os.path.join(cfg.run_dir, "untrained.json")
     untrained = None
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
@@ -209,6 +208,8 @@ def _train(req: TrainRequest, cfg: RunConfig, world, run_id: str, resume: bool, 
     elif req.init_from:
         step = trainer.load_weights(req.init_from)
         _say(world, f"initialised {cfg.name!r} from {req.init_from} (saved at step {step})")
+    if trainer.step < (cfg.train.steps if req.stop_at is None else min(cfg.train.steps, req.stop_at)):
+        check_room(trainer)  # steps to train, so a checkpoint to write: one fits, before any evaluation or step
     if not resume and cfg.eval.untrained:
         untrained, _ = trainer.evaluate()
         if world.rank == 0:

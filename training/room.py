@@ -1,7 +1,7 @@
 """Room to write a run, checked before the first step: the run directory and ``checkpoints/`` must
 be writable (msmoe train --nproc N checks it once in the launching process, every worker again),
 and the checkpoints' filesystem must have room for one checkpoint of this model (every rank, once
-the model is built). Either refusal is a CheckpointWriteError (exit code 2) naming the path, the
+the model is built and loaded, when a step is left to train: a resume with none writes no checkpoint). Either refusal is a CheckpointWriteError (exit code 2) naming the path, the
 cause and the fix; nothing is created or trained first.
 
 One checkpoint, in bytes (DeepSpeed's MoE layout, training/checkpoint.py; P = every parameter once,
