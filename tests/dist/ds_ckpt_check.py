@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from ds_train_check import E, build, train_step
-from harness import init_world, write_result
+from harness import finish, init_world, write_result
 from parallel.groups import ParallelGroups
 
 
@@ -67,3 +67,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    finish()

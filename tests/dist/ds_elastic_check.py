@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from ds_reshard_check import all_weights
 from ds_train_check import E, build, train_step
-from harness import init_world, write_result
+from harness import finish, init_world, write_result
 from parallel.groups import ParallelGroups
 from training import checkpoint, elastic
 
@@ -68,3 +68,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    finish()

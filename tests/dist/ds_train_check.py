@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from deepspeed.runtime.utils import clip_grad_norm_ as ds_clip_grad_norm_
 
-from harness import init_world, write_result
+from harness import finish, init_world, write_result
 from moe import BalanceConfig, ExpertConfig, PatchMoE, PatchMoEConfig, RouterConfig
 from parallel.dispatcher import AllToAllDispatcher
 from parallel.ds_moe import DeepSpeedMoE
@@ -144,3 +144,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    finish()

@@ -11,7 +11,7 @@ import argparse
 import torch
 import torch.distributed as dist
 
-from harness import init_world, write_result
+from harness import finish, init_world, write_result
 from moe import ExpertConfig, HierarchicalMoE, HierarchicalMoEConfig, RouterConfig
 from moe.hierarchical import OneStage
 from parallel.all_to_all import CommCounter
@@ -119,3 +119,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    finish()

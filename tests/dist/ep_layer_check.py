@@ -12,7 +12,7 @@ import argparse
 import torch
 import torch.distributed as dist
 
-from harness import init_world, write_result
+from harness import finish, init_world, write_result
 from moe import ExpertConfig, LocalDispatcher, PatchMoE, PatchMoEConfig, RouterConfig
 from moe.dispatch import expert_capacity
 from parallel.dispatcher import AllToAllDispatcher
@@ -161,3 +161,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    finish()

@@ -2,13 +2,14 @@
 as <out>/rank<r>.json, the file tests/helpers.py's runners collect (one per rank).
 
 Workers are run by path (python tests/dist/<script>.py under a launcher), so their own folder is
-first on sys.path: ``from harness import init_world, write_result``.
+first on sys.path: ``from harness import finish, init_world, write_result`` (a worker that returns calls
+``finish()`` last).
 """
 
 import json
 import os
 
-from parallel.dist import WorldInfo, init_distributed
+from parallel.dist import WorldInfo, init_distributed, leave_distributed
 
 
 def init_world(backend: str | None = None, timeout_s: float = 300.0) -> WorldInfo:
@@ -25,3 +26,11 @@ def write_result(out: str, rank: int, report: dict, indent: int | None = None) -
         json.dump(report, fh, indent=indent)
     os.replace(path + ".tmp", path)
     return path
+
+
+def finish() -> None:
+    """End a worker that returned normally the way msmoe's commands end (parallel/dist.leave_distributed):
+    ranks meet, the group is destroyed, the process exits at once. Through the interpreter's own shutdown
+    a rank sometimes aborted in a C++ destructor after its work was done ("terminate called without an
+    active exception", SIGABRT: seen once in CI under accelerate launch), failing a passing run."""
+    leave_distributed(0)

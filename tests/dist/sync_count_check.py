@@ -12,7 +12,7 @@ import argparse
 import torch.distributed as dist
 
 from bench.host_syncs import SyncCounter
-from harness import init_world, write_result
+from harness import finish, init_world, write_result
 
 
 def main():
@@ -57,3 +57,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    finish()
