@@ -8,7 +8,7 @@
 #                the projection model fitted on <= 2 processes, its error on the 4-process points
 #   make gpu-bundle  set up, then download into .whl/ the wheels a GPU node without network lacks (deepspeed built
 #                here, its requirements, datasets, fairscale; cp312 manylinux; never torch nor any distribution of
-#                the node's image, bench/gpu_node_packages.txt); prints the size (< 40 MiB)
+#                the node's image, gpucheck/gpu_node_packages.txt); prints the size (< 40 MiB)
 #   make gpu-standin  (not in CI, ~5 GB download) the GPU node's Python 3.12 + torch 2.11 stack on CPU, offline:
 #                the bundle installed as on the node, the check's quick dry run, the fast test suite
 #   make gpu-check OUT=dir  on the GPU node, with its own python3 and torch: install into /tmp/msmoe-site the wheels
@@ -66,17 +66,17 @@ validation: setup
 	$(VENV)/bin/msmoe report --points runs/validation/points.jsonl --fit-max-world 2
 
 gpu-bundle: setup
-	$(PY) -m bench.gpu_bundle --out .whl
+	$(PY) -m gpucheck.bundle --out .whl
 
 # Not the venv: the node's own interpreter and torch. The preflight says in one line why the
 # check cannot run here (no torch, no CUDA) before anything is installed.
 gpu-check:
-	@$(GPU_PYTHON) -m bench.gpu_check --preflight
+	@$(GPU_PYTHON) -m gpucheck.check --preflight
 	@ls .whl/*.whl >/dev/null 2>&1 || { echo "gpu-check: no wheels in .whl/: run make gpu-bundle where the package registry is reachable and bring .whl/ with the checkout" >&2; exit 2; }
 	rm -rf $(GPU_SITE)
 	# wheels whose distribution the node already has are skipped, by name; the rest go to $(GPU_SITE)
-	$(GPU_PYTHON) -m bench.gpu_bundle --out .whl --install-into $(GPU_SITE)
-	PYTHONPATH=$(GPU_SITE):. $(GPU_PYTHON) -m bench.gpu_check --out $(OUT)
+	$(GPU_PYTHON) -m gpucheck.bundle --out .whl --install-into $(GPU_SITE)
+	PYTHONPATH=$(GPU_SITE):. $(GPU_PYTHON) -m gpucheck.check --out $(OUT)
 
 # Not in CI (it downloads ~5 GB): the GPU node's Python/torch stack on this CPU machine, offline
 # ($(SHARED)/tools/gpu-node-standin): build it, add the image's distributions the bundle relies on that the
@@ -84,9 +84,9 @@ gpu-check:
 # every section from a cold extension cache and the fast test suite.
 gpu-standin: gpu-bundle
 	$(SHARED)/tools/gpu-node-standin build
-	$(STANDIN)/node/bin/python -m bench.gpu_bundle --out .whl --image-missing | xargs -r $(STANDIN)/node/bin/python -m pip install -q --no-deps
+	$(STANDIN)/node/bin/python -m gpucheck.bundle --out .whl --image-missing | xargs -r $(STANDIN)/node/bin/python -m pip install -q --no-deps
 	rm -rf $(STANDIN)/site $(STANDIN)/torch_ext $(STANDIN)/dry
-	$(SHARED)/tools/gpu-node-standin run $(STANDIN)/node/bin/python -m bench.gpu_bundle --out .whl --install-into $(STANDIN)/site
+	$(SHARED)/tools/gpu-node-standin run $(STANDIN)/node/bin/python -m gpucheck.bundle --out .whl --install-into $(STANDIN)/site
 	$(SHARED)/tools/gpu-node-standin dry
 	$(SHARED)/tools/gpu-node-standin fast
 

@@ -1,4 +1,4 @@
-"""``msmoe ablate``: parse, then train the configs and write the table (bench/ablate.py).
+"""``msmoe ablate``: parse, then train the configs and write the table (scaling/ablation.py).
 
   msmoe ablate                                           # the default list, 2 processes each
   msmoe ablate --configs configs/default.yaml configs/hierarchical.yaml train.steps=100 --out runs/quick
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from bench import ablate
+from scaling import ablation as ablate
 
 
 def add_parser(sub) -> None:

@@ -29,7 +29,7 @@ from launcher import worker_errors, worker_exit  # noqa: E402
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    from bench.scale_sweep import ScaleError
+    from scaling.sweep import ScaleError
     from launcher.launch import LaunchError
     from launcher.submit import SubmitError
     from moe.config import ConfigError

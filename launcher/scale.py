@@ -1,15 +1,16 @@
-"""``msmoe scale`` and ``msmoe report``: parse, then call the sweep (bench/scale_sweep.py) and the
-report (bench/scale_report.py, bench/scale_model.py)."""
+"""``msmoe scale`` and ``msmoe report``: parse, then call the sweep (scaling/sweep.py) and the
+report (scaling/report.py, scaling/points.py)."""
 
 from __future__ import annotations
 
 import argparse
 import os
 
-from bench import scale_report, scale_sweep
-from bench.comm_model import MEASURED, PRESETS, parse_node, parse_presets
-from bench.projection import DEFAULT_PRESETS, ProjectionSpec
-from bench.projection_report import validation_summary
+from scaling import report as scale_report
+from scaling import sweep as scale_sweep
+from scaling.comm_model import MEASURED, PRESETS, parse_node, parse_presets
+from scaling.projection import DEFAULT_PRESETS, ProjectionSpec
+from scaling.projection_report import validation_summary
 
 
 def _ints(s: str) -> list[int]:
@@ -121,7 +122,7 @@ def run_scale(args) -> int:
 
 
 def run_report(args) -> int:
-    from bench.scale_model import load_points
+    from scaling.points import load_points
 
     if not os.path.isfile(args.points):
         raise FileNotFoundError(f"--points {args.points}: no such file; make it with `msmoe scale`")

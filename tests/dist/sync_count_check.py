@@ -1,7 +1,7 @@
 """Worker (under torchrun, or alone): host syncs per training step of the ReID job.
 
 Builds the real trainer (DeepSpeed engine, EP dispatcher, data) for a config plus overrides,
-runs warm-up steps, then counts the calls that would make a GPU wait (bench/host_syncs.py) over
+runs warm-up steps, then counts the calls that would make a GPU wait (gpucheck/host_syncs.py) over
 steps that are not logging steps, and writes one JSON per rank: syncs per step and the call
 sites. The budget (DESIGN.md, GPU principles): one per dispatching MoE layer (the all-to-all
 split sizes) plus one per step (the loss / finiteness / preemption all-reduce).
@@ -11,7 +11,7 @@ import argparse
 
 import torch.distributed as dist
 
-from bench.host_syncs import SyncCounter
+from gpucheck.host_syncs import SyncCounter
 from harness import finish, init_world, write_result
 
 

@@ -1,6 +1,6 @@
 """msmoe scale / msmoe report as commands: the SLURM dry run, and (slow) a real sweep with torchrun
 whose EP=2 point must train exactly like its EP=1 twin while moving the bytes the EP=1 one does not.
-(The sweep plan and the report's arithmetic on hand-made points: tests/unit/bench/test_scale_*.py.)"""
+(The sweep plan and the report's arithmetic on hand-made points: tests/unit/scaling/.)"""
 
 import json
 import os

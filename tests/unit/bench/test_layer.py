@@ -48,7 +48,7 @@ def test_experts_sweep_table_and_report_section(tmp_path):
     for r in sweep:
         assert r["patchmoe_x_dense"] > 0 and r["deepspeed_x_dense"] > 0 and r["patchmoe_faults_per_step"] >= 0
         assert f"| {r['experts']} | {r['patchmoe_x_dense']:.2f} | " in out.stdout
-    from bench.scale_report import write_scale_report
+    from scaling.report import write_scale_report
     from tests.helpers import scale_record
 
     recs = [scale_record("strong", 1, 1, 4, 100.0), scale_record("strong", 2, 1, 4, 160.0)]

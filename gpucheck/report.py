@@ -1,7 +1,7 @@
 """results.md of ``make gpu-check``: the tables that go into the closing note.
 
-  markdown(environment, sections, wall_s) -> str        (called by bench/gpu_check.py)
-  python3 -m bench.gpu_report runs/gpu-check/results.json   # rewrite results.md from results.json
+  markdown(environment, sections, wall_s) -> str        (called by gpucheck/check.py)
+  python3 -m gpucheck.report runs/gpu-check/results.json   # rewrite results.md from results.json
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """gpu-check section "bench": the layer benchmark at the GPU shape, against the issue's goals.
 
-  python3 -m bench.check_bench --json runs/gpu-check/bench.json                  # cuda, bf16, --shape gpu
-  python -m bench.check_bench --json /tmp/b.json --device cpu --quick             # small shape, fp32
+  python3 -m gpucheck.sections.benchmark --json runs/gpu-check/bench.json                  # cuda, bf16, --shape gpu
+  python -m gpucheck.sections.benchmark --json /tmp/b.json --device cpu --quick             # small shape, fp32
 
 Runs the real command (a process of its own):
   python3 -m launcher.cli bench layer --device cuda --dtype bf16 --shape gpu --skip fairscale --json ...
@@ -25,7 +25,7 @@ import os
 import subprocess
 import sys
 
-from bench import section
+from gpucheck import section
 
 GOAL_GEMM_SHARE = 0.5
 GOAL_VS_DEEPSPEED = 1.5

@@ -10,8 +10,8 @@ Measured: throughput vs ranks, strong and weak scaling efficiency, the step-time
 all-to-all volume, peak memory per rank, expert-load heatmaps, the environment.
 
 Modelled (labelled so everywhere): the two-level all-to-all model and node presets of
-bench/comm_model.py, the projection and layout decision of bench/projection.py (sections in
-bench/projection_report.py), and the validation of the fitted model on held-out points.
+scaling/comm_model.py, the projection and layout decision of scaling/projection.py (sections in
+scaling/projection_report.py), and the validation of the fitted model on held-out points.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import os
 
 import numpy as np
 
-from bench.projection import ProjectionSpec, project, projection_inputs
-from bench.projection_report import projection_section, validation_section
-from bench.scale_model import efficiency, point_label
+from scaling.projection import ProjectionSpec, project, projection_inputs
+from scaling.projection_report import projection_section, validation_section
+from scaling.points import efficiency, point_label
 from training.figures import pyplot  # matplotlib on the Agg backend, as for run reports
 
 STAGES = ("data", "route", "dispatch", "experts", "combine", "forward_other", "backward", "optimizer")
@@ -131,7 +131,7 @@ def plot_load(recs, path):
 
 
 def plot_projection(projs: dict, path):
-    """``projs``: preset name -> bench.projection.project rows."""
+    """``projs``: preset name -> scaling.projection.project rows."""
     plt = pyplot()
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     for name, proj in projs.items():

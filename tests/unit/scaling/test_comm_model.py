@@ -1,4 +1,4 @@
-"""The two-level all-to-all model and its presets (bench/comm_model.py) against the one-level model
+"""The two-level all-to-all model and its presets (scaling/comm_model.py) against the one-level model
 and against bytes counted by hand, route by route, with msmoe's own CommCounter."""
 
 import itertools
@@ -6,9 +6,9 @@ import itertools
 import pytest
 import torch
 
-from bench.comm_model import (PRESETS, Exchange, Link, NodePreset, a2a_s, allreduce_s, exchanges, measured_preset,
+from scaling.comm_model import (PRESETS, Exchange, Link, NodePreset, a2a_s, allreduce_s, exchanges, measured_preset,
                               parse_presets)
-from bench.scale_model import AlphaBeta
+from scaling.points import AlphaBeta
 from parallel.all_to_all import CommCounter
 
 

@@ -1,6 +1,6 @@
 """What every gpu-check section shares: its command-line frame and its result file.
 
-A section is a module ``bench.check_<name>`` run as its own process by ``bench.gpu_check`` (so a
+A section is a module ``gpucheck.sections.<name>`` run as its own process by ``gpucheck.check`` (so a
 crash, a hang or a CUDA error in one loses nothing else). It writes one JSON object:
 
   {"section": name, "passed": bool, "summary": "one line", "figures": {...}, "rows": [...]}

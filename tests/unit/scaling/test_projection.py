@@ -1,4 +1,4 @@
-"""The report's projection and validation (bench/projection.py) on hand-made points: held-out points
+"""The report's projection and validation (scaling/projection.py) on hand-made points: held-out points
 never enter the fit, compute from a run on another device, the layout decision by hand."""
 
 import argparse
@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from bench.comm_model import PRESETS, Link, a2a_s, allreduce_s, measured_preset
-from bench.projection import StepCost, cost_from_points, cost_from_run, project, decide, layout_name, reference_point, step_s, validate
-from bench.scale_sweep import ScaleError
+from scaling.comm_model import PRESETS, Link, a2a_s, allreduce_s, measured_preset
+from scaling.projection import StepCost, cost_from_points, cost_from_run, project, decide, layout_name, reference_point, step_s, validate
+from scaling.sweep import ScaleError
 from launcher.scale import _projection_spec
 from tests.helpers import ALPHA, BETA, scale_point, validation_sweep_records as _sweep
 

@@ -1,4 +1,4 @@
-"""Host syncs on the hot path, counted on CPU (bench/host_syncs.py wraps what would sync on a GPU).
+"""Host syncs on the hot path, counted on CPU (gpucheck/host_syncs.py wraps what would sync on a GPU).
 
 Budget (DESIGN.md): one per dispatching MoE layer - the all-to-all split sizes, or the row count
 of a dynamic-k / capacity plan - and one per training step (the loss / finiteness / preemption
@@ -12,7 +12,7 @@ import tempfile
 import pytest
 import torch
 
-from bench.host_syncs import SyncCounter
+from gpucheck.host_syncs import SyncCounter
 from moe import ExpertConfig, PatchMoE, PatchMoEConfig, RouterConfig
 from tests.helpers import run_torchrun
 

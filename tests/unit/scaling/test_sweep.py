@@ -1,6 +1,6 @@
-"""msmoe scale's sweep plan (bench/scale_sweep.py)."""
+"""msmoe scale's sweep plan (scaling/sweep.py)."""
 
-from bench.scale_sweep import Point, plan
+from scaling.sweep import Point, plan
 
 
 def test_plan_skips_what_ep_cannot_divide_and_runs_one_rank_once():

@@ -1,7 +1,7 @@
 """gpu-check section "syncs": host-device synchronisations per training step, counted by CUDA.
 
-  python3 -m bench.check_syncs --json runs/gpu-check/syncs.json                  # configs/h100.yaml
-  python -m bench.check_syncs --json /tmp/s.json --device cpu --quick             # code path only (no CUDA: 0)
+  python3 -m gpucheck.sections.syncs --json runs/gpu-check/syncs.json                  # configs/h100.yaml
+  python -m gpucheck.sections.syncs --json /tmp/s.json --device cpu --quick             # code path only (no CUDA: 0)
 
 Builds the trainer in this process as ``msmoe train`` does for one process, runs ``WARMUP``
 steps, then ``N`` ordinary steps (``Trainer.train_step``: no logging step, no checkpoint) with
@@ -19,8 +19,8 @@ from __future__ import annotations
 import sys
 import warnings
 
-from bench import section
-from bench.host_syncs import SyncCounter
+from gpucheck import section
+from gpucheck.host_syncs import SyncCounter
 from moe import compat
 
 WARMUP, N = 3, 4
@@ -68,7 +68,7 @@ def measure(config: str, workdir: str, precision: str, quick: bool) -> dict:
             sites[site] = sites.get(site, 0) + 1
     top = dict(sorted(sites.items(), key=lambda kv: -kv[1])[:12])
     return {"precision": precision, "measured": True, "how": "cuda sync debug mode" if active else
-            "would-be syncs in project code, counted on CPU (bench/host_syncs.py)",
+            "would-be syncs in project code, counted on CPU (gpucheck/host_syncs.py)",
             "syncs_per_step": max(per_step), "per_step": per_step, "sites": top,
             "moe_layers": len(cfg.model.moe_blocks), "ep_size": cfg.train.ep_size, "device": str(world.device),
             "budget": sync_budget(cfg)}

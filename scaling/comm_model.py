@@ -18,7 +18,7 @@ the measured load imbalance beside it). One exchange as one rank sees it:
 
 A level costs latency_us per peer plus bytes over its bandwidth; an exchange costs the sum of
 its levels (no overlap between NVLink and the NIC assumed: conservative). With both levels equal
-this is the one-level alpha-beta model of bench/scale_model.py: alpha * (P - 1) + beta * B * (P - 1) / P.
+this is the one-level alpha-beta model of scaling/points.py: alpha * (P - 1) + beta * B * (P - 1) / P.
 The split sizes and the two-stage transport's metadata (fine ids and weights) are folded into the
 per-peer latency.
 

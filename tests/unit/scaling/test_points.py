@@ -1,10 +1,10 @@
-"""The efficiency and one-level alpha-beta arithmetic of the scaling report (bench/scale_model.py) on hand-made points."""
+"""The efficiency and one-level alpha-beta arithmetic of the scaling report (scaling/points.py) on hand-made points."""
 
 import pytest
 
-from bench.comm_model import measured_preset
-from bench.projection import PROJECT_GPUS, cost_from_points, project
-from bench.scale_model import AlphaBeta, efficiency, fit_alpha_beta
+from scaling.comm_model import measured_preset
+from scaling.projection import PROJECT_GPUS, cost_from_points, project
+from scaling.points import AlphaBeta, efficiency, fit_alpha_beta
 from tests.helpers import scale_record
 
 

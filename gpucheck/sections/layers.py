@@ -1,7 +1,7 @@
 """gpu-check section "layers": every MoE layer on the device against the loop reference in float64.
 
-  python3 -m bench.check_layers --json runs/gpu-check/layers.json               # on the GPU
-  python -m bench.check_layers --json /tmp/l.json --device cpu --quick           # dry run on CPU
+  python3 -m gpucheck.sections.layers --json runs/gpu-check/layers.json               # on the GPU
+  python -m gpucheck.sections.layers --json /tmp/l.json --device cpu --quick           # dry run on CPU
 
 Cases: PatchMoE (expert kinds seed / ffn / conv x impls auto / bmm / grouped_mm, and fused for
 ffn), token routing (PatchMoE with patch_size 1), HierarchicalMoE (learned and given coarse
@@ -28,14 +28,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bench import section
+from gpucheck import section
 from moe import compat
 from moe.config import ExpertConfig, HierarchicalMoEConfig, MultiScaleMoEConfig, PatchMoEConfig, RouterConfig
 from moe.hierarchical import HierarchicalMoE
 from moe.multiscale import MultiScaleMoE
 from moe.patch_moe import PatchMoE
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "tests"))
 import reference  # noqa: E402  tests/reference.py: the loop formulations the test suite checks against
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

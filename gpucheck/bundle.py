@@ -1,7 +1,7 @@
 """``make gpu-bundle``: the wheels a GPU node without network needs beside its own torch.
 
 The target image (see README, "First run on a GPU") has Python 3.12, torch 2.11 (CUDA 13) and the
-distributions listed in ``bench/gpu_node_packages.txt`` (read on the node, dated in its header); it
+distributions listed in ``gpucheck/gpu_node_packages.txt`` (read on the node, dated in its header); it
 lacks deepspeed, datasets, fairscale and some of their requirements. This writes exactly those, for
 CPython 3.12 manylinux x86-64, into ``.whl/`` (git-ignored):
 
@@ -13,13 +13,13 @@ CPython 3.12 manylinux x86-64, into ``.whl/`` (git-ignored):
      ``.whl/image-provided.txt`` lists the image's distributions the bundle relies on (name==version
      as resolved here: what a stand-in of the image must hold)
 
-  .venv/bin/python -m bench.gpu_bundle                 # what make gpu-bundle runs
-  .venv/bin/python -m bench.gpu_bundle --out /tmp/whl  # elsewhere
+  .venv/bin/python -m gpucheck.bundle                 # what make gpu-bundle runs
+  .venv/bin/python -m gpucheck.bundle --out /tmp/whl  # elsewhere
 Idempotent: wheels already present are kept. Fails above ``--max-mib`` (40).
 On the node (what make gpu-check runs): each wheel whose distribution the node's python3 already
 imports is skipped, by name, and the rest installed with pip --no-index --no-deps --target, or unzipped
 as pip would where that interpreter has no pip:
-  python3 -m bench.gpu_bundle --install-into /tmp/msmoe-site
+  python3 -m gpucheck.bundle --install-into /tmp/msmoe-site
 """
 
 from __future__ import annotations

@@ -1,19 +1,19 @@
 """``make gpu-check``: the first run on a GPU node, as one prepared command (at most 8 minutes).
 
   make gpu-check OUT=runs/gpu-check          # on the node: installs .whl/ into /tmp/msmoe-site, then:
-  PYTHONPATH=/tmp/msmoe-site:. python3 -m bench.gpu_check --out runs/gpu-check
-  python -m bench.gpu_check --out /tmp/gc --allow-cpu --device cpu --quick    # dry run of every section on CPU
+  PYTHONPATH=/tmp/msmoe-site:. python3 -m gpucheck.check --out runs/gpu-check
+  python -m gpucheck.check --out /tmp/gc --allow-cpu --device cpu --quick    # dry run of every section on CPU
 
 Sections, each a process of its own with its own time budget (a crash, hang or CUDA error in one
 loses nothing else); ``--only layers,bench`` runs some of them:
   tests     the fast test suite (-m "not slow") under the node's own Python and torch, in parallel
-            shards beside layers/dispatch/syncs/train, never beside the benchmark (bench/suite.py)
-  layers    every MoE layer on CUDA vs the float64 loop reference, fp32 and bf16 (bench/check_layers.py)
-  dispatch  the all-to-all dispatcher: one-rank NCCL, two processes over gloo (bench/check_dispatch.py)
-  syncs     host syncs per training step, CUDA's sync debug mode (bench/check_syncs.py)
-  train     the ReID job, configs/h100.yaml, bf16, ZeRO 0 and 1, through the CLI (bench/check_train.py)
+            shards beside layers/dispatch/syncs/train, never beside the benchmark (gpucheck/suite.py)
+  layers    every MoE layer on CUDA vs the float64 loop reference, fp32 and bf16 (gpucheck/sections/layers.py)
+  dispatch  the all-to-all dispatcher: one-rank NCCL, two processes over gloo (gpucheck/sections/dispatch.py)
+  syncs     host syncs per training step, CUDA's sync debug mode (gpucheck/sections/syncs.py)
+  train     the ReID job, configs/h100.yaml, bf16, ZeRO 0 and 1, through the CLI (gpucheck/sections/train.py)
   bench     msmoe bench layer --shape gpu, bf16: TFLOP/s, share of GEMM peak, vs DeepSpeed; the expert-count
-            sweep at the thesis shape (bench/check_bench.py)
+            sweep at the thesis shape (gpucheck/sections/benchmark.py)
 Writes into OUT: gpu-check.log (everything), <section>.log, <section>.json, results.json and
 results.md (the table for the closing note). Exit code 0 when every section passed, 1 otherwise,
 2 when it cannot start here (no CUDA, no torch, bundle not installed) -- one line, no traceback.
@@ -33,7 +33,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from bench.suite import SuiteRun
+from gpucheck.suite import SuiteRun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEADLINE_S = 470  # the whole check, on one H100; 8 minutes with start-up to spare
@@ -48,11 +48,11 @@ class Section:
 
 
 SECTIONS = (
-    Section("layers", "bench.check_layers", 60),
-    Section("dispatch", "bench.check_dispatch", 60),
-    Section("syncs", "bench.check_syncs", 75),
-    Section("train", "bench.check_train", 200, ("--run-timeout", "85", "--budget-s", "190")),
-    Section("bench", "bench.check_bench", 160, ("--run-timeout", "80", "--sweep-timeout", "70")),
+    Section("layers", "gpucheck.sections.layers", 60),
+    Section("dispatch", "gpucheck.sections.dispatch", 60),
+    Section("syncs", "gpucheck.sections.syncs", 75),
+    Section("train", "gpucheck.sections.train", 200, ("--run-timeout", "85", "--budget-s", "190")),
+    Section("bench", "gpucheck.sections.benchmark", 160, ("--run-timeout", "80", "--sweep-timeout", "70")),
 )
 TESTS_BUDGET_S = 300
 PREPARE_LIMIT_S = 600  # DeepSpeed's CPU op build before the sections (~1 min on 2 cores); outside every budget
@@ -221,7 +221,7 @@ def run_all(args) -> int:
     wall = time.perf_counter() - t_start
     with open(os.path.join(out, "results.json"), "w") as fh:
         json.dump({"environment": env, "wall_s": round(wall, 1), "sections": results}, fh, indent=2, default=str)
-    from bench.gpu_report import markdown
+    from gpucheck.report import markdown
 
     with open(os.path.join(out, "results.md"), "w") as fh:
         fh.write(markdown(env, results, wall))

@@ -11,7 +11,8 @@ import sys
 import pytest
 import torch
 
-from bench import check_bench, check_dispatch, check_layers, section
+from gpucheck import section
+from gpucheck.sections import benchmark as check_bench, dispatch as check_dispatch, layers as check_layers
 from parallel.launchenv import with_on_path
 from tests.helpers import ROOT
 
@@ -25,7 +26,7 @@ def _run(cmd, **kw):
 
 @no_cuda
 def test_refuses_without_cuda_in_one_line(tmp_path):
-    proc = _run([sys.executable, "-m", "bench.gpu_check", "--out", str(tmp_path)])
+    proc = _run([sys.executable, "-m", "gpucheck.check", "--out", str(tmp_path)])
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "no CUDA device visible" in proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
@@ -43,7 +44,7 @@ def test_make_gpu_check_refuses_before_installing(tmp_path):
 
 
 def test_cpu_needs_the_dry_run_flag(tmp_path):
-    proc = _run([sys.executable, "-m", "bench.gpu_check", "--out", str(tmp_path), "--device", "cpu"])
+    proc = _run([sys.executable, "-m", "gpucheck.check", "--out", str(tmp_path), "--device", "cpu"])
     assert proc.returncode == 2 and "--allow-cpu" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -93,7 +94,7 @@ def test_bench_goals_from_rows():
 @pytest.mark.slow
 def test_dry_run_of_every_section_on_cpu(tmp_path):
     """The whole check at tiny sizes on CPU: every section passes (bf16 training included)."""
-    proc = _run([sys.executable, "-m", "bench.gpu_check", "--out", str(tmp_path), "--allow-cpu", "--device", "cpu",
+    proc = _run([sys.executable, "-m", "gpucheck.check", "--out", str(tmp_path), "--allow-cpu", "--device", "cpu",
                  "--quick"])
     assert "Traceback (most recent call last)" not in proc.stdout
     results = json.loads((tmp_path / "results.json").read_text())
@@ -110,7 +111,7 @@ def test_dry_run_of_every_section_on_cpu(tmp_path):
 
 
 def test_sync_budget_follows_the_config():
-    from bench.check_syncs import sync_budget
+    from gpucheck.sections.syncs import sync_budget
     from training.config import load_config
 
     cfg = load_config(os.path.join(ROOT, "configs", "h100.yaml"))

@@ -10,7 +10,7 @@ import pytest
 from packaging.tags import compatible_tags, cpython_tags
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
-from bench.gpu_bundle import PROVIDED, image_has, install_into, unpack_into
+from gpucheck.bundle import PROVIDED, image_has, install_into, unpack_into
 from tests.helpers import ROOT
 
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux_2_12_x86_64",
@@ -25,7 +25,7 @@ def check_bundle(folder: str) -> list[str]:
     assert "torch" not in names and not any(n.startswith("nvidia-") for n in names)
     assert {"deepspeed", "datasets", "fairscale", "pydantic-core"} <= set(names)
     image = image_has()
-    assert sorted(set(names) & image) == []  # nothing the node's image already has (bench/gpu_node_packages.txt)
+    assert sorted(set(names) & image) == []  # nothing the node's image already has (gpucheck/gpu_node_packages.txt)
     provided = open(os.path.join(folder, PROVIDED)).read()
     assert "packaging==" in provided and "numpy==" in provided  # what deepspeed needs from the image, named
     assert [n for n, c in Counter(names).items() if c > 1] == []  # one version per project

@@ -1,7 +1,7 @@
 """gpu-check section "dispatch": the all-to-all dispatcher on CUDA tensors against the local one.
 
-  python3 -m bench.check_dispatch --json runs/gpu-check/dispatch.json            # on the GPU
-  python -m bench.check_dispatch --json /tmp/d.json --device cpu --quick          # dry run (gloo only)
+  python3 -m gpucheck.sections.dispatch --json runs/gpu-check/dispatch.json            # on the GPU
+  python -m gpucheck.sections.dispatch --json /tmp/d.json --device cpu --quick          # dry run (gloo only)
 
 Two groups, each running PatchMoE with ``parallel.dispatcher.AllToAllDispatcher`` and comparing
 with the same layer on ``moe.dispatch.LocalDispatcher`` (all experts, one rank at a time):
@@ -26,7 +26,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from bench import section
+from gpucheck import section
 from moe import ExpertConfig, PatchMoE, PatchMoEConfig, RouterConfig
 from parallel.dispatcher import AllToAllDispatcher
 from parallel.groups import ExpertGroup
@@ -152,7 +152,7 @@ def two_proc(args) -> dict:
         os.remove(old)
     from parallel.launchenv import torchrun_command
 
-    cmd = torchrun_command(2, ["-m", "bench.check_dispatch", "--worker", "--json", args.json, "--device",
+    cmd = torchrun_command(2, ["-m", "gpucheck.sections.dispatch", "--worker", "--json", args.json, "--device",
                                args.device, "--workdir", args.workdir])
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -1,6 +1,6 @@
 """gpu-check section "tests": the fast test suite (-m "not slow") in parallel shards.
 
-Started by bench/gpu_check.py beside the other correctness sections; the suite's files are split
+Started by gpucheck/check.py beside the other correctness sections; the suite's files are split
 into ``SHARDS`` pytest processes (largest files first, each to the least loaded shard), each with
 ``THREADS`` torch threads and its own JUnit report; ``result`` merges them into tests.json.
 
@@ -54,7 +54,7 @@ class SuiteRun:
         return [" ".join(cmd) for cmd, _, _ in self.procs]
 
     def wait(self) -> dict:
-        from bench.gpu_check import wait_or_kill
+        from gpucheck.check import wait_or_kill
 
         codes = []
         for _, proc, log in self.procs:

@@ -1,5 +1,5 @@
 """The scaling report's projection and its check: per-rank compute from a measurement, the two-level
-all-to-all model of bench/comm_model.py on named node presets, the layout decision (flat vs
+all-to-all model of scaling/comm_model.py on named node presets, the layout decision (flat vs
 node-local placement, EP size) per node count, and the held-out validation of the fitted model.
 
 Everything here is modelled except what it starts from: the compute per rank (a measured point, or
@@ -19,8 +19,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from bench.comm_model import MEASURED, PRESETS, NodePreset, a2a_s, allreduce_s, measured_preset
-from bench.scale_model import AlphaBeta, fit_alpha_beta, point_label
+from scaling.comm_model import MEASURED, PRESETS, NodePreset, a2a_s, allreduce_s, measured_preset
+from scaling.points import AlphaBeta, fit_alpha_beta, point_label
 
 NODE_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128)
 PROJECT_GPUS = (8, 16, 32, 64, 128, 256, 512, 1024)
@@ -234,7 +234,7 @@ DEFAULT_PRESETS = (MEASURED, "h100-ndr", "a100-hdr", "eth-100g")
 class ProjectionSpec:
     """``msmoe report``'s projection options."""
 
-    presets: tuple = DEFAULT_PRESETS  # names in bench.comm_model.PRESETS, or "measured"
+    presets: tuple = DEFAULT_PRESETS  # names in scaling.comm_model.PRESETS, or "measured"
     compute_from: str | None = None  # a msmoe train summary.json (EP = 1) on the target device
     fit_max_world: int | None = None  # validation: fit on points with at most this many ranks
     fine_slots: int | None = None  # Kf for node-local placement (default: the points' top-k)

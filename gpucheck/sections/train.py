@@ -1,7 +1,7 @@
 """gpu-check section "train": the ReID job on one GPU through the real CLI, ZeRO 0 and ZeRO 1.
 
-  python3 -m bench.check_train --json runs/gpu-check/train.json                  # configs/h100.yaml, bf16
-  python -m bench.check_train --json /tmp/t.json --device cpu --quick             # configs/tiny.yaml, a few steps
+  python3 -m gpucheck.sections.train --json runs/gpu-check/train.json                  # configs/h100.yaml, bf16
+  python -m gpucheck.sections.train --json /tmp/t.json --device cpu --quick             # configs/tiny.yaml, a few steps
 
 Runs, as a user would (each a process of its own, logs in the workdir):
   python3 -m launcher.cli data synth --config CONFIG
@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 
-from bench import section
+from gpucheck import section
 
 MAP_GAIN = 0.25  # absolute mAP over the untrained model's (default data: ~3% untrained, ~88% trained on CPU)
 QUICK = ["train.steps=6", "train.log_every=3", "train.ckpt_every=1000"]

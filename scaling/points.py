@@ -4,7 +4,7 @@ all-to-all model fitted to them.
 Modelled (labelled so everywhere): t = alpha * (p - 1) + beta * bytes * (p - 1) / p per all-to-all
 and rank, fitted by least squares to the measured all-to-all stage times (dispatch + combine,
 minus the same stages of the EP=1 twin point). It becomes the "measured" (loopback) preset of the
-two-level model (bench/comm_model.py); the projection and its validation are bench/projection.py.
+two-level model (scaling/comm_model.py); the projection and its validation are scaling/projection.py.
 """
 
 from __future__ import annotations

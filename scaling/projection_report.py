@@ -1,4 +1,4 @@
-"""The scaling report's modelled sections (written by bench/scale_report.py): the projection onto
+"""The scaling report's modelled sections (written by scaling/report.py): the projection onto
 node presets, the layout decision per node count, and the held-out validation of the fitted model.
 Every number here is labelled MODEL except the measured columns of the validation table."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from bench.projection import (LAYOUTS, PROJECT_GPUS, StepCost, decide, layout_name, pct_error, project, validate)
+from scaling.projection import (LAYOUTS, PROJECT_GPUS, StepCost, decide, layout_name, pct_error, project, validate)
 from training.figures import pyplot
 
 
@@ -47,7 +47,7 @@ def plot_decision(decisions: dict, path: str) -> None:
 def projection_section(cost: StepCost, presets: list, out_dir: str) -> list[str]:
     """Presets side by side (flat, EP = all GPUs), then the layout decision table + plot."""
     L = ["## Projection to many GPUs — a MODEL, not a measurement", "",
-         "Every number in this section is modelled (bench/comm_model.py, bench/projection.py; assumptions in "
+         "Every number in this section is modelled (scaling/comm_model.py, scaling/projection.py; assumptions in "
          "docs/PROJECTION.md). Weak scaling: per-rank batch and experts per rank as measured, EP = all GPUs, "
          "a two-level all-to-all (inside a node / between nodes) on each preset's links.", "",
          f"- compute per rank and step: **{1e3 * cost.compute_s:.1f} ms** from {cost.source}; "

@@ -1,10 +1,10 @@
-"""msmoe report's report (bench/scale_report.py) from hand-made points."""
+"""msmoe report's report (scaling/report.py) from hand-made points."""
 
 import os
 
-from bench.projection import ProjectionSpec
-from bench.projection_report import validation_summary
-from bench.scale_report import write_scale_report
+from scaling.projection import ProjectionSpec
+from scaling.projection_report import validation_summary
+from scaling.report import write_scale_report
 from tests.helpers import scale_record, validation_sweep_records
 
 
@@ -33,7 +33,7 @@ def test_report_projects_only_the_presets_asked_for_and_validates_on_held_out_po
     val = text[text.index("## Validation"):]
     assert "`s w2 ep2 E4`, `w w2 ep2 E4` (all-to-all)" in val
     assert "| s w4 ep4 E4 | " in val and "| s w4 ep1 E4 |" in val  # the held-out point and its compute twin
-    # 40 ms measured forward all-to-all; the hand prediction of tests/unit/bench/test_projection.py
+    # 40 ms measured forward all-to-all; the hand prediction of tests/unit/scaling/test_projection.py
     assert "| 40.00 |" in val and "w4" not in val.split("Predicted:")[0]
     lines = validation_summary(recs, 2)
     assert lines[0] == "validation: model fitted on s w2 ep2 E4, w w2 ep2 E4 (<= 2 ranks); held out:"
