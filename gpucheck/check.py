@@ -27,12 +27,12 @@ import importlib.util
 import json
 import os
 import platform
-import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 
+from gpucheck.process import wait_or_kill
 from gpucheck.suite import SuiteRun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -107,20 +107,6 @@ def run_section(s: Section, cmd: list[str], out: str, log: Log, budget: float) -
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
         code = wait_or_kill(proc, budget)
     return finish_section(s.name, code, time.perf_counter() - t0, out, log, budget)
-
-
-def wait_or_kill(proc: subprocess.Popen, timeout: float) -> int:
-    """Exit code, or 124 after killing the process *and its children* (a training run, torchrun's
-    workers) when it overruns: nothing of a section may hold the GPU while the next one runs."""
-    try:
-        return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # the section was started in a session of its own
-        except ProcessLookupError:
-            pass
-        proc.wait()
-        return 124
 
 
 def prepare_ops(out: str, log: Log) -> None:

@@ -17,6 +17,8 @@ import sys
 import time
 import xml.etree.ElementTree as ET
 
+from gpucheck.process import wait_or_kill
+
 SHARDS = 4
 THREADS = "2"  # 4 shards x 2 threads: half the node's 16 cores, the rest for the sections beside them
 NO_TESTS = 5  # pytest's exit code when a shard's files hold only slow tests
@@ -54,8 +56,6 @@ class SuiteRun:
         return [" ".join(cmd) for cmd, _, _ in self.procs]
 
     def wait(self) -> dict:
-        from gpucheck.check import wait_or_kill
-
         codes = []
         for _, proc, log in self.procs:
             codes.append(wait_or_kill(proc, max(1.0, self.budget_s - (time.perf_counter() - self.t0))))

@@ -29,6 +29,8 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+from launcher.command import CLI_MODULE, msmoe_command
+
 LAUNCHERS = ("torchrun", "deepspeed", "mpirun", "accelerate")
 ACCELERATE_CONFIG = "configs/accelerate/deepspeed.yaml"
 
@@ -114,21 +116,19 @@ def build_commands(spec: LaunchSpec, train_args: list[str]) -> list[list[str]]:
         raise LaunchError(f"--nnodes {spec.nnodes} but the hostfile names only {len(spec.hosts)} host(s)")
     if spec.nnodes > 1 and not spec.hosts and spec.master_addr in ("127.0.0.1", "localhost"):
         raise LaunchError(f"--nnodes {spec.nnodes}: give --master-addr (the first node's address) or --hostfile")
-    train = ["-m", "launcher.cli", "train", *train_args]
     g, n = spec.nproc_per_node, spec.nnodes
     master = spec.hosts[0] if spec.hosts else spec.master_addr
+    train = ["train", *train_args]
     if spec.launcher == "torchrun":
-        from parallel.launchenv import torchrun_command
-
         if n == 1:
-            return [torchrun_command(g, train, python=spec.python)]
-        return [torchrun_command(g, train, python=spec.python, nnodes=n, node_rank=r,
-                                 rdzv_endpoint=f"{master}:{spec.master_port}", rdzv_id=spec.job_id) for r in range(n)]
+            return [msmoe_command(train, nproc=g, python=spec.python)]
+        return [msmoe_command(train, nproc=g, python=spec.python, nnodes=n, node_rank=r,
+                              rdzv_endpoint=f"{master}:{spec.master_port}", rdzv_id=spec.job_id) for r in range(n)]
     if spec.launcher == "deepspeed":
         cmd = ["deepspeed", f"--num_nodes={n}", f"--num_gpus={g}", f"--master_port={spec.master_port}", "--no_local_rank"]
         if n > 1 or spec.hosts:
             cmd += [f"--hostfile={spec.hostfile_path}", f"--master_addr={master}"]
-        return [cmd + ["--module", "launcher.cli", "train", *train_args]]
+        return [cmd + ["--module", CLI_MODULE, *train]]
     if spec.launcher == "mpirun":
         cmd = ["mpirun", "-np", str(spec.world_size)]
         if spec.mpi_flavor == "openmpi":
@@ -139,11 +139,11 @@ def build_commands(spec: LaunchSpec, train_args: list[str]) -> list[list[str]]:
             env = ["-x", f"MASTER_PORT={spec.master_port}"]
         else:
             env = ["-genv", "MASTER_PORT", str(spec.master_port)]
-        return [cmd + env + [spec.python, *train]]
+        return [cmd + env + msmoe_command(train, python=spec.python)]
     # accelerate: one line per machine
     return [["accelerate", "launch", "--config_file", ACCELERATE_CONFIG, f"--num_machines={n}",
              f"--num_processes={spec.world_size}", f"--machine_rank={r}", f"--main_process_ip={master}",
-             f"--main_process_port={spec.master_port}", *train] for r in range(n)]
+             f"--main_process_port={spec.master_port}", "-m", CLI_MODULE, *train] for r in range(n)]
 
 
 def hostfile_text(spec: LaunchSpec) -> str:

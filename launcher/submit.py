@@ -24,7 +24,8 @@ import shutil
 import subprocess
 import sys
 
-from parallel.launchenv import FORWARDED_SIGNALS, torchrun_command
+from launcher.command import msmoe_command
+from parallel.launchenv import FORWARDED_SIGNALS
 from training.checkpoint import COMPLETE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -155,10 +156,9 @@ def render_script(*, name: str, run_dir: str, nodes: int, procs_per_node: int, t
     # `msmoe train` gives torch the same count (parallel/threads.py)
     lines.append(f"threads=$(( ${{SLURM_CPUS_PER_TASK:-{procs_per_node}}} / {procs_per_node} ))")
     lines.append('export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( threads > 0 ? threads : 1 ))}')
-    torchrun = torchrun_command(procs_per_node, ["-m", "launcher.cli", "train", "--auto-resume", "--no-progress"],
-                                python=python, nnodes="$SLURM_NNODES", rdzv_endpoint=f"$head_node:{port}",
-                                rdzv_id=rdzv_id, options=[f"--signals-to-handle={FORWARDED_SIGNALS}",
-                                                          "--shutdown-timeout=300"])
+    torchrun = msmoe_command(["train", "--auto-resume", "--no-progress"], nproc=procs_per_node, python=python,
+                             nnodes="$SLURM_NNODES", rdzv_endpoint=f"$head_node:{port}", rdzv_id=rdzv_id,
+                             options=[f"--signals-to-handle={FORWARDED_SIGNALS}", "--shutdown-timeout=300"])
     cmd = " ".join(shlex.quote(c) if not c.startswith(("--nnodes=$", "--rdzv_endpoint=$", "--rdzv_id=$")) else c
                    for c in torchrun)
     cmd += " " + " ".join(shlex.quote(a) for a in train_args) + extra

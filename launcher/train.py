@@ -91,7 +91,7 @@ def _needs_launch(nproc: int) -> bool:
 
 def _launch(nproc: int) -> int:
     """Re-run this command under torchrun with ``nproc`` workers; signals reach them through it."""
-    from parallel.launchenv import torchrun_command
+    from launcher.command import msmoe_command
     from parallel.threads import threads_per_worker
 
     cleaned, skip = [], False
@@ -111,8 +111,7 @@ def _launch(nproc: int) -> int:
     with worker_exit.exits_folder() as exits, tempfile.TemporaryDirectory(prefix="msmoe-worker-errors-") as said:
         env[worker_exit.ENV] = exits  # how each worker ended, past torchrun (launcher/worker_exit.py)
         env[worker_errors.ENV] = said  # a worker's user error, said once (launcher/worker_errors.py)
-        done = run_child(torchrun_command(nproc, ["-m", "launcher.cli", *cleaned], options=options,
-                                          runner="launcher.worker_errors"), env)
+        done = run_child(msmoe_command(cleaned, nproc=nproc, options=options, runner="launcher.worker_errors"), env)
         code, note = worker_exit.outcome(worker_exit.read(exits), nproc, done.signal, done.code)
     if note:
         print(note, file=sys.stderr, flush=True)
