@@ -4,7 +4,8 @@
   PYTHONPATH=/tmp/msmoe-site:. python3 -m gpucheck.check --out runs/gpu-check
   python -m gpucheck.check --out /tmp/gc --allow-cpu --device cpu --quick    # dry run of every section on CPU
 
-Sections, each a process of its own with its own time budget (a crash, hang or CUDA error in one
+Sections run from the caller's folder (a --config of the train section is the caller's path), each a
+process of its own with its own time budget (a crash, hang or CUDA error in one
 loses nothing else); ``--only layers,bench`` runs some of them:
   tests     the fast test suite (-m "not slow") under the node's own Python and torch, in parallel
             shards beside layers/dispatch/syncs/train, never beside the benchmark (gpucheck/suite.py)
@@ -34,6 +35,7 @@ from dataclasses import dataclass
 
 from gpucheck.process import wait_or_kill
 from gpucheck.suite import SuiteRun
+from parallel.launchenv import with_on_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEADLINE_S = 470  # the whole check, on one H100; 8 minutes with start-up to spare
@@ -104,7 +106,7 @@ def run_section(s: Section, cmd: list[str], out: str, log: Log, budget: float) -
     path = os.path.join(out, f"{s.name}.log")
     t0 = time.perf_counter()
     with open(path, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=with_on_path(ROOT), start_new_session=True)
         code = wait_or_kill(proc, budget)
     return finish_section(s.name, code, time.perf_counter() - t0, out, log, budget)
 
@@ -118,8 +120,8 @@ def prepare_ops(out: str, log: Log) -> None:
     t0 = time.perf_counter()
     path = os.path.join(out, "prepare.log")
     with open(path, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
-                                env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**with_on_path(ROOT), "CUDA_VISIBLE_DEVICES": ""})
         code = wait_or_kill(proc, PREPARE_LIMIT_S)
     with open(path, errors="replace") as fh:
         said = [ln for ln in fh.read().splitlines() if ln.startswith(("msmoe:", "DeepSpeed's CPU"))]

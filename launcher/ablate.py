@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 
+from launcher.command import msmoe_command
 from scaling import ablation as ablate
 
 
@@ -46,12 +47,12 @@ def run(args: argparse.Namespace) -> int:
                              run_root=args.run_root or args.out, out=args.out)
     try:
         if args.submit:
-            names = ablate.submit_all(spec, _submit_args(args), wait=not args.no_wait, poll_s=args.poll)
+            names = ablate.submit_all(spec, msmoe_command, _submit_args(args), wait=not args.no_wait, poll_s=args.poll)
             if args.no_wait:
                 print("jobs queued; run the same command again once they finish to write the table")
                 return 0
         else:
-            names = ablate.run_all(spec)
+            names = ablate.run_all(spec, msmoe_command)
     except ablate.AblationError as exc:
         print(f"msmoe: error: {exc}")
         return 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from launcher.command import msmoe_command
 from scaling import report as scale_report
 from scaling import sweep as scale_sweep
 from scaling.comm_model import MEASURED, PRESETS, parse_node, parse_presets
@@ -112,9 +113,9 @@ def run_scale(args) -> int:
         raise scale_sweep.ScaleError("no point left to run: check --world, --ep and --experts")
     extra = list(args.overrides)
     if args.slurm:
-        scale_sweep.run_slurm(points, spec, extra)
+        scale_sweep.run_slurm(points, spec, extra, msmoe_command)
         return 0
-    scale_sweep.run_local(points, spec, extra)
+    scale_sweep.run_local(points, spec, extra, msmoe_command)
     recs = scale_sweep.collect(spec.run_root, spec.out)
     print(f"{len(recs)} points -> {spec.out}   (next: msmoe report --points {spec.out}"
           + (" --fit-max-world 2)" if args.validation else ")"))

@@ -3,7 +3,7 @@ and put accuracy, cost and expert-usage figures side by side.
 
 Each config is a real ``msmoe train`` run under ``<run_root>/<its name>``, here one after the
 other (:func:`run_all`) or as one SLURM job each through ``msmoe submit`` (:func:`submit_all`:
-all queued at once, then waited for). The sweep is resumable: a run that finished (its
+all queued at once, then waited for), both through the campaign runner (scaling/campaign.py). The sweep is resumable: a run that finished (its
 ``COMPLETE`` marker) is not redone, one that was interrupted continues from its checkpoint
 (``--auto-resume``), one whose job is still queued or running is waited for, not resubmitted. The table goes to ``<out>/ablation.md`` (each row links
 its run's report), ``ablation.csv`` and ``ablation.png``.
@@ -14,11 +14,9 @@ from __future__ import annotations
 import csv
 import json
 import os
-import subprocess
-import sys
-import time
 from dataclasses import dataclass
 
+from scaling.campaign import Campaign, Command, Run, job_active
 from training.checkpoint import COMPLETE
 
 DEFAULT_CONFIGS = ("configs/default.yaml", "configs/hierarchical.yaml", "configs/ablations/streams.yaml",
@@ -57,73 +55,52 @@ def run_name(config: str, overrides: tuple[str, ...]) -> str:
     return load_config(config, list(overrides)).name
 
 
-def run_all(spec: AblateSpec) -> list[str]:
-    """Train every config not finished yet; returns the run names in table order."""
-    names = []
-    for i, config in enumerate(spec.configs, 1):
-        name = run_name(config, spec.overrides)
-        names.append(name)
-        if os.path.isfile(os.path.join(spec.run_root, name, COMPLETE)):
-            print(f"[{i}/{len(spec.configs)}] {name}: finished before, kept", flush=True)
-            continue
-        print(f"[{i}/{len(spec.configs)}] {name} ({config})", flush=True)
-        cmd = [sys.executable, "-m", "launcher.cli", "train", "--config", config, "--nproc", str(spec.nproc),
-               "--no-progress", "--auto-resume", *spec.overrides, f"out_dir={spec.run_root}"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise AblationError(f"{name} ({config}) exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-3000:]}")
-        print("      " + proc.stdout.strip().splitlines()[-2], flush=True)  # the run's result line
-    return names
-
-
-def _job_active(job: str) -> bool:
-    """Whether SLURM still holds the job (pending, running, requeued); False once it left the queue."""
-    proc = subprocess.run(["squeue", "--noheader", "--jobs", job, "--format=%T"], capture_output=True, text=True)
-    return proc.returncode == 0 and bool(proc.stdout.strip())
+def _campaign(spec: AblateSpec, command: Command) -> Campaign:
+    return Campaign(command, log_dir=spec.run_root, error=AblationError, what="ablation run")
 
 
 def _finished(run_root: str, name: str) -> bool:
     return os.path.isfile(os.path.join(run_root, name, COMPLETE))
 
 
-def submit_all(spec: AblateSpec, submit_args: tuple[str, ...], *, wait: bool = True, poll_s: float = 10.0) -> list[str]:
+def run_all(spec: AblateSpec, command: Command) -> list[str]:
+    """Train every config not finished yet (``msmoe train --nproc N`` each, through ``command``:
+    launcher/command.py ``msmoe_command``); returns the run names in table order."""
+    runs = [Run(name, f"{name} ({config})", ("train", "--config", config, "--nproc", str(spec.nproc), "--no-progress",
+                                             "--auto-resume", *spec.overrides, f"out_dir={spec.run_root}"))
+            for config, name in zip(spec.configs, _names(spec))]
+    _campaign(spec, command).run_all(runs, finished=lambda r: _finished(spec.run_root, r.name),
+                                     result=lambda r, out: out.strip().splitlines()[-2])  # the run's result line
+    return [r.name for r in runs]
+
+
+def submit_all(spec: AblateSpec, command: Command, submit_args: tuple[str, ...], *, wait: bool = True,
+               poll_s: float = 10.0) -> list[str]:
     """One SLURM job per run not finished yet (``msmoe submit <submit_args> -- --config ...``); a run
     whose job is still in the queue keeps it. With ``wait``, return when every run finished (raise
     AblationError naming the job and its log when one leaves the queue unfinished)."""
-    names, jobs = [], {}
-    for i, config in enumerate(spec.configs, 1):
-        name = run_name(config, spec.overrides)
-        names.append(name)
-        run_dir = os.path.join(spec.run_root, name)
-        job_file = os.path.join(run_dir, "slurm_job_id")
+    camp, names, jobs = _campaign(spec, command), _names(spec), {}
+    for i, (config, name) in enumerate(zip(spec.configs, names), 1):
+        job_file = os.path.join(spec.run_root, name, "slurm_job_id")
         if _finished(spec.run_root, name):
             print(f"[{i}/{len(spec.configs)}] {name}: finished before, kept", flush=True)
             continue
         old = open(job_file).read().strip() if os.path.isfile(job_file) else None
-        if old and _job_active(old):
+        if old and job_active(old):
             print(f"[{i}/{len(spec.configs)}] {name}: job {old} still queued or running, kept", flush=True)
             jobs[name] = old
             continue
-        cmd = [sys.executable, "-m", "launcher.cli", "submit", *submit_args, "--", "--config", config,
-               *spec.overrides, f"out_dir={spec.run_root}"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise AblationError(f"msmoe submit for {name} ({config}) exited {proc.returncode}:\n"
-                                f"{(proc.stdout + proc.stderr)[-3000:]}")
-        jobs[name] = proc.stdout.strip().splitlines()[-1]
+        out = camp.submit(name, submit_args, ["--config", config, *spec.overrides, f"out_dir={spec.run_root}"])
+        jobs[name] = out.strip().splitlines()[-1]
         print(f"[{i}/{len(spec.configs)}] {name} ({config}): submitted job {jobs[name]}", flush=True)
-    while wait and jobs:
-        for name, job in list(jobs.items()):
-            if _finished(spec.run_root, name):
-                print(f"      {name}: finished (job {job})", flush=True)
-                del jobs[name]
-            elif not _job_active(job) and not _finished(spec.run_root, name):
-                log = os.path.join(spec.run_root, name, f"slurm-{job}.out")
-                tail = open(log).read()[-3000:] if os.path.isfile(log) else "(no log)"
-                raise AblationError(f"{name}: job {job} left the queue without finishing; its log {log} ends:\n{tail}")
-        if jobs:
-            time.sleep(poll_s)
+    if wait:
+        camp.wait_for_jobs(jobs, lambda name: _finished(spec.run_root, name),
+                           lambda name, job: os.path.join(spec.run_root, name, f"slurm-{job}.out"), poll_s)
     return names
+
+
+def _names(spec: AblateSpec) -> list[str]:
+    return [run_name(config, spec.overrides) for config in spec.configs]
 
 
 def row(run_root: str, name: str) -> dict:

@@ -26,6 +26,8 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+from scaling.campaign import Campaign, Command, Run
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POINT_PREFIX = "scale"
 
@@ -168,30 +170,41 @@ def collect(run_root: str, out: str, env: dict | None = None) -> list[dict]:
     return records
 
 
-def run_local(points: list[Point], spec: SweepSpec, extra: list[str]) -> None:
-    """Each point as a torchrun job on this machine, one after the other."""
-    from parallel.launchenv import torchrun_command, with_on_path
+def _campaign(spec: SweepSpec, command: Command) -> Campaign:
+    return Campaign(command, log_dir=spec.run_root, error=ScaleError, what="scale point")
+
+
+def point_runs(points: list[Point], spec: SweepSpec, extra: list[str]) -> list[Run]:
+    """Each point as ``msmoe train`` under torchrun with its world size, every override checked
+    here first (a point the config cannot run fails before anything starts, named)."""
     from training.config import load_config
 
     base = load_config(spec.config, extra)
-    env = with_on_path(ROOT)
-    for i, pt in enumerate(points, 1):
+    runs = []
+    for pt in points:
         over = [*extra, *pt.overrides(base.train.p), f"out_dir={spec.run_root}", "eval.untrained=false",
                 f"train.steps={spec.steps}", f"train.ckpt_every={10**9}",
                 f"train.log_every={spec.sample_every or max(spec.steps // 4, 1)}"]
-        load_config(spec.config, over)  # a point the config cannot run fails here, named
-        cmd = torchrun_command(pt.world, ["-m", "launcher.cli", "train", "--config", spec.config, "--no-progress",
-                                          "--overwrite", *over])  # a sweep measures afresh
-        print(f"[{i}/{len(points)}] {pt.mode:6s} world {pt.world}  EP {pt.ep}  {pt.experts} experts", flush=True)
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"scale point {pt.name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-        with open(os.path.join(spec.run_root, pt.name, "summary.json")) as fh:
+        load_config(spec.config, over)
+        runs.append(Run(pt.name, f"{pt.mode:6s} world {pt.world}  EP {pt.ep}  {pt.experts} experts",
+                        ("train", "--config", spec.config, "--no-progress", "--overwrite", *over),  # measured afresh
+                        nproc=pt.world))
+    return runs
+
+
+def run_local(points: list[Point], spec: SweepSpec, extra: list[str], command: Command) -> None:
+    """Each point as a torchrun job on this machine, one after the other (``command``:
+    launcher/command.py ``msmoe_command``); a point that fails raises ScaleError naming it."""
+
+    def result(run: Run, _out: str) -> str:
+        with open(os.path.join(spec.run_root, run.name, "summary.json")) as fh:
             s = json.load(fh)
-        print(f"      {s['samples_per_s']:8.1f} samples/s   step {s['step_time_ms']['step']:7.1f} ms", flush=True)
+        return f"{s['samples_per_s']:8.1f} samples/s   step {s['step_time_ms']['step']:7.1f} ms"
+
+    _campaign(spec, command).run_all(point_runs(points, spec, extra), result=result)
 
 
-def run_slurm(points: list[Point], spec: SweepSpec, extra: list[str]) -> None:
+def run_slurm(points: list[Point], spec: SweepSpec, extra: list[str], command: Command) -> None:
     """One ``msmoe submit`` per (mode, world size): a job array over the EP sizes and expert counts."""
     from training.config import load_config
 
@@ -199,26 +212,29 @@ def run_slurm(points: list[Point], spec: SweepSpec, extra: list[str]) -> None:
     by_world: dict[tuple[str, int], list[Point]] = {}
     for pt in points:
         by_world.setdefault((pt.mode, pt.world), []).append(pt)
+    camp = _campaign(spec, command)
     for (mode, world), pts in by_world.items():
         if world % spec.gpus_per_node:
             raise ScaleError(f"world size {world} is not a multiple of --gpus-per-node {spec.gpus_per_node}")
-        nodes = world // spec.gpus_per_node
         p = base.train.p * world if mode == "weak" else base.train.p
-        sweeps = [f"train.ep_size={','.join(str(v) for v in sorted({q.ep for q in pts}))}",
-                  f"model.patch_moe.router.num_experts={','.join(str(v) for v in sorted({q.experts for q in pts}))}"]
-        cmd = [sys.executable, "-m", "launcher.cli", "submit", "--nodes", str(nodes), "--gpus-per-node",
-               str(spec.gpus_per_node), "--time", spec.time, "--device", spec.device]
-        if spec.partition:
-            cmd += ["--partition", spec.partition]
-        for sw in sweeps:
-            cmd += ["--sweep", sw]
-        if spec.dry_run:
-            cmd.append("--dry-run")
-        cmd += ["--", "--config", spec.config, *extra, f"name={POINT_PREFIX}-{mode}-w{world}", f"train.p={p}",
-                f"out_dir={spec.run_root}", "eval.untrained=false", f"train.steps={spec.steps}"]
-        print(" ".join(cmd), flush=True)
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        sys.stdout.write(proc.stdout)
-        if proc.returncode != 0:
-            raise RuntimeError(proc.stderr.strip())
+        name = f"{POINT_PREFIX}-{mode}-w{world}"
+        submit = _submit_args(spec, world // spec.gpus_per_node, pts)
+        train = ["--config", spec.config, *extra, f"name={name}", f"train.p={p}", f"out_dir={spec.run_root}",
+                 "eval.untrained=false", f"train.steps={spec.steps}"]
+        print(" ".join(command(["submit", *submit, "--", *train])), flush=True)
+        sys.stdout.write(camp.submit(name, submit, train))
     print(f"when the jobs are done: msmoe scale --collect {spec.run_root} --out {spec.out}")
+
+
+def _submit_args(spec: SweepSpec, nodes: int, pts: list[Point]) -> list[str]:
+    """msmoe submit's options for one world size: the allocation, and a --sweep per varied setting."""
+    args = ["--nodes", str(nodes), "--gpus-per-node", str(spec.gpus_per_node), "--time", spec.time,
+            "--device", spec.device]
+    if spec.partition:
+        args += ["--partition", spec.partition]
+    for key, values in (("train.ep_size", {q.ep for q in pts}),
+                        ("model.patch_moe.router.num_experts", {q.experts for q in pts})):
+        args += ["--sweep", f"{key}={','.join(str(v) for v in sorted(values))}"]
+    if spec.dry_run:
+        args.append("--dry-run")
+    return args

@@ -4,7 +4,7 @@
   python -m gpucheck.sections.benchmark --json /tmp/b.json --device cpu --quick             # small shape, fp32
 
 Runs the real command (a process of its own):
-  python3 -m launcher.cli bench layer --device cuda --dtype bf16 --shape gpu --skip fairscale --json ...
+  msmoe bench layer --device cuda --dtype bf16 --shape gpu --skip fairscale --json ...
 (B=16, 80x80, C=512, F=2048, E=16, K=2, P=8; fairscale's dense dispatch is left out at this size,
 DeepSpeed's layer is fed 16,384 tokens per call: its gating tensors grow with tokens^2)
 and reads its rows: TFLOP/s of every contender, its share of the dense bf16 GEMM rate measured in
@@ -15,7 +15,7 @@ The section passes when the benchmark ran; the goals are targets, reported besid
 
 Then the expert-count sweep (issue 17: the step cost stays flat in E at fixed active FLOPs), at the
 thesis shape, reported as a table beside it (a sweep that fails is named, the section still passes):
-  python3 -m launcher.cli bench layer --device cuda --dtype bf16 --shape thesis --experts-sweep 8,64,256 ...
+  msmoe bench layer --device cuda --dtype bf16 --shape thesis --experts-sweep 8,64,256 ...
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import subprocess
 import sys
 
 from gpucheck import section
+from launcher.command import msmoe_command
 
 GOAL_GEMM_SHARE = 0.5
 GOAL_VS_DEEPSPEED = 1.5
@@ -33,31 +34,28 @@ OURS = "PatchMoE P="
 DEEPSPEED_GROUP = 16384  # tokens per DeepSpeed MoE call at the GPU shape (all 102,400 at once: ~100 GB of gating)
 
 
-def bench_command(args) -> list[str]:
-    out = os.path.join(args.workdir, "layer.json")
-    if args.quick:
-        shape = ["--shape", "small", "--batch", "2", "--height", "16", "--width", "16", "--repeats", "2", "--warmup", "1"]
-    else:
-        # DeepSpeed's gating is quadratic in tokens per call: 16,384 per call (a usual micro-batch)
-        shape = ["--shape", "gpu", "--repeats", "10", "--warmup", "3", "--deepspeed-group", str(DEEPSPEED_GROUP)]
-    dtype = "bf16" if args.device.startswith("cuda") else "fp32"
-    return [sys.executable, "-m", "launcher.cli", "bench", "layer", "--device", args.device, "--dtype", dtype,
-            *shape, "--skip", "fairscale", "--json", out]
-
-
+QUICK_SHAPE = ["--shape", "small", "--batch", "2", "--height", "16", "--width", "16", "--repeats", "2", "--warmup", "1"]
 SWEEP_EXPERTS = "8,64,256"
 
 
-def sweep_command(args) -> list[str]:
-    out = os.path.join(args.workdir, "sweep.json")
-    if args.quick:
-        shape = ["--shape", "small", "--batch", "2", "--height", "16", "--width", "16", "--repeats", "2", "--warmup", "1",
-                 "--experts-sweep", "4,16"]
-    else:
-        shape = ["--shape", "thesis", "--repeats", "5", "--warmup", "2", "--experts-sweep", SWEEP_EXPERTS]
+def layer_bench(args, shape: list[str], out: str) -> list[str]:
+    """``msmoe bench layer`` at ``shape`` (bf16 on CUDA, fp32 on CPU), its rows into ``out``."""
     dtype = "bf16" if args.device.startswith("cuda") else "fp32"
-    return [sys.executable, "-m", "launcher.cli", "bench", "layer", "--device", args.device, "--dtype", dtype,
-            *shape, "--skip", "fairscale", "--json", out]
+    return msmoe_command(["bench", "layer", "--device", args.device, "--dtype", dtype, *shape, "--skip", "fairscale",
+                          "--json", out])
+
+
+def bench_command(args) -> list[str]:
+    # DeepSpeed's gating is quadratic in tokens per call: 16,384 per call (a usual micro-batch)
+    shape = QUICK_SHAPE if args.quick else ["--shape", "gpu", "--repeats", "10", "--warmup", "3",
+                                            "--deepspeed-group", str(DEEPSPEED_GROUP)]
+    return layer_bench(args, shape, os.path.join(args.workdir, "layer.json"))
+
+
+def sweep_command(args) -> list[str]:
+    shape = ([*QUICK_SHAPE, "--experts-sweep", "4,16"] if args.quick else
+             ["--shape", "thesis", "--repeats", "5", "--warmup", "2", "--experts-sweep", SWEEP_EXPERTS])
+    return layer_bench(args, shape, os.path.join(args.workdir, "sweep.json"))
 
 
 def run_sweep(args) -> dict:

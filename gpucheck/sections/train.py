@@ -4,8 +4,8 @@
   python -m gpucheck.sections.train --json /tmp/t.json --device cpu --quick             # configs/tiny.yaml, a few steps
 
 Runs, as a user would (each a process of its own, logs in the workdir):
-  python3 -m launcher.cli data synth --config CONFIG
-  python3 -m launcher.cli train --config CONFIG --nproc 1 --no-progress --overwrite out_dir=WORKDIR name=zeroZ
+  msmoe data synth --config CONFIG
+  msmoe train --config CONFIG --nproc 1 --no-progress --overwrite out_dir=WORKDIR name=zeroZ
       train.zero_stage=Z train.precision=PRECISION
 and reads each run's summary.json: loss first/last, mAP against the untrained model's, samples/s
 (steps after the third), peak GPU memory. If every bf16 run fails, one fp32 run follows for
@@ -22,17 +22,20 @@ import sys
 import time
 
 from gpucheck import section
+from launcher.command import msmoe_command
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 MAP_GAIN = 0.25  # absolute mAP over the untrained model's (default data: ~3% untrained, ~88% trained on CPU)
 QUICK = ["train.steps=6", "train.log_every=3", "train.ckpt_every=1000"]
 
 
 def _cli(args: list[str], log: str, timeout: float) -> tuple[int, float, str]:
-    """Run ``python -m launcher.cli ARGS``; -> (exit code, seconds, last lines of its output)."""
+    """Run ``msmoe ARGS`` from the caller's folder; -> (exit code, seconds, last lines of its output)."""
     t0 = time.perf_counter()
     with open(log, "w") as fh:
         try:
-            code = subprocess.run([sys.executable, "-m", "launcher.cli", *args], stdout=fh, stderr=subprocess.STDOUT,
+            code = subprocess.run(msmoe_command(args), stdout=fh, stderr=subprocess.STDOUT,
                                   timeout=timeout).returncode
         except subprocess.TimeoutExpired:
             code = 124
@@ -65,9 +68,14 @@ def train_run(args, config: str, zero: int, precision: str) -> dict:
             "steps": s["steps"], "step_ms": s["step_time_ms"].get("step")}
 
 
+def project_config(name: str) -> str:
+    """One of the project's configs, as a path from the caller's folder (configs/NAME in the checkout)."""
+    return os.path.relpath(os.path.join(ROOT, "configs", name))
+
+
 def check(args) -> tuple[bool, str, dict, list]:
     t0 = time.perf_counter()
-    config = args.config or ("configs/tiny.yaml" if args.quick else "configs/h100.yaml")
+    config = args.config or project_config("tiny.yaml" if args.quick else "h100.yaml")
     code, secs, tail = _cli(["data", "synth", "--config", config], os.path.join(args.workdir, "data.log"), 180)
     if code != 0:
         return False, f"data synth failed ({code})", {}, [{"step": "data synth", "tail": tail}]
