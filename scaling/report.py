@@ -164,7 +164,24 @@ def write_scale_report(recs: list[dict], out_dir: str, layer_sweep: dict | None 
     eff = efficiency(recs)
     cost, presets, why_no_projection = projection_inputs(recs, projection)
     projs = {p.name: project(cost, p) for p in presets} if cost else {}
+    write_plots(recs, eff, projs, out_dir)
+    L = _measured_section(recs) + _stages_section(recs, eff)
+    if layer_sweep:
+        L += _layer_sweep_section(layer_sweep)
+    if cost:
+        L += projection_section(cost, presets, out_dir)
+        L += ["![projection](projection_model.png)", ""]
+    else:
+        L += ["## Projection — not made", "", why_no_projection, ""]
+    L += validation_section(recs, projection.fit_max_world)
+    path = os.path.join(out_dir, "report.md")
+    with open(path, "w") as fh:
+        fh.write("\n".join(L) + "\n")
+    return path
 
+
+def write_plots(recs: list[dict], eff: list[dict], projs: dict, out_dir: str) -> None:
+    """The report's figures into ``out_dir`` (efficiency and projection only when there are some)."""
     plots = {"throughput.png": lambda p: plot_throughput(recs, p),
              "breakdown.png": lambda p: plot_breakdown(recs, p),
              "a2a_volume.png": lambda p: plot_bars(
@@ -181,10 +198,12 @@ def write_scale_report(recs: list[dict], out_dir: str, layer_sweep: dict | None 
     for name, fn in plots.items():
         fn(os.path.join(out_dir, name))
 
-    env = recs[0].get("env", {})
+
+def _measured_section(recs: list[dict]) -> list[str]:
+    """The environment and the table of measured points."""
     L = ["# msmoe throughput scaling report", ""]
     L += ["## Environment", "", "| | |", "|---|---|"]
-    for k, v in env.items():
+    for k, v in recs[0].get("env", {}).items():
         L.append(f"| {k} | {v} |")
     L.append(f"| device / backend | {recs[0]['device']} / {recs[0]['backend']} |")
     L += ["", f"{len(recs)} measured points; each is a short `msmoe train` run (first 3 steps not timed). "
@@ -200,7 +219,12 @@ def write_scale_report(recs: list[dict], out_dir: str, layer_sweep: dict | None 
                  f"{r['samples_per_s']:.1f} | {r['patches_per_s_per_rank']:.0f} | {r['step_time_ms']['step']:.1f} | "
                  f"{r['a2a_bytes_per_step']['offrank'] / 2**20:.2f} | {max(r['peak_mem_mb_per_rank']):.0f} | "
                  f"{imb:.2f} | {r['dropped_fraction']:.1%} |")
-    L += ["", "![throughput](throughput.png)", ""]
+    return L + ["", "![throughput](throughput.png)", ""]
+
+
+def _stages_section(recs: list[dict], eff: list[dict]) -> list[str]:
+    """Efficiency (when measured), the step-time breakdown, all-to-all volume, memory and expert load."""
+    L = []
     if eff:
         L += ["## Scaling efficiency (measured)", "", "| point | mode | efficiency |", "|---|---|---|"]
         L += [f"| {e['point']} | {e['mode']} | {e['efficiency']:.1%} |" for e in eff]
@@ -210,28 +234,19 @@ def write_scale_report(recs: list[dict], out_dir: str, layer_sweep: dict | None 
     for r in recs:
         ms = r["step_time_ms"]
         L.append(f"| {point_label(r)} | " + " | ".join(f"{ms.get(s, 0.0):.1f}" for s in STAGES) + f" | {ms['step']:.1f} |")
-    L += ["", "![breakdown](breakdown.png)", "", "## All-to-all volume and memory", "",
-          "![a2a](a2a_volume.png)", "", "![memory](memory.png)", "", "## Expert load", "",
-          "![load](expert_load.png)", ""]
-    if layer_sweep:
-        from bench.layer import LayerBenchSpec, sweep_table
+    return L + ["", "![breakdown](breakdown.png)", "", "## All-to-all volume and memory", "",
+                "![a2a](a2a_volume.png)", "", "![memory](memory.png)", "", "## Expert load", "",
+                "![load](expert_load.png)", ""]
 
-        spec = LayerBenchSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in layer_sweep["args"].items()
-                                 if k in LayerBenchSpec.__dataclass_fields__})
-        L += ["## Layer cost against the expert count (equal active FLOPs)", "",
-              "One MoE layer forward + backward (`msmoe bench layer --experts-sweep`): more experts at the same "
-              "active compute per point should cost the same.", ""]
-        L += sweep_table(spec, layer_sweep["sweep"]) + [""]
-    if cost:
-        L += projection_section(cost, presets, out_dir)
-        L += ["![projection](projection_model.png)", ""]
-    else:
-        L += ["## Projection — not made", "", why_no_projection, ""]
-    L += validation_section(recs, projection.fit_max_world)
-    path = os.path.join(out_dir, "report.md")
-    with open(path, "w") as fh:
-        fh.write("\n".join(L) + "\n")
-    return path
+
+def _layer_sweep_section(layer_sweep: dict) -> list[str]:
+    from bench.layer import LayerBenchSpec, sweep_table
+
+    spec = LayerBenchSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in layer_sweep["args"].items()
+                             if k in LayerBenchSpec.__dataclass_fields__})
+    return ["## Layer cost against the expert count (equal active FLOPs)", "",
+            "One MoE layer forward + backward (`msmoe bench layer --experts-sweep`): more experts at the same "
+            "active compute per point should cost the same.", "", *sweep_table(spec, layer_sweep["sweep"]), ""]
 
 
 def _pad(rows: list[list[float]]) -> list[list[float]]:

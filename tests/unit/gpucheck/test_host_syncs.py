@@ -3,18 +3,14 @@
 Budget (DESIGN.md): one per dispatching MoE layer - the all-to-all split sizes, or the row count
 of a dynamic-k / capacity plan - and one per training step (the loss / finiteness / preemption
 all-reduce). Dropless top-k on one rank needs none: its row count N*K is known on the host.
-The counter itself is checked first: it must see each kind of would-be sync.
+The counter itself is checked first: it must see each kind of would-be sync. Whole training steps,
+under torchrun: tests/integration/test_host_syncs.py.
 """
 
-import os
-import tempfile
-
-import pytest
 import torch
 
 from gpucheck.host_syncs import SyncCounter
 from moe import ExpertConfig, PatchMoE, PatchMoEConfig, RouterConfig
-from tests.helpers import run_torchrun
 
 
 def test_the_counter_sees_each_kind_of_sync():
@@ -62,33 +58,3 @@ def test_patch_moe_capacity_reads_its_row_count_once():
     with SyncCounter() as c:
         layer(x).out.sum().backward()
     assert c.total == 1, c.report()  # the fused CPU experts reuse the counts the dispatcher read
-
-
-def _step_syncs(tmp, nproc, *overrides):
-    out = os.path.join(tmp, "out")
-    os.makedirs(out)
-    reports, _ = run_torchrun("sync_count_check.py", nproc,
-                              [f"data.path={tmp}/data", f"out_dir={tmp}/runs", *overrides], out)
-    return reports
-
-
-def _assert_budget(reports):
-    for r in reports:
-        budget = r["moe_layers"] + 1
-        assert max(r["per_step"]) <= budget, (r["per_step"], budget, r["sites"])
-
-
-@pytest.mark.slow
-def test_training_step_syncs_one_process_within_budget():
-    with tempfile.TemporaryDirectory() as tmp:
-        reports = _step_syncs(tmp, 1, "train.ep_size=1")
-    _assert_budget(reports)
-
-
-@pytest.mark.slow
-def test_training_step_syncs_expert_parallel_dynamic_k_within_budget():
-    with tempfile.TemporaryDirectory() as tmp:
-        reports = _step_syncs(tmp, 2, "train.ep_size=2", "model.patch_moe.router.dynamic_top_p=0.6",
-                              "model.patch_moe.router.k_min=1")
-    assert len(reports) == 2
-    _assert_budget(reports)
