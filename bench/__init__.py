@@ -1,1 +1,1 @@
-"""Measurement and checks: the prepared first GPU run (``make gpu-check``) and its wheel bundle."""
+"""Layer and expert-parallel benchmarks (``msmoe bench layer|ep``, ``msmoe fit``): layer, peers, ep, fit."""

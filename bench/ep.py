@@ -77,17 +77,30 @@ def run_worker(shape: EpShape, ep_size: int, result: str) -> None:
     me = build_engine(model, groups, ds_config, lambda pg: torch.optim.AdamW(pg, lr=1e-3))
     # requires grad, as the output of a stem would: the dispatch all-to-all then has a backward too
     x = torch.randn(shape.batch, shape.size, shape.size, shape.dim, device=world.device, requires_grad=True)
+    rows = _timed_steps(me.engine, x, timer, counter, shape)
+    # per-rank medians, then the slowest rank (the step waits for it)
+    med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    gathered = [None] * world.world_size
+    torch.distributed.all_gather_object(gathered, med)
+    if world.rank == 0:
+        with open(result, "w") as fh:
+            json.dump(_summary(gathered, shape, ep_size, world.world_size), fh)
+    torch.distributed.barrier()
+
+
+def _timed_steps(engine, x: torch.Tensor, timer, counter, shape: EpShape) -> list[dict]:
+    """One row per timed step (after the warm-up): stage and phase times in ms, all-to-all bytes, kept rows."""
     rows = []
     for step in range(shape.warmup + shape.steps):
         timer.reset()
         counter.reset()
         t0 = time.perf_counter()
-        res = me.engine(x)
+        res = engine(x)
         loss = res.out.square().mean() + res.stats.aux_loss
         t1 = time.perf_counter()
-        me.engine.backward(loss)
+        engine.backward(loss)
         t2 = time.perf_counter()
-        me.engine.step()
+        engine.step()
         t3 = time.perf_counter()
         if step >= shape.warmup:
             kept = int(res.stats.kept.sum())
@@ -98,25 +111,22 @@ def run_worker(shape: EpShape, ep_size: int, result: str) -> None:
                 "bytes_total": counter.total_bytes, "bytes_offrank": counter.offrank_bytes,
                 "kept_rows": kept,
             })
-    # per-rank medians, then the slowest rank (the step waits for it)
-    med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-    gathered = [None] * world.world_size
-    torch.distributed.all_gather_object(gathered, med)
-    if world.rank == 0:
-        row_bytes = shape.patch * shape.patch * shape.dim * 4
-        summary = {
-            "ep_size": ep_size, "world": world.world_size,
-            "ms": {k: max(g[k] for g in gathered) for k in ("route", "dispatch", "experts", "combine",
-                                                           "forward", "backward", "optimizer", "step")},
-            "bytes_per_step_total": sum(g["bytes_total"] for g in gathered),
-            "bytes_per_step_offrank": sum(g["bytes_offrank"] for g in gathered),
-            # 4 all-to-alls per step, each moving every routed slot once
-            "analytic_min_bytes": 4 * sum(g["kept_rows"] for g in gathered) * row_bytes if ep_size > 1 else 0,
-            "samples_per_s": shape.batch * world.world_size / (max(g["step"] for g in gathered) / 1e3),
-        }
-        with open(result, "w") as fh:
-            json.dump(summary, fh)
-    torch.distributed.barrier()
+    return rows
+
+
+def _summary(gathered: list[dict], shape: EpShape, ep_size: int, world_size: int) -> dict:
+    """The slowest rank's medians (the step waits for it), bytes summed over the ranks."""
+    row_bytes = shape.patch * shape.patch * shape.dim * 4
+    return {
+        "ep_size": ep_size, "world": world_size,
+        "ms": {k: max(g[k] for g in gathered) for k in ("route", "dispatch", "experts", "combine",
+                                                       "forward", "backward", "optimizer", "step")},
+        "bytes_per_step_total": sum(g["bytes_total"] for g in gathered),
+        "bytes_per_step_offrank": sum(g["bytes_offrank"] for g in gathered),
+        # 4 all-to-alls per step, each moving every routed slot once
+        "analytic_min_bytes": 4 * sum(g["kept_rows"] for g in gathered) * row_bytes if ep_size > 1 else 0,
+        "samples_per_s": shape.batch * world_size / (max(g["step"] for g in gathered) / 1e3),
+    }
 
 
 class BenchError(RuntimeError):

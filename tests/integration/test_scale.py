@@ -1,5 +1,7 @@
-"""msmoe scale / msmoe report as commands: the SLURM dry run, and (slow) a real sweep with torchrun
-whose EP=2 point must train exactly like its EP=1 twin while moving the bytes the EP=1 one does not.
+"""msmoe scale / msmoe report as commands: the SLURM dry run, one point run from a user's own folder
+with its own config (the points file lands there), a failing point said in one line, and (slow) a
+real sweep with torchrun whose EP=2 point must train exactly like its EP=1 twin while moving the
+bytes the EP=1 one does not.
 (The sweep plan and the report's arithmetic on hand-made points: tests/unit/scaling/.)"""
 
 import json
@@ -7,7 +9,7 @@ import os
 
 import pytest
 
-from tests.helpers import run_cli
+from tests.helpers import ROOT, TINY_DATA, run_cli
 
 
 def _msmoe(*args, timeout=900):
@@ -22,6 +24,34 @@ def test_scale_slurm_dry_run_is_one_job_array_per_world_size(tmp_path):
     assert out.stdout.count("#SBATCH --array=0-3") == 2
     assert "#SBATCH --nodes=1" in out.stdout and "#SBATCH --nodes=2" in out.stdout
     assert "'train.ep_size=2 model.patch_moe.router.num_experts=8'" in out.stdout
+
+
+def _own_folder(tmp_path):
+    """A user's folder outside the checkout, holding its own copy of configs/scale.yaml."""
+    text = open(os.path.join(ROOT, "configs", "scale.yaml")).read()
+    (tmp_path / "scale.yaml").write_text(text.replace("base: tiny.yaml", f"base: {ROOT}/configs/tiny.yaml"))
+    return ["scale", "--config", "scale.yaml", "--world", "1", "--ep", "1", "--experts", "4", "--modes", "weak",
+            "--steps", "3", "data.path=data", f"data.synth={TINY_DATA}"]
+
+
+def test_scale_from_a_users_own_folder(tmp_path):
+    out = run_cli(*_own_folder(tmp_path), cwd=str(tmp_path), timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    recs = [json.loads(ln) for ln in open(tmp_path / "runs" / "scale" / "points.jsonl")]  # the caller's run_root
+    assert [(r["mode"], r["world_size"], r["steps"]) for r in recs] == [("weak", 1, 3)]
+    assert (tmp_path / "data").is_dir() and not os.path.exists(os.path.join(ROOT, "scale.yaml"))
+
+
+def test_a_failing_point_is_one_named_line(tmp_path):
+    (tmp_path / "data").write_text("a file where the data folder should be\n")
+    out = run_cli(*_own_folder(tmp_path), cwd=str(tmp_path), timeout=300)
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "Traceback" not in out.stdout + out.stderr
+    said = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert len(said) == 1 and said[0].startswith("msmoe: error: scale point scale-weak-w1-ep1-e4 failed (exit "), said
+    log = tmp_path / "runs" / "scale" / "scale-weak-w1-ep1-e4.log"
+    assert str(log) in said[0] or "runs/scale/scale-weak-w1-ep1-e4.log" in said[0]
+    assert log.stat().st_size > 0
 
 
 @pytest.mark.slow
