@@ -32,7 +32,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from scaling.sweep import ScaleError
     from launcher.launch import LaunchError
     from launcher.submit import SubmitError
-    from moe.config import ConfigError
+    from common.config import ConfigError
     from moe.resize import ResizeError
     from parallel.all_to_all import CollectiveError
     from parallel.devices import DeviceCountError
@@ -53,7 +53,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
 def _said_by_every_rank(exc: Exception) -> bool:
     """Errors every rank finds alike (config, sizes, run ownership, rank 0's failed report): only rank 0
     prints them."""
-    from moe.config import ConfigError
+    from common.config import ConfigError
     from parallel.groups import ParallelConfigError
     from training.final_writes import ReportWriteError
     from training.ownership import RunOwnershipError

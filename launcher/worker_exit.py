@@ -19,7 +19,7 @@ import signal
 import tempfile
 from typing import Iterator
 
-from parallel.files import write_text_atomic
+from common.files import write_text_atomic
 from training.preemption import STOP_SIGNALS, interrupted_exit_code
 
 ENV = "MSMOE_WORKER_EXITS"

@@ -6,7 +6,6 @@ Ranks are visible only through the dispatcher object a layer is handed.
 from moe.balance import MoEOutput, RoutingStats
 from moe.config import (
     BalanceConfig,
-    ConfigError,
     ExpertConfig,
     HierarchicalFusionConfig,
     HierarchicalMoEConfig,
@@ -23,7 +22,7 @@ from moe.patch_moe import PatchMoE
 from moe.router import GateNetwork, Router, RoutingDecision
 
 __all__ = [
-    "BalanceConfig", "ConfigError", "ConvExperts", "DispatchPlan", "ExpertConfig", "FFNExperts",
+    "BalanceConfig", "ConvExperts", "DispatchPlan", "ExpertConfig", "FFNExperts",
     "GateNetwork", "HierarchicalFusion", "HierarchicalFusionConfig", "HierarchicalMoE", "HierarchicalMoEConfig", "LocalDispatcher", "MoEOutput", "MultiScaleMoE", "MultiScaleMoEConfig",
     "PatchMoE", "PatchMoEConfig", "Router", "RouterConfig", "RoutingDecision", "RoutingStats",
     "ResidualMLPExperts", "build_experts", "plan_dispatch", "unpermute", "window_features",

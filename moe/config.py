@@ -2,33 +2,25 @@
 
 Every config is a frozen dataclass validated in ``__post_init__``: a bad value fails at build
 time with a message that names the field, the value and what would be accepted. Mappings (YAML,
-overrides) become configs through :func:`from_dict` (moe/config_dict.py, re-exported here), which
-checks every value's type first.
+overrides) become configs through :func:`common.config.from_dict`, which checks every value's type
+first (and a Literal field's value against its allowed values: ``check_literals`` does the same for a
+config built in code).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Literal
+from typing import Literal
 
-from moe.config_dict import ConfigError, from_dict
+from common.config import check_literals, require
 
-__all__ = ["BalanceConfig", "ConfigError", "ExpertConfig", "HierarchicalFusionConfig", "HierarchicalMoEConfig",
-           "MultiScaleMoEConfig", "PatchMoEConfig", "RouterConfig", "expert_sharding_error", "from_dict"]
+__all__ = ["BalanceConfig", "ExpertConfig", "HierarchicalFusionConfig", "HierarchicalMoEConfig",
+           "MultiScaleMoEConfig", "PatchMoEConfig", "RouterConfig", "expert_sharding_error"]
 
 ScoreFn = Literal["softmax", "sigmoid"]
 NoiseKind = Literal["none", "gaussian", "jitter"]
 ExpertKind = Literal["seed", "ffn", "conv"]
 CapacityPriority = Literal["order", "score"]
-
-
-def _require(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
-
-
-def _one_of(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
-    _require(value in allowed, f"{name}={value!r} is not one of {list(allowed)}")
 
 
 def expert_sharding_error(num_experts: int, ep_size: int, world_size: int | None = None, *,
@@ -88,33 +80,32 @@ class RouterConfig:
     bias_update_rate: float = 0.0
 
     def __post_init__(self) -> None:
+        check_literals(self)
         e = self.num_experts
-        _require(isinstance(e, int) and e >= 1, f"num_experts={e!r} must be an integer >= 1")
-        _require(self.top_k >= 1, f"top_k={self.top_k} must be >= 1")
-        _require(
+        require(isinstance(e, int) and e >= 1, f"num_experts={e!r} must be an integer >= 1")
+        require(self.top_k >= 1, f"top_k={self.top_k} must be >= 1")
+        require(
             self.top_k <= e,
             f"top_k={self.top_k} is larger than num_experts={e}: choose top_k <= {e}",
         )
-        _one_of("score_fn", self.score_fn, ("softmax", "sigmoid"))
-        _one_of("noise", self.noise, ("none", "gaussian", "jitter"))
-        _require(self.temperature > 0, f"temperature={self.temperature} must be > 0")
-        _require(self.num_heads >= 1, f"num_heads={self.num_heads} must be >= 1")
-        _require(self.gate_depth in (1, 2, 3), f"gate_depth={self.gate_depth} must be 1, 2 or 3")
-        _require(self.gate_hidden >= 0, f"gate_hidden={self.gate_hidden} must be >= 0")
-        _require(0 <= self.gate_dropout < 1, f"gate_dropout={self.gate_dropout} must be in [0, 1)")
-        _require(self.noise_std >= 0, f"noise_std={self.noise_std} must be >= 0")
-        _require(0 <= self.jitter_eps < 1, f"jitter_eps={self.jitter_eps} must be in [0, 1)")
-        _require(self.bias_update_rate >= 0, f"bias_update_rate={self.bias_update_rate} must be >= 0")
+        require(self.temperature > 0, f"temperature={self.temperature} must be > 0")
+        require(self.num_heads >= 1, f"num_heads={self.num_heads} must be >= 1")
+        require(self.gate_depth in (1, 2, 3), f"gate_depth={self.gate_depth} must be 1, 2 or 3")
+        require(self.gate_hidden >= 0, f"gate_hidden={self.gate_hidden} must be >= 0")
+        require(0 <= self.gate_dropout < 1, f"gate_dropout={self.gate_dropout} must be in [0, 1)")
+        require(self.noise_std >= 0, f"noise_std={self.noise_std} must be >= 0")
+        require(0 <= self.jitter_eps < 1, f"jitter_eps={self.jitter_eps} must be in [0, 1)")
+        require(self.bias_update_rate >= 0, f"bias_update_rate={self.bias_update_rate} must be >= 0")
         if self.dynamic_top_p is not None:
             p = self.dynamic_top_p
-            _require(0 < p <= 1, f"dynamic_top_p={p} must be in (0, 1]")
-            _require(
+            require(0 < p <= 1, f"dynamic_top_p={p} must be in (0, 1]")
+            require(
                 self.score_fn == "softmax",
                 f"dynamic_top_p needs score_fn='softmax' (got {self.score_fn!r}): "
                 "top-p needs scores that sum to 1",
             )
-            _require(1 <= self.k_min <= e, f"k_min={self.k_min} must be in [1, num_experts={e}]")
-            _require(
+            require(1 <= self.k_min <= e, f"k_min={self.k_min} must be in [1, num_experts={e}]")
+            require(
                 self.k_min <= self.max_k <= e,
                 f"k_max={self.max_k} must be in [k_min={self.k_min}, num_experts={e}]",
             )
@@ -138,7 +129,7 @@ class BalanceConfig:
     def __post_init__(self) -> None:
         for f in fields(self):
             v = getattr(self, f.name)
-            _require(v >= 0, f"{f.name}={v} must be >= 0")
+            require(v >= 0, f"{f.name}={v} must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -163,10 +154,9 @@ class ExpertConfig:
     impl: Literal["auto", "grouped_mm", "bmm", "fused"] = "auto"
 
     def __post_init__(self) -> None:
-        _one_of("expert.kind", self.kind, ("seed", "ffn", "conv"))
-        _one_of("expert.impl", self.impl, ("auto", "grouped_mm", "bmm", "fused"))
-        _require(self.hidden_dim >= 1, f"expert.hidden_dim={self.hidden_dim} must be >= 1")
-        _require(0 <= self.dropout < 1, f"expert.dropout={self.dropout} must be in [0, 1)")
+        check_literals(self, "expert.")
+        require(self.hidden_dim >= 1, f"expert.hidden_dim={self.hidden_dim} must be >= 1")
+        require(0 <= self.dropout < 1, f"expert.dropout={self.dropout} must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -202,19 +192,17 @@ class PatchMoEConfig:
     pruned_output: Literal["identity", "zero"] = "identity"
 
     def __post_init__(self) -> None:
-        _require(self.dim >= 1, f"dim={self.dim} must be >= 1")
-        _require(0 < self.keep_fraction <= 1, f"keep_fraction={self.keep_fraction} must be in (0, 1] (1 = no pruning)")
-        _one_of("pruned_output", self.pruned_output, ("identity", "zero"))
-        _require(self.patch_size >= 1, f"patch_size={self.patch_size} must be >= 1")
-        _one_of("pad_mode", self.pad_mode, ("pad", "error"))
-        _one_of("capacity_priority", self.capacity_priority, ("order", "score"))
+        check_literals(self)
+        require(self.dim >= 1, f"dim={self.dim} must be >= 1")
+        require(0 < self.keep_fraction <= 1, f"keep_fraction={self.keep_fraction} must be in (0, 1] (1 = no pruning)")
+        require(self.patch_size >= 1, f"patch_size={self.patch_size} must be >= 1")
         if self.capacity_factor is not None:
-            _require(
+            require(
                 self.capacity_factor > 0,
                 f"capacity_factor={self.capacity_factor} must be > 0 (or null for dropless)",
             )
         if self.expert.kind == "conv":
-            _require(
+            require(
                 self.patch_size >= 2,
                 f"expert.kind='conv' needs patch_size >= 2 (got {self.patch_size}): "
                 "a spatial expert convolves inside the patch",
@@ -251,37 +239,35 @@ class HierarchicalMoEConfig:
     pad_mode: Literal["pad", "error"] = "pad"
 
     def __post_init__(self) -> None:
-        _require(self.dim >= 1, f"dim={self.dim} must be >= 1")
-        _require(self.num_groups >= 1, f"num_groups={self.num_groups} must be >= 1")
+        check_literals(self)
+        require(self.dim >= 1, f"dim={self.dim} must be >= 1")
+        require(self.num_groups >= 1, f"num_groups={self.num_groups} must be >= 1")
         epg = self.experts_per_group
         if isinstance(epg, (tuple, list)):
-            _require(len(epg) == self.num_groups,
-                     f"experts_per_group={list(epg)} lists {len(epg)} group sizes for num_groups={self.num_groups}: "
-                     f"give one size per group (or one int for all)")
-            _require(all(isinstance(f, int) and not isinstance(f, bool) and f >= 1 for f in epg),
-                     f"experts_per_group={list(epg)}: every group size must be an integer >= 1")
+            require(len(epg) == self.num_groups,
+                    f"experts_per_group={list(epg)} lists {len(epg)} group sizes for num_groups={self.num_groups}: "
+                    f"give one size per group (or one int for all)")
+            require(all(isinstance(f, int) and not isinstance(f, bool) and f >= 1 for f in epg),
+                    f"experts_per_group={list(epg)}: every group size must be an integer >= 1")
             object.__setattr__(self, "experts_per_group", tuple(epg))  # a list from code: hashable, as from YAML
         else:
-            _require(isinstance(epg, int) and not isinstance(epg, bool) and epg >= 1,
-                     f"experts_per_group={epg!r} must be an integer >= 1 or a list of {self.num_groups} of them")
+            require(isinstance(epg, int) and not isinstance(epg, bool) and epg >= 1,
+                    f"experts_per_group={epg!r} must be an integer >= 1 or a list of {self.num_groups} of them")
         sizes = self.group_sizes
-        _require(self.coarse.num_experts == self.num_groups,
-                 f"coarse.num_experts={self.coarse.num_experts} must equal num_groups={self.num_groups}")
-        _require(self.fine.num_experts == max(sizes),
-                 f"fine.num_experts={self.fine.num_experts} must equal "
-                 + (f"experts_per_group={epg}" if isinstance(epg, int) else
-                    f"the largest group size max(experts_per_group={list(sizes)})={max(sizes)}: set "
-                    f"fine.num_experts={max(sizes)} (group g's router then scores its own F_g experts)"))
+        require(self.coarse.num_experts == self.num_groups,
+                f"coarse.num_experts={self.coarse.num_experts} must equal num_groups={self.num_groups}")
+        require(self.fine.num_experts == max(sizes),
+                f"fine.num_experts={self.fine.num_experts} must equal "
+                + (f"experts_per_group={epg}" if isinstance(epg, int) else
+                   f"the largest group size max(experts_per_group={list(sizes)})={max(sizes)}: set "
+                   f"fine.num_experts={max(sizes)} (group g's router then scores its own F_g experts)"))
         if min(sizes) < max(sizes):
             k_field = "fine.k_max" if self.fine.dynamic_top_p is not None else "fine.top_k"
-            _require(self.fine.max_k <= min(sizes),
-                     f"{k_field}={self.fine.max_k} is larger than the smallest group "
-                     f"(experts_per_group={list(sizes)}): every group's fine router takes the same slots; "
-                     f"choose {k_field} <= {min(sizes)}")
-        _one_of("coarse_mode", self.coarse_mode, ("learned", "given"))
-        _one_of("placement", self.placement, ("grouped", "spread"))
-        _require(self.patch_size >= 1, f"patch_size={self.patch_size} must be >= 1")
-        _one_of("pad_mode", self.pad_mode, ("pad", "error"))
+            require(self.fine.max_k <= min(sizes),
+                    f"{k_field}={self.fine.max_k} is larger than the smallest group "
+                    f"(experts_per_group={list(sizes)}): every group's fine router takes the same slots; "
+                    f"choose {k_field} <= {min(sizes)}")
+        require(self.patch_size >= 1, f"patch_size={self.patch_size} must be >= 1")
 
     @property
     def group_sizes(self) -> tuple[int, ...]:
@@ -322,18 +308,18 @@ class MultiScaleMoEConfig:
     balance: BalanceConfig = field(default_factory=lambda: BalanceConfig(0.0, 0.0, 0.0))
 
     def __post_init__(self) -> None:
-        _require(self.dim >= 1, f"dim={self.dim} must be >= 1")
-        _require(len(self.scales) >= 1, "scales must list at least one window size")
-        _require(all(s >= 1 for s in self.scales), f"scales={list(self.scales)} must all be >= 1")
-        _require(
+        require(self.dim >= 1, f"dim={self.dim} must be >= 1")
+        require(len(self.scales) >= 1, "scales must list at least one window size")
+        require(all(s >= 1 for s in self.scales), f"scales={list(self.scales)} must all be >= 1")
+        require(
             len(set(self.scales)) == len(self.scales),
             f"scales={list(self.scales)} has a repeated window size",
         )
-        _require(self.temperature > 0, f"temperature={self.temperature} must be > 0")
-        _require(self.gate_depth in (1, 2, 3), f"gate_depth={self.gate_depth} must be 1, 2 or 3")
-        _require(self.num_heads >= 1, f"num_heads={self.num_heads} must be >= 1")
-        _require(0 <= self.dropout < 1, f"dropout={self.dropout} must be in [0, 1)")
-        _require(self.hidden_dim >= 0, f"hidden_dim={self.hidden_dim} must be >= 0")
+        require(self.temperature > 0, f"temperature={self.temperature} must be > 0")
+        require(self.gate_depth in (1, 2, 3), f"gate_depth={self.gate_depth} must be 1, 2 or 3")
+        require(self.num_heads >= 1, f"num_heads={self.num_heads} must be >= 1")
+        require(0 <= self.dropout < 1, f"dropout={self.dropout} must be in [0, 1)")
+        require(self.hidden_dim >= 0, f"hidden_dim={self.hidden_dim} must be >= 0")
 
     @property
     def expert_hidden(self) -> int:
@@ -369,18 +355,18 @@ class HierarchicalFusionConfig:
     balance: BalanceConfig = field(default_factory=BalanceConfig)
 
     def __post_init__(self) -> None:
-        _require(self.dim >= 1, f"dim={self.dim} must be >= 1")
-        _require(len(self.scales) >= 1 and all(s >= 1 for s in self.scales),
-                 f"scales={list(self.scales)} must list window sizes >= 1")
-        _require(len(set(self.scales)) == len(self.scales), f"scales={list(self.scales)} has a repeated window size")
-        _require(self.num_modalities >= 1, f"num_modalities={self.num_modalities} must be >= 1")
-        _require(self.experts_per_cell >= 1, f"experts_per_cell={self.experts_per_cell} must be >= 1")
-        _require(1 <= self.top_k <= self.experts_per_cell,
-                 f"top_k={self.top_k} must be in [1, experts_per_cell={self.experts_per_cell}]")
-        _require(self.temperature > 0, f"temperature={self.temperature} must be > 0")
-        _require(self.gate_depth in (1, 2, 3), f"gate_depth={self.gate_depth} must be 1, 2 or 3")
-        _require(self.num_heads >= 1, f"num_heads={self.num_heads} must be >= 1")
-        _require(0 <= self.dropout < 1, f"dropout={self.dropout} must be in [0, 1)")
+        require(self.dim >= 1, f"dim={self.dim} must be >= 1")
+        require(len(self.scales) >= 1 and all(s >= 1 for s in self.scales),
+                f"scales={list(self.scales)} must list window sizes >= 1")
+        require(len(set(self.scales)) == len(self.scales), f"scales={list(self.scales)} has a repeated window size")
+        require(self.num_modalities >= 1, f"num_modalities={self.num_modalities} must be >= 1")
+        require(self.experts_per_cell >= 1, f"experts_per_cell={self.experts_per_cell} must be >= 1")
+        require(1 <= self.top_k <= self.experts_per_cell,
+                f"top_k={self.top_k} must be in [1, experts_per_cell={self.experts_per_cell}]")
+        require(self.temperature > 0, f"temperature={self.temperature} must be > 0")
+        require(self.gate_depth in (1, 2, 3), f"gate_depth={self.gate_depth} must be 1, 2 or 3")
+        require(self.num_heads >= 1, f"num_heads={self.num_heads} must be >= 1")
+        require(0 <= self.dropout < 1, f"dropout={self.dropout} must be in [0, 1)")
 
     @property
     def num_cells(self) -> int:

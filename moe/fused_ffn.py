@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from moe import compat
+from common import compat
 from moe.grad_buffers import ExpertGradBuffers
 
 

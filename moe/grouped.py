@@ -6,7 +6,7 @@ Two backends, same result:
   grouped_mm  ``torch._grouped_mm`` with cumulative row offsets (no padding, no host sync).
               Needs fp32/bf16/fp16 and row strides that are multiples of 16 bytes (D and F
               multiples of 4 in fp32, of 8 in bf16); on CUDA it needs bf16 and sm90+. Whether
-              this torch has it on this device is moe/compat.py's business.
+              this torch has it on this device is common/compat.py's business.
   bmm         rows scattered into an [E, M, D] buffer (M = the largest expert's row count,
               one host read when the counts are not on the host already), one ``torch.bmm``,
               gathered back. Works for every dtype, device and shape.
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moe import compat
+from common import compat
 from moe.indexing import gather_rows
 
 Impl = str  # "auto" | "grouped_mm" | "bmm"

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from moe import compat
+from common import compat
 from parallel.groups import ParallelGroups
 
 

@@ -28,8 +28,8 @@ import shutil
 
 import torch
 
+from common.files import staged_dir
 from parallel.ds_names import EXPERT_FILE, EXPERT_FILE_RE, LAYER_KEY, PER_EXPERT_KEY, PER_EXPERT_KEY_RE
-from parallel.files import staged_dir
 from parallel.groups import group_name
 from parallel.zero_state import ZeroStateError, plain_states, zero_files, zero_stage_of
 

@@ -7,14 +7,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from moe.config import (ConfigError, HierarchicalFusionConfig, HierarchicalMoEConfig, MultiScaleMoEConfig, PatchMoEConfig,
-                        from_dict)
+from common.config import ConfigError, check_literals, from_dict, require
+from moe.config import HierarchicalFusionConfig, HierarchicalMoEConfig, MultiScaleMoEConfig, PatchMoEConfig
 from reid.synth import SynthSpec
-
-
-def _require(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
 
 
 @dataclass(frozen=True)
@@ -27,7 +22,7 @@ class DataConfig:
     synth: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _require(self.source in ("synth", "disk"), f"data.source={self.source!r} must be 'synth' or 'disk'")
+        check_literals(self, "data.")
         self.synth_spec()  # validates
 
     def synth_spec(self) -> SynthSpec:
@@ -64,38 +59,34 @@ class ModelConfig:
         "fine": {"num_experts": 3, "top_k": 2}})
 
     def __post_init__(self) -> None:
-        _require(self.moe_kind in ("patch", "hierarchical"),
-                 f"model.moe_kind={self.moe_kind!r} must be 'patch' or 'hierarchical'")
-        _require(self.dim >= 8 and self.dim % 2 == 0, f"model.dim={self.dim} must be an even number >= 8")
-        _require(self.stem_stride in (1, 2, 4, 8, 16), f"model.stem_stride={self.stem_stride} must be 1, 2, 4, 8 or 16")
-        _require(self.depth >= 1, f"model.depth={self.depth} must be >= 1")
+        check_literals(self, "model.")
+        require(self.dim >= 8 and self.dim % 2 == 0, f"model.dim={self.dim} must be an even number >= 8")
+        require(self.stem_stride in (1, 2, 4, 8, 16), f"model.stem_stride={self.stem_stride} must be 1, 2, 4, 8 or 16")
+        require(self.depth >= 1, f"model.depth={self.depth} must be >= 1")
         bad = [b for b in self.moe_blocks if not 0 <= b < self.depth]
-        _require(not bad, f"model.moe_blocks={list(self.moe_blocks)}: block(s) {bad} outside 0..{self.depth - 1}")
-        _require(self.kernel % 2 == 1, f"model.kernel={self.kernel} must be odd")
-        _require(self.mlp_ratio > 0, f"model.mlp_ratio={self.mlp_ratio} must be > 0")
-        _require(0 <= self.dropout < 1, f"model.dropout={self.dropout} must be in [0, 1)")
-        _require(self.streams in ("fused", "per_modality"),
-                 f"model.streams={self.streams!r} must be 'fused' or 'per_modality'")
-        _require(self.fusion in ("flat", "hierarchical"), f"model.fusion={self.fusion!r} must be 'flat' or 'hierarchical'")
-        _require(self.fusion == "flat" or self.streams == "per_modality",
-                 "model.fusion='hierarchical' fuses the scales of each modality, then the modalities: it needs "
-                 "model.streams=per_modality (with fused streams there is one map per image)")
+        require(not bad, f"model.moe_blocks={list(self.moe_blocks)}: block(s) {bad} outside 0..{self.depth - 1}")
+        require(self.kernel % 2 == 1, f"model.kernel={self.kernel} must be odd")
+        require(self.mlp_ratio > 0, f"model.mlp_ratio={self.mlp_ratio} must be > 0")
+        require(0 <= self.dropout < 1, f"model.dropout={self.dropout} must be in [0, 1)")
+        require(self.fusion == "flat" or self.streams == "per_modality",
+                "model.fusion='hierarchical' fuses the scales of each modality, then the modalities: it needs "
+                "model.streams=per_modality (with fused streams there is one map per image)")
         self.patch_moe_config()
         self.multiscale_config()
         self.hierarchical_fusion_config()
         if self.moe_kind == "hierarchical":
             h = self.hierarchical_config()
             if h.coarse_mode == "given":
-                _require(self.streams == "per_modality",
-                         "model.hierarchical.coarse_mode='given' routes each map to its modality's group: it needs "
-                         "model.streams=per_modality (with fused streams a map mixes all modalities)")
-                _require(h.num_groups == 3, f"model.hierarchical.num_groups={h.num_groups} must be 3 (rgb, nir, tir) "
-                         "with coarse_mode='given'")
+                require(self.streams == "per_modality",
+                        "model.hierarchical.coarse_mode='given' routes each map to its modality's group: it needs "
+                        "model.streams=per_modality (with fused streams a map mixes all modalities)")
+                require(h.num_groups == 3, f"model.hierarchical.num_groups={h.num_groups} must be 3 (rgb, nir, tir) "
+                        "with coarse_mode='given'")
 
     def patch_moe_config(self) -> PatchMoEConfig:
         data = dict(self.patch_moe)
         data.setdefault("dim", self.dim)
-        _require(data["dim"] == self.dim, f"model.patch_moe.dim={data['dim']} must equal model.dim={self.dim} (or be left out)")
+        require(data["dim"] == self.dim, f"model.patch_moe.dim={data['dim']} must equal model.dim={self.dim} (or be left out)")
         data.setdefault("expert", {"kind": "ffn", "hidden_dim": int(self.dim * self.mlp_ratio), "dropout": self.dropout})
         data.setdefault("pruned_output", "zero")  # the MoE sits in a residual branch: x + 0 leaves a pruned patch as it was
         return from_dict(PatchMoEConfig, data, "model.patch_moe")
@@ -110,8 +101,8 @@ class ModelConfig:
         ms = self.multiscale_config()
         data = dict(self.hierarchical_fusion)
         data.setdefault("dim", self.dim)
-        _require(data["dim"] == self.dim,
-                 f"model.hierarchical_fusion.dim={data['dim']} must equal model.dim={self.dim} (or be left out)")
+        require(data["dim"] == self.dim,
+                f"model.hierarchical_fusion.dim={data['dim']} must equal model.dim={self.dim} (or be left out)")
         for key in ("scales", "temperature", "gate_depth", "num_heads", "dropout"):
             data.setdefault(key, getattr(ms, key))
         data.setdefault("expert", {"kind": "seed", "hidden_dim": ms.expert_hidden, "dropout": ms.dropout})

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moe.config import from_dict
+from common.config import from_dict
 from reid.config import ModelConfig
 from reid.model import ReIDModel
 

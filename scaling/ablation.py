@@ -159,7 +159,7 @@ def write_table(rows: list[dict], out: str, run_root: str) -> str:
 
 
 def _plot(rows: list[dict], path: str) -> None:
-    from training.figures import pyplot
+    from common.plots import pyplot
 
     plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import os
 
+from common.plots import pyplot
 from scaling.projection import (LAYOUTS, PROJECT_GPUS, StepCost, decide, layout_name, pct_error, project, validate)
-from training.figures import pyplot
 
 
 def _bw(gbps: float) -> str:

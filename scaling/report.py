@@ -20,10 +20,10 @@ import os
 
 import numpy as np
 
+from common.plots import pyplot  # matplotlib on the Agg backend, as for run reports
 from scaling.projection import ProjectionSpec, project, projection_inputs
 from scaling.projection_report import projection_section, validation_section
 from scaling.points import efficiency, point_label
-from training.figures import pyplot  # matplotlib on the Agg backend, as for run reports
 
 STAGES = ("data", "route", "dispatch", "experts", "combine", "forward_other", "backward", "optimizer")
 

@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from moe import compat
+from common import compat
 from parallel.launchenv import torchrun_command, with_on_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,7 +37,7 @@ needs_cpu_grouped_mm = pytest.mark.skipif(
 
 def cli_env(env: dict | None = None, threads: str | None = "1") -> dict:
     """This process's environment with ROOT first on PYTHONPATH, OMP_NUM_THREADS=``threads`` (None: as
-    inherited) and run reports without their PNG plots (MSMOE_REPORT_PLOTS=0, training/figures.py;
+    inherited) and run reports without their PNG plots (MSMOE_REPORT_PLOTS=0, common/plots.py;
     the tests that read plots pass {"MSMOE_REPORT_PLOTS": "1"}), then ``env`` on top; a value of None
     in ``env`` removes that variable."""
     out = {**with_on_path(ROOT), "MSMOE_REPORT_PLOTS": "0"}

@@ -24,7 +24,7 @@ import re
 import secrets
 import shutil
 
-from parallel.files import write_text_atomic
+from common.files import write_text_atomic
 from training import manifest
 from training.collect import first_error, from_rank0, gathered
 from training.faults import NO_FAULTS, FaultPlan

@@ -17,13 +17,9 @@ from typing import Literal, Mapping
 
 import yaml
 
-from moe.config import ConfigError, expert_sharding_error, from_dict
+from common.config import ConfigError, check_literals, from_dict, require
+from moe.config import expert_sharding_error
 from reid.config import DataConfig, ModelConfig
-
-
-def _require(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
 
 
 @dataclass(frozen=True)
@@ -68,55 +64,52 @@ class TrainConfig:
     wandb_project: str = ""  # also log the metrics to this Weights & Biases project (needs the wandb package)
 
     def __post_init__(self) -> None:
-        _require(self.steps >= 1, f"train.steps={self.steps} must be >= 1")
-        _require(self.p >= 2, f"train.p={self.p} must be >= 2 (the triplet loss needs negatives)")
-        _require(self.k >= 2, f"train.k={self.k} must be >= 2 (the triplet loss needs positives)")
-        _require(self.lr > 0, f"train.lr={self.lr} must be > 0")
-        _require(self.weight_decay >= 0, f"train.weight_decay={self.weight_decay} must be >= 0")
-        _require(0 <= self.warmup_steps, f"train.warmup_steps={self.warmup_steps} must be >= 0")
-        _require(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
-        _require(0 <= self.label_smoothing < 1, f"train.label_smoothing={self.label_smoothing} must be in [0, 1)")
-        _require(self.triplet_margin >= 0, f"train.triplet_margin={self.triplet_margin} must be >= 0")
-        _require(self.ep_size >= 1, f"train.ep_size={self.ep_size} must be >= 1")
-        _require(self.zero_stage in (0, 1, 2), f"train.zero_stage={self.zero_stage} must be 0, 1 or 2")
-        _require(self.grad_clip >= 0, f"train.grad_clip={self.grad_clip} must be >= 0 (0 = off)")
-        _require(self.precision in ("fp32", "bf16"), f"train.precision={self.precision!r} must be 'fp32' or 'bf16'")
-        _require(self.log_every >= 1, f"train.log_every={self.log_every} must be >= 1")
-        _require(self.stage_timing in ("sampled", "off"),
-                 f"train.stage_timing={self.stage_timing!r} must be 'sampled' (one step per log_every, "
-                 "synchronised on GPUs) or 'off'")
-        _require(self.ckpt_every >= 1, f"train.ckpt_every={self.ckpt_every} must be >= 1")
-        _require(self.threads >= 0, f"train.threads={self.threads} must be >= 0")
-        _require(isinstance(self.prefetch, int) and not isinstance(self.prefetch, bool) and 0 <= self.prefetch <= 64,
-                 f"train.prefetch={self.prefetch!r} must be a whole number of batches in 0..64 "
-                 "(2 is plenty: it only has to stay ahead of one step; 0 turns prefetching off)")
-        _require(self.keep_last >= 1, f"train.keep_last={self.keep_last} must be >= 1")
-        _require(self.collective_timeout_s > 0,
-                 f"train.collective_timeout_s={self.collective_timeout_s} must be > 0 (seconds)")
-        _require(self.max_bad_steps >= 1, f"train.max_bad_steps={self.max_bad_steps} must be >= 1")
-        _require(0 < self.collapse_share <= 1, f"train.collapse_share={self.collapse_share} must be in (0, 1]")
-        _require(self.collapse_intervals >= 1, f"train.collapse_intervals={self.collapse_intervals} must be >= 1")
+        check_literals(self, "train.")
+        require(self.steps >= 1, f"train.steps={self.steps} must be >= 1")
+        require(self.p >= 2, f"train.p={self.p} must be >= 2 (the triplet loss needs negatives)")
+        require(self.k >= 2, f"train.k={self.k} must be >= 2 (the triplet loss needs positives)")
+        require(self.lr > 0, f"train.lr={self.lr} must be > 0")
+        require(self.weight_decay >= 0, f"train.weight_decay={self.weight_decay} must be >= 0")
+        require(0 <= self.warmup_steps, f"train.warmup_steps={self.warmup_steps} must be >= 0")
+        require(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        require(0 <= self.label_smoothing < 1, f"train.label_smoothing={self.label_smoothing} must be in [0, 1)")
+        require(self.triplet_margin >= 0, f"train.triplet_margin={self.triplet_margin} must be >= 0")
+        require(self.ep_size >= 1, f"train.ep_size={self.ep_size} must be >= 1")
+        require(self.zero_stage in (0, 1, 2), f"train.zero_stage={self.zero_stage} must be 0, 1 or 2")
+        require(self.grad_clip >= 0, f"train.grad_clip={self.grad_clip} must be >= 0 (0 = off)")
+        require(self.log_every >= 1, f"train.log_every={self.log_every} must be >= 1")
+        require(self.ckpt_every >= 1, f"train.ckpt_every={self.ckpt_every} must be >= 1")
+        require(self.threads >= 0, f"train.threads={self.threads} must be >= 0")
+        require(isinstance(self.prefetch, int) and not isinstance(self.prefetch, bool) and 0 <= self.prefetch <= 64,
+                f"train.prefetch={self.prefetch!r} must be a whole number of batches in 0..64 "
+                "(2 is plenty: it only has to stay ahead of one step; 0 turns prefetching off)")
+        require(self.keep_last >= 1, f"train.keep_last={self.keep_last} must be >= 1")
+        require(self.collective_timeout_s > 0,
+                f"train.collective_timeout_s={self.collective_timeout_s} must be > 0 (seconds)")
+        require(self.max_bad_steps >= 1, f"train.max_bad_steps={self.max_bad_steps} must be >= 1")
+        require(0 < self.collapse_share <= 1, f"train.collapse_share={self.collapse_share} must be in (0, 1]")
+        require(self.collapse_intervals >= 1, f"train.collapse_intervals={self.collapse_intervals} must be >= 1")
         if self.profile_steps is not None:
             ps = self.profile_steps
-            _require(isinstance(ps, tuple) and len(ps) == 2
-                     and all(isinstance(v, int) and not isinstance(v, bool) for v in ps)
-                     and 1 <= ps[0] <= ps[1] <= self.steps,
-                     f"train.profile_steps={list(ps) if isinstance(ps, tuple) else ps!r} must be [a, b] with "
-                     f"1 <= a <= b <= train.steps={self.steps} (the steps to record, as logged: e.g. [5, 7]); "
-                     "leave it unset (null) to profile nothing")
-        _require(isinstance(self.wandb_project, str),
-                 f"train.wandb_project={self.wandb_project!r} must be a project name (text), or empty for no W&B")
+            require(isinstance(ps, tuple) and len(ps) == 2
+                    and all(isinstance(v, int) and not isinstance(v, bool) for v in ps)
+                    and 1 <= ps[0] <= ps[1] <= self.steps,
+                    f"train.profile_steps={list(ps) if isinstance(ps, tuple) else ps!r} must be [a, b] with "
+                    f"1 <= a <= b <= train.steps={self.steps} (the steps to record, as logged: e.g. [5, 7]); "
+                    "leave it unset (null) to profile nothing")
+        require(isinstance(self.wandb_project, str),
+                f"train.wandb_project={self.wandb_project!r} must be a project name (text), or empty for no W&B")
 
     def ep_size_for(self, world_size: int, num_experts: int) -> int:
         """The EP size of a run of ``world_size`` ranks (see the class docstring); ``num_experts``: a
         count every expert-parallel layer's expert count is a multiple of (their gcd)."""
         if self.elastic_ep:
             return max(p for p in range(1, self.ep_size + 1) if world_size % p == 0 and num_experts % p == 0)
-        _require(world_size % self.ep_size == 0,
-                 f"world size {world_size} is not divisible by train.ep_size={self.ep_size}: choose train.ep_size in "
-                 f"{[p for p in range(1, world_size + 1) if world_size % p == 0 and num_experts % p == 0]}, or set "
-                 f"train.elastic_ep=true to take the largest EP size up to {self.ep_size} that fits the world size "
-                 f"(e.g. an elastic restart on fewer ranks)")
+        require(world_size % self.ep_size == 0,
+                f"world size {world_size} is not divisible by train.ep_size={self.ep_size}: choose train.ep_size in "
+                f"{[p for p in range(1, world_size + 1) if world_size % p == 0 and num_experts % p == 0]}, or set "
+                f"train.elastic_ep=true to take the largest EP size up to {self.ep_size} that fits the world size "
+                f"(e.g. an elastic restart on fewer ranks)")
         return self.ep_size
 
     def deepspeed_config(self, world_size: int) -> dict:
@@ -153,12 +146,12 @@ class EvalConfig:
     missing_modalities: bool = True  # the final report also evaluates with each modality absent
 
     def __post_init__(self) -> None:
-        _require(self.batch_size >= 1, f"eval.batch_size={self.batch_size} must be >= 1")
-        _require(self.max_rank >= 10, f"eval.max_rank={self.max_rank} must be >= 10 (Rank-10 is reported)")
+        require(self.batch_size >= 1, f"eval.batch_size={self.batch_size} must be >= 1")
+        require(self.max_rank >= 10, f"eval.max_rank={self.max_rank} must be >= 10 (Rank-10 is reported)")
         known = ("rgb", "nir", "tir")
-        _require(len(self.modalities) >= 1 and set(self.modalities) <= set(known)
-                 and len(set(self.modalities)) == len(self.modalities),
-                 f"eval.modalities={list(self.modalities)} must name one or more of {list(known)}, each once")
+        require(len(self.modalities) >= 1 and set(self.modalities) <= set(known)
+                and len(set(self.modalities)) == len(self.modalities),
+                f"eval.modalities={list(self.modalities)} must name one or more of {list(known)}, each once")
 
 
 @dataclass(frozen=True)
@@ -172,11 +165,11 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
-        _require(bool(self.name) and "/" not in self.name, f"name={self.name!r} must be a non-empty name without '/'")
+        require(bool(self.name) and "/" not in self.name, f"name={self.name!r} must be a non-empty name without '/'")
         for experts_field, num_experts in self.model.expert_layers.items():
             problem = expert_sharding_error(num_experts, self.train.ep_size, experts_field=experts_field,
                                             ep_field="train.ep_size")
-            _require(problem is None, str(problem))
+            require(problem is None, str(problem))
 
     @property
     def run_dir(self) -> str:

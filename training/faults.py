@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from typing import Mapping
 
-from moe.config import ConfigError
+from common.config import ConfigError
 
 ENV = "MSMOE_FAULT"
 KINDS = ("kill_in_save", "kill", "stall", "nan_loss", "fill_disk")

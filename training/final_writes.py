@@ -1,6 +1,6 @@
 """A finished run's last writes, checkpoint-grade: ``summary.json``, the report (``report.md`` and
 its plots), then ``COMPLETE``, in that order, each through a temp file in the run directory, fsync
-and rename (parallel/files.py), so a failed write leaves the old file or none, never a cut or
+and rename (common/files.py), so a failed write leaves the old file or none, never a cut or
 0-byte one, and ``COMPLETE`` exists only once everything before it is on disk.
 
 By then the final checkpoint is committed. A write that fails (a full disk, a quota, an I/O
@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import shlex
 
-from parallel.files import write_text_atomic
+from common.files import write_text_atomic
 from training.checkpoint import COMPLETE, tag_of
 from training.collect import first_error
 from training.metrics import write_json

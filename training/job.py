@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from moe.config import ConfigError
+from common.config import ConfigError
 from parallel.rank_output import launcher_rank, prefix_rank_output
 from training.config import RunConfig, load_config
 from training.checkpoint import CKPT_DIR

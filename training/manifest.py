@@ -20,7 +20,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from parallel.files import write_text_atomic
+from common.files import write_text_atomic
 
 MARKER = "COMMITTED"  # inside a checkpoint step: every rank's files are written (and listed here)
 FORMAT = "msmoe-manifest/1"

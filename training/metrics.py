@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from parallel.files import write_text_atomic
+from common.files import write_text_atomic
 
 
 @dataclass

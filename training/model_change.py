@@ -25,7 +25,7 @@ import shlex
 
 import yaml
 
-from moe.config import ConfigError
+from common.config import ConfigError
 
 FLAG = "--accept-model-change"
 EXPERT_COUNT = "model.patch_moe.router.num_experts"

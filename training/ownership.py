@@ -24,7 +24,7 @@ import sys
 import uuid
 from dataclasses import asdict, dataclass
 
-from parallel.files import write_text_atomic
+from common.files import write_text_atomic
 from training.checkpoint import CKPT_DIR, COMPLETE, list_steps, newest_complete, run_of
 
 RUN_FILE = "run.json"

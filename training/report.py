@@ -12,8 +12,8 @@ import os
 
 import numpy as np
 
-from parallel.files import write_text_atomic
-from training.figures import PLOTS_ENV, plots_wanted, pyplot, run_plot, save_figure
+from common.files import write_text_atomic
+from common.plots import PLOTS_ENV, plots_wanted, pyplot, run_plot, save_figure
 from training.report_modal import modal_section
 
 
@@ -163,7 +163,7 @@ def _cost_and_routing(summary: dict) -> list[str]:
 
 
 def write_report(summary: dict, run_dir: str, fusion_weights: np.ndarray | None = None) -> list[str]:
-    """Write the plots (unless switched off: training/figures.py) and report.md into ``run_dir``;
+    """Write the plots (unless switched off: common/plots.py) and report.md into ``run_dir``;
     returns the files written."""
     files = []
 

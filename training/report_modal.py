@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from common.plots import pyplot, run_plot, save_figure
 from moe.hierarchical import expert_id_table
 from reid.data import MODALITIES
-from training.figures import pyplot, run_plot, save_figure
 
 
 def expert_groups(sizes: list[int], placement: str) -> list[int]:

@@ -26,8 +26,8 @@ import os
 
 import numpy as np
 
-from moe.config import ConfigError
-from parallel.files import write_text_atomic
+from common.config import ConfigError
+from common.files import write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tensorboard"

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from moe import compat
+from common import compat
 from moe.timing import WallTimer
 from parallel.all_to_all import CommCounter, collective
 from parallel.dist import WorldInfo

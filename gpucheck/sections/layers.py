@@ -15,7 +15,7 @@ drawn on the bf16 grid (exact in fp32 and fp64), and the draw is repeated until 
 and (k+1)-th routing scores differ by at least ``MARGIN`` (bf16 rounding of the pooled input must
 not flip a routing decision; a flip is a different function, not a numerical error).
 
-It also counts the calls of ``moe.compat.grouped_mm``: with ``expert.impl=auto`` a bf16 layer on
+It also counts the calls of ``common.compat.grouped_mm``: with ``expert.impl=auto`` a bf16 layer on
 sm90+ must take it.
 """
 
@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from common import compat
 from gpucheck import section
-from moe import compat
 from moe.config import ExpertConfig, HierarchicalMoEConfig, MultiScaleMoEConfig, PatchMoEConfig, RouterConfig
 from moe.hierarchical import HierarchicalMoE
 from moe.multiscale import MultiScaleMoE
@@ -206,7 +206,7 @@ def device_grads(case: Case, layer: torch.nn.Module, data: dict, device: torch.d
 
 
 class GroupedMMCounter:
-    """Counts calls of moe.compat.grouped_mm (the only way into torch._grouped_mm)."""
+    """Counts calls of common.compat.grouped_mm (the only way into torch._grouped_mm)."""
 
     def __init__(self) -> None:
         self.calls = 0

@@ -5,7 +5,7 @@
 
 Builds the trainer in this process as ``msmoe train`` does for one process, runs ``WARMUP``
 steps, then ``N`` ordinary steps (``Trainer.train_step``: no logging step, no checkpoint) with
-``torch.cuda.set_sync_debug_mode("warn")`` (through moe/compat.py), recording each warning and the
+``torch.cuda.set_sync_debug_mode("warn")`` (through common/compat.py), recording each warning and the
 file:line that raised it, so the JSON names every sync site (ours and DeepSpeed's).
 
 Budget (issue 13, DESIGN.md): one sync per dispatching MoE layer (the all-to-all split sizes, or
@@ -19,9 +19,9 @@ from __future__ import annotations
 import sys
 import warnings
 
+from common import compat
 from gpucheck import section
 from gpucheck.host_syncs import SyncCounter
-from moe import compat
 
 WARMUP, N = 3, 4
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 import yaml
 
+from common.config import ConfigError
 from launcher.convert import run_convert
-from moe import ConfigError
 from moe.hierarchical import expert_id_table
 from parallel.ds_names import EXPERT_FILE
 from parallel.reshard import ReshardError

@@ -1,13 +1,7 @@
 import pytest
 
-from moe.config import (
-    ConfigError,
-    ExpertConfig,
-    MultiScaleMoEConfig,
-    PatchMoEConfig,
-    RouterConfig,
-    from_dict,
-)
+from common.config import ConfigError, from_dict
+from moe.config import ExpertConfig, MultiScaleMoEConfig, PatchMoEConfig, RouterConfig
 
 
 def test_top_k_larger_than_experts_names_both_numbers():

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from moe import ConfigError, ExpertConfig, PatchMoE, PatchMoEConfig, RouterConfig
+from common.config import ConfigError
+from moe import ExpertConfig, PatchMoE, PatchMoEConfig, RouterConfig
 from moe.units import make_grid, patchify
 
 

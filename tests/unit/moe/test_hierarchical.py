@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from moe import ConfigError, ExpertConfig, HierarchicalMoE, HierarchicalMoEConfig, RouterConfig
+from common.config import ConfigError
+from moe import ExpertConfig, HierarchicalMoE, HierarchicalMoEConfig, RouterConfig
 from moe.hierarchical import expert_id_table
 from tests.reference import experts_to_modules, hierarchical_reference, modules_grads, route_unit
 
@@ -162,7 +163,7 @@ def test_unequal_config_errors():
 
 
 def test_from_dict_reads_a_yaml_list():
-    from moe.config import from_dict
+    from common.config import from_dict
     cfg = from_dict(HierarchicalMoEConfig, {"dim": 8, "experts_per_group": [8, 4, 4], "coarse": {"num_experts": 3},
                                             "fine": {"num_experts": 8, "top_k": 2}})
     assert cfg.experts_per_group == (8, 4, 4) and cfg.group_sizes == (8, 4, 4) and cfg.num_experts == 16

@@ -4,7 +4,8 @@ against a loop reference: one image, one modality, one scale at a time."""
 import pytest
 import torch
 
-from moe import ConfigError, ExpertConfig, HierarchicalFusion, HierarchicalFusionConfig, window_features
+from common.config import ConfigError
+from moe import ExpertConfig, HierarchicalFusion, HierarchicalFusionConfig, window_features
 from tests.reference import experts_to_modules, gate_head_logits, modules_grads, route_unit
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from moe.config import ConfigError
+from common.config import ConfigError
 from reid.data import PKSampler, fetch, load_splits
 from reid.prefetch import BatchFeed, Prefetcher, StepBatches, class_labels
 from reid.synth import SynthSpec, ensure_synth

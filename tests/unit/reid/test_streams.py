@@ -8,7 +8,7 @@ of modality m only ever reaches group m's experts."""
 import pytest
 import torch
 
-from moe.config import ConfigError
+from common.config import ConfigError
 from reid.data import MODALITIES, Batch
 from reid.model import MODALITY_INDEX, ReIDModel
 from training.config import load_config

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from moe import ConfigError
+from common.config import ConfigError
 from tests.helpers import ROOT
 from training.config import RunConfig, load_config
 

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from moe import ConfigError
+from common.config import ConfigError
 from training import elastic
 from training.config import TrainConfig
 from training.elastic import ElasticError, Layout

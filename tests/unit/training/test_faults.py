@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from moe.config import ConfigError
+from common.config import ConfigError
 from tests.helpers import mounted_tmpfs
 from training.faults import NO_FAULTS, FaultPlan
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from moe import compat
+from common import compat
 from moe import ExpertConfig, HierarchicalMoE, HierarchicalMoEConfig, PatchMoE, PatchMoEConfig, RouterConfig
 from tests.helpers import needs_cpu_grouped_mm
 from training.metrics import History, moe_usage

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from moe import ConfigError
+from common.config import ConfigError
 from training.metrics import StepResult, interval_record
 from training.run_log import METRICS_FILE, RunLog, check_wandb, flatten, keep_until, load_heatmap, read_metrics
 

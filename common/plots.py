@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import os
 
-from parallel.files import atomic_file
+from common.files import atomic_file
 
 PLOTS_ENV = "MSMOE_REPORT_PLOTS"
 
@@ -27,7 +27,7 @@ def pyplot():
 
 
 def save_figure(fig, path: str, **kwargs) -> None:
-    """``fig`` as a PNG at ``path``, written atomically (parallel/files.py: a full disk leaves the old
+    """``fig`` as a PNG at ``path``, written atomically (common/files.py: a full disk leaves the old
     plot or none, never a cut one), then closed."""
     try:
         with atomic_file(path, "wb") as fh:

@@ -1,4 +1,4 @@
-"""moe/compat.py: the version-dependent torch calls and their fallbacks (CPU here; the GPU check
+"""common/compat.py: the version-dependent torch calls and their fallbacks (CPU here; the GPU check
 runs the CUDA side on the target's own torch)."""
 
 import warnings
@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from moe import compat
+from common import compat
 from moe.grouped import ExpertBatch, grouped_matmul
 
 CPU = torch.device("cpu")

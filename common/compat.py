@@ -8,14 +8,14 @@ a new torch changes this file and nothing else.
   grouped_mm_supported(x, w)  can ``torch._grouped_mm`` run these operands here? (probed once per
                               device and dtype: the op may be missing, CPU-less or dtype-limited)
   grouped_mm(x_TD, w_EDF, offs_E)  ``torch._grouped_mm`` itself; the one call site, so a check can
-                              count calls by wrapping ``moe.compat.grouped_mm``
+                              count calls by wrapping ``common.compat.grouped_mm``
   device_capability(device)   (major, minor) of a CUDA device, (0, 0) elsewhere
   sync_debug(mode)            context: ``torch.cuda.set_sync_debug_mode`` ("warn"/"error") and back;
                               does nothing without CUDA
   foreach_norm(tensors)       ``torch._foreach_norm`` (one fused launch), or a loop of norms
   gelu_backward_(grad, h)     GELU's backward written into ``grad`` (aten's out variant), or computed
 
-Check on a machine:  python3 -c "import moe.compat as c, torch; print(c.report(torch.device('cuda')))"
+Check on a machine:  python3 -c "import common.compat as c, torch; print(c.report(torch.device('cuda')))"
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
-"""Atomic writes (parallel/files.py): the old content or the new, never half of either."""
+"""Atomic writes (common/files.py): the old content or the new, never half of either."""
 
 import errno
 import os
 
 import pytest
 
-from parallel.files import staged_dir, write_text_atomic
+from common.files import staged_dir, write_text_atomic
 from tests.helpers import mounted_tmpfs
 
 
@@ -45,7 +45,7 @@ def test_a_full_disk_leaves_the_old_file_and_no_temp_file(tmp_path):
 
 
 def test_a_binary_file_cut_by_a_full_disk_is_not_left_behind(tmp_path):
-    from parallel.files import atomic_file
+    from common.files import atomic_file
 
     with mounted_tmpfs(str(tmp_path / "small"), "1m") as mnt:
         with pytest.raises(OSError):

@@ -1,28 +1,46 @@
-"""The one builder of every config family (moe, reid, training): :func:`from_dict` turns a plain
-mapping (YAML, ``key=value`` overrides, a saved config) into a frozen config dataclass, checking each
-value against the field's annotation before the dataclass validates its ranges:
+"""The one builder of every config family: :func:`from_dict` turns a plain mapping (YAML,
+``key=value`` overrides, a saved config) into a frozen config dataclass, checking each value against
+the field's annotation before the dataclass validates its ranges:
 
   int               an integer; a float (``train.steps=5.7``, even ``6.0``) or a boolean is refused
   float             a number (an int is widened); a boolean or text is refused
   bool              ``true`` or ``false`` only (``train.elastic_ep=maybe`` is refused)
   str               text (``out_dir=5`` is refused: quote it, ``out_dir='5'``)
+  Literal["a", "b"] one of the listed values (``train.precision=fp16`` is refused, naming them)
   X | None          null, or what X accepts
   tuple[int, ...]   a list (or tuple) of integers
   a dataclass       a nested mapping, built the same way
 
 Every refusal is a ConfigError naming the dotted field, the value, the type it has and the one it
-needs.
+needs. A config's ``__post_init__`` checks what annotations cannot say (ranges, relations between
+fields) with :func:`require`, and calls :func:`check_literals` so that a config built in code (not
+through from_dict) is held to its Literal fields too.
 """
 
 from __future__ import annotations
 
+import functools
 import types
 from dataclasses import fields, is_dataclass
-from typing import Any, Mapping, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Mapping, Union, get_args, get_origin, get_type_hints
+
+from common.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value is invalid; the message names the field and the fix."""
+
+
+def require(ok: bool, message: str) -> None:
+    """Raise ConfigError(``message``) unless ``ok``: the one check of every config's ``__post_init__``."""
+    if not ok:
+        raise ConfigError(message)
+
+
+@functools.lru_cache(maxsize=None)
+def _hints(cls: type) -> dict[str, Any]:
+    """The resolved field annotations of the dataclass ``cls`` (resolved once per class)."""
+    return get_type_hints(cls)
 
 
 _KIND = {bool: "a boolean", int: "an integer", float: "a decimal number", str: "text", list: "a list",
@@ -62,13 +80,40 @@ def _optional(hint: Any) -> Any:
     return None
 
 
+def _literal_problem(key: str, value: Any, hint: Any) -> str | None:
+    """Why ``value`` is none of the values of ``hint`` = Literal[...] (or Literal[...] | None, which
+    also takes null); None if it is one, or if ``hint`` is no Literal."""
+    inner = _optional(hint)
+    if inner is not None:
+        if value is None:
+            return None
+        hint = inner
+    if get_origin(hint) is not Literal:
+        return None
+    allowed = get_args(hint)
+    if any(type(value) is type(a) and value == a for a in allowed):  # True is not 1, nor 1 "1"
+        return None
+    return f"{key}={value!r} is not one of the allowed values {list(allowed)}"
+
+
+def check_literals(config: Any, prefix: str = "") -> None:
+    """ConfigError unless every Literal-typed field of the dataclass ``config`` holds one of its
+    values (named ``prefix`` + field, e.g. ``train.precision``). For ``__post_init__``: from_dict checks
+    the same before building, naming the whole dotted path; this holds configs built in code to it."""
+    for name, hint in _hints(type(config)).items():
+        problem = _literal_problem(prefix + name, getattr(config, name), hint)
+        if problem:
+            raise ConfigError(problem)
+
+
 def _check_type(key: str, value: Any, hint: Any) -> None:
     inner = _optional(hint)
     if inner is not None:
         if value is None:
             return
         hint = inner
-    problem = _scalar_problem(key, value, hint) if hint in (int, float, bool, str) else None
+    scalar = hint in (int, float, bool, str)
+    problem = _scalar_problem(key, value, hint) if scalar else _literal_problem(key, value, hint)
     if problem is None and get_origin(hint) is tuple and get_args(hint)[:1] == (int,) \
             and isinstance(value, (list, tuple)):
         bad = [v for v in value if not _is_int(v)]
@@ -88,7 +133,7 @@ def from_dict(cls: type, data: Mapping[str, Any] | None, path: str = "") -> Any:
         data = {}
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where} must be a mapping, got {data!r}")
-    hints = get_type_hints(cls)
+    hints = _hints(cls)
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
