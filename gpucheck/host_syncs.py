@@ -30,7 +30,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROJECT = tuple(os.path.join(ROOT, p) + os.sep
-                for p in ("moe", "parallel", "reid", "launcher", "bench", "scaling", "gpucheck", "training"))
+                for p in ("common", "moe", "parallel", "reid", "launcher", "bench", "scaling", "gpucheck", "training"))
 HOST_SIDE = (os.path.join(ROOT, "reid", "data.py"),)
 
 _METHODS = ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__", "nonzero",

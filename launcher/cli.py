@@ -24,30 +24,9 @@ from launcher import allocator
 
 allocator.tune()  # before torch is imported: see launcher/allocator.py
 
+from common.errors import UserError  # noqa: E402
 from launcher import ablate, bench, checkpoints, convert, data, export, fit, launch, scale, submit, train  # noqa: E402
 from launcher import worker_errors, worker_exit  # noqa: E402
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    from scaling.sweep import ScaleError
-    from launcher.launch import LaunchError
-    from launcher.submit import SubmitError
-    from common.config import ConfigError
-    from moe.resize import ResizeError
-    from parallel.all_to_all import CollectiveError
-    from parallel.devices import DeviceCountError
-    from parallel.consolidate import ConsolidateError
-    from parallel.groups import ParallelConfigError
-    from parallel.reshard import ReshardError
-    from reid.data import DataError
-    from training.checkpoint import CheckpointMismatch, CheckpointUnverified
-    from training.final_writes import ReportWriteError
-    from training.ownership import RunOwnershipError
-    from training.save_guard import CheckpointWriteError
-
-    return (ConfigError, LaunchError, SubmitError, ScaleError, CheckpointMismatch, CollectiveError, DataError,
-            ReshardError, ResizeError, ParallelConfigError, DeviceCountError, RunOwnershipError,
-            CheckpointUnverified, CheckpointWriteError, ConsolidateError, FileNotFoundError, ReportWriteError)
 
 
 def _said_by_every_rank(exc: Exception) -> bool:
@@ -61,7 +40,11 @@ def _said_by_every_rank(exc: Exception) -> bool:
     return isinstance(exc, (ConfigError, ParallelConfigError, RunOwnershipError, ReportWriteError))
 
 
-USER_ERRORS = _user_errors()
+# What exits 2 with its message as one line: every msmoe user error (common/errors.py), and a missing
+# file: msmoe raises plain FileNotFoundError for a run, checkpoint or points file that is not there
+# (training/verify.py, training/checkpoint.py, launcher/scale.py, ...), and open() of a path the user
+# gave raises it too.
+USER_ERRORS = (UserError, FileNotFoundError)
 
 
 def build_parser() -> argparse.ArgumentParser:

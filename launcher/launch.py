@@ -29,13 +29,14 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+from common.errors import UserError
 from launcher.command import CLI_MODULE, msmoe_command
 
 LAUNCHERS = ("torchrun", "deepspeed", "mpirun", "accelerate")
 ACCELERATE_CONFIG = "configs/accelerate/deepspeed.yaml"
 
 
-class LaunchError(ValueError):
+class LaunchError(UserError, ValueError):
     """A launch request that cannot work; the message names the setting and the fix."""
 
 

@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 
+from common.errors import UserError
 from launcher.command import msmoe_command
 from parallel.launchenv import FORWARDED_SIGNALS
 from training.checkpoint import COMPLETE
@@ -31,7 +32,7 @@ from training.checkpoint import COMPLETE
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-class SubmitError(ValueError):
+class SubmitError(UserError, ValueError):
     pass
 
 

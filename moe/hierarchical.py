@@ -37,12 +37,13 @@ from typing import Any, Protocol
 import torch
 import torch.nn as nn
 
+from common.timing import StageTimer
 from moe.balance import MoEOutput, routing_stats
 from moe.config import HierarchicalMoEConfig
 from moe.dispatch import Dispatcher, LocalDispatcher, plan_dispatch, slot_counts, unpermute
 from moe.experts import build_experts
 from moe.router import Router, RoutingDecision
-from moe.timing import NullTimer, StageTimer
+from moe.timing import NullTimer
 from moe.units import make_grid, patchify, pool_units, unpatchify
 
 

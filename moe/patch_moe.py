@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from common.timing import StageTimer
 from moe.balance import MoEOutput, RoutingStats, routing_stats
 from moe.combine import slot_sum_to_map
 from moe.config import PatchMoEConfig
@@ -34,7 +35,7 @@ from moe.dispatch import Dispatcher, DispatchPlan, LocalDispatcher, plan_dispatc
 from moe.experts import build_experts
 from moe.indexing import gather_rows
 from moe.router import Router, RoutingDecision
-from moe.timing import NullTimer, StageTimer
+from moe.timing import NullTimer
 from moe.units import PatchGrid, PatchView, make_grid, patchify, pool_units, unpatchify
 
 

@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import torch
 
+from common.errors import UserError
+
 GATE_LAST = "router.gate"
 
 
-class ResizeError(ValueError):
+class ResizeError(UserError, ValueError):
     pass
 
 

@@ -13,6 +13,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from common.errors import UserError
+
 
 @dataclass
 class CommCounter:
@@ -50,7 +52,7 @@ class CommCounter:
         self.by_direction = {"forward": 0, "backward": 0}
 
 
-class CollectiveError(RuntimeError):
+class CollectiveError(UserError, RuntimeError):
     """A collective failed or timed out: some rank of the group died or stopped calling it."""
 
 

@@ -17,12 +17,13 @@ import os
 
 import torch
 
+from common.errors import UserError
 from parallel.ds_names import EXPERT_FILE_RE, LAYER_KEY, PER_EXPERT_KEY_RE
 
 MODEL_FILE = "mp_rank_00_model_states.pt"
 
 
-class ConsolidateError(ValueError):
+class ConsolidateError(UserError, ValueError):
     pass
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from typing import Callable
 
+from common.errors import UserError
 
-class DeviceCountError(ValueError):
+
+class DeviceCountError(UserError, ValueError):
     """More processes on a node than CUDA devices; the message names both counts and the fix."""
 
 

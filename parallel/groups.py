@@ -19,10 +19,11 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 
+from common.errors import UserError
 from moe.config import expert_sharding_error
 
 
-class ParallelConfigError(ValueError):
+class ParallelConfigError(UserError, ValueError):
     pass
 
 

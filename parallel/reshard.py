@@ -28,6 +28,7 @@ import shutil
 
 import torch
 
+from common.errors import UserError
 from common.files import staged_dir
 from parallel.ds_names import EXPERT_FILE, EXPERT_FILE_RE, LAYER_KEY, PER_EXPERT_KEY, PER_EXPERT_KEY_RE
 from parallel.groups import group_name
@@ -36,7 +37,7 @@ from parallel.zero_state import ZeroStateError, plain_states, zero_files, zero_s
 OPTIM = "expp_rank_{}_mp_rank_00_optim_states.pt"
 
 
-class ReshardError(ValueError):
+class ReshardError(UserError, ValueError):
     pass
 
 

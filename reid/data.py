@@ -26,12 +26,14 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
+from common.errors import UserError
+
 SPLITS = ("train", "query", "gallery")
 MODALITIES = {"rgb": 3, "nir": 1, "tir": 1}
 META_FILE = "msmoe_data.json"
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad data or data settings; the message names the file/field and the fix."""
 
 

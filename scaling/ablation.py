@@ -16,6 +16,7 @@ import json
 import os
 from dataclasses import dataclass
 
+from common.errors import UserError
 from scaling.campaign import Campaign, Command, Run, job_active
 from training.checkpoint import COMPLETE
 
@@ -36,7 +37,7 @@ def model_kind(model: dict) -> str:
     return f"{model.get('streams', 'fused')} / {blocks} / {model.get('fusion', 'flat')}"
 
 
-class AblationError(RuntimeError):
+class AblationError(UserError, RuntimeError):
     """A run of the sweep failed; the message holds the end of its output."""
 
 

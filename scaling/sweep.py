@@ -26,13 +26,14 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+from common.errors import UserError
 from scaling.campaign import Campaign, Command, Run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POINT_PREFIX = "scale"
 
 
-class ScaleError(ValueError):
+class ScaleError(UserError, ValueError):
     pass
 
 

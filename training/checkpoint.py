@@ -24,6 +24,7 @@ import re
 import secrets
 import shutil
 
+from common.errors import UserError
 from common.files import write_text_atomic
 from training import manifest
 from training.collect import first_error, from_rank0, gathered
@@ -39,11 +40,11 @@ COMPLETE = "COMPLETE"  # inside the run directory: the run finished and reported
 __all__ = ["CKPT_DIR", "COMPLETE", "MARKER", "CheckpointMismatch", "CheckpointUnverified", "CheckpointWriteError"]
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(UserError, ValueError):
     """A checkpoint that does not fit the model the config builds (another shape)."""
 
 
-class CheckpointUnverified(FileNotFoundError):
+class CheckpointUnverified(UserError, FileNotFoundError):
     """--resume found complete checkpoints, but none whose files match their manifest."""
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shlex
 
+from common.errors import UserError
 from common.files import write_text_atomic
 from training.checkpoint import COMPLETE, tag_of
 from training.collect import first_error
@@ -22,7 +23,7 @@ from training.report import write_report
 from training.save_guard import describe
 
 
-class ReportWriteError(OSError):
+class ReportWriteError(UserError, OSError):
     """A run's summary or report could not be written; its final checkpoint is complete."""
 
 

@@ -24,6 +24,7 @@ import sys
 import uuid
 from dataclasses import asdict, dataclass
 
+from common.errors import UserError
 from common.files import write_text_atomic
 from training.checkpoint import CKPT_DIR, COMPLETE, list_steps, newest_complete, run_of
 
@@ -33,7 +34,7 @@ LOCK_FILE = ".lock"
 RUN_OUTPUTS = (COMPLETE, "summary.json", "report.md", "eval.json", "untrained.json", "config.yaml")
 
 
-class RunOwnershipError(ValueError):
+class RunOwnershipError(UserError, ValueError):
     """The run directory belongs to another run or is being written by another process."""
 
 

@@ -17,10 +17,12 @@ import os
 import shutil
 from typing import Iterator
 
+from common.errors import UserError
+
 LOW_SPACE = 1 << 20  # bytes: below this the filesystem is reported as full
 
 
-class CheckpointWriteError(OSError):
+class CheckpointWriteError(UserError, OSError):
     """A checkpoint could not be written; the previous complete one is still the newest."""
 
 

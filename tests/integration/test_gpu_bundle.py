@@ -33,7 +33,8 @@ def check_bundle(folder: str) -> list[str]:
     for f in wheels:
         assert parse_wheel_filename(f)[3] & TARGET, f"{f} does not install on CPython 3.12 manylinux x86-64"
     assert sum(os.path.getsize(os.path.join(folder, f)) for f in wheels) < 40 * 2**20
-    ours = {"moe", "parallel", "reid", "training", "launcher", "bench", "scaling", "gpucheck", "tests", "configs"}
+    ours = {"common", "moe", "parallel", "reid", "training", "launcher", "bench", "scaling", "gpucheck", "tests",
+            "configs"}
     for f in wheels:  # the bundle comes first on PYTHONPATH: it must not shadow a package of ours
         with zipfile.ZipFile(os.path.join(folder, f)) as zf:
             assert not {n.split("/")[0] for n in zf.namelist()} & ours, f

@@ -1,17 +1,20 @@
 """Imports run one way: gpucheck -> launcher -> scaling -> bench -> training -> reid / parallel -> moe
-(docs/ARCHITECTURE.md).
+-> common (docs/ARCHITECTURE.md).
 
 Every import statement of every module (top level or inside a function) is read with ``ast``; an
 import of a package at the same level (reid <-> parallel) or above fails, naming file and line.
-No module outside launcher/ names ``launcher.cli`` either (a subprocess string would be an upward
-reach the imports do not show): msmoe command lines come from launcher/command.py."""
+common/, the leaf, imports none of the project's other packages (only the standard library, torch,
+yaml, numpy, matplotlib). No module outside launcher/ names ``launcher.cli`` either (a subprocess
+string would be an upward reach the imports do not show): msmoe command lines come from
+launcher/command.py."""
 
 import ast
 import os
 
 from tests.helpers import ROOT
 
-LEVEL = {"moe": 0, "parallel": 1, "reid": 1, "training": 2, "bench": 3, "scaling": 4, "launcher": 5, "gpucheck": 6}
+LEVEL = {"common": -1, "moe": 0, "parallel": 1, "reid": 1, "training": 2, "bench": 3, "scaling": 4, "launcher": 5,
+         "gpucheck": 6}
 CLI = "launcher" + ".cli"  # spelt in two so that this file does not name it either
 
 
@@ -25,18 +28,27 @@ def imports(path: str) -> list[tuple[int, str]]:
     return out
 
 
+def python_files(root: str, pkg: str) -> list[str]:
+    """Every .py file of package ``pkg`` under ``root``."""
+    out = []
+    for folder, _, files in os.walk(os.path.join(root, pkg)):
+        out += [os.path.join(folder, f) for f in sorted(files) if f.endswith(".py")]
+    return out
+
+
+def package_imports(root: str, pkg: str) -> list[tuple[str, int, str]]:
+    """(file relative to root, line, imported module) for every import in package ``pkg``."""
+    return [(os.path.relpath(path, root), line, module)
+            for path in python_files(root, pkg) for line, module in imports(path)]
+
+
 def upward_imports(root: str) -> list[str]:
     bad = []
     for pkg, level in LEVEL.items():
-        for folder, _, files in os.walk(os.path.join(root, pkg)):
-            for f in sorted(files):
-                if not f.endswith(".py"):
-                    continue
-                path = os.path.join(folder, f)
-                for line, module in imports(path):
-                    top = module.split(".")[0]
-                    if top in LEVEL and top != pkg and LEVEL[top] >= level:
-                        bad.append(f"{os.path.relpath(path, root)}:{line} imports {module}")
+        for path, line, module in package_imports(root, pkg):
+            top = module.split(".")[0]
+            if top in LEVEL and top != pkg and LEVEL[top] >= level:
+                bad.append(f"{path}:{line} imports {module}")
     return bad
 
 
@@ -46,11 +58,9 @@ def cli_strings(root: str) -> list[str]:
     for pkg in LEVEL:
         if pkg == "launcher":
             continue
-        for folder, _, files in os.walk(os.path.join(root, pkg)):
-            for f in sorted(f for f in files if f.endswith(".py")):
-                path = os.path.join(folder, f)
-                bad += [f"{os.path.relpath(path, root)}:{i} names {CLI}" for i, line in enumerate(open(path), 1)
-                        if CLI in line]
+        for path in python_files(root, pkg):
+            bad += [f"{os.path.relpath(path, root)}:{i} names {CLI}" for i, line in enumerate(open(path), 1)
+                    if CLI in line]
     return bad
 
 
@@ -65,9 +75,18 @@ def test_the_check_sees_an_upward_import(tmp_path):
     (tmp_path / "reid" / "worse.py").write_text("import parallel.groups\n")
     (tmp_path / "launcher" / "fine.py").write_text("from moe import PatchMoE\n")
     (tmp_path / "scaling" / "up.py").write_text("import gpucheck.check\nfrom bench.layer import run_layer_bench\n")
-    assert upward_imports(str(tmp_path)) == ["moe/bad.py:2 imports training.trainer",
+    (tmp_path / "common" / "leaf.py").write_text("import torch\nfrom common import files\nfrom moe.config import X\n")
+    assert upward_imports(str(tmp_path)) == ["common/leaf.py:3 imports moe.config",
+                                             "moe/bad.py:2 imports training.trainer",
                                              "reid/worse.py:1 imports parallel.groups",
                                              "scaling/up.py:1 imports gpucheck.check"]
+
+
+def test_common_imports_no_other_package_of_the_project():
+    ours = {d for d in os.listdir(ROOT) if os.path.isfile(os.path.join(ROOT, d, "__init__.py"))} - {"common"}
+    assert "moe" in ours and "tests" in ours
+    assert [f"{path}:{line} imports {m}" for path, line, m in package_imports(ROOT, "common")
+            if m.split(".")[0] in ours] == []
 
 
 def test_only_launcher_names_the_cli_module():

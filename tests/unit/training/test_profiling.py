@@ -1,12 +1,14 @@
-"""train.profile_steps (training/profiling.py, moe/timing.py): only the chosen steps are recorded, the
-MoE stage timers name their ranges in the trace, and nothing is opened when no profiler records."""
+"""train.profile_steps (training/profiling.py, moe/timing.py, common/timing.py): only the chosen steps
+are recorded, the MoE stage timers name their ranges in the trace, and nothing is opened when no
+profiler records."""
 
 import json
 from contextlib import nullcontext
 
 import torch
 
-from moe.timing import NullTimer, WallTimer, profiler_range
+from common.timing import profiler_range
+from moe.timing import NullTimer, WallTimer
 from training.profiling import StepProfiler, trace_path
 
 
@@ -46,7 +48,7 @@ def test_a_run_that_ends_inside_the_range_keeps_its_trace(tmp_path):
 
 
 def test_no_range_without_a_profiler(tmp_path):
-    assert isinstance(profiler_range("route"), nullcontext)
+    assert isinstance(profiler_range("moe.route"), nullcontext)
     prof = StepProfiler(None, str(tmp_path), 0, torch.device("cpu"))
     for s in range(3):
         prof.before(s)
