@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    from training.verify import verify_dir
+    from training.checkpoint.verify import verify_dir
 
     text, code = verify_dir(args.path)
     print(text)

@@ -58,7 +58,7 @@ def add_parser(sub) -> None:
 
 def run_convert(args: argparse.Namespace) -> int:
     from parallel.reshard import ReshardError
-    from training.verify import reading
+    from training.checkpoint.verify import reading
 
     src, out = os.path.realpath(args.src), os.path.realpath(args.out)
     if out == src or out.startswith(src + os.sep):
@@ -74,19 +74,19 @@ def run_convert(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace, tag: str) -> int:
     from parallel.reshard import ReshardError, reshard_checkpoint, resize_experts_checkpoint
 
-    from training import checkpoint
+    from training.checkpoint import store
 
     if args.ep_size is not None:
         if args.group is not None:
             raise ReshardError("--group resizes one group (with --num-experts); it does not go with --ep-size")
         info = reshard_checkpoint(args.src, tag, args.out, args.ep_size)
-        checkpoint.mark_complete(args.out, tag)
+        store.mark_complete(args.out, tag)
         stage = f", ZeRO stage {info['from_zero_stage']} -> 0" if info["from_zero_stage"] else ""
         print(f"converted {tag}: EP {info['from_ep_size']} -> {info['to_ep_size']}{stage}, written to {info['out']}")
         return 0
     transform, note = _transform(args)
     info = resize_experts_checkpoint(args.src, tag, args.out, transform)
-    checkpoint.mark_complete(args.out, tag)
+    store.mark_complete(args.out, tag)
     what = f"group {args.group}: layer experts" if args.group is not None else "experts"
     to = info["to_experts"] if args.group is not None else args.num_experts
     print(f"converted {tag}: {what} {info['from_experts']} -> {to} per layer ({args.mode}), "

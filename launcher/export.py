@@ -45,10 +45,10 @@ def run_export(args: argparse.Namespace) -> int:
     from parallel.consolidate import consolidated_state
     from reid.data import image_size, load_splits, read_meta
     from reid.exported import save_exported
-    from training import checkpoint
-    from training.verify import reading
+    from training.checkpoint import store
+    from training.checkpoint.verify import reading
 
-    ckpt_dir = os.path.join(args.run_dir, checkpoint.CKPT_DIR)
+    ckpt_dir = os.path.join(args.run_dir, store.CKPT_DIR)
     with open(os.path.join(args.run_dir, "config.yaml")) as fh:
         cfg = yaml.safe_load(fh)
     with reading(ckpt_dir, args.tag, "export") as tag:  # verified, and not pruned while it is read

@@ -27,7 +27,7 @@ import sys
 from common.errors import UserError
 from launcher.command import msmoe_command
 from parallel.launchenv import FORWARDED_SIGNALS
-from training.checkpoint import COMPLETE
+from training.checkpoint.store import COMPLETE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -10,3 +10,5 @@ PER_EXPERT_KEY = EXPERTS_KEY + "deepspeed_experts."  # + "<expert id>.<name>": o
 PER_EXPERT_KEY_RE = re.compile(r"(.*)" + re.escape(PER_EXPERT_KEY) + r"(\d+)\.(.+)")  # (module prefix, id, name)
 EXPERT_FILE = "layer_{layer}_expert_{expert}_mp_rank_00_model_states.pt"  # one global expert's weights
 EXPERT_FILE_RE = re.compile(r"layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt")  # (layer, expert)
+OPTIM_FILE = "expp_rank_{}_mp_rank_00_optim_states.pt"  # one EP rank's optimizer state (ZeRO 0)
+OPTIM_FILE_RE = re.compile(r"expp_rank_(\d+)_mp_rank_00_optim_states\.pt$")  # (EP rank)

@@ -30,11 +30,10 @@ import torch
 
 from common.errors import UserError
 from common.files import staged_dir
-from parallel.ds_names import EXPERT_FILE, EXPERT_FILE_RE, LAYER_KEY, PER_EXPERT_KEY, PER_EXPERT_KEY_RE
+from parallel.ds_names import EXPERT_FILE, EXPERT_FILE_RE, LAYER_KEY, OPTIM_FILE, PER_EXPERT_KEY, PER_EXPERT_KEY_RE
 from parallel.groups import group_name
 from parallel.zero_state import ZeroStateError, plain_states, zero_files, zero_stage_of
 
-OPTIM = "expp_rank_{}_mp_rank_00_optim_states.pt"
 
 
 class ReshardError(UserError, ValueError):
@@ -118,8 +117,8 @@ def reshard_checkpoint(src_dir: str, tag: str, dst_dir: str, new_ep_size: int) -
             raise ReshardError(f"a MoE layer has num_experts={e}, not divisible by the new ep_size={new_ep_size}")
     if zero == 0:
         p_src = source_ep_size(src)
-        sources_raw = [_load(os.path.join(src, OPTIM.format(r))) for r in range(p_src)]
-        sources = [optimizer_of(o, os.path.join(src, OPTIM.format(r))) for r, o in enumerate(sources_raw)]
+        sources_raw = [_load(os.path.join(src, OPTIM_FILE.format(r))) for r in range(p_src)]
+        sources = [optimizer_of(o, os.path.join(src, OPTIM_FILE.format(r))) for r, o in enumerate(sources_raw)]
         extra = {k: v for k, v in sources_raw[0].items() if k != "optimizer"}
     else:
         try:
@@ -130,19 +129,19 @@ def reshard_checkpoint(src_dir: str, tag: str, dst_dir: str, new_ep_size: int) -
     new = reshard_optimizer(sources, new_ep_size)
 
     dst = os.path.join(dst_dir, tag)
-    skip = {OPTIM.format(r) for r in range(p_src)} | set(zero_files(src).values())
+    skip = {OPTIM_FILE.format(r) for r in range(p_src)} | set(zero_files(src).values())
     skip.add("COMMITTED")  # the source's manifest lists the source's files: the caller commits the copy
     with staged_dir(dst) as tmp:
         for f in os.listdir(src):
             if f not in skip and not (zero and f == MODEL):
                 shutil.copy2(os.path.join(src, f), os.path.join(tmp, f))
-        if zero:  # now a ZeRO 0 checkpoint of the new EP size (training/elastic.py reads its layout from here)
+        if zero:  # now a ZeRO 0 checkpoint of the new EP size (training/checkpoint/elastic.py reads its layout from here)
             model["ds_config"] = {**model["ds_config"], "zero_optimization": {
                 **model["ds_config"]["zero_optimization"], "stage": 0}}
             model.update(param_shapes=None, optimizer=None, ep_size=new_ep_size)
             torch.save(model, os.path.join(tmp, MODEL))
         for r, opt in enumerate(new):
-            torch.save({**extra, "optimizer": opt}, os.path.join(tmp, OPTIM.format(r)))
+            torch.save({**extra, "optimizer": opt}, os.path.join(tmp, OPTIM_FILE.format(r)))
     return {"tag": tag, "from_ep_size": p_src, "to_ep_size": new_ep_size, "from_zero_stage": zero, "out": dst}
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from common.errors import UserError
 from scaling.campaign import Campaign, Command, Run, job_active
-from training.checkpoint import COMPLETE
+from training.checkpoint.store import COMPLETE
 
 DEFAULT_CONFIGS = ("configs/default.yaml", "configs/hierarchical.yaml", "configs/ablations/streams.yaml",
                    "configs/ablations/modal_given.yaml", "configs/modal.yaml", "configs/ablations/scales2.yaml",

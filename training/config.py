@@ -32,7 +32,7 @@ class TrainConfig:
     ``--nnodes 1:2``, a requeue on fewer GPUs): ``ep_size`` is then the largest EP size, and a run of
     W ranks uses the largest P <= ep_size that divides both W and the expert count (ep_size=4, 4
     experts: EP=4 on 4 or 8 ranks, EP=2 on 2 or 6, EP=1 on 1 or 3). ``--resume`` at another EP size
-    reshards the checkpoint on load, at every ZeRO stage (training/elastic.py).
+    reshards the checkpoint on load, at every ZeRO stage (training/checkpoint/elastic.py).
     """
 
     steps: int = 600

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from reid.data import MODALITIES, chunks, eval_shard, fetch
 from reid.metrics import RetrievalMetrics, cosine_distance, evaluate
+from training.config import EvalConfig
 
 
 @dataclass(frozen=True)
@@ -77,3 +78,30 @@ def retrieval(model, splits, batch_size: int, rank: int, world_size: int, device
         model.train(was_training)
     metrics = evaluate(cosine_distance(q.feats, g.feats), q.pids, g.pids, q.cams, g.cams, max_rank=max_rank)
     return metrics, q
+
+
+class Evaluator:
+    """A run's evaluation, on every rank: retrieval with ``eval.modalities`` (or others), with each
+    modality absent in turn, and this rank's first query batch (for the model cost)."""
+
+    def __init__(self, model, splits, ec: EvalConfig, rank: int, world_size: int, device, dtype=torch.float32):
+        self.model, self.splits, self.ec = model, splits, ec
+        self.rank, self.world_size, self.device, self.dtype = rank, world_size, device, dtype
+
+    def retrieval(self, modalities: tuple[str, ...] | None = None) -> tuple[RetrievalMetrics, Embeddings]:
+        """Retrieval metrics with ``modalities`` present (default: ``eval.modalities``)."""
+        ec = self.ec
+        return retrieval(self.model, self.splits, ec.batch_size, self.rank, self.world_size, self.device,
+                         ec.max_rank, self.dtype, modalities or ec.modalities)
+
+    def missing_modalities(self) -> dict:
+        """mAP / Rank-1 with each modality absent in turn (a standard RGBNT201 evaluation)."""
+        out = {}
+        for absent in MODALITIES:
+            metrics, _ = self.retrieval(tuple(m for m in MODALITIES if m != absent))
+            out[f"without_{absent}"] = {"map": metrics.map, "rank1": metrics.rank(1)}
+        return out
+
+    def query_batch(self):
+        """This rank's first query batch (every rank's is as large)."""
+        return eval_batch(self.splits["query"], self.ec.batch_size, self.rank, self.world_size, self.device, self.dtype)

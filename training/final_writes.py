@@ -16,11 +16,11 @@ import shlex
 
 from common.errors import UserError
 from common.files import write_text_atomic
-from training.checkpoint import COMPLETE, tag_of
+from training.checkpoint.store import COMPLETE, tag_of
 from training.collect import first_error
-from training.metrics import write_json
-from training.report import write_report
-from training.save_guard import describe
+from training.metrics.records import write_json
+from training.report.report import write_report
+from training.checkpoint.save_guard import describe
 
 
 class ReportWriteError(UserError, OSError):
@@ -35,7 +35,7 @@ def write_outputs(run_dir: str, summary: dict, fusion_weights, steps: int) -> No
 
 
 def failure(exc: OSError, run_dir: str) -> str:
-    """'PATH: CAUSE (N bytes free on its filesystem)' of a failed write (training/save_guard.py)."""
+    """'PATH: CAUSE (N bytes free on its filesystem)' of a failed write (training/checkpoint/save_guard.py)."""
     return describe(str(exc.filename or run_dir), exc)
 
 

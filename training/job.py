@@ -22,9 +22,9 @@ import yaml
 from common.config import ConfigError
 from parallel.rank_output import launcher_rank, prefix_rank_output
 from training.config import RunConfig, load_config
-from training.checkpoint import CKPT_DIR
+from training.checkpoint.store import CKPT_DIR
 from training.room import check_room, check_writable
-from training.run_log import check_wandb
+from training.metrics.run_log import check_wandb
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class TrainRequest:
     auto_resume: bool = False  # resume if there is a checkpoint, else start (requeued jobs)
     init_from: str | None = None  # start from these weights (e.g. made by msmoe convert)
     stop_at: int | None = None  # stop after this step (checkpointed)
-    progress: str = "auto"  # "bar", "lines" or "auto": the bar on a terminal, else lines (training/progress.py)
+    progress: str = "auto"  # "bar", "lines" or "auto": the bar on a terminal, else lines (training/metrics/progress.py)
     overwrite: bool = False  # start over in a run directory that holds another run's checkpoints
     accept_model_change: bool = False  # resume although the config changes the model (same parameter shapes)
 
@@ -92,7 +92,7 @@ def _say(world, text: str, file=sys.stdout) -> None:
 
 def wants_resume(req: TrainRequest, cfg: RunConfig) -> bool:
     """--resume; or --auto-resume / an elastic restart when the run has a checkpoint (read-only)."""
-    from training.checkpoint import CKPT_DIR, newest_complete
+    from training.checkpoint.store import CKPT_DIR, newest_complete
 
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
     found = newest_complete(os.path.join(cfg.run_dir, CKPT_DIR)) is not None
@@ -100,8 +100,8 @@ def wants_resume(req: TrainRequest, cfg: RunConfig) -> bool:
 
 
 def check_model_change(req: TrainRequest, cfg: RunConfig, resume: bool) -> None:
-    """A resume whose config changes the run's model: refused, naming the fields (training/model_change.py)."""
-    from training.model_change import check_resume
+    """A resume whose config changes the run's model: refused, naming the fields (training/checkpoint/model_change.py)."""
+    from training.checkpoint.model_change import check_resume
 
     check_resume(cfg, resume, req.accept_model_change, req.config, req.overrides)
 
@@ -184,23 +184,38 @@ def train(req: TrainRequest) -> int:
 
 
 def _train(req: TrainRequest, cfg: RunConfig, world, run_id: str, resume: bool, preemption, faults) -> int:
-    from reid.metrics import RetrievalMetrics
-    from training import final_writes
-    from training.collect import gathered
     from training.guards import TrainingHalted
-    from training.metrics import write_json
-    from training.preemption import agreed_signal, interrupted_exit_code, requeue, signal_flags, signal_name, under_slurm
     from training.trainer import Trainer
 
     t_start = time.perf_counter()
     trainer = Trainer(cfg, world, display=display_mode(req.progress), preemption=preemption, faults=faults,
                       run_id=run_id)
+    untrained = _start(req, cfg, world, trainer, resume)
+    try:
+        trainer.train(stop_at=req.stop_at)
+    except TrainingHalted as exc:
+        _say(world, f"msmoe: stopped: {exc}", file=sys.stderr)
+        return 3
+    finally:
+        trainer.close()  # the batch prefetch thread, whatever ended the loop
+    code = _stopped_early(cfg, world, trainer)
+    if code is not None:
+        return code
+    return _finish(req, cfg, world, trainer, untrained, preemption, faults, t_start)
+
+
+def _start(req: TrainRequest, cfg: RunConfig, world, trainer, resume: bool):
+    """Before the first step: the resume (or the weights of --init-from), the room check, the untrained
+    model's evaluation and config.yaml. Returns the untrained model's metrics (None if not evaluated)."""
+    from reid.metrics import RetrievalMetrics
+    from training.metrics.records import write_json
+
     untrained_path = os.path.join(cfg.run_dir, "untrained.json")
     untrained = None
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
     if resume:
         step = trainer.resume()
-        notes = [n for n in (trainer.resharded, f"elastic restart {restart}" if restart else None) if n]
+        notes = [n for n in (trainer.checkpointer.resharded, f"elastic restart {restart}" if restart else None) if n]
         _say(world, f"resumed {cfg.name!r} at step {step}" + (f" ({'; '.join(notes)})" if notes else ""))
         if os.path.isfile(untrained_path):
             with open(untrained_path) as fh:
@@ -211,21 +226,21 @@ def _train(req: TrainRequest, cfg: RunConfig, world, run_id: str, resume: bool, 
     if trainer.step < (cfg.train.steps if req.stop_at is None else min(cfg.train.steps, req.stop_at)):
         check_room(trainer)  # steps to train, so a checkpoint to write: one fits, before any evaluation or step
     if not resume and cfg.eval.untrained:
-        untrained, _ = trainer.evaluate()
+        untrained, _ = trainer.evaluator.retrieval()
         if world.rank == 0:
             write_json(untrained_path, untrained.as_dict())
         _say(world, f"untrained model: mAP {untrained.map:.1%}  Rank-1 {untrained.rank(1):.1%}")
     if world.rank == 0:
         with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as fh:
             yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
+    return untrained
 
-    try:
-        trainer.train(stop_at=req.stop_at)
-    except TrainingHalted as exc:
-        _say(world, f"msmoe: stopped: {exc}", file=sys.stderr)
-        return 3
-    finally:
-        trainer.close()  # the batch prefetch thread, whatever ended the loop
+
+def _stopped_early(cfg: RunConfig, world, trainer) -> int | None:
+    """The exit code of a training that stopped before ``train.steps`` (preempted, a stop signal,
+    --stop-at; a checkpoint was written); None when it trained to the end."""
+    from training.preemption import interrupted_exit_code, requeue, signal_name, under_slurm
+
     stop = trainer.stop_signal  # agreed by every rank, whichever rank(s) the signal reached
     if trainer.preempted and under_slurm():
         note = requeue(world.rank)
@@ -240,18 +255,31 @@ def _train(req: TrainRequest, cfg: RunConfig, world, run_id: str, resume: bool, 
         _say(world, f"stopped at step {trainer.step} of {cfg.train.steps}; checkpoint in {trainer.ckpt_dir}; "
                     f"continue with --resume")
         return 0
+    return None
+
+
+def _finish(req: TrainRequest, cfg: RunConfig, world, trainer, untrained, preemption, faults, t_start: float) -> int:
+    """After the last step: evaluation, memory and model cost on every rank; rank 0 writes summary.json,
+    the report and COMPLETE (training/final_writes.py), all ranks agree on the outcome."""
+    from training import final_writes
+    from training.collect import gathered
+    from training.preemption import agreed_signal, signal_flags, signal_name
+    from training.report.model_cost import gather_peak_memory_mb, run_cost
+    from training.report.summary import FinalEvaluation, build_summary
+
     faults.fill_disk(trainer.step, world.rank, os.path.dirname(cfg.run_dir))  # MSMOE_FAULT=fill_disk@N
-    metrics, q = trainer.evaluate()
-    peak_mem = trainer.gather_peak_memory_mb()  # every rank takes part (training's peak: before model_cost)
-    cost = trainer.model_cost()
-    missing = trainer.evaluate_missing_modalities() if cfg.eval.missing_modalities else None
+    metrics, q = trainer.evaluator.retrieval()
+    peak_mem = gather_peak_memory_mb(world.device, world.rank, world.world_size)  # training's peak: before the cost
+    cost = run_cost(trainer.model, trainer.moe_layers, trainer.groups.ep_size, trainer.evaluator.query_batch(),
+                    world.world_size, world.device)
+    missing = trainer.evaluator.missing_modalities() if cfg.eval.missing_modalities else None
     # a stop signal to any rank after the last step's all-reduce: every rank learns of it here
     late = agreed_signal([sum(n) for n in zip(*gathered(signal_flags(preemption.signal), world.world_size,
                                                          "stop signal"))])
     error = None
     if world.rank == 0:
-        summary = trainer.summary(metrics, untrained, time.perf_counter() - t_start, peak_mem, cost)
-        summary["missing_modality"] = missing
+        final = FinalEvaluation(metrics, untrained, time.perf_counter() - t_start, peak_mem, cost)
+        summary = {**build_summary(trainer.outcome(), final), "missing_modality": missing}
         base = f"  (untrained {untrained.map:.1%})" if untrained is not None else ""
         print(f"{cfg.name}: mAP {metrics.map:.1%}{base}  Rank-1 {metrics.rank(1):.1%}  Rank-5 {metrics.rank(5):.1%}  "
               f"Rank-10 {metrics.rank(10):.1%}  |  {summary['samples_per_s']:.1f} samples/s", flush=True)
@@ -271,7 +299,7 @@ def _train(req: TrainRequest, cfg: RunConfig, world, run_id: str, resume: bool, 
 def evaluate(run_dir: str, overrides: tuple[str, ...] = (), checkpoint_dir: str | None = None) -> int:
     """Re-evaluate a run's checkpoint (default: its newest) with the run's config; writes eval.json."""
     from parallel.dist import init_distributed
-    from training.metrics import write_json
+    from training.metrics.records import write_json
     from training.trainer import Trainer
 
     prefix_rank_output(launcher_rank())
@@ -281,7 +309,7 @@ def evaluate(run_dir: str, overrides: tuple[str, ...] = (), checkpoint_dir: str 
     prefix_rank_output(world.rank)
     trainer = Trainer(cfg, world)
     step = trainer.load_weights(checkpoint_dir or os.path.join(run_dir, "checkpoints"), what="eval")
-    metrics, _ = trainer.evaluate()
+    metrics, _ = trainer.evaluator.retrieval()
     if world.rank == 0:
         write_json(os.path.join(run_dir, "eval.json"), {"step": step, "modalities": list(cfg.eval.modalities),
                                                        **metrics.as_dict()})

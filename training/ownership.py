@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 
 from common.errors import UserError
 from common.files import write_text_atomic
-from training.checkpoint import CKPT_DIR, COMPLETE, list_steps, newest_complete, run_of
+from training.checkpoint.store import CKPT_DIR, COMPLETE, list_steps, newest_complete, run_of
 
 RUN_FILE = "run.json"
 LOCK_FILE = ".lock"

@@ -4,7 +4,7 @@ and the checkpoints' filesystem must have room for one checkpoint of this model 
 the model is built and loaded, when a step is left to train: a resume with none writes no checkpoint). Either refusal is a CheckpointWriteError (exit code 2) naming the path, the
 cause and the fix; nothing is created or trained first.
 
-One checkpoint, in bytes (DeepSpeed's MoE layout, training/checkpoint.py; P = every parameter once,
+One checkpoint, in bytes (DeepSpeed's MoE layout, training/checkpoint/store.py; P = every parameter once,
 L = one rank's parameters: the dense ones and 1/EP of the experts; Adam keeps two fp32 moments,
 8 bytes per parameter, and with bf16 also a 4-byte fp32 master copy):
 
@@ -23,7 +23,7 @@ import os
 import shutil
 import tempfile
 
-from training.save_guard import CheckpointWriteError
+from training.checkpoint.save_guard import CheckpointWriteError
 
 ADAM_BYTES = 8  # two fp32 moments per parameter
 MASTER_BYTES = 4  # bf16 training: DeepSpeed keeps an fp32 copy of every parameter in the optimizer
@@ -99,7 +99,7 @@ def check_room(trainer) -> None:
     """Every rank, once the model is built: one checkpoint fits where it will be written. All ranks
     agree (one collective) and raise the same CheckpointWriteError."""
     from training.collect import first_error
-    from training.model_cost import parameter_counts
+    from training.report.model_cost import parameter_counts
 
     tc, ep = trainer.cfg.train, trainer.groups.ep_size
     counts = parameter_counts(trainer.model, [layer.deepspeed_moe for layer in trainer.moe_layers], ep)

@@ -34,7 +34,7 @@ def sync_budget(cfg) -> int:
 def measure(config: str, workdir: str, precision: str, quick: bool) -> dict:
     from parallel.dist import init_distributed
     from training.config import load_config
-    from training.metrics import IntervalStats
+    from training.metrics.interval import IntervalStats
     from training.trainer import Trainer
     from reid.synth import ensure_synth
 

@@ -27,7 +27,7 @@ def main():
     from parallel.dist import shutdown_distributed
     from reid.synth import ensure_synth
     from training.config import load_config
-    from training.metrics import IntervalStats
+    from training.metrics.interval import IntervalStats
     from training.trainer import Trainer
 
     cfg = load_config(args.config, [*args.overrides, "train.log_every=1000", "train.ckpt_every=1000"])

@@ -1,5 +1,5 @@
 """Elastic expert parallelism with real processes: ``--resume`` at another EP / world size reshards
-the checkpoint on load (training/elastic.py).
+the checkpoint on load (training/checkpoint/elastic.py).
 
 - A run at 4 processes, EP=4 (train.elastic_ep) stops at step 2 and continues on 2 processes at
   EP=2, by a plain ``--resume train.ep_size=2`` and by ``--auto-resume`` with elastic_ep (the path
@@ -24,7 +24,7 @@ import torch
 
 from tests.helpers import TINY_DATA, exported_metrics, run_cli, run_torchrun
 from tests.integration.test_reliability import _weights
-from training import checkpoint
+from training.checkpoint import store
 
 STEPS, STOP = 4, 2
 
@@ -58,7 +58,7 @@ def test_ep4_on_4_continues_at_ep2_on_2_exactly_as_convert_then_resume(tmp_path)
     assert f"stopped at step {STOP}" in proc.stdout
     for name in ("plain", "auto", "converted"):
         _copy_run(tmp, "base", name)
-    tag = checkpoint.tag_of(STOP)
+    tag = store.tag_of(STOP)
 
     # the reference: convert offline, put the converted checkpoint in place of the run's, resume at EP=2
     ckpt = f"{tmp}/runs/converted/checkpoints"
@@ -155,7 +155,7 @@ def test_zero1_ep2_continues_at_ep1_with_its_adam_moments(tmp_path):
     one = _train(tmp, "one", 1, "train.zero_stage=1", "train.ep_size=1", "--resume")
     assert (f"resumed 'one' at step {STOP} (optimizer state moved from EP=2 on 2 rank(s), ZeRO stage 1 to EP=1 "
             "on 1 rank(s), ZeRO stage 1)") in one.stdout
-    assert sorted(os.listdir(f"{tmp}/runs/one/checkpoints/.elastic/ep1")) == [checkpoint.tag_of(STOP)]
+    assert sorted(os.listdir(f"{tmp}/runs/one/checkpoints/.elastic/ep1")) == [store.tag_of(STOP)]
     two = _train(tmp, "two", 2, "train.zero_stage=1", "train.ep_size=1", "--resume")
     assert "to EP=1 on 2 rank(s), ZeRO stage 1)" in two.stdout
     _train(tmp, "ref", 2, *z1, "--resume")  # the same layout: DeepSpeed's own files, as if never stopped

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from tests.helpers import ROOT, TINY_DATA, cli_command, cli_env
-from training import checkpoint
+from training.checkpoint import store
 
 
 def _train(tmp, *extra):
@@ -27,21 +27,21 @@ def test_resume_without_a_readable_run_json_keeps_the_run_id_and_prunes_the_old_
     run, ckpts = f"{tmp}/runs/lost", f"{tmp}/runs/lost/checkpoints"
     _train(tmp, "--stop-at", "6")
     run_id = json.load(open(f"{run}/run.json"))["run_id"]
-    assert [t for _, t, _ in checkpoint.list_steps(ckpts)] == ["step0000002", "step0000004", "step0000006"]
+    assert [t for _, t, _ in store.list_steps(ckpts)] == ["step0000002", "step0000004", "step0000006"]
 
     os.remove(f"{run}/run.json")
     proc = _train(tmp, "--resume", "--stop-at", "8")
     assert f"warning: {run}/run.json is missing: continuing run {run_id}, the id recorded in the manifest of " \
            "step0000006" in proc.stderr, proc.stderr[-3000:]
     assert json.load(open(f"{run}/run.json"))["run_id"] == run_id
-    assert [t for _, t, _ in checkpoint.list_steps(ckpts)] == ["step0000004", "step0000006", "step0000008"]
+    assert [t for _, t, _ in store.list_steps(ckpts)] == ["step0000004", "step0000006", "step0000008"]
 
     open(f"{run}/run.json", "w").write("\x00\x00garbage")
     proc = _train(tmp, "--resume")
     assert f"warning: {run}/run.json is not a run record (JSONDecodeError: " in proc.stderr, proc.stderr[-3000:]
     assert f"continuing run {run_id}, the id recorded in the manifest of step0000008" in proc.stderr
     assert json.load(open(f"{run}/run.json"))["run_id"] == run_id
-    assert [t for _, t, _ in checkpoint.list_steps(ckpts)] == ["step0000008", "step0000010", "step0000012"]
-    assert {checkpoint.run_of(ckpts, t) for _, t, _ in checkpoint.list_steps(ckpts)} == {run_id}
+    assert [t for _, t, _ in store.list_steps(ckpts)] == ["step0000008", "step0000010", "step0000012"]
+    assert {store.run_of(ckpts, t) for _, t, _ in store.list_steps(ckpts)} == {run_id}
     aside = [n for n in os.listdir(run) if n.startswith("run.json.unreadable-")]
     assert len(aside) == 1 and open(f"{run}/{aside[0]}").read() == "\x00\x00garbage"

@@ -1,4 +1,4 @@
-"""A ``--resume`` whose config changes the model (training/model_change.py), through the real command line.
+"""A ``--resume`` whose config changes the model (training/checkpoint/model_change.py), through the real command line.
 
 Another expert count (another shape) is refused with exit 2 before anything loads, naming the field
 old -> new and the commands that keep the trained weights; those commands, run as printed, work. A

@@ -9,7 +9,8 @@ import subprocess
 import pytest
 
 from tests.helpers import ROOT, TINY_DATA, cli_command, cli_env, unwritable
-from training import checkpoint, manifest, room
+from training import room
+from training.checkpoint import manifest, store
 
 
 def _args(tmp, name, steps=2, *extra):
@@ -39,7 +40,7 @@ def test_a_value_of_the_wrong_type_stops_before_anything_starts(tmp_path, extra,
 def _untouched(run_dir):
     """No step was trained: no metrics, no checkpoint (the run's own run.json may be there)."""
     assert not os.path.exists(f"{run_dir}/metrics.jsonl")
-    assert checkpoint.list_steps(f"{run_dir}/checkpoints") == []
+    assert store.list_steps(f"{run_dir}/checkpoints") == []
 
 
 @pytest.mark.slow
@@ -73,7 +74,7 @@ def test_no_room_to_write_a_checkpoint_stops_before_the_first_step(tmp_path):
     # with room, the same run trains, and its real checkpoint is what the estimate said, give or take framing
     proc = _run(cli_command("train", *_args(tmp, "ro")))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    step = f"{ckpts}/{checkpoint.newest_complete(ckpts)}"
+    step = f"{ckpts}/{store.newest_complete(ckpts)}"
     written = sum(e["size"] for e in manifest.read(step).files.values())
     estimate = room.checkpoint_bytes(37_063, 16_768, 1, 0, "fp32")  # the tiny model (tests/unit/training/test_room.py)
     assert 0.8 * written <= estimate <= written, (estimate, written)

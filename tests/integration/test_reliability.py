@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from tests.helpers import ROOT, TINY_DATA, cli_command, cli_env, mounted_tmpfs
-from training import checkpoint
+from training.checkpoint import store
 
 STEPS = 30
 
@@ -42,7 +42,7 @@ def _run(cmd, fault=None, timeout=600):
 
 def _weights(ckpt_dir: str) -> dict:
     """Every tensor of every model-state file of the newest complete checkpoint (experts included)."""
-    tag = checkpoint.newest_complete(ckpt_dir)
+    tag = store.newest_complete(ckpt_dir)
     out = {}
     for path in sorted(glob.glob(os.path.join(ckpt_dir, tag, "*model_states.pt"))):
         state = torch.load(path, map_location="cpu", weights_only=False)
@@ -88,17 +88,17 @@ def test_kill_during_checkpoint_save_resumes_from_the_previous_one(tmp_path, ref
     ckpt = f"{tmp_path}/runs/mid/checkpoints"
     proc = _run(_train_cmd(str(tmp_path), "mid"), fault="kill_in_save@10")
     assert proc.returncode != 0
-    partial = checkpoint.incomplete(ckpt)  # written into a fresh directory, never committed nor renamed
+    partial = store.incomplete(ckpt)  # written into a fresh directory, never committed nor renamed
     assert len(partial) == 1 and partial[0].startswith("step0000010.partial-")
     # rank 1, waiting for rank 0 in the save's agreement, names the collective (was: gloo's raw traceback)
     assert ("[rank 1] msmoe: error: collective 'all-gather of every rank's checkpoint outcome' failed on rank 1: "
             "another rank died or stopped calling it") in proc.stderr, proc.stderr[-3000:]
     assert not [line for line in proc.stderr.splitlines() if line.startswith("[rank 1]") and "Traceback" in line]
-    assert checkpoint.newest_complete(ckpt) == "step0000005" and open(f"{ckpt}/latest").read() == "step0000005"
+    assert store.newest_complete(ckpt) == "step0000005" and open(f"{ckpt}/latest").read() == "step0000005"
     again = _run(_train_cmd(str(tmp_path), "mid", extra=["--resume"]))
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed 'mid' at step 5" in again.stdout
-    assert checkpoint.incomplete(ckpt) == []
+    assert store.incomplete(ckpt) == []
     _same_as_reference(reference, f"{tmp_path}/runs/mid")
 
 
@@ -144,7 +144,7 @@ def test_nan_steps_are_skipped_then_the_run_stops_with_a_checkpoint(tmp_path):
                 fault="nan_loss@4;nan_loss@5")
     assert halt.returncode == 3
     assert "2 steps in a row (up to step 6) had a non-finite loss" in halt.stderr
-    assert checkpoint.newest_complete(f"{tmp}/runs/halt/checkpoints") == "step0000006"
+    assert store.newest_complete(f"{tmp}/runs/halt/checkpoints") == "step0000006"
 
 
 def _fake_dataset(path, nir_channels=1, dtype="uint8", nan=False, h=64, w=32):
@@ -202,13 +202,13 @@ def test_checkpoint_of_another_model_shape_is_named(tmp_path):
     other = _run(_train_cmd(tmp, "shape", nproc=1, extra=["train.steps=10", "--resume",
                                                             "model.patch_moe.expert.hidden_dim=32"]))
     assert other.returncode == 2 and "Traceback" not in other.stderr
-    # refused before anything loads (training/model_change.py), naming the field and the way back
+    # refused before anything loads (training/checkpoint/model_change.py), naming the field and the way back
     assert "--resume: this config changes the model of run 'shape'" in other.stderr, other.stderr[-2000:]
     assert "model.patch_moe.expert.hidden_dim" in other.stderr and "64" in other.stderr and "32" in other.stderr
     assert "with the saved values (model.patch_moe.expert.hidden_dim=64)" in other.stderr
 
 
-# ---- checkpoint integrity (training/manifest.py, training/checkpoint.py: resume, save)
+# ---- checkpoint integrity (training/checkpoint/manifest.py, training/checkpoint/store.py: resume, save)
 
 def _damage(path: str, how: str) -> None:
     size = os.path.getsize(path)
@@ -232,7 +232,7 @@ def test_flipped_bytes_in_the_newest_checkpoint_resume_from_the_previous_one(tmp
     ckpt = f"{tmp}/runs/flip/checkpoints"
     first = _run(_train_cmd(tmp, "flip", nproc=1, extra=["train.steps=10"]))
     assert first.returncode == 0, first.stderr[-3000:]
-    assert [t for _, t, c in checkpoint.list_steps(ckpt) if c] == ["step0000005", "step0000010"]
+    assert [t for _, t, c in store.list_steps(ckpt) if c] == ["step0000005", "step0000010"]
     assert _verify(f"{tmp}/runs/flip").returncode == 0
     model = f"{ckpt}/step0000010/mp_rank_00_model_states.pt"
     before = _weights(ckpt)
@@ -300,8 +300,8 @@ def test_disk_full_during_a_save_names_the_path_and_keeps_the_previous_checkpoin
     assert ("step0000015 was not committed and its unfinished directory is removed; step0000010 is still the newest "
             "complete checkpoint") in err
     assert "Traceback" not in err and "basic_ios" not in err
-    assert checkpoint.newest_complete(ckpt) == "step0000010" and open(f"{ckpt}/latest").read() == "step0000010"
-    assert checkpoint.incomplete(ckpt) == []  # the failed save's files are gone: the space is back
+    assert store.newest_complete(ckpt) == "step0000010" and open(f"{ckpt}/latest").read() == "step0000010"
+    assert store.incomplete(ckpt) == []  # the failed save's files are gone: the space is back
     check = _verify(ckpt)
     assert check.returncode == 0 and "newest complete: step0000010, verified" in check.stdout, check.stdout
 

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from tests.helpers import ROOT, TINY_DATA, cli_command, cli_env
-from training import checkpoint
+from training.checkpoint import store
 
 
 def _args(tmp, name, steps, *extra):
@@ -45,7 +45,7 @@ def test_a_stop_signal_to_msmoe_train_stops_every_process_after_a_checkpoint(tmp
     cmd = cli_command("train", "--nproc", "2", "train.ep_size=2", *_args(tmp, "sig", 400))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
                             env=cli_env(threads=None))
-    _wait_for(lambda: checkpoint.newest_complete(ckpts) is not None, what="the first checkpoint")
+    _wait_for(lambda: store.newest_complete(ckpts) is not None, what="the first checkpoint")
     family = psutil.Process(proc.pid).children(recursive=True)
     assert len(family) >= 3  # torchrun and its two workers
     proc.send_signal(sig)
@@ -55,7 +55,7 @@ def test_a_stop_signal_to_msmoe_train_stops_every_process_after_a_checkpoint(tmp
     assert f"interrupted by {name} after step" in out and "continue with --resume" in out, out[-3000:]
     assert "KeyboardInterrupt" not in out and "ChildFailedError" not in out
     step = int(out.split(f"interrupted by {name} after step ")[1].split(":")[0])
-    assert 4 <= step < 400 and checkpoint.newest_complete(ckpts) == checkpoint.tag_of(step)
+    assert 4 <= step < 400 and store.newest_complete(ckpts) == store.tag_of(step)
     survivors = [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert survivors == [], [p.cmdline() for p in survivors]
 
@@ -79,13 +79,13 @@ def test_a_stop_signal_to_one_worker_only_acts_like_one_to_msmoe_train(tmp_path)
     cmd = cli_command("train", "--nproc", "2", "train.ep_size=2", *_args(tmp, "one", 400))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
                             env=cli_env(threads=None))
-    _wait_for(lambda: checkpoint.newest_complete(ckpts) is not None, what="the first checkpoint")
+    _wait_for(lambda: store.newest_complete(ckpts) is not None, what="the first checkpoint")
     _workers(proc)[1].send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=240)
     assert proc.returncode == 143, out[-3000:]
     assert "interrupted by SIGTERM after step" in out and "Traceback" not in out, out[-3000:]
     step = int(out.split("interrupted by SIGTERM after step ")[1].split(":")[0])
-    assert 4 <= step < 400 and checkpoint.newest_complete(ckpts) == checkpoint.tag_of(step)
+    assert 4 <= step < 400 and store.newest_complete(ckpts) == store.tag_of(step)
 
 
 @pytest.mark.slow
@@ -96,7 +96,7 @@ def test_ctrl_c_during_the_final_evaluation_completes_the_run_and_exits_0(tmp_pa
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
                             env=cli_env(threads=None))
     # the final checkpoint is committed: what is left is the evaluation (about 2 s here) and the report
-    _wait_for(lambda: checkpoint.newest_complete(f"{run}/checkpoints") == checkpoint.tag_of(8), timeout=300,
+    _wait_for(lambda: store.newest_complete(f"{run}/checkpoints") == store.tag_of(8), timeout=300,
               what="the final checkpoint")
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=240)
@@ -139,7 +139,7 @@ def test_a_new_run_over_another_runs_checkpoints_needs_resume_or_overwrite(tmp_p
     assert again.returncode == 2 and "Traceback" not in again.stderr
     assert f"already holds run {old['run_id']}" in again.stderr and "step0000004" in again.stderr
     assert "--resume" in again.stderr and "--overwrite" in again.stderr
-    assert checkpoint.newest_complete(f"{tmp}/runs/own/checkpoints") == "step0000004"  # untouched
+    assert store.newest_complete(f"{tmp}/runs/own/checkpoints") == "step0000004"  # untouched
     new = _run(cli_command("train", "--overwrite", *_args(tmp, "own", 8, "model.patch_moe.expert.hidden_dim=32")))
     assert new.returncode == 0, new.stderr[-2000:]
     assert json.load(open(f"{tmp}/runs/own/run.json"))["run_id"] != old["run_id"]

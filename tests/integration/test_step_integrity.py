@@ -11,7 +11,7 @@ import os
 import pytest
 
 from tests.helpers import TINY_DATA, run_cli
-from training import checkpoint, manifest
+from training.checkpoint import manifest, store
 
 
 def _train(tmp, nproc, *extra, check=True):
@@ -57,4 +57,4 @@ def test_a_finished_ep2_run_resumed_at_ep1_keeps_its_step_and_every_reader_verif
     ev = run_cli("eval", "--run-dir", f"{tmp}/runs/r", "--nproc", "2", check=True).stdout
     assert "eval: loading the weights of step0000006 (step 6), the newest verified checkpoint" in ev
     assert "r @ step 6:" in ev
-    assert checkpoint.newest_complete(ck) == "step0000008"  # readers never delete or rewrite
+    assert store.newest_complete(ck) == "step0000008"  # readers never delete or rewrite

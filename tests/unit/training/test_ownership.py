@@ -6,13 +6,14 @@ import subprocess
 
 import pytest
 
-from training import checkpoint, ownership
+from training import ownership
+from training.checkpoint import store
 
 
 def _commit(run_dir, step):
-    tag = os.path.join(run_dir, checkpoint.CKPT_DIR, checkpoint.tag_of(step))
+    tag = os.path.join(run_dir, store.CKPT_DIR, store.tag_of(step))
     os.makedirs(tag)
-    open(os.path.join(tag, checkpoint.MARKER), "w").write(f"{step}\n")
+    open(os.path.join(tag, store.MARKER), "w").write(f"{step}\n")
 
 
 def test_identity_kept_on_resume_new_on_overwrite(tmp_path):
@@ -26,7 +27,7 @@ def test_identity_kept_on_resume_new_on_overwrite(tmp_path):
     ownership.check_start(run, resume=True, overwrite=False)
     second = ownership.claim(run, "r", resume=False, overwrite=True)
     assert second.run_id != first.run_id
-    assert not os.path.exists(os.path.join(run, checkpoint.CKPT_DIR)) and not os.path.exists(f"{run}/summary.json")
+    assert not os.path.exists(os.path.join(run, store.CKPT_DIR)) and not os.path.exists(f"{run}/summary.json")
     ownership.check_start(run, resume=False, overwrite=False)  # nothing left to protect
 
 
@@ -58,17 +59,17 @@ def test_lock_busy_stale_and_released(tmp_path, monkeypatch):
 
 
 def _commit_manifest(run_dir, step, run_id):
-    """A complete step whose manifest records ``run_id`` (as training/checkpoint.py writes them)."""
-    from training import manifest
+    """A complete step whose manifest records ``run_id`` (as training/checkpoint/store.py writes them)."""
+    from training.checkpoint import manifest
 
-    tag = os.path.join(run_dir, checkpoint.CKPT_DIR, checkpoint.tag_of(step))
+    tag = os.path.join(run_dir, store.CKPT_DIR, store.tag_of(step))
     os.makedirs(tag)
     open(os.path.join(tag, "mp_rank_00_model_states.pt"), "wb").write(os.urandom(100))
     manifest.write(tag, step, run_id, manifest.entries(tag, manifest.list_files(tag)))
 
 
 def _steps(run_dir):
-    return [t for _, t, _ in checkpoint.list_steps(os.path.join(run_dir, checkpoint.CKPT_DIR))]
+    return [t for _, t, _ in store.list_steps(os.path.join(run_dir, store.CKPT_DIR))]
 
 
 @pytest.mark.parametrize("damage, problem", [
@@ -94,7 +95,7 @@ def test_a_lost_run_json_is_recovered_from_the_checkpoints_on_resume(tmp_path, c
         aside = [n for n in os.listdir(run) if n.startswith("run.json.unreadable-")]
         assert len(aside) == 1 and open(os.path.join(run, aside[0])).read() == damage and aside[0] in err
     # the next commit's prune holds keep_last again over the run's old steps
-    assert checkpoint.prune(os.path.join(run, checkpoint.CKPT_DIR), 3, got.run_id) == ["step0000002", "step0000004"]
+    assert store.prune(os.path.join(run, store.CKPT_DIR), 3, got.run_id) == ["step0000002", "step0000004"]
     assert _steps(run) == ["step0000006", "step0000008", "step0000010"]
 
 
@@ -107,7 +108,7 @@ def test_without_a_recorded_id_the_old_steps_are_kept_and_said_to_be(tmp_path, c
     assert f"warning: {run}/run.json is missing: no checkpoint records a run id (old markers), so this is a new " \
            f"run {got.run_id}; the existing steps ['step0000005', 'step0000010'] are not known to be its own and " \
            "are never pruned" in err
-    assert checkpoint.prune(os.path.join(run, checkpoint.CKPT_DIR), 1, got.run_id) == []
+    assert store.prune(os.path.join(run, store.CKPT_DIR), 1, got.run_id) == []
     assert _steps(run) == ["step0000005", "step0000010"]
     ownership.claim(str(tmp_path / "empty"), "e", resume=True, overwrite=False)  # nothing to resume: no warning
     assert capsys.readouterr().err == ""

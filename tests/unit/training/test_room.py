@@ -9,7 +9,7 @@ import pytest
 
 from tests.helpers import unwritable
 from training import room
-from training.save_guard import CheckpointWriteError
+from training.checkpoint.save_guard import CheckpointWriteError
 
 
 def test_write_problem_names_what_stops_a_write_and_leaves_nothing_behind(tmp_path):

@@ -1,7 +1,7 @@
 """What a run writes at every logging step, rank 0 only (the trainer hands the other ranks
 :class:`NoRunLog`):
 
-  runs/<name>/metrics.jsonl    one JSON object per logging step (training/metrics.py: interval_record)
+  runs/<name>/metrics.jsonl    one JSON object per logging step (training/metrics/records.py: interval_record)
   runs/<name>/tensorboard/     TensorBoard event files: every number of the record as a scalar
                                (nested keys joined by '/': loss/total, expert_load/block1/3, ...) and
                                the expert-load heatmap (layers x experts) as the image ``expert_load``
@@ -126,7 +126,7 @@ class RunLog:
 
     def write(self, record: dict) -> None:
         """One logging step's record (``record["step"]``) to every writer."""
-        from training.metrics import finite_or_null
+        from training.metrics.records import finite_or_null
 
         step = record["step"]
         self.fh.write(json.dumps(finite_or_null(record), allow_nan=False) + "\n")

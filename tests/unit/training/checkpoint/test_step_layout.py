@@ -1,4 +1,4 @@
-"""A step directory holds one save of one layout (training/checkpoint.py, layout_check.py), readers
+"""A step directory holds one save of one layout (training/checkpoint/store.py, layout_check.py), readers
 take the newest step that verifies (verify.reading) and pruning leaves a step a reader holds
 (read_lock.py). World size 1, real files; the engine is DeepSpeed's save interface writing the
 file names of an EP layout."""
@@ -8,9 +8,9 @@ import os
 import pytest
 import torch
 
-from training import checkpoint, manifest, read_lock
-from training.checkpoint import CheckpointUnverified
-from training.verify import reading, verify_dir
+from training.checkpoint import manifest, read_lock, store
+from training.checkpoint.store import CheckpointUnverified
+from training.checkpoint.verify import reading, verify_dir
 
 
 class _EPEngine:
@@ -32,7 +32,7 @@ class _EPEngine:
 
 def _save(ck, step, ep, run_id="r", keep=3):
     layout = {"ep_size": ep, "world_size": ep, "zero_stage": 0}
-    return checkpoint.save(_EPEngine(ep), ck, step, {"step": step, "ep_size": ep}, keep, 0, 1, run_id=run_id,
+    return store.save(_EPEngine(ep), ck, step, {"step": step, "ep_size": ep}, keep, 0, 1, run_id=run_id,
                            layout=layout)
 
 
@@ -67,13 +67,13 @@ def test_verify_and_resume_refuse_a_step_of_two_layouts_and_fall_back(tmp_path, 
         assert code == 1 and "step0000010 (step 10): layout: optimizer files of EP ranks [0, 1] but the step was " \
                              "saved at EP size 1" in text, text
         assert "--resume would use step0000005" in text
-        assert checkpoint.choose_verified(ck, "tiny") == "step0000005"
+        assert store.choose_verified(ck, "tiny") == "step0000005"
     assert "resuming from step0000005 (step 5), the newest verified checkpoint, instead of step0000010" \
         in capsys.readouterr().out
 
 
 def test_layout_check_names_missing_experts_and_uneven_layers(tmp_path):
-    from training.layout_check import layout_problems
+    from training.checkpoint.layout_check import layout_problems
 
     names = ["layer_0_expert_0_mp_rank_00_model_states.pt", "layer_0_expert_2_mp_rank_00_model_states.pt",
              "layer_1_expert_0_mp_rank_00_model_states.pt"]
@@ -87,8 +87,8 @@ def test_a_killed_saves_directory_is_incomplete_and_pruned_at_the_next_commit(tm
     ck = str(tmp_path)
     _save(ck, 5, ep=1)
     os.makedirs(os.path.join(ck, "step0000010.partial-0badf00d"))  # what kill_in_save leaves
-    assert checkpoint.newest_complete(ck) == "step0000005"
-    assert checkpoint.incomplete(ck) == ["step0000010.partial-0badf00d"]
+    assert store.newest_complete(ck) == "step0000005"
+    assert store.incomplete(ck) == ["step0000010.partial-0badf00d"]
     _save(ck, 10, ep=1)
     assert sorted(os.listdir(ck)) == ["latest", "step0000005", "step0000010"]
 
@@ -97,14 +97,14 @@ def test_pruning_leaves_a_step_that_a_reader_holds(tmp_path):
     ck = str(tmp_path)
     for s in (5, 10):
         _save(ck, s, ep=1, keep=1)
-    assert checkpoint.newest_complete(ck) == "step0000010" and not os.path.isdir(os.path.join(ck, "step0000005"))
+    assert store.newest_complete(ck) == "step0000010" and not os.path.isdir(os.path.join(ck, "step0000005"))
     with read_lock.shared(ck, "step0000010"):  # an export reading step 10 while training commits 15 and 20
         _save(ck, 15, ep=1, keep=1)
         _save(ck, 20, ep=1, keep=1)
         assert os.path.isfile(os.path.join(ck, "step0000010", manifest.MARKER))
         assert not os.path.isdir(os.path.join(ck, "step0000015"))
     _save(ck, 25, ep=1, keep=1)  # released: the next prune takes it
-    assert sorted(t for _, t, _ in checkpoint.list_steps(ck)) == ["step0000025"]
+    assert sorted(t for _, t, _ in store.list_steps(ck)) == ["step0000025"]
 
 
 def test_a_reader_takes_the_newest_verified_step_and_says_so(tmp_path):

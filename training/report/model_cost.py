@@ -9,6 +9,7 @@ computes; the sum over ranks is divided by the images of the global batch.
 
 from __future__ import annotations
 
+import resource
 import time
 
 import torch
@@ -120,3 +121,24 @@ def inference_cost(model, batch, world_size: int, device: torch.device, repeats:
             "latency_ms_per_image": 1e3 * seconds / per_rank, "batch_per_rank": int(per_rank),
             "peak_mem_mb": memory_mb,
             "timed_repeats": repeats}
+
+
+def run_cost(model, moe_layers, ep_size: int, batch, world_size: int, device) -> dict:
+    """Parameters, FLOPs and latency per image at inference of the run's model; every rank calls it
+    (``moe_layers``: the DeepSpeed-wrapped MoE layers, parallel/ds_moe.py)."""
+    inner = [layer.deepspeed_moe for layer in moe_layers]
+    return {"parameters": parameter_counts(model, inner, ep_size),
+            "inference": inference_cost(model, batch, world_size, device)}
+
+
+def gather_peak_memory_mb(device: torch.device, rank: int, world_size: int) -> list[float]:
+    """Peak memory of every rank (CUDA: max allocated; CPU: max RSS), gathered to all ranks."""
+    if device.type == "cuda":
+        mine = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t = torch.zeros(world_size, dtype=torch.float64, device=device)
+    t[rank] = mine
+    if world_size > 1:
+        dist.all_reduce(t)
+    return t.tolist()

@@ -1,8 +1,8 @@
 """Which model fields a resumed config changes, and whether the parameter shapes follow
-(training/model_change.py; the refusal itself runs through the CLI in tests/integration/test_model_change.py)."""
+(training/checkpoint/model_change.py; the refusal itself runs through the CLI in tests/integration/test_model_change.py)."""
 
 from training.config import load_config
-from training.model_change import changes, parameter_shapes
+from training.checkpoint.model_change import changes, parameter_shapes
 
 
 def _model(path, *overrides):

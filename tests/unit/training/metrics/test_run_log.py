@@ -1,4 +1,4 @@
-"""Rank 0's metrics writers (training/run_log.py): the record's flattening into TensorBoard tags,
+"""Rank 0's metrics writers (training/metrics/run_log.py): the record's flattening into TensorBoard tags,
 metrics.jsonl and TensorBoard continuing after a resume without a duplicated step, the expert-load
 heatmap, and W&B: optional, a clear error when asked for without the package."""
 
@@ -11,8 +11,9 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from common.config import ConfigError
-from training.metrics import StepResult, interval_record
-from training.run_log import METRICS_FILE, RunLog, check_wandb, flatten, keep_until, load_heatmap, read_metrics
+from training.metrics.interval import interval_record
+from training.metrics.records import StepResult
+from training.metrics.run_log import METRICS_FILE, RunLog, check_wandb, flatten, keep_until, load_heatmap, read_metrics
 
 
 def _record(step, loss, load=(3, 1, 0, 4)):

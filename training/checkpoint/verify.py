@@ -16,9 +16,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from training import manifest, read_lock
-from training.checkpoint import CKPT_DIR, CheckpointUnverified, list_steps
-from training.layout_check import layout_problems
+from training.checkpoint import manifest, read_lock
+from training.checkpoint.store import CKPT_DIR, CheckpointUnverified, list_steps
+from training.checkpoint.layout_check import layout_problems
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,12 @@
-"""Run progress (training/metrics.py): recorded steps, throughput clock, stage times, and the
+"""Run progress (training/metrics/records.py): recorded steps, throughput clock, stage times, and the
 checkpoint round trip that makes --resume continue the same figures."""
 
 import torch
 
 from moe.timing import WallTimer
-from training.metrics import RunProgress, StageClock, StepResult, a2a_per_step
+from training.metrics.clock import StageClock
+from training.metrics.interval import a2a_per_step
+from training.metrics.records import RunProgress, StepResult
 from parallel.all_to_all import CommCounter
 
 

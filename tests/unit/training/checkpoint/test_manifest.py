@@ -1,4 +1,4 @@
-"""The checkpoint manifest (training/manifest.py) and the offline check (training/verify.py), on
+"""The checkpoint manifest (training/checkpoint/manifest.py) and the offline check (training/checkpoint/verify.py), on
 fabricated step directories: each kind of damage is named, a legacy marker is 'unverified'."""
 
 import json
@@ -6,7 +6,9 @@ import os
 
 import pytest
 
-from training import manifest, verify
+from training.checkpoint import manifest, verify
+
+from tests.unit.training.checkpoint.markers import write_legacy_marker
 
 FILES = {"mp_rank_00_model_states.pt": 3000, "layer_0_expert_0_mp_rank_00_model_states.pt": 1500,
          "layer_0_expert_1_mp_rank_00_model_states.pt": 1500, "expp_rank_0_mp_rank_00_optim_states.pt": 5000}
@@ -19,7 +21,7 @@ def _step(ck, step, run_id="run-a", legacy=False):
         with open(os.path.join(d, name), "wb") as fh:
             fh.write(bytes((step + i + k) % 251 for k in range(size)))
     if legacy:
-        manifest.write_legacy(d, step)
+        write_legacy_marker(d, step)
     else:
         manifest.write(d, step, run_id, manifest.entries(d, manifest.list_files(d)))
     return d

@@ -3,7 +3,7 @@
 Plots: loss curves, CMC (trained vs untrained), one expert-load heatmap per PatchMoE block
 (experts x training progress, share of routed patches), the multi-scale fusion gate weights
 (the thesis fusion's expert-weight heatmap: scales x samples), and the step-time breakdown;
-per modality (training/report_modal.py): modality-group load and the hierarchical head's weights.
+per modality (training/report/report_modal.py): modality-group load and the hierarchical head's weights.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 
 from common.files import write_text_atomic
 from common.plots import PLOTS_ENV, plots_wanted, pyplot, run_plot, save_figure
-from training.report_modal import modal_section
+from training.report.report_modal import modal_section
 
 
 def _smooth(y, n: int = 10):
@@ -171,20 +171,37 @@ def write_report(summary: dict, run_dir: str, fusion_weights: np.ndarray | None 
         files.append(os.path.join(run_dir, name))
         return files[-1]
 
-    plot_losses(summary, out("loss.png"))
-    plot_cmc(summary, out("cmc.png"))
-    plot_step_time(summary, out("step_time.png"))
-    blocks = list(summary["expert_load"])
-    for i, name in enumerate(blocks):
-        plot_expert_load(summary, i, name, out(f"expert_load_{name}.png"))
     model = summary["config"]["model"]
     scales = model["multiscale"].get("scales", [4, 8, 16])
     flat_fusion = fusion_weights is not None and model.get("fusion", "flat") == "flat"
+    _plots(summary, fusion_weights if flat_fusion else None, scales, out)
+    lines = _retrieval(summary, model) + _training(summary) + _expert_load(summary)
+    lines += _cost_and_routing(summary) + _missing(summary, model)
+    lines += modal_section(summary, run_dir, fusion_weights, out)
     if flat_fusion:
-        plot_fusion_weights(fusion_weights, scales, out("fusion_weights.png"))
+        lines += _fusion(summary, scales)
+    lines += _data(summary)
+    if not plots_wanted():
+        lines = [line for line in lines if not line.startswith("![")]
+        lines.insert(1, f"\n_Plots not drawn ({PLOTS_ENV}=0)._")
+    write_text_atomic(out("report.md"), "\n".join(lines))
+    return [f for f in files if os.path.exists(f)]
 
+
+def _plots(summary: dict, flat_fusion_weights, scales, out) -> None:
+    """The run's plots; the fusion weights' only for the flat (multi-scale) fusion."""
+    plot_losses(summary, out("loss.png"))
+    plot_cmc(summary, out("cmc.png"))
+    plot_step_time(summary, out("step_time.png"))
+    for i, name in enumerate(summary["expert_load"]):
+        plot_expert_load(summary, i, name, out(f"expert_load_{name}.png"))
+    if flat_fusion_weights is not None:
+        plot_fusion_weights(flat_fusion_weights, scales, out("fusion_weights.png"))
+
+
+def _retrieval(summary: dict, model: dict) -> list[str]:
+    """The title, what ran, and the retrieval table (trained, and untrained when evaluated)."""
     u = summary.get("untrained")
-    st = summary["step_time_ms"]
     lines = [
         f"# Run `{summary['name']}`",
         "",
@@ -204,28 +221,22 @@ def write_report(summary: dict, run_dir: str, fusion_weights: np.ndarray | None 
     ]
     if u:
         lines.append(f"| untrained (same init) | {_pct(u['map'])} | {_pct(u['rank1'])} | {_pct(u['rank5'])} | {_pct(u['rank10'])} |")
-    lines += [
-        "",
-        f"{summary['num_valid_queries']} queries evaluated, {summary['num_skipped_queries']} skipped (no match left).",
-        "",
-        "![CMC](cmc.png)",
-        "",
-        "## Training",
-        "",
-        f"Final loss {summary['final_loss']:.4f} (first {summary['loss_history'][0]:.4f}). "
-        f"Throughput {summary['samples_per_s']:.1f} samples/s (startup steps excluded).",
-        "",
-        "![losses](loss.png)",
-        "",
-        "## Step time (ms, mean per step)",
-        "",
-        "| stage | ms |",
-        "|---|---|",
-    ]
+    return lines + ["", f"{summary['num_valid_queries']} queries evaluated, {summary['num_skipped_queries']} "
+                        "skipped (no match left).", "", "![CMC](cmc.png)", ""]
+
+
+def _training(summary: dict) -> list[str]:
+    """Losses and throughput; the step time per stage and the all-to-all payload."""
+    st = summary["step_time_ms"]
+    lines = ["## Training", "",
+             f"Final loss {summary['final_loss']:.4f} (first {summary['loss_history'][0]:.4f}). "
+             f"Throughput {summary['samples_per_s']:.1f} samples/s (startup steps excluded).",
+             "", "![losses](loss.png)", "", "## Step time (ms, mean per step)"]
     timing = summary.get("stage_timing") or {}
     if timing.get("mode") == "sampled":
-        lines.insert(-3, f"Stages measured on {timing['sampled_steps']} sampled steps (one per logging interval; "
-                         "synchronised on GPUs); `step` is the mean over every timed step.\n")
+        lines.append(f"Stages measured on {timing['sampled_steps']} sampled steps (one per logging interval; "
+                     "synchronised on GPUs); `step` is the mean over every timed step.\n")
+    lines += ["", "| stage | ms |", "|---|---|"]
     for k in ("data", "forward", "route", "dispatch", "experts", "combine", "backward", "optimizer", "step"):
         if k in st:
             prefix = "&nbsp;&nbsp;MoE " if k in ("route", "dispatch", "experts", "combine") else ""
@@ -235,39 +246,45 @@ def write_report(summary: dict, run_dir: str, fusion_weights: np.ndarray | None 
         lines += ["", f"All-to-all payload per step: {a2a['total'] / 1e6:.3f} MB handed to all-to-all "
                       f"({a2a['offrank'] / 1e6:.3f} MB left the rank; forward {a2a['forward'] / 1e6:.3f} MB, "
                       f"backward {a2a['backward'] / 1e6:.3f} MB)."]
-    lines += ["", "![step time](step_time.png)", "", "## Expert load", ""]
-    lines += ["| block | share of routed patches per expert (whole run) |", "|---|---|"]
+    return lines + ["", "![step time](step_time.png)", ""]
+
+
+def _expert_load(summary: dict) -> list[str]:
+    lines = ["## Expert load", "", "| block | share of routed patches per expert (whole run) |", "|---|---|"]
     for name, v in summary["expert_load"].items():
         lines.append(f"| {name} | " + " ".join(f"{x:.2f}" for x in v["fraction"]) + " |")
     lines += ["", f"Dropped fraction (last interval): {summary['dropped_fraction']:.3f}; "
                   f"active experts per patch: {summary['active_experts_per_patch']}.", ""]
-    for name in blocks:
+    for name in summary["expert_load"]:
         lines += [f"![{name}](expert_load_{name}.png)", ""]
-    lines += _cost_and_routing(summary)
+    return lines
+
+
+def _missing(summary: dict, model: dict) -> list[str]:
+    """Retrieval with one modality absent (eval.missing_modalities); nothing when not evaluated."""
     missing = summary.get("missing_modality")
-    if missing:
-        head = ("the cross-modal gate renormalises over the others" if model.get("fusion", "flat") != "flat"
-                else "the head averages over the others")
-        lines += ["## Missing modalities", "", "Evaluated with one modality absent (its stem left out; with "
-                  f"per-modality streams its map is not routed and {head}):", "",
-                  "| modalities | mAP | Rank-1 |", "|---|---|---|",
-                  f"| all ({', '.join(summary['config']['eval']['modalities'])}) | {_pct(summary['map'])} | "
-                  f"{_pct(summary['rank1'])} |"]
-        lines += [f"| {k.replace('_', ' ')} | {_pct(v['map'])} | {_pct(v['rank1'])} |" for k, v in missing.items()]
-        lines.append("")
-    lines += modal_section(summary, run_dir, fusion_weights, out)
-    if flat_fusion:
-        fw = summary.get("fusion_weight_mean") or []
-        lines += ["## Multi-scale fusion", "",
-                  "Mean gate weight per scale (last interval): "
-                  + ", ".join(f"{s}x{s}: {w:.2f}" for s, w in zip(scales, fw)), "",
-                  "![fusion weights](fusion_weights.png)", ""]
+    if not missing:
+        return []
+    head = ("the cross-modal gate renormalises over the others" if model.get("fusion", "flat") != "flat"
+            else "the head averages over the others")
+    lines = ["## Missing modalities", "", "Evaluated with one modality absent (its stem left out; with "
+             f"per-modality streams its map is not routed and {head}):", "",
+             "| modalities | mAP | Rank-1 |", "|---|---|---|",
+             f"| all ({', '.join(summary['config']['eval']['modalities'])}) | {_pct(summary['map'])} | "
+             f"{_pct(summary['rank1'])} |"]
+    lines += [f"| {k.replace('_', ' ')} | {_pct(v['map'])} | {_pct(v['rank1'])} |" for k, v in missing.items()]
+    return lines + [""]
+
+
+def _fusion(summary: dict, scales) -> list[str]:
+    fw = summary.get("fusion_weight_mean") or []
+    return ["## Multi-scale fusion", "",
+            "Mean gate weight per scale (last interval): " + ", ".join(f"{s}x{s}: {w:.2f}" for s, w in zip(scales, fw)),
+            "", "![fusion weights](fusion_weights.png)", ""]
+
+
+def _data(summary: dict) -> list[str]:
     d = summary["data"]
-    lines += ["## Data", "", "| split | images | identities | cameras |", "|---|---|---|---|"]
+    lines = ["## Data", "", "| split | images | identities | cameras |", "|---|---|---|---|"]
     lines += [f"| {k} | {v['images']} | {v['identities']} | {v['cameras']} |" for k, v in d.items()]
-    lines += ["", "Full figures: `summary.json`; configuration: `config.yaml`.", ""]
-    if not plots_wanted():
-        lines = [line for line in lines if not line.startswith("![")]
-        lines.insert(1, f"\n_Plots not drawn ({PLOTS_ENV}=0)._")
-    write_text_atomic(out("report.md"), "\n".join(lines))
-    return [f for f in files if os.path.exists(f)]
+    return lines + ["", "Full figures: `summary.json`; configuration: `config.yaml`.", ""]

@@ -1,4 +1,4 @@
-"""Model cost and expert usage (training/model_cost.py, training/metrics.moe_usage) against hand counts."""
+"""Model cost and expert usage (training/report/model_cost.py, training/metrics.moe_usage) against hand counts."""
 
 import numpy as np
 import pytest
@@ -7,8 +7,9 @@ import torch
 from common import compat
 from moe import ExpertConfig, HierarchicalMoE, HierarchicalMoEConfig, PatchMoE, PatchMoEConfig, RouterConfig
 from tests.helpers import needs_cpu_grouped_mm
-from training.metrics import History, moe_usage
-from training.model_cost import count_flops, parameter_counts
+from training.metrics.records import History
+from training.report.summary import moe_usage
+from training.report.model_cost import count_flops, parameter_counts
 
 
 def test_parameters_total_and_active_per_patch():
@@ -82,7 +83,7 @@ def test_usage_variance_activation_rate_and_stability_by_hand():
 
 
 def test_inference_memory_is_weights_plus_the_largest_live_activations():
-    from training.model_cost import inference_memory_mb
+    from training.report.model_cost import inference_memory_mb
 
     m = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 256))
     x = torch.randn(512, 256)

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from training.report_modal import expert_groups, group_shares, split_weights
+from training.report.report_modal import expert_groups, group_shares, split_weights
 
 
 def test_expert_groups_follow_the_placement():

@@ -1,6 +1,6 @@
 """Elastic expert parallelism without processes: the EP size a world gets (training/config.py:
 ``ep_size_for``), a checkpoint's saved layout and when a resume at another layout is refused
-(training/elastic.py). The resharding itself runs in tests/integration/test_elastic.py."""
+(training/checkpoint/elastic.py). The resharding itself runs in tests/integration/test_elastic.py."""
 
 import os
 
@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from common.config import ConfigError
-from training import elastic
+from training.checkpoint import elastic
 from training.config import TrainConfig
-from training.elastic import ElasticError, Layout
+from training.checkpoint.elastic import ElasticError
+from training.checkpoint.layout import Layout
 
 
 def test_fixed_ep_size_must_divide_the_world_and_says_how_to_fix_it():

@@ -30,15 +30,15 @@ import glob
 import os
 import re
 import shutil
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 
-from parallel.reshard import OPTIM, ReshardError, optimizer_of, reshard_checkpoint, source_ep_size
+from parallel.ds_names import OPTIM_FILE
+from parallel.reshard import ReshardError, optimizer_of, reshard_checkpoint, source_ep_size
 from parallel.zero_load import load_plain_optimizer_state
 from parallel.zero_state import ZeroStateError, low_precision_of
-from training import checkpoint
+from training.checkpoint import store
+from training.checkpoint.layout import Layout
 
 STAGING = ".elastic"  # inside the checkpoint directory; hidden, so pruning and tag listing skip it
 MODEL_FILE = "mp_rank_00_model_states.pt"
@@ -48,18 +48,6 @@ SOURCE = "SOURCE"  # in a copy: size and mtime of the model file it was made fro
 
 class ElasticError(ReshardError):
     """A checkpoint that cannot be loaded at this run's EP / world size (a user error: msmoe exits 2)."""
-
-
-@dataclass(frozen=True)
-class Layout:
-    """How a checkpoint was saved, or how this run is laid out."""
-
-    ep_size: int
-    world_size: int
-    zero_stage: int
-
-    def __str__(self) -> str:
-        return f"EP={self.ep_size} on {self.world_size} rank(s), ZeRO stage {self.zero_stage}"
 
 
 def _load_small(path: str) -> dict:
@@ -111,7 +99,7 @@ def refusal(tag: str, ckpt_dir: str, saved: Layout, run: Layout, low_precision: 
 
 class ElasticResume:
     """``prepare(ckpt_dir, tag) -> load_dir`` and ``load(engine, load_dir, config_name, tag)`` for
-    training/checkpoint.py's ``resume``; every rank calls both.
+    training/checkpoint/store.py's ``resume``; every rank calls both.
 
     ``note`` says what was done ("resharded EP 4 -> 2"), for the resume message; None if nothing."""
 
@@ -143,12 +131,12 @@ class ElasticResume:
         """DeepSpeed's load; into a ZeRO 1/2 run from a plain (ZeRO 0) checkpoint: the weights, then this
         rank's partitions of the optimizer state from its EP rank's file. Returns (path, client state)."""
         if not self.into_partitions:
-            return checkpoint.load(engine, load_dir, config_name, tag=tag)
-        path, client = checkpoint.load(engine, load_dir, config_name, tag=tag, load_module_only=True,
+            return store.load(engine, load_dir, config_name, tag=tag)
+        path, client = store.load(engine, load_dir, config_name, tag=tag, load_module_only=True,
                                        load_optimizer_states=False, load_lr_scheduler_states=False)
         if path is None:
             return path, client
-        source = os.path.join(load_dir, tag, OPTIM.format(self.rank % self.run.ep_size))  # EP groups: consecutive ranks
+        source = os.path.join(load_dir, tag, OPTIM_FILE.format(self.rank % self.run.ep_size))  # EP groups: consecutive ranks
         try:
             plain = optimizer_of(torch.load(source, map_location="cpu", weights_only=False), source)
             load_plain_optimizer_state(engine, plain, source)

@@ -1,7 +1,7 @@
 """Read locks on checkpoint steps, which pruning respects.
 
 A reader of a step (``msmoe export``, ``eval``, ``convert``, ``--init-from``) holds a shared flock on
-``<ckpt_dir>/.read-<tag>.lock`` while it reads; pruning (training/checkpoint.py) deletes a step only
+``<ckpt_dir>/.read-<tag>.lock`` while it reads; pruning (training/checkpoint/store.py) deletes a step only
 when it gets the exclusive lock at once, and otherwise leaves it for the next prune. The kernel drops
 a dead reader's lock. A reader checks after locking that the step is still there (a prune may have
 deleted it just before), and picks another one if not.

@@ -1,4 +1,4 @@
-"""The rank-0 progress display (training/progress.py): a plain line per logging step when stdout is
+"""The rank-0 progress display (training/metrics/progress.py): a plain line per logging step when stdout is
 not a terminal, the bar on one, and the command line's override."""
 
 import io
@@ -7,8 +7,8 @@ import pytest
 
 from launcher.train import progress_choice
 from training.job import display_mode
-from training.metrics import StepResult
-from training.progress import NoProgress, ProgressBar, ProgressLines, build_progress, format_eta, progress_line
+from training.metrics.records import StepResult
+from training.metrics.progress import NoProgress, ProgressBar, ProgressLines, build_progress, format_eta, progress_line
 
 
 class _Tty(io.StringIO):

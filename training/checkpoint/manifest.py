@@ -4,12 +4,12 @@
    "layout": {"ep_size": 2, "world_size": 2, "zero_stage": 0},
    "files": {"mp_rank_00_model_states.pt": {"size": 652877, "blake2b": "..."}, ...}}
 
-``layout`` (absent in manifests written before it) is what training/layout_check.py checks the
+``layout`` (absent in manifests written before it) is what training/checkpoint/layout_check.py checks the
 files against: exactly the files of one EP size.
 
 Older runs wrote a plain step number: such a marker still means "complete" but cannot be checked
 (``Marker.legacy``). Hashing is split across ranks: file i of the sorted names belongs to rank
-``i % world_size`` (:func:`share`); the caller gathers the entries or problems (training/checkpoint.py).
+``i % world_size`` (:func:`share`); the caller gathers the entries or problems (training/checkpoint/store.py).
 Files stream through blake2b in 4 MiB chunks, so memory stays flat whatever the checkpoint size.
 """
 
@@ -84,11 +84,6 @@ def write(step_dir: str, step: int, run_id: str, files: dict[str, dict], layout:
     doc = {"format": FORMAT, "step": step, "run_id": run_id, "hash": "blake2b",
            **({"layout": dict(layout)} if layout else {}), "files": {k: files[k] for k in sorted(files)}}
     write_text_atomic(os.path.join(step_dir, MARKER), json.dumps(doc, indent=1) + "\n")
-
-
-def write_legacy(step_dir: str, step: int) -> None:
-    """The old marker (a bare step number): complete, unverifiable. Kept for tests and old tools."""
-    write_text_atomic(os.path.join(step_dir, MARKER), f"{step}\n")
 
 
 def read(step_dir: str) -> Marker:

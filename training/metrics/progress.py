@@ -15,7 +15,7 @@ from typing import Literal
 
 from tqdm import tqdm
 
-from training.metrics import StepResult
+from training.metrics.records import StepResult
 
 ProgressMode = Literal["bar", "lines", "off"]
 PROGRESS_MODES = ("bar", "lines", "off")
@@ -27,7 +27,7 @@ def format_eta(seconds: float) -> str:
 
 
 def progress_line(name: str, total: int, record: dict) -> str:
-    """The plain line of a logging step from its metrics record (training/metrics.py: interval_record)."""
+    """The plain line of a logging step from its metrics record (training/metrics/records.py: interval_record)."""
     loss = record["loss"]
 
     def num(v):

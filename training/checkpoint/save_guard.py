@@ -5,7 +5,7 @@ check, a barrier after). A rank whose ``torch.save`` raised mid-way would skip t
 leave the others waiting in it, and the user would read ``basic_ios::clear: iostream error``.
 :func:`recorded_writes` catches each failed write through DeepSpeed's checkpoint engine, records it
 and lets the save go on, so every rank runs the same collectives; the caller then agrees on the
-outcome with the other ranks (training/checkpoint.py) and raises :class:`CheckpointWriteError` on
+outcome with the other ranks (training/checkpoint/store.py) and raises :class:`CheckpointWriteError` on
 every rank, with the path, the cause and the free bytes.
 """
 

@@ -2,14 +2,14 @@
 
 Layout (``runs/<name>/checkpoints/``)
   step0000020/            DeepSpeed's files (model, one file per global expert, optimizer per rank)
-  step0000020/COMMITTED   the manifest (training/manifest.py: step, run_id, every file's size and
+  step0000020/COMMITTED   the manifest (training/checkpoint/manifest.py: step, run_id, every file's size and
                           blake2b), written by rank 0 after every rank finished writing and hashed its
                           share of the files: the checkpoint is complete
   latest                  name of the newest committed checkpoint (written to a temp file, then renamed)
 
 A crash anywhere before COMMITTED leaves a directory without it: :func:`newest_complete` ignores
 such directories (and ``latest`` is only moved after the commit). A write that fails (disk full)
-raises CheckpointWriteError on every rank and leaves the step uncommitted (training/save_guard.py).
+raises CheckpointWriteError on every rank and leaves the step uncommitted (training/checkpoint/save_guard.py).
 ``--resume`` (:func:`resume`) loads the newest complete step whose files still match their manifest,
 checked by all ranks together before DeepSpeed reads anything; a step that does not match is named
 and the next older verified one is used. After each commit all but the newest ``keep_last`` complete
@@ -18,7 +18,6 @@ checkpoints *of this run* (its run_id), and the incomplete leftovers older than 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import secrets
@@ -26,13 +25,14 @@ import shutil
 
 from common.errors import UserError
 from common.files import write_text_atomic
-from training import manifest
+from training.checkpoint import manifest
 from training.collect import first_error, from_rank0, gathered
 from training.faults import NO_FAULTS, FaultPlan
-from training.layout_check import OPTIM_RE, layout_problems
-from training.manifest import MARKER
-from training.read_lock import delete_unless_read, shared
-from training.save_guard import CheckpointWriteError, describe, recorded_writes, write_error
+from parallel.ds_names import OPTIM_FILE_RE
+from training.checkpoint.layout_check import layout_problems
+from training.checkpoint.manifest import MARKER
+from training.checkpoint.read_lock import delete_unless_read, shared
+from training.checkpoint.save_guard import CheckpointWriteError, describe, recorded_writes, write_error
 
 CKPT_DIR = "checkpoints"  # inside the run directory
 COMPLETE = "COMPLETE"  # inside the run directory: the run finished and reported (job scripts read it)
@@ -155,7 +155,7 @@ def mark_complete(ckpt_dir: str, tag: str, run_id: str = "") -> None:
     m = _TAG.match(tag)
     step_dir = os.path.join(ckpt_dir, tag)
     names = manifest.list_files(step_dir)
-    optim = [n for n in names if OPTIM_RE.search(n)]  # the tool wrote one layout: its files say which
+    optim = [n for n in names if OPTIM_FILE_RE.search(n)]  # the tool wrote one layout: its files say which
     manifest.write(step_dir, int(m.group(1)) if m else 0, run_id, manifest.entries(step_dir, names),
                    {"ep_size": len(optim)} if optim else None)
     write_text_atomic(os.path.join(ckpt_dir, "latest"), tag)
@@ -206,7 +206,7 @@ def resume(engine, ckpt_dir: str, config_name: str, rank: int = 0, world_size: i
     every rank calls it and all load the same step. Returns its client state.
 
     ``prepare(ckpt_dir, tag) -> load_dir``, if given, runs on every rank once the tag is chosen and
-    says where DeepSpeed loads it from (training/elastic.py: a copy resharded to this run's EP size);
+    says where DeepSpeed loads it from (training/checkpoint/elastic.py: a copy resharded to this run's EP size);
     ``loader(engine, load_dir, config_name, tag)`` (default :func:`load`) loads it."""
     tag = choose_verified(ckpt_dir, config_name, rank, world_size)
     load_dir = ckpt_dir if prepare is None else prepare(ckpt_dir, tag)  # elastic EP: maybe a resharded copy
@@ -271,7 +271,7 @@ def _verify_share(step_dir: str, rank: int, world_size: int) -> tuple[bool, list
     if marker.legacy:
         return True, []
     problems = manifest.check(step_dir, marker.files, manifest.share(list(marker.files), rank, world_size))
-    if rank == 0:  # the files of exactly one layout (training/layout_check.py)
+    if rank == 0:  # the files of exactly one layout (training/checkpoint/layout_check.py)
         problems += layout_problems(step_dir, sorted(marker.files), marker.layout)
     return False, problems
 

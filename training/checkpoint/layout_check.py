@@ -13,11 +13,10 @@ DeepSpeed import: ``msmoe checkpoints verify`` runs it offline.
 from __future__ import annotations
 
 import os
-import re
 
-from parallel.ds_names import EXPERT_FILE_RE
+from parallel.ds_names import EXPERT_FILE_RE, OPTIM_FILE_RE
+from training.checkpoint.layout import Layout
 
-OPTIM_RE = re.compile(r"expp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
 MODEL_FILE = "mp_rank_00_model_states.pt"
 
 
@@ -39,8 +38,8 @@ def saved_ep_size(step_dir: str) -> int | None:
 def layout_problems(step_dir: str, names: list[str], recorded: dict | None = None) -> list[str]:
     """Problems with the step's layout, one line each (empty: one consistent layout)."""
     problems = []
-    optim = sorted(int(m.group(1)) for n in names if (m := OPTIM_RE.search(os.path.basename(n))))
-    ep = (recorded or {}).get("ep_size")
+    optim = sorted(int(m.group(1)) for n in names if (m := OPTIM_FILE_RE.search(os.path.basename(n))))
+    ep = Layout.recorded_ep_size(recorded)
     if ep is None and optim:
         ep = saved_ep_size(step_dir)
     if optim and ep is not None and optim != list(range(int(ep))):

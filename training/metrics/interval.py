@@ -1,0 +1,105 @@
+"""A logging interval: routing statistics accumulated on the device over its steps (read on the
+host once, at the logging step), where it began, and the metrics.jsonl record it becomes."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from parallel.all_to_all import CommCounter
+from training.metrics.records import StepResult
+
+
+class Span:
+    """Where the current logging interval began: step, wall clock, all-to-all byte counters."""
+
+    def __init__(self, step: int, t0: float, comm: CommCounter) -> None:
+        self.step, self.t0 = step, t0
+        self.a2a_total, self.a2a_offrank = comm.total_bytes, comm.offrank_bytes
+
+
+class IntervalStats:
+    """Routing statistics of a logging interval, accumulated on the device (read at log steps).
+
+    load [layers, E] routed patches; fusion [S] mean fusion weight; dropped [layers]: sums over
+    steps of each layer's dropped fraction; active: sum over steps of the per-step mean over layers."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.load = self.fusion = self.dropped = self.active = None
+
+    def add(self, out) -> torch.Tensor:
+        """Add one step's statistics; returns the step's mean active experts per patch (0-d)."""
+        fw = out.fusion_weights.detach().float().mean(0)
+        if out.moe_stats:
+            load = torch.stack([st.load.float() for st in out.moe_stats])
+            dropped = torch.stack([st.dropped_fraction.float().reshape(()) for st in out.moe_stats])
+            active = torch.stack([st.active_experts for st in out.moe_stats]).mean()
+        else:
+            load, dropped, active = fw.new_zeros(0), fw.new_zeros(0), fw.new_zeros(())
+        first = self.steps == 0
+        self.load = load if first else self.load + load
+        self.fusion = fw if first else self.fusion + fw
+        self.dropped = dropped if first else self.dropped + dropped
+        self.active = active if first else self.active + active
+        self.steps += 1
+        return active
+
+    def packed(self) -> torch.Tensor:
+        """[load..., fusion mean..., dropped mean per layer..., active mean] as one float64 vector
+        (one all-reduce); :meth:`unpack` reads the reduced vector back."""
+        n = self.steps
+        return torch.cat([self.load.flatten().double(), self.fusion.double() / n, self.dropped.double() / n,
+                          self.active.double().reshape(1) / n])
+
+    def unpack(self, reduced: torch.Tensor, world_size: int) -> dict:
+        """The all-reduced :meth:`packed` vector (on the host) as load [layers][E] (world sums),
+        fusion [S], dropped [layers] and active (means over ranks)."""
+        nl, ns, nd = self.load.numel(), self.fusion.numel(), self.dropped.numel()
+        w = world_size
+        return {"load": reduced[:nl].reshape(self.load.shape).tolist(),
+                "fusion": (reduced[nl:nl + ns] / w).tolist(),
+                "dropped": (reduced[nl + ns:nl + ns + nd] / w).tolist(),
+                "active": float(reduced[nl + ns + nd]) / w}
+
+
+
+def interval_record(*, step: int, result: StepResult, lr: float, seconds: float, steps: int, total_steps: int,
+                    samples_per_step: int, stages_s: dict, layer_names: list[str], load: list, dropped: list,
+                    active: float, a2a_bytes: dict) -> dict:
+    """One line of metrics.jsonl (training/metrics/run_log.py): the logging step ``step`` (steps done, as
+    logged) after an interval of ``steps`` steps that took ``seconds`` of wall time.
+
+    loss          the logging step's loss parts (means over ranks), as in summary.json's history
+    lr            the logging step's learning rate
+    samples_per_s over the interval (global batch x steps / wall time)
+    eta_s         the steps left to train.steps at the interval's pace
+    step_time_ms  step: the interval's mean wall time per step; the rest: the stage breakdown of the
+                  interval's sampled step (data, forward, backward, optimizer; route, dispatch,
+                  experts, combine summed over the MoE layers); absent with train.stage_timing=off
+    expert_load   per MoE layer: each expert's share of the interval's routed patches (all ranks)
+    dropped_fraction  per MoE layer: the interval's mean share of routed patches over capacity
+    active_experts    mean experts per patch (mean over layers, steps and ranks)
+    a2a_bytes_per_step  rank 0's all-to-all payload bytes per step over the interval (total, offrank)
+    """
+    per_step = seconds / max(steps, 1)
+    return {
+        "step": step,
+        "loss": {"total": result.loss, "id": result.id, "triplet": result.triplet, "aux": result.aux},
+        "lr": lr,
+        "samples_per_s": samples_per_step * steps / seconds if seconds > 0 else 0.0,
+        "eta_s": per_step * max(total_steps - step, 0),
+        "step_time_ms": {"step": 1000 * per_step, **{k: 1000 * v for k, v in stages_s.items()}},
+        "expert_load": {name: (np.asarray(row, dtype=float) / max(sum(row), 1)).tolist()
+                        for name, row in zip(layer_names, load)},
+        "dropped_fraction": dict(zip(layer_names, dropped)),
+        "active_experts": active,
+        "a2a_bytes_per_step": {k: v / max(steps, 1) for k, v in a2a_bytes.items()},
+    }
+
+
+def a2a_per_step(comm, steps: int) -> dict:
+    """All-to-all bytes and calls per step, from a CommCounter that counted ``steps`` steps."""
+    return {"total": comm.total_bytes / steps, "offrank": comm.offrank_bytes / steps,
+            "forward": comm.by_direction["forward"] / steps, "backward": comm.by_direction["backward"] / steps,
+            "calls": comm.calls / steps}
