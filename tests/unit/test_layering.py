@@ -64,6 +64,28 @@ def cli_strings(root: str) -> list[str]:
     return bad
 
 
+# Inside training/: the components know nothing of the trainer and the job that wire them, nor of
+# each other except as listed (the report reads the metrics' records).
+WIRING = {"training.trainer", "training.job"}
+COMPONENT_MAY_NOT = {
+    "training/checkpoint": WIRING | {"training.metrics", "training.report"},
+    "training/metrics": WIRING | {"training.checkpoint", "training.report"},
+    "training/report": WIRING | {"training.checkpoint"},
+}
+
+
+def component_imports(root: str) -> list[str]:
+    bad = []
+    for component, banned in COMPONENT_MAY_NOT.items():
+        for folder, _, files in os.walk(os.path.join(root, component)):
+            for f in sorted(n for n in files if n.endswith(".py")):
+                path = os.path.join(folder, f)
+                for line, module in imports(path):
+                    if any(module == b or module.startswith(b + ".") for b in banned):
+                        bad.append(f"{os.path.relpath(path, root)}:{line} imports {module}")
+    return bad
+
+
 def test_no_import_runs_up_the_stack():
     assert upward_imports(ROOT) == []
 
@@ -100,3 +122,10 @@ def test_the_check_sees_a_cli_string(tmp_path):
     (tmp_path / "gpucheck" / "check.py").write_text(f"# runs {CLI} data synth\n")
     (tmp_path / "launcher" / "command.py").write_text(f"CLI_MODULE = '{CLI}'\n")
     assert cli_strings(str(tmp_path)) == [f"scaling/sweep.py:2 names {CLI}", f"gpucheck/check.py:1 names {CLI}"]
+
+
+def test_training_components_do_not_import_their_wiring(tmp_path):
+    assert component_imports(ROOT) == []
+    (tmp_path / "training" / "metrics").mkdir(parents=True)
+    (tmp_path / "training" / "metrics" / "bad.py").write_text("from training.checkpoint import store\n")
+    assert component_imports(str(tmp_path)) == ["training/metrics/bad.py:1 imports training.checkpoint"]

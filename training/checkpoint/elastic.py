@@ -61,7 +61,7 @@ def saved_layout(tag_dir: str) -> Layout:
     """EP size, world size and ZeRO stage of the checkpoint in ``tag_dir``.
 
     ZeRO 0: the optimizer files, one per EP rank (also right after ``msmoe convert``). ZeRO 1/2:
-    msmoe's client state (``ep_size``, ``world_size``: training/trainer.py ``save``), else, for older
+    msmoe's client state (``ep_size``, ``world_size``: training/checkpoint/checkpointer.py ``save``), else, for older
     checkpoints, the expert group's name ``ep_size_<P>`` in the ZeRO partition of rank 0."""
     model = _load_small(os.path.join(tag_dir, MODEL_FILE))
     zero = int(((model.get("ds_config") or {}).get("zero_optimization") or {}).get("stage", 0))

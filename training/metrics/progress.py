@@ -27,7 +27,7 @@ def format_eta(seconds: float) -> str:
 
 
 def progress_line(name: str, total: int, record: dict) -> str:
-    """The plain line of a logging step from its metrics record (training/metrics/records.py: interval_record)."""
+    """The plain line of a logging step from its metrics record (training/metrics/interval.py: interval_record)."""
     loss = record["loss"]
 
     def num(v):

@@ -1,7 +1,7 @@
 """What a run writes at every logging step, rank 0 only (the trainer hands the other ranks
 :class:`NoRunLog`):
 
-  runs/<name>/metrics.jsonl    one JSON object per logging step (training/metrics/records.py: interval_record)
+  runs/<name>/metrics.jsonl    one JSON object per logging step (training/metrics/interval.py: interval_record)
   runs/<name>/tensorboard/     TensorBoard event files: every number of the record as a scalar
                                (nested keys joined by '/': loss/total, expert_load/block1/3, ...) and
                                the expert-load heatmap (layers x experts) as the image ``expert_load``

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-
 import pytest
 import torch.distributed as dist
 
@@ -13,24 +10,30 @@ from tests.helpers import free_port
 WORLD_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
-@pytest.fixture(scope="module")
+def world1_env(mp: pytest.MonkeyPatch) -> None:
+    """The environment of a one-rank run (set through ``mp``: undone after)."""
+    for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+        mp.setenv(k, v)
+    mp.setenv("MASTER_PORT", str(free_port()))
+
+
+@pytest.fixture(scope="session")
 def world1():
-    """Joins a one-rank gloo group for the module's tests; left again (environment, signal
-    handlers, process group) after them, so the tests that follow see none of it."""
+    """A one-rank gloo group in this process, joined once for the session (the expert groups
+    DeepSpeed caches outlive a destroyed group, so it is not joined twice); the environment it
+    was joined with is undone right away (the ``world`` fixture sets it for a test)."""
     from parallel.dist import init_distributed
 
-    saved_env = {k: os.environ.get(k) for k in WORLD_ENV}
-    saved_signals = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    try:
-        yield init_distributed(backend="gloo", timeout_s=60)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        for s, handler in saved_signals.items():
-            signal.signal(s, handler)
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with pytest.MonkeyPatch.context() as mp:
+        world1_env(mp)
+        world = init_distributed(backend="gloo", timeout_s=60)
+    yield world
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@pytest.fixture()
+def world(world1, monkeypatch):
+    """``world1`` with its environment set for the test (DeepSpeed's engine reads LOCAL_RANK)."""
+    world1_env(monkeypatch)
+    return world1

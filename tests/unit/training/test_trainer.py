@@ -40,8 +40,8 @@ def _spy(obj, name: str, calls: list) -> None:
     setattr(obj, name, spy)
 
 
-def test_the_loop_steps_reports_every_step_and_saves_at_the_intervals(tmp_path, data_dir, world1):
-    trainer = _trainer(tmp_path, data_dir, world1)
+def test_the_loop_steps_reports_every_step_and_saves_at_the_intervals(tmp_path, data_dir, world):
+    trainer = _trainer(tmp_path, data_dir, world)
     done, saved = [], []
     _spy(trainer.metrics, "step_done", done)
     _spy(trainer.checkpointer, "save", saved)
@@ -58,9 +58,9 @@ def test_the_loop_steps_reports_every_step_and_saves_at_the_intervals(tmp_path, 
     assert trainer.outcome().steps == STEPS
 
 
-def test_the_loop_computes_what_a_plain_loop_over_train_step_computes(tmp_path, data_dir, world1):
-    looped = _trainer(tmp_path / "a", data_dir, world1, name="a")
-    plain = _trainer(tmp_path / "b", data_dir, world1, name="b")
+def test_the_loop_computes_what_a_plain_loop_over_train_step_computes(tmp_path, data_dir, world):
+    looped = _trainer(tmp_path / "a", data_dir, world, name="a")
+    plain = _trainer(tmp_path / "b", data_dir, world, name="b")
     try:
         looped.train()
         plain.engine.train()
@@ -72,9 +72,9 @@ def test_the_loop_computes_what_a_plain_loop_over_train_step_computes(tmp_path, 
     assert looped.metrics.progress.history.loss == pytest.approx(losses, rel=1e-6)
 
 
-def test_a_resume_continues_at_the_saved_step_with_the_same_losses(tmp_path, data_dir, world1):
-    whole = _trainer(tmp_path / "whole", data_dir, world1, name="w")
-    first = _trainer(tmp_path / "parts", data_dir, world1, name="p")
+def test_a_resume_continues_at_the_saved_step_with_the_same_losses(tmp_path, data_dir, world):
+    whole = _trainer(tmp_path / "whole", data_dir, world, name="w")
+    first = _trainer(tmp_path / "parts", data_dir, world, name="p")
     try:
         whole.train()
         first.train(stop_at=4)  # a checkpoint at 3 (the interval) and at 4 (the stop)
@@ -82,7 +82,7 @@ def test_a_resume_continues_at_the_saved_step_with_the_same_losses(tmp_path, dat
         whole.close()
         first.close()
     assert first.step == 4
-    second = _trainer(tmp_path / "parts", data_dir, world1, name="p")
+    second = _trainer(tmp_path / "parts", data_dir, world, name="p")
     done = []
     _spy(second.metrics, "step_done", done)
     try:
