@@ -1,4 +1,5 @@
-"""The training job: data -> expert-parallel ReID model in a DeepSpeed engine -> evaluation.
+"""The trainer: builds data, model and DeepSpeed engine once, runs the steps, and wires the components
+(metrics processor, checkpointer, evaluator): data -> expert-parallel ReID model -> evaluation.
 
 Determinism (what makes ``--resume`` exact): the batch of step s comes from (seed, s) alone
 (:class:`reid.data.PKSampler`), the learning rate is a function of s, and the torch RNG (dropout,
