@@ -106,7 +106,7 @@ def reshard_optimizer(sources: list[dict], new_ep_size: int) -> list[dict]:
 def reshard_checkpoint(src_dir: str, tag: str, dst_dir: str, new_ep_size: int) -> dict:
     """Write ``dst_dir/<tag>`` for ``new_ep_size`` EP ranks (complete or not at all). Returns a summary.
 
-    The caller commits it (``latest`` and the completion marker: ``training.checkpoint.mark_complete``)."""
+    The caller commits it (``latest`` and the completion marker: ``training.checkpoint.store.mark_complete``)."""
     src = os.path.join(src_dir, tag)
     if not os.path.isdir(src):
         raise ReshardError(f"no checkpoint tag {tag!r} in {src_dir}")
