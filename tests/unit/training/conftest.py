@@ -17,11 +17,12 @@ def world1_env(mp: pytest.MonkeyPatch) -> None:
     mp.setenv("MASTER_PORT", str(free_port()))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def world1():
-    """A one-rank gloo group in this process, joined once for the session (the expert groups
-    DeepSpeed caches outlive a destroyed group, so it is not joined twice); the environment it
-    was joined with is undone right away (the ``world`` fixture sets it for a test)."""
+    """A one-rank gloo group in this process, joined once for the tests of this package (the
+    expert groups DeepSpeed caches outlive a destroyed group, so it is not joined twice) and left
+    after them; the environment it was joined with is undone right away (the ``world`` fixture
+    sets it for a test)."""
     from parallel.dist import init_distributed
 
     with pytest.MonkeyPatch.context() as mp:
