@@ -76,8 +76,8 @@ def test_user_errors_keep_their_builtin_base():
     """``except ValueError`` / ``except OSError`` around them still holds."""
     from common.config import ConfigError
     from reid.data import DataError
-    from training.checkpoint import CheckpointUnverified
-    from training.save_guard import CheckpointWriteError
+    from training.checkpoint.store import CheckpointUnverified
+    from training.checkpoint.save_guard import CheckpointWriteError
 
     assert issubclass(ConfigError, ValueError) and issubclass(DataError, ValueError)
     assert issubclass(CheckpointUnverified, FileNotFoundError) and issubclass(CheckpointWriteError, OSError)
