@@ -67,7 +67,7 @@ def run_worker(shape: EpShape, ep_size: int, result: str) -> None:
     )
     timer = WallTimer()
     counter = CommCounter()
-    disp = build_dispatcher(groups, counter)
+    disp = build_dispatcher(groups, counter, timer)
     torch.manual_seed(world.rank)
     model = DeepSpeedMoE(PatchMoE(cfg, dispatcher=disp, timer=timer), groups).to(world.device)
     ds_config = {

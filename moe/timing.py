@@ -2,7 +2,10 @@
 ``timer.stage(name)``; the timer it was built with decides whether anything is measured.
 
 Stages of a PatchMoE forward: route (unfold, pool, gate, plan), dispatch (to the experts'
-ranks), experts (grouped matmuls), combine (back, weighted sum, fold).
+ranks), experts (grouped matmuls), combine (back, weighted sum, fold). The all-to-all
+dispatcher, given the same timer, times its steps inside them: dispatch.counts (count exchange
+and the host read of the split sizes), dispatch.send (payload all-to-all), dispatch.regroup
+(expert-major order); combine.regroup and combine.send. The outer totals include them.
 
 While torch.profiler records (``train.profile_steps``), every timer also opens a named range
 ``moe.<stage>`` (``moe.route``, ``moe.dispatch``, ``moe.experts``, ``moe.combine``) around the

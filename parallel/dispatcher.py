@@ -4,14 +4,20 @@ Legend
   P ep_size, E global experts, El = E / P local experts, R rows this rank routes (kept slots),
   U rows this rank's experts receive, L points per patch, C channels.
 
-The payload row is one routed patch, [L * C] wide: never per-point metadata. Per call:
-  1. counts:  each rank tells every other how many rows it sends to each of their experts
-              (an all-to-all of E int64 counts)                       -> recv_counts [P, El]
-  2. payload: rows sorted by global expert = by destination rank, exactly the routed rows
-              (dropless) or at most ``capacity`` per expert (capacity mode), split by rank
-  3. regroup: received rows (source-major) are reordered expert-major for the grouped matmul
-combine() undoes 3 and 2. Capacity is computed from the largest unit count in the group, so
-every rank applies the same capacity. A rank may send or receive zero rows.
+The payload row is one routed patch, [L * C] wide: never per-point metadata. ``dispatch`` runs
+three steps, each a stage of the layer's timer (nested in its ``dispatch`` stage, so that
+total stays what it was):
+  1. dispatch.counts:  each rank tells every other how many rows it sends to each of their
+                       experts (an all-to-all of E int64 counts) and reads the split sizes on
+                       the host, the layer's one host read                    -> Splits
+  2. dispatch.send:    rows sorted by global expert = by destination rank, exactly the routed
+                       rows (dropless) or at most ``capacity`` per expert (capacity mode),
+                       split by rank: the payload all-to-all                  -> [U, L*C]
+  3. dispatch.regroup: received rows (source-major) reordered expert-major for the grouped
+                       matmul                                                 -> [U, L, C]
+``combine`` undoes 3 (combine.regroup) and 2 (combine.send). Capacity is computed from the
+largest unit count in the group, so every rank applies the same capacity. A rank may send or
+receive zero rows.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import torch.distributed as dist
 
 from moe.dispatch import DispatchPlan, LocalDispatcher, expert_capacity
 from moe.indexing import gather_rows
+from moe.timing import NullTimer, StageTimer
 from moe.units import PatchView, take_units
 from parallel.all_to_all import CommCounter, all_to_all_rows, collective, exchange
 from parallel.groups import ExpertGroup, ParallelGroups
@@ -40,12 +47,27 @@ class AllToAllMeta:
     host_counts: list  # [El] rows each local expert received
 
 
-class AllToAllDispatcher:
-    """Experts sharded over an expert group (``ep``: who holds which); patches exchanged by all-to-all."""
+@dataclass(frozen=True)
+class Splits:
+    """The counts step's result: who sends how many rows to whom (host lists) and, on the device,
+    how many each local expert receives from each rank."""
 
-    def __init__(self, ep: ExpertGroup, counter: CommCounter | None = None):
+    send_splits: list  # [P] rows this rank sends to each rank
+    recv_splits: list  # [P] rows this rank receives from each rank
+    recv_PE: torch.Tensor  # [P, El] rows received from rank p for local expert e
+    host_counts: list  # [El] rows each local expert receives (host)
+    plan: DispatchPlan  # the caller's plan, row count resolved
+
+
+class AllToAllDispatcher:
+    """Experts sharded over an expert group (``ep``: who holds which); patches exchanged by all-to-all.
+
+    ``timer``: the layer's stage timer (the same object), for the dispatch and combine steps."""
+
+    def __init__(self, ep: ExpertGroup, counter: CommCounter | None = None, timer: StageTimer | None = None):
         self.ep = ep
         self.counter = counter if counter is not None else CommCounter()
+        self.timer = timer if timer is not None else NullTimer()
 
     @property
     def num_local_experts(self) -> int:
@@ -63,44 +85,67 @@ class AllToAllDispatcher:
         return expert_capacity(int(n), k, num_experts, factor)
 
     def dispatch(self, units_NLC: "torch.Tensor | PatchView", plan: DispatchPlan):
+        """-> (rows [U, L, C] sorted by local expert, counts [El], :class:`AllToAllMeta`)."""
+        with self.timer.stage("dispatch.counts"):
+            splits = self.exchange_counts(plan)
+        with self.timer.stage("dispatch.send"):
+            recv_UD = self.send(units_NLC, splits)
+        with self.timer.stage("dispatch.regroup"):
+            return self.regroup(recv_UD, splits, units_NLC.shape[1:], units_NLC.device)
+
+    def exchange_counts(self, plan: DispatchPlan) -> Splits:
+        """Step 1: the count all-to-all and the one host read of this layer."""
         p, el = self.ep.size, self.ep.num_local_experts
-        _, l, c = units_NLC.shape
         counts_E = plan.counts.to(self.ep.device)
         recv_PE = exchange(counts_E, [el] * p, [el] * p, self.ep.group,
                            "all-to-all of per-expert patch counts (dispatch)", host_reads=True).view(p, el)
-        # The one host read of this layer: what this rank sends per expert and receives per (rank, expert).
+        # What this rank sends per expert and receives per (rank, expert), read together.
         host = torch.cat([counts_E, recv_PE.reshape(-1)]).tolist()
         sent_E, recv_host = host[: p * el], host[p * el:]
         send_splits = [sum(sent_E[r * el:(r + 1) * el]) for r in range(p)]
         recv_splits = [sum(recv_host[r * el:(r + 1) * el]) for r in range(p)]
         local_host = [sum(recv_host[r * el + e] for r in range(p)) for e in range(el)]
         plan = plan.with_rows(sum(send_splits)) if plan.num_rows is None else plan
+        return Splits(send_splits, recv_splits, recv_PE, local_host, plan)
 
-        rows_RD = take_units(units_NLC, plan.unit_of_row).reshape(-1, l * c)
-        recv_UD = all_to_all_rows(rows_RD, send_splits, recv_splits, self.ep.group, self.counter, self.ep.rank,
-                                  self.ep.ranks)
+    def send(self, units_NLC: "torch.Tensor | PatchView", splits: Splits) -> torch.Tensor:
+        """Step 2: the planned rows to their experts' ranks: [R, L*C] -> [U, L*C], source-major."""
+        _, l, c = units_NLC.shape
+        rows_RD = take_units(units_NLC, splits.plan.unit_of_row).reshape(-1, l * c)
+        return all_to_all_rows(rows_RD, splits.send_splits, splits.recv_splits, self.ep.group, self.counter,
+                               self.ep.rank, self.ep.ranks)
 
-        total = sum(recv_splits)
+    def regroup(self, recv_UD: torch.Tensor, splits: Splits, row_shape: tuple, device: torch.device):
+        """Step 3: source-major rows reordered expert-major -> (rows [U, L, C], counts [El], meta)."""
+        p, el = self.ep.size, self.ep.num_local_experts
+        l, c = row_shape
+        recv_PE = splits.recv_PE
         local_of_row = torch.arange(el, device=recv_PE.device).repeat(p)
-        local_of_row = torch.repeat_interleave(local_of_row, recv_PE.reshape(-1), output_size=total)
-        order = torch.sort(local_of_row.to(units_NLC.device), stable=True).indices
+        local_of_row = torch.repeat_interleave(local_of_row, recv_PE.reshape(-1), output_size=sum(splits.recv_splits))
+        order = torch.sort(local_of_row.to(device), stable=True).indices
         expert_in = gather_rows(recv_UD, order).reshape(-1, l, c)
-        local_counts = recv_PE.sum(0).to(units_NLC.device)
-        return expert_in, local_counts, AllToAllMeta(send_splits, recv_splits, order, (l, c), plan, local_host)
+        local_counts = recv_PE.sum(0).to(device)
+        meta = AllToAllMeta(splits.send_splits, splits.recv_splits, order, (l, c), splits.plan, splits.host_counts)
+        return expert_in, local_counts, meta
 
     def combine(self, expert_out_ULC: torch.Tensor, meta: AllToAllMeta) -> torch.Tensor:
+        """Expert outputs back in plan row order: regroup undone (source-major), then sent back: [R, L, C]."""
         l, c = meta.row_shape
-        out_UD = expert_out_ULC.reshape(-1, l * c)
-        source_major = torch.empty_like(out_UD).index_copy(0, meta.order, out_UD)
-        back = all_to_all_rows(source_major, meta.recv_splits, meta.send_splits, self.ep.group,
-                               self.counter, self.ep.rank, self.ep.ranks)
+        with self.timer.stage("combine.regroup"):
+            out_UD = expert_out_ULC.reshape(-1, l * c)
+            source_major = torch.empty_like(out_UD).index_copy(0, meta.order, out_UD)
+        with self.timer.stage("combine.send"):
+            back = all_to_all_rows(source_major, meta.recv_splits, meta.send_splits, self.ep.group,
+                                   self.counter, self.ep.rank, self.ep.ranks)
         return back.reshape(-1, l, c)
 
 
-def build_dispatcher(ep: "ExpertGroup | ParallelGroups", counter: CommCounter | None = None):
-    """The dispatcher for an expert group (or the groups' ``ep``): all-to-all over it, or local when it has one rank."""
+def build_dispatcher(ep: "ExpertGroup | ParallelGroups", counter: CommCounter | None = None,
+                     timer: StageTimer | None = None):
+    """The dispatcher for an expert group (or the groups' ``ep``): all-to-all over it, or local when it
+    has one rank. ``timer``: the layer's stage timer, for the all-to-all dispatcher's steps."""
     if isinstance(ep, ParallelGroups):
         ep = ep.ep
     if ep.size == 1:
         return LocalDispatcher(ep.num_experts)
-    return AllToAllDispatcher(ep, counter)
+    return AllToAllDispatcher(ep, counter, timer)

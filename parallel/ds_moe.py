@@ -96,7 +96,8 @@ def _stack_expert_entries(module, state_dict, prefix, local_metadata, strict, mi
 def shard_moe_layers(model: nn.Module, groups: ParallelGroups, counter=None, timer=None) -> list[DeepSpeedMoE]:
     """Replace every :class:`PatchMoE` / :class:`HierarchicalMoE` / :class:`HierarchicalFusion` in ``model`` by
     its expert-parallel, DeepSpeed-registered version: same routers and config, this rank's slice of the
-    experts, an all-to-all dispatcher over ``groups.ep_group`` (local when ep_size is 1) and ``timer``.
+    experts, an all-to-all dispatcher over ``groups.ep_group`` (local when ep_size is 1) and ``timer`` (the
+    layer's and its dispatcher's: dispatch and combine timed in steps).
     A layer whose expert count differs from ``groups.num_experts`` (the head fusion's) is sharded
     over the same ranks by its own count.
 
@@ -115,13 +116,12 @@ def shard_moe_layers(model: nn.Module, groups: ParallelGroups, counter=None, tim
             raise ValueError(f"{name} has num_experts={e} but the parallel groups were built for "
                              f"{groups.num_experts}: build ParallelGroups with the model's expert count")
         ep = groups.ep if e == groups.num_experts else ExpertGroup.of(groups.ep_group, e)
-        disp = build_dispatcher(ep, counter)
-        if isinstance(full, HierarchicalFusion):
-            layer = HierarchicalFusion(full.cfg, dispatcher=disp)
+        if isinstance(full, HierarchicalFusion):  # the head is not stage-timed
+            layer = HierarchicalFusion(full.cfg, dispatcher=build_dispatcher(ep, counter))
         elif isinstance(full, HierarchicalMoE):
-            layer = HierarchicalMoE(full.cfg, dispatcher=OneStage(disp, e), timer=timer)
+            layer = HierarchicalMoE(full.cfg, dispatcher=OneStage(build_dispatcher(ep, counter, timer), e), timer=timer)
         else:
-            layer = PatchMoE(full.cfg, dispatcher=disp, timer=timer)
+            layer = PatchMoE(full.cfg, dispatcher=build_dispatcher(ep, counter, timer), timer=timer)
         first, n = ep.first_expert, ep.num_local_experts
         with torch.no_grad():
             src = full.state_dict()
