@@ -1,7 +1,6 @@
 """Launcher detection and the torchrun command line (parallel/launchenv.py), written once."""
 
 import os
-import subprocess
 import sys
 
 from parallel.launchenv import discover_launcher, launcher_vars, torchrun_command, with_on_path
@@ -29,15 +28,3 @@ def test_with_on_path_puts_the_folder_first_and_keeps_the_callers_entries():
     env = with_on_path("/proj", {"PYTHONPATH": f"/tmp/msmoe-site{os.pathsep}{os.pathsep}/proj", "X": "1"})
     assert env == {"PYTHONPATH": f"/proj{os.pathsep}/tmp/msmoe-site", "X": "1"}
     assert with_on_path("/proj", {})["PYTHONPATH"] == "/proj"
-
-
-def test_a_child_started_by_the_test_helpers_still_sees_the_callers_packages(tmp_path, monkeypatch):
-    """On the GPU node the bundle (deepspeed, datasets) is on PYTHONPATH only: a test's child
-    process that replaced PYTHONPATH with the project root would not find it."""
-    (tmp_path / "bundle_probe.py").write_text("WHERE = 'bundle'\n")
-    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
-    from tests.helpers import cli_env
-
-    code = "import bundle_probe, parallel.launchenv; print(bundle_probe.WHERE)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", env=cli_env())
-    assert out.returncode == 0 and out.stdout.strip() == "bundle", out.stderr

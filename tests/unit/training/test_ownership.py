@@ -1,8 +1,7 @@
-"""Run ownership (training/ownership.py) by hand: identity, refusal, overwrite, the lock's states."""
+"""Run ownership (training/ownership.py) by hand: identity, refusal, overwrite, the lock's states (a stale
+holder process: tests/integration/test_ownership.py)."""
 
-import json
 import os
-import subprocess
 
 import pytest
 
@@ -29,33 +28,6 @@ def test_identity_kept_on_resume_new_on_overwrite(tmp_path):
     assert second.run_id != first.run_id
     assert not os.path.exists(os.path.join(run, store.CKPT_DIR)) and not os.path.exists(f"{run}/summary.json")
     ownership.check_start(run, resume=False, overwrite=False)  # nothing left to protect
-
-
-def test_lock_busy_stale_and_released(tmp_path, monkeypatch):
-    run = str(tmp_path / "r")
-    mine = ownership.RunLock(run)
-    assert mine.acquire() is None
-    with pytest.raises(ownership.RunOwnershipError, match=f"is being written by PID {os.getpid()}"):
-        ownership.RunLock(run).acquire()
-    with pytest.raises(ownership.RunOwnershipError):
-        ownership.check_unlocked(run)
-    mine.release()
-    assert not os.path.exists(os.path.join(run, ownership.LOCK_FILE))
-
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    holder = {"host": os.uname().nodename, "pid": dead.pid, "started": "then"}
-    open(os.path.join(run, ownership.LOCK_FILE), "w").write(json.dumps(holder))
-    ownership.check_unlocked(run)  # a dead holder does not block
-    note = ownership.RunLock(run).acquire()
-    assert f"stale lock of {run} (PID {dead.pid}" in note
-
-    elsewhere = {"host": "another-node", "pid": 1, "started": "then", "slurm_job": "77"}
-    open(os.path.join(run, ownership.LOCK_FILE), "w").write(json.dumps(elsewhere))
-    with pytest.raises(ownership.RunOwnershipError, match="on another-node"):
-        ownership.check_unlocked(run)  # cannot be checked from here: taken as busy
-    monkeypatch.setenv("SLURM_JOB_ID", "77")
-    ownership.check_unlocked(run)  # ... unless it is this SLURM job's earlier incarnation (requeued)
 
 
 def _commit_manifest(run_dir, step, run_id):
