@@ -23,8 +23,8 @@ import shlex
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 
-from common.errors import UserError
 from launcher.command import msmoe_command
 from parallel.launchenv import FORWARDED_SIGNALS
 from training.checkpoint.store import COMPLETE
@@ -32,7 +32,7 @@ from training.checkpoint.store import COMPLETE
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-class SubmitError(UserError, ValueError):
+class SubmitError(ValueError):
     pass
 
 
@@ -96,77 +96,105 @@ def resolve_cpus_per_task(requested: str, device: str, procs_per_node: int, part
     return found if found else default_cpus_per_task(device, procs_per_node)
 
 
-def render_script(*, name: str, run_dir: str, nodes: int, procs_per_node: int, time: str, partition: str | None,
-                  device: str, train_args: list[str], python: str, root: str, port: int = 29500,
-                  signal_warn_s: int = 120, cpus_per_task: int | None = None, points: list[list[str]] | None = None,
-                  account: str | None = None) -> str:
-    array = points is not None and len(points) > 1
-    out = os.path.join(run_dir, "slurm-%A_%a.out" if array else "slurm-%j.out")
-    lines = [
-        "#!/bin/bash",
-        f"#SBATCH --job-name=msmoe-{name}",
-        f"#SBATCH --nodes={nodes}",
-        "#SBATCH --ntasks-per-node=1",
-    ]
-    if device == "cuda":
-        lines.append(f"#SBATCH --gpus-per-node={procs_per_node}")
-    if cpus_per_task is None:
-        cpus_per_task = default_cpus_per_task(device, procs_per_node)
-    lines.append(f"#SBATCH --cpus-per-task={cpus_per_task}")  # the one task per node runs all its processes
-    lines += [f"#SBATCH --time={time}"]
-    if partition:
-        lines.append(f"#SBATCH --partition={partition}")
-    if account:
-        lines.append(f"#SBATCH --account={account}")
-    if array:
-        lines.append(f"#SBATCH --array=0-{len(points) - 1}")
-    lines += [
+@dataclass(frozen=True)
+class JobScript:
+    """What one ``submit.sbatch`` is made of (``render_script``); ``points``: the sweep's override
+    lists, a job array when there are two or more."""
+
+    name: str
+    run_dir: str
+    nodes: int
+    procs_per_node: int
+    time: str
+    partition: str | None
+    device: str
+    train_args: list[str]
+    python: str
+    root: str
+    port: int = 29500
+    signal_warn_s: int = 120
+    cpus_per_task: int | None = None
+    points: list[list[str]] | None = None
+    account: str | None = None
+
+    @property
+    def array(self) -> bool:
+        return self.points is not None and len(self.points) > 1
+
+
+def _sbatch_header(job: JobScript) -> list[str]:
+    """The #SBATCH lines, the shell options and the job's first line of output."""
+    out = os.path.join(job.run_dir, "slurm-%A_%a.out" if job.array else "slurm-%j.out")
+    lines = ["#!/bin/bash", f"#SBATCH --job-name=msmoe-{job.name}", f"#SBATCH --nodes={job.nodes}",
+             "#SBATCH --ntasks-per-node=1"]
+    if job.device == "cuda":
+        lines.append(f"#SBATCH --gpus-per-node={job.procs_per_node}")
+    cpus = job.cpus_per_task if job.cpus_per_task is not None else default_cpus_per_task(job.device,
+                                                                                        job.procs_per_node)
+    lines.append(f"#SBATCH --cpus-per-task={cpus}")  # the one task per node runs all its processes
+    lines.append(f"#SBATCH --time={job.time}")
+    if job.partition:
+        lines.append(f"#SBATCH --partition={job.partition}")
+    if job.account:
+        lines.append(f"#SBATCH --account={job.account}")
+    if job.array:
+        lines.append(f"#SBATCH --array=0-{len(job.points) - 1}")
+    return lines + [
         f"#SBATCH --output={out}",
         "#SBATCH --open-mode=append",
-        f"#SBATCH --signal=USR1@{signal_warn_s}",
+        f"#SBATCH --signal=USR1@{job.signal_warn_s}",
         "#SBATCH --requeue",
-        "# Written by `msmoe submit`; resubmit with: sbatch " + os.path.join(run_dir, "submit.sbatch"),
+        "# Written by `msmoe submit`; resubmit with: sbatch " + os.path.join(job.run_dir, "submit.sbatch"),
         "set -euo pipefail",
-        f"cd {shlex.quote(root)}",
+        f"cd {shlex.quote(job.root)}",
         'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
         f'echo "msmoe: job $SLURM_JOB_ID (restart ${{SLURM_RESTART_COUNT:-0}}) on $SLURM_JOB_NODELIST, '
-        f'rendezvous $head_node:{port}"',
+        f'rendezvous $head_node:{job.port}"',
     ]
-    extra = ""
-    run_base = os.path.dirname(run_dir.rstrip("/")) or "."
-    if array:
-        lines.append("sweep=(")
-        for p in points:
-            lines.append("  " + shlex.quote(" ".join(p)))
-        lines.append(")")
-        lines.append('point=${sweep[$SLURM_ARRAY_TASK_ID]}')
-        lines.append(f'run_name={shlex.quote(name)}-$SLURM_ARRAY_TASK_ID')
-        lines.append(f'run_dir={shlex.quote(run_base)}/$run_name')
-        extra = " $point name=$run_name"
-        rdzv_id = "$SLURM_ARRAY_JOB_ID-$SLURM_ARRAY_TASK_ID"
-    else:
-        if points and points[0]:
-            train_args = [*train_args, *points[0]]
-        lines.append(f"run_dir={shlex.quote(run_dir)}")
-        rdzv_id = "$SLURM_JOB_ID"
-    # The trainer writes $run_dir/COMPLETE once the run is finished and reported. torchrun exits
-    # non-zero whenever it was signalled, even when the signal came after the last step (during the
-    # final evaluation) and the workers finished normally: that is still a finished job.
-    lines.append(f'rm -f "$run_dir/{COMPLETE}"')
-    # threads per worker from the allocation, unless set: the task's CPUs over its processes (at least 1);
-    # `msmoe train` gives torch the same count (parallel/threads.py)
-    lines.append(f"threads=$(( ${{SLURM_CPUS_PER_TASK:-{procs_per_node}}} / {procs_per_node} ))")
-    lines.append('export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( threads > 0 ? threads : 1 ))}')
-    torchrun = msmoe_command(["train", "--auto-resume", "--no-progress"], nproc=procs_per_node, python=python,
-                             nnodes="$SLURM_NNODES", rdzv_endpoint=f"$head_node:{port}", rdzv_id=rdzv_id,
-                             options=[f"--signals-to-handle={FORWARDED_SIGNALS}", "--shutdown-timeout=300"])
+
+
+def _run_dir_lines(job: JobScript) -> tuple[list[str], list[str], str, str]:
+    """-> (lines setting $run_dir, the train arguments, what the array adds to them, torchrun's rdzv id).
+    A job array picks its point and run name from its task id; one job takes its single point's overrides."""
+    if not job.array:
+        train_args = [*job.train_args, *job.points[0]] if job.points and job.points[0] else job.train_args
+        return [f"run_dir={shlex.quote(job.run_dir)}"], train_args, "", "$SLURM_JOB_ID"
+    run_base = os.path.dirname(job.run_dir.rstrip("/")) or "."
+    lines = ["sweep=(", *("  " + shlex.quote(" ".join(p)) for p in job.points), ")",
+             'point=${sweep[$SLURM_ARRAY_TASK_ID]}',
+             f'run_name={shlex.quote(job.name)}-$SLURM_ARRAY_TASK_ID',
+             f'run_dir={shlex.quote(run_base)}/$run_name']
+    return lines, job.train_args, " $point name=$run_name", "$SLURM_ARRAY_JOB_ID-$SLURM_ARRAY_TASK_ID"
+
+
+def _train_command(job: JobScript, train_args: list[str], extra: str, rdzv_id: str) -> str:
+    """torchrun of ``msmoe train`` on every node, shell-quoted except the variables SLURM fills in."""
+    torchrun = msmoe_command(["train", "--auto-resume", "--no-progress"], nproc=job.procs_per_node,
+                             python=job.python, nnodes="$SLURM_NNODES", rdzv_endpoint=f"$head_node:{job.port}",
+                             rdzv_id=rdzv_id, options=[f"--signals-to-handle={FORWARDED_SIGNALS}",
+                                                       "--shutdown-timeout=300"])
     cmd = " ".join(shlex.quote(c) if not c.startswith(("--nnodes=$", "--rdzv_endpoint=$", "--rdzv_id=$")) else c
                    for c in torchrun)
-    cmd += " " + " ".join(shlex.quote(a) for a in train_args) + extra
-    lines += [
+    return cmd + " " + " ".join(shlex.quote(a) for a in train_args) + extra
+
+
+def render_script(job: JobScript) -> str:
+    """The batch script of ``job`` (tests/golden/ holds one)."""
+    run_lines, train_args, extra, rdzv_id = _run_dir_lines(job)
+    n = job.procs_per_node
+    lines = _sbatch_header(job) + run_lines + [
+        # The trainer writes $run_dir/COMPLETE once the run is finished and reported. torchrun exits
+        # non-zero whenever it was signalled, even when the signal came after the last step (during the
+        # final evaluation) and the workers finished normally: that is still a finished job.
+        f'rm -f "$run_dir/{COMPLETE}"',
+        # threads per worker from the allocation, unless set: the task's CPUs over its processes (at least 1);
+        # `msmoe train` gives torch the same count (parallel/threads.py)
+        f"threads=$(( ${{SLURM_CPUS_PER_TASK:-{n}}} / {n} ))",
+        'export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( threads > 0 ? threads : 1 ))}',
         "status=0",
         # srun does not inherit --cpus-per-task from sbatch (SLURM >= 22.05): ask again, or the task gets one CPU
-        f"srun --ntasks-per-node=1 --cpus-per-task=$SLURM_CPUS_PER_TASK --kill-on-bad-exit=1 {cmd} || status=$?",
+        "srun --ntasks-per-node=1 --cpus-per-task=$SLURM_CPUS_PER_TASK --kill-on-bad-exit=1 "
+        f"{_train_command(job, train_args, extra, rdzv_id)} || status=$?",
         f'if [ "$status" -ne 0 ] && [ -f "$run_dir/{COMPLETE}" ]; then',
         '  echo "msmoe: the run finished; the launcher exited $status after a late signal: job complete"',
         "  status=0",
@@ -211,10 +239,11 @@ def run_submit(args) -> int:
     root = ROOT if not args.dry_run else "/path/to/msmoe"
     cpus = resolve_cpus_per_task(str(args.cpus_per_task), args.device, args.gpus_per_node, args.partition,
                                  ask_slurm=not args.dry_run)
-    script = render_script(name=name, run_dir=run_dir, nodes=args.nodes, procs_per_node=args.gpus_per_node,
-                           time=args.time, partition=args.partition, device=args.device, train_args=train_args,
-                           python=python, root=root, port=args.port, signal_warn_s=args.signal_warn,
-                           cpus_per_task=cpus, points=points, account=args.account)
+    script = render_script(JobScript(name=name, run_dir=run_dir, nodes=args.nodes, procs_per_node=args.gpus_per_node,
+                                     time=args.time, partition=args.partition, device=args.device,
+                                     train_args=train_args, python=python, root=root, port=args.port,
+                                     signal_warn_s=args.signal_warn, cpus_per_task=cpus, points=points,
+                                     account=args.account))
     if args.dry_run:
         sys.stdout.write(script)
         return 0
