@@ -27,8 +27,6 @@ import torch
 
 from common.errors import UserError
 
-GATE_LAST = "router.gate"
-
 
 class ResizeError(UserError, ValueError):
     pass

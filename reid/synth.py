@@ -106,17 +106,43 @@ def _background(r: np.random.Generator, cam: Camera, h: int, w: int):
     return rgb, nir, tir
 
 
-def render(ident: Identity, cam: Camera, r: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One image of ``ident`` seen by ``cam``: uint8 RGB [3,h,w], NIR [1,h,w], TIR [1,h,w]."""
-    rgb, nir, tir = _background(r, cam, h, w)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    scale = ident.height * cam.scale * r.uniform(0.9, 1.05)
-    ph = scale * h  # person height in pixels
+@dataclass(frozen=True)
+class _Pose:
+    """Where the person stands in one image (pixels): ``ph`` person height, ``cx`` centre column,
+    ``top`` head row, ``half`` half the torso width, ``stride`` / ``swing`` leg and arm offsets."""
+
+    ph: float
+    cx: float
+    top: float
+    half: float
+    stride: float
+    swing: float
+
+
+def _draw_pose(ident: Identity, cam: Camera, r: np.random.Generator, h: int, w: int) -> _Pose:
+    ph = ident.height * cam.scale * r.uniform(0.9, 1.05) * h
     cx = w / 2 + r.uniform(-0.15, 0.15) * w
     top = (h - ph) * r.uniform(0.2, 0.8)
     half = 0.14 * ph * ident.build * 0.5 * 2.2 / 2
-    stride = r.uniform(0.0, 0.06) * ph
-    swing = r.uniform(-0.04, 0.04) * ph
+    return _Pose(ph, cx, top, half, stride=r.uniform(0.0, 0.06) * ph, swing=r.uniform(-0.04, 0.04) * ph)
+
+
+def _second_colour(ident: Identity, yy, xx, pose: _Pose, torso, band):
+    """The upper garment pattern: where its second colour shows."""
+    if ident.pattern == "hstripes":
+        return ((yy - pose.top) // ident.stripe_period) % 2 == 1
+    if ident.pattern == "vstripes":
+        return ((xx - pose.cx + 100) // ident.stripe_period) % 2 == 1
+    if ident.pattern == "twotone":
+        return xx >= pose.cx
+    if ident.pattern == "logo":
+        return (np.abs(xx - pose.cx) <= 0.3 * pose.half) & band(0.22, 0.32)
+    return np.zeros_like(torso)
+
+
+def _body_parts(ident: Identity, yy, xx, pose: _Pose) -> list:
+    """(mask [h, w], rgb colour, NIR value, TIR value) of every part of the person, painted in order."""
+    ph, cx, top, half = pose.ph, pose.cx, pose.top, pose.half
 
     def band(y0, y1):
         return (yy >= top + y0 * ph) & (yy < top + y1 * ph)
@@ -124,32 +150,18 @@ def render(ident: Identity, cam: Camera, r: np.random.Generator, h: int, w: int)
     head = ((yy - (top + 0.07 * ph)) / (0.07 * ph)) ** 2 + ((xx - cx) / (0.05 * ph)) ** 2 <= 1
     hair = head & (yy < top + 0.055 * ph)
     torso = band(0.14, 0.52) & (np.abs(xx - cx) <= half)
-    arms = band(0.15, 0.5) & (np.abs(np.abs(xx - cx) - half - 0.03 * ph) <= 0.025 * ph) & (yy < top + 0.5 * ph + swing)
+    arms = (band(0.15, 0.5) & (np.abs(np.abs(xx - cx) - half - 0.03 * ph) <= 0.025 * ph)
+            & (yy < top + 0.5 * ph + pose.swing))
     legs_y = band(0.52, 0.93)
-    leg_l = legs_y & (np.abs(xx - (cx - 0.045 * ph - stride * (yy - top - 0.52 * ph) / ph)) <= 0.04 * ph)
-    leg_r = legs_y & (np.abs(xx - (cx + 0.045 * ph + stride * (yy - top - 0.52 * ph) / ph)) <= 0.04 * ph)
-    legs = leg_l | leg_r
+    leg_l = legs_y & (np.abs(xx - (cx - 0.045 * ph - pose.stride * (yy - top - 0.52 * ph) / ph)) <= 0.04 * ph)
+    leg_r = legs_y & (np.abs(xx - (cx + 0.045 * ph + pose.stride * (yy - top - 0.52 * ph) / ph)) <= 0.04 * ph)
     shoes = band(0.93, 1.0) & (np.abs(xx - cx) <= 0.1 * ph)
-
-    # the upper garment pattern: where the second colour shows
-    if ident.pattern == "hstripes":
-        second = (((yy - top) // ident.stripe_period) % 2 == 1)
-    elif ident.pattern == "vstripes":
-        second = (((xx - cx + 100) // ident.stripe_period) % 2 == 1)
-    elif ident.pattern == "twotone":
-        second = xx >= cx
-    elif ident.pattern == "logo":
-        second = (np.abs(xx - cx) <= 0.3 * half) & band(0.22, 0.32)
-    else:
-        second = np.zeros_like(torso)
-    up1, up2 = torso & ~second, torso & second
-
-    skin_mask = (head & ~hair) | arms
-    parts = [  # mask, rgb, nir, tir
-        (legs, ident.lower, ident.nir[2], ident.tir[2]),
-        (up1, ident.upper, ident.nir[0], ident.tir[1]),
-        (up2, ident.upper2, ident.nir[1], ident.tir[1]),
-        (skin_mask, ident.skin, 0.6, ident.tir[0]),
+    second = _second_colour(ident, yy, xx, pose, torso, band)
+    parts = [
+        (leg_l | leg_r, ident.lower, ident.nir[2], ident.tir[2]),
+        (torso & ~second, ident.upper, ident.nir[0], ident.tir[1]),
+        (torso & second, ident.upper2, ident.nir[1], ident.tir[1]),
+        ((head & ~hair) | arms, ident.skin, 0.6, ident.tir[0]),
         (hair, np.full(3, ident.hair, np.float32), 0.3, 0.6),
         (shoes, ident.shoes, ident.nir[3], ident.tir[3]),
     ]
@@ -157,21 +169,24 @@ def render(ident: Identity, cam: Camera, r: np.random.Generator, h: int, w: int)
         side = -1 if ident.bag == 1 else 1
         bag = band(0.35, 0.55) & (np.abs(xx - (cx + side * (half + 0.07 * ph))) <= 0.05 * ph)
         parts.append((bag, ident.bag_color, ident.nir[4], ident.tir[4]))
-    for mask, color, n, t in parts:
-        rgb[:, mask] = np.asarray(color, np.float32)[:, None]
-        nir[mask] = n
-        tir[mask] = t
+    return parts
 
-    if r.random() < 0.4:  # an occluder in front: a pole from the side or an object from below
+
+def _occlude(rgb, nir, tir, r: np.random.Generator, yy, xx, pose: _Pose) -> None:
+    """Sometimes an occluder in front: a pole from the side or an object from below (in place)."""
+    if r.random() < 0.4:
         if r.random() < 0.5:
-            x0 = int(cx + r.uniform(-0.2, 0.2) * ph)
-            occ = (xx >= x0) & (xx < x0 + int(r.uniform(0.05, 0.12) * ph))
+            x0 = int(pose.cx + r.uniform(-0.2, 0.2) * pose.ph)
+            occ = (xx >= x0) & (xx < x0 + int(r.uniform(0.05, 0.12) * pose.ph))
         else:
-            occ = yy >= top + r.uniform(0.6, 0.85) * ph
+            occ = yy >= pose.top + r.uniform(0.6, 0.85) * pose.ph
         rgb[:, occ] = PALETTE[r.integers(len(PALETTE))][:, None] * r.uniform(0.5, 1.0)
         nir[occ] = r.uniform(0.1, 0.9)
         tir[occ] = r.uniform(0.1, 0.5)
 
+
+def _sense(rgb, nir, tir, cam: Camera, r: np.random.Generator, h: int, w: int):
+    """What the cameras record: light and colour cast, low-resolution TIR, noise, maybe mirrored; uint8."""
     light = cam.brightness * r.uniform(0.7, 1.3)
     rgb = rgb * cam.cast[:, None, None] * light * r.uniform(0.9, 1.1, (3, 1, 1))
     nir = nir * r.uniform(0.75, 1.25)
@@ -185,6 +200,19 @@ def render(ident: Identity, cam: Camera, r: np.random.Generator, h: int, w: int)
         rgb, nir, tir = rgb[:, :, ::-1], nir[:, ::-1], tir[:, ::-1]
     to8 = lambda a: (np.clip(a, 0, 1) * 255).round().astype(np.uint8)  # noqa: E731
     return to8(rgb), to8(nir)[None], to8(tir)[None]
+
+
+def render(ident: Identity, cam: Camera, r: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One image of ``ident`` seen by ``cam``: uint8 RGB [3,h,w], NIR [1,h,w], TIR [1,h,w]."""
+    rgb, nir, tir = _background(r, cam, h, w)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    pose = _draw_pose(ident, cam, r, h, w)
+    for mask, color, n, t in _body_parts(ident, yy, xx, pose):
+        rgb[:, mask] = np.asarray(color, np.float32)[:, None]
+        nir[mask] = n
+        tir[mask] = t
+    _occlude(rgb, nir, tir, r, yy, xx, pose)
+    return _sense(rgb, nir, tir, cam, r, h, w)
 
 
 @dataclass(frozen=True)
