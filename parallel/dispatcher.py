@@ -27,9 +27,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from common.timing import StageTimer
 from moe.dispatch import DispatchPlan, LocalDispatcher, expert_capacity
 from moe.indexing import gather_rows
-from moe.timing import NullTimer, StageTimer
+from moe.timing import NullTimer
 from moe.units import PatchView, take_units
 from parallel.all_to_all import CommCounter, all_to_all_rows, collective, exchange
 from parallel.groups import ExpertGroup, ParallelGroups

@@ -3,7 +3,7 @@
 fused FFN experts  vs  one nn-style Linear-GELU-Linear per expert block
 slot_sum(_to_map)  vs  index_add of weighted rows (+ unpatchify)
 PatchView          vs  patchify + row gather / masked mean
-(the host allocator: tests/unit/launcher/test_allocator.py)
+(the host allocator: tests/integration/test_allocator.py)
 """
 
 import pytest

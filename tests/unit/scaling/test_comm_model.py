@@ -75,7 +75,7 @@ def _enumerated_counts(row_bytes: int):
 
 
 def test_bytes_per_level_match_commcounter_on_enumerated_routes():
-    row = 4 * 4 * 8 * 4  # P*P*C fp32, as tests/unit/parallel/test_node_transport.py
+    row = 4 * 4 * 8 * 4  # P*P*C fp32, as tests/integration/test_node_transport.py
     flat, stage1, stage2, b = _enumerated_counts(row)
     (f,) = exchanges("flat", 4, 2, b)
     assert flat.cross_node_bytes == f.inter_bytes
