@@ -25,6 +25,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+from common.errors import UserError
 from launcher.command import msmoe_command
 from parallel.launchenv import FORWARDED_SIGNALS
 from training.checkpoint.store import COMPLETE
@@ -32,7 +33,7 @@ from training.checkpoint.store import COMPLETE
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-class SubmitError(ValueError):
+class SubmitError(UserError, ValueError):
     pass
 
 
