@@ -67,7 +67,7 @@ def run_fit(spec: FitSpec) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        history.append(float(mse))
+        history.append(float(mse.detach()))
         bar.set_postfix(mse=f"{float(mse):.4f}", drop=f"{float(res.stats.dropped_fraction):.2f}")
     elapsed = time.perf_counter() - t0
     summary = {

@@ -147,7 +147,9 @@ def _sbatch_header(job: JobScript) -> list[str]:
         "#SBATCH --requeue",
         "# Written by `msmoe submit`; resubmit with: sbatch " + os.path.join(job.run_dir, "submit.sbatch"),
         "set -euo pipefail",
-        f"cd {shlex.quote(job.root)}",
+        # sbatch ran where `msmoe submit` ran: the user's relative paths (--config, out_dir) hold there
+        'cd "$SLURM_SUBMIT_DIR"',
+        f"export PYTHONPATH={shlex.quote(job.root)}${{PYTHONPATH:+:$PYTHONPATH}}",
         'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
         f'echo "msmoe: job $SLURM_JOB_ID (restart ${{SLURM_RESTART_COUNT:-0}}) on $SLURM_JOB_NODELIST, '
         f'rendezvous $head_node:{job.port}"',

@@ -204,7 +204,11 @@ def load_yaml(path: str, _seen: tuple = ()) -> dict:
         raise ConfigError(f"config {path!r} must be a YAML mapping")
     base = data.pop("base", None)
     if base:
-        data = _merge(load_yaml(os.path.join(os.path.dirname(path), base), _seen + (real,)), data)
+        base_path = os.path.join(os.path.dirname(path), base)
+        if not os.path.isfile(base_path):
+            raise ConfigError(f"config {path!r} says base: {base}, but {base_path!r} does not exist (a base is "
+                              "looked up beside the config that names it: copy it there or give its path)")
+        data = _merge(load_yaml(base_path, _seen + (real,)), data)
     return data
 
 

@@ -12,11 +12,12 @@ import csv
 import json
 import os
 import re
+import shutil
 import time
 
 import pytest
 
-from tests.helpers import TINY_DATA, free_port, run_cli
+from tests.helpers import ROOT, TINY_DATA, free_port, run_cli
 from tests.slurm import Cluster, available
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(available() is not None, reason=str(available()))]
@@ -30,11 +31,14 @@ def cluster(tmp_path_factory):
 
 
 def _submit(cluster, tmp, name, *overrides):
+    """Submitted from the user's own folder (``tmp``) with a config path relative to it: the job runs there."""
+    for src, dst in (("tiny.yaml", "my-tiny.yaml"), ("default.yaml", "default.yaml")):  # tiny's base: beside it
+        shutil.copy(os.path.join(ROOT, "configs", src), os.path.join(tmp, dst))
     proc = run_cli(  # the environment as it is (no OMP_NUM_THREADS=1): sbatch passes it on to the job
         "submit", "--nodes", "1", "--gpus-per-node", "2", "--device", "cpu", "--time", "00:20:00", "--partition",
-        "debug", "--port", str(_port()), "--", "--config", "configs/tiny.yaml", f"name={name}", f"out_dir={tmp}/runs",
+        "debug", "--port", str(_port()), "--", "--config", "my-tiny.yaml", f"name={name}", f"out_dir={tmp}/runs",
         f"data.path={tmp}/data", f"data.synth={TINY_DATA}", "train.ep_size=2", *overrides,
-        env=cluster.env, threads=None, timeout=120)
+        env=cluster.env, threads=None, timeout=120, cwd=tmp)
     assert proc.returncode == 0, proc.stderr
     job = proc.stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"\d+", job), proc.stdout

@@ -29,6 +29,10 @@ def test_config_overrides_and_errors(tmp_path):
         load_config(None, ["train.lr=fast"])
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(str(tmp_path / "nope.yaml"))
+    orphan = tmp_path / "mine.yaml"  # a config copied without the base it names
+    orphan.write_text("base: default.yaml\nname: mine\n")
+    with pytest.raises(ConfigError, match=r"mine.yaml' says base: default.yaml, but .*default.yaml' does not exist"):
+        load_config(str(orphan))
     loop = tmp_path / "a.yaml"
     loop.write_text("base: a.yaml\n")
     with pytest.raises(ConfigError, match="includes itself"):
