@@ -115,17 +115,24 @@ def _block_of(module_prefix: str) -> str:
 
 def _transform(args):
     """-> (transform for resize_experts_checkpoint, a note for the user or None)."""
-    import dataclasses
-
     import torch
 
-    from moe.resize import resize_group_state, shrink_state, upcycle_state
-    from parallel.reshard import ReshardError
     from training.config import load_config
 
     usage = _usage(args)
     gen = torch.Generator().manual_seed(args.seed)
     model = load_config(args.config).model if args.config else None
+    hier = _is_hierarchical(args, model)
+    layer_usage = _layer_usage_of(args, usage)
+    if not hier:
+        return _experts_transform(args, model, layer_usage, gen), None
+    return _group_transform(args, model.hierarchical_config(), layer_usage, gen)
+
+
+def _is_hierarchical(args, model) -> bool:
+    """Whether --config's model has hierarchical MoE blocks; refuses --group without them, and them without --group."""
+    from parallel.reshard import ReshardError
+
     hier = model is not None and model.moe_kind == "hierarchical"
     if args.group is not None and not hier:
         raise ReshardError("--group resizes one group of hierarchical MoE blocks: give --config <the run's "
@@ -133,6 +140,12 @@ def _transform(args):
                            (f" ({args.config} has moe_kind={model.moe_kind!r})" if model is not None else ""))
     if hier and args.group is None:
         raise ReshardError(f"{args.config} has hierarchical MoE blocks: give --group <g> to resize one group")
+    return hier
+
+
+def _layer_usage_of(args, usage):
+    """-> layer_usage(module_prefix, num_experts): that layer's expert load from ``usage`` (None: upcycling)."""
+    from parallel.reshard import ReshardError
 
     def layer_usage(module_prefix, num_experts):
         if usage is None:
@@ -142,33 +155,35 @@ def _transform(args):
             raise ReshardError(f"{args.usage} has no expert load of {num_experts} experts for {module_prefix} "
                                f"({_block_of(module_prefix)}): give the summary.json of the run that made --src")
         return u
+    return layer_usage
 
-    if not hier:
-        score_fn = args.score_fn or (model.patch_moe_config().router.score_fn if model is not None else "softmax")
 
-        def transform(state, num_experts, module_prefix):
-            if any(k.startswith("fine.") for k in state):
-                raise ReshardError(f"{module_prefix} is a hierarchical MoE layer: give --config <the run's config.yaml> "
-                                   "and --group <g>")
-            if args.mode == "upcycle":
-                return upcycle_state(state, num_experts, args.num_experts, score_fn=score_fn,
-                                     noise=args.noise, generator=gen)
-            return shrink_state(state, num_experts, args.num_experts, layer_usage(module_prefix, num_experts),
-                                mode=args.mode)[0]
-        return transform, None
+def _experts_transform(args, model, layer_usage, gen):
+    """The transform of a plain MoE layer: every layer's experts to --num-experts."""
+    from moe.resize import shrink_state, upcycle_state
+    from parallel.reshard import ReshardError
 
-    cfg = model.hierarchical_config()
+    score_fn = args.score_fn or (model.patch_moe_config().router.score_fn if model is not None else "softmax")
+
+    def transform(state, num_experts, module_prefix):
+        if any(k.startswith("fine.") for k in state):
+            raise ReshardError(f"{module_prefix} is a hierarchical MoE layer: give --config <the run's config.yaml> "
+                               "and --group <g>")
+        if args.mode == "upcycle":
+            return upcycle_state(state, num_experts, args.num_experts, score_fn=score_fn,
+                                 noise=args.noise, generator=gen)
+        return shrink_state(state, num_experts, args.num_experts, layer_usage(module_prefix, num_experts),
+                            mode=args.mode)[0]
+    return transform
+
+
+def _group_transform(args, cfg, layer_usage, gen):
+    """-> (the transform of a hierarchical MoE layer: group --group to --num-experts, the overrides note)."""
+    from moe.resize import resize_group_state
+    from parallel.reshard import ReshardError
+
     sizes = cfg.group_sizes
-    if not 0 <= args.group < len(sizes):
-        raise ReshardError(f"--group {args.group}: the run has groups 0..{len(sizes) - 1}")
-    new_sizes = sizes[:args.group] + (args.num_experts,) + sizes[args.group + 1:]
-    epg = list(new_sizes) if len(set(new_sizes)) > 1 else new_sizes[0]
-    dataclasses.replace(cfg, experts_per_group=epg if isinstance(epg, int) else tuple(epg),
-                        fine=dataclasses.replace(cfg.fine, num_experts=max(new_sizes)))  # validates: top_k fits
-    epg_arg = (f"'model.hierarchical.experts_per_group=[{','.join(map(str, epg))}]'" if isinstance(epg, list)
-               else f"model.hierarchical.experts_per_group={epg}")  # quoted: [..] is a shell pattern
-    note = (f"train from it with: --init-from {args.out} {epg_arg} "
-            f"model.hierarchical.fine.num_experts={max(new_sizes)}")
+    note = _group_note(args, cfg)
 
     def transform(state, num_experts, module_prefix):
         if num_experts != sum(sizes):
@@ -178,3 +193,22 @@ def _transform(args):
                                   usage=layer_usage(module_prefix, num_experts),
                                   score_fn=args.score_fn or cfg.fine.score_fn, noise=args.noise, generator=gen)[0]
     return transform, note
+
+
+def _group_note(args, cfg) -> str:
+    """Checks the new group sizes (a valid layer config) -> the overrides ``msmoe train --init-from`` needs."""
+    import dataclasses
+
+    from parallel.reshard import ReshardError
+
+    sizes = cfg.group_sizes
+    if not 0 <= args.group < len(sizes):
+        raise ReshardError(f"--group {args.group}: the run has groups 0..{len(sizes) - 1}")
+    new_sizes = sizes[:args.group] + (args.num_experts,) + sizes[args.group + 1:]
+    epg = list(new_sizes) if len(set(new_sizes)) > 1 else new_sizes[0]
+    dataclasses.replace(cfg, experts_per_group=epg if isinstance(epg, int) else tuple(epg),
+                        fine=dataclasses.replace(cfg.fine, num_experts=max(new_sizes)))  # validates: top_k fits
+    epg_arg = (f"'model.hierarchical.experts_per_group=[{','.join(map(str, epg))}]'" if isinstance(epg, list)
+               else f"model.hierarchical.experts_per_group={epg}")  # quoted: [..] is a shell pattern
+    return (f"train from it with: --init-from {args.out} {epg_arg} "
+            f"model.hierarchical.fine.num_experts={max(new_sizes)}")

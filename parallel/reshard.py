@@ -161,13 +161,7 @@ def resize_experts_checkpoint(src_dir: str, tag: str, dst_dir: str, transform, l
     """
     src = os.path.join(src_dir, tag)
     model = _load(os.path.join(src, "mp_rank_00_model_states.pt"))
-    files: dict[int, dict[int, str]] = {}  # layer -> expert id -> file name
-    for f in os.listdir(src):
-        m = EXPERT_FILE_RE.fullmatch(f)
-        if m:
-            files.setdefault(int(m.group(1)), {})[int(m.group(2))] = f
-    if not files:
-        raise ReshardError(f"{src} holds no expert files: not a DeepSpeed MoE checkpoint")
+    files = _expert_files(src)
     counts = list(model.get("num_experts") or [])
     if len(counts) != len(files):
         raise ReshardError(f"{src}: the model file lists num_experts={counts} for {len(files)} MoE layers' expert files")
@@ -180,27 +174,12 @@ def resize_experts_checkpoint(src_dir: str, tag: str, dst_dir: str, transform, l
         if sorted(files[layer]) != list(range(e)):
             raise ReshardError(f"layer {layer}: expert files {sorted(files[layer])} are not 0..{e - 1}")
         first = _load(os.path.join(src, files[layer][0]))
-        module_prefix, names = None, []
-        for k in first:
-            m = PER_EXPERT_KEY_RE.fullmatch(k)
-            module_prefix, names = m.group(1), names + [m.group(3)]
+        module_prefix, names = _expert_keys(first)
         if not module_prefix.startswith(layer_prefix):
             copied += list(files[layer].values())  # not ours to resize: byte for byte
             continue
         experts = {0: first, **{g: _load(os.path.join(src, files[layer][g])) for g in range(1, e)}}
-        prefix = module_prefix + LAYER_KEY  # the layer's own keys: "router....", "fine.<g>....", ...
-        expert_key = module_prefix + PER_EXPERT_KEY + "{}.{}"  # expert id, parameter name
-        state = {f"experts.{n}": torch.stack([experts[g][expert_key.format(g, n)] for g in range(e)])
-                 for n in names}
-        state.update({k[len(prefix):]: v for k, v in module.items() if k.startswith(prefix)})
-        new_state = transform(state, e, module_prefix)
-        new_e = new_state[f"experts.{names[0]}"].shape[0]
-        for k, v in new_state.items():
-            if not k.startswith("experts."):
-                module[prefix + k] = v
-        for g in range(new_e):
-            new_files[EXPERT_FILE.format(layer=layer, expert=g)] = {
-                expert_key.format(g, n): new_state[f"experts.{n}"][g].clone() for n in names}
+        new_e = _resize_layer(experts, layer, module_prefix, names, module, transform, new_files)
         counts[layer] = new_e
         resized[module_prefix] = (e, new_e)
     if not resized:
@@ -208,11 +187,59 @@ def resize_experts_checkpoint(src_dir: str, tag: str, dst_dir: str, transform, l
     model["module"] = module
     model["num_experts"] = counts
     dst = os.path.join(dst_dir, tag)
+    _write_resized(src, dst, model, copied, new_files)
+    return {"tag": tag, "layers": len(resized), "from_experts": [a for a, _ in resized.values()],
+            "to_experts": [b for _, b in resized.values()], "resized": resized, "num_experts": counts, "out": dst}
+
+
+def _expert_files(src: str) -> dict[int, dict[int, str]]:
+    """The expert files of checkpoint tag ``src``: layer -> expert id -> file name."""
+    files: dict[int, dict[int, str]] = {}
+    for f in os.listdir(src):
+        m = EXPERT_FILE_RE.fullmatch(f)
+        if m:
+            files.setdefault(int(m.group(1)), {})[int(m.group(2))] = f
+    if not files:
+        raise ReshardError(f"{src} holds no expert files: not a DeepSpeed MoE checkpoint")
+    return files
+
+
+def _expert_keys(expert_sd: dict) -> tuple[str, list[str]]:
+    """One expert file's state dict -> (the layer's module prefix, its experts' parameter names)."""
+    module_prefix, names = None, []
+    for k in expert_sd:
+        m = PER_EXPERT_KEY_RE.fullmatch(k)
+        module_prefix, names = m.group(1), names + [m.group(3)]
+    return module_prefix, names
+
+
+def _resize_layer(experts: dict, layer: int, module_prefix: str, names: list[str], module: dict, transform,
+                  new_files: dict) -> int:
+    """Run ``transform`` on one MoE layer (``experts``: expert id -> its file's state dict): its new
+    non-expert keys go into ``module``, its new expert files into ``new_files``. -> the new expert count."""
+    e = len(experts)
+    prefix = module_prefix + LAYER_KEY  # the layer's own keys: "router....", "fine.<g>....", ...
+    expert_key = module_prefix + PER_EXPERT_KEY + "{}.{}"  # expert id, parameter name
+    state = {f"experts.{n}": torch.stack([experts[g][expert_key.format(g, n)] for g in range(e)])
+             for n in names}
+    state.update({k[len(prefix):]: v for k, v in module.items() if k.startswith(prefix)})
+    new_state = transform(state, e, module_prefix)
+    new_e = new_state[f"experts.{names[0]}"].shape[0]
+    for k, v in new_state.items():
+        if not k.startswith("experts."):
+            module[prefix + k] = v
+    for g in range(new_e):
+        new_files[EXPERT_FILE.format(layer=layer, expert=g)] = {
+            expert_key.format(g, n): new_state[f"experts.{n}"][g].clone() for n in names}
+    return new_e
+
+
+def _write_resized(src: str, dst: str, model: dict, copied: list[str], new_files: dict[str, dict]) -> None:
+    """Write the resized checkpoint tag ``dst`` (complete or not at all): the model file, the expert
+    files copied from ``src`` as they are, and the new ones."""
     with staged_dir(dst) as tmp:
         torch.save(model, os.path.join(tmp, "mp_rank_00_model_states.pt"))
         for name in copied:
             shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
         for name, sd in new_files.items():
             torch.save(sd, os.path.join(tmp, name))
-    return {"tag": tag, "layers": len(resized), "from_experts": [a for a, _ in resized.values()],
-            "to_experts": [b for _, b in resized.values()], "resized": resized, "num_experts": counts, "out": dst}

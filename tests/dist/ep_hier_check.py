@@ -30,7 +30,7 @@ def shard(r):
     return x, torch.randn(x.shape, generator=g), torch.randint(0, G, (b,), generator=g)
 
 
-def main():
+def parse_args():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ep-size", type=int, required=True)
     ap.add_argument("--mode", default="learned")
@@ -40,14 +40,13 @@ def main():
     ap.add_argument("--sizes", default="", help="unequal groups: comma-separated sizes (overrides --groups/--fine)")
     ap.add_argument("--node-size", type=int, default=0, help="two-stage node transport with this many ranks per node")
     ap.add_argument("--out", required=True)
-    args = ap.parse_args()
-    global G, F
-    G, F = args.groups, args.fine
-    sizes = tuple(int(v) for v in args.sizes.split(",")) if args.sizes else (F,) * G
-    G = len(sizes)
-    world = init_world()
-    groups = ParallelGroups.build(args.ep_size, sum(sizes))
-    rank, ws = world.rank, world.world_size
+    return ap.parse_args()
+
+
+def build_layers(args, groups, sizes):
+    """-> (config, the full reference layer, the all-to-all dispatcher, the expert-parallel layer, and
+    with --node-size its node transport and a one-stage layer beside it (else None, None)), every
+    layer holding the reference's weights (this rank's slice of the experts)."""
     cfg = HierarchicalMoEConfig(
         dim=C, patch_size=P, num_groups=G, experts_per_group=sizes if args.sizes else F, coarse_mode=args.mode,
         placement=args.placement,
@@ -57,6 +56,7 @@ def main():
     ref = HierarchicalMoE(cfg)
     ns = args.node_size
     disp = AllToAllDispatcher(groups.ep, CommCounter(node_size=ns))
+    transport = single = None
     if ns:
         transport = NodeTransport(sizes, groups.ep, build_node_groups(groups.ep_group, ns), ns)
         layer = HierarchicalMoE(cfg, dispatcher=transport)
@@ -69,11 +69,12 @@ def main():
             for name, p in target.named_parameters():
                 src = ref.get_parameter(name)
                 p.copy_(src[first:first + el] if name.startswith("experts.") else src)
+    return cfg, ref, disp, layer, transport, single
 
-    x, g, mod = shard(rank)
-    x = x.requires_grad_()
-    res = layer(x, mod if args.mode == "given" else None)
-    (res.out * g).sum().backward()
+
+def run_reference(args, ref, rank, ws):
+    """Every shard through the full layer alone -> (expert grads summed over the world, this rank's
+    own reference: output, input grad, router grads, load)."""
     sum_all = {n: torch.zeros_like(p) for n, p in ref.experts.named_parameters()}
     for r in range(ws):
         xr, gr, mr = shard(r)
@@ -84,35 +85,60 @@ def main():
         for n, p in ref.experts.named_parameters():
             sum_all[n] += p.grad
         if r == rank:
-            ref_out, ref_x = out.out.detach(), xr.grad
-            ref_router = {n: p.grad.clone() for n, p in ref.named_parameters() if not n.startswith("experts.")}
-            ref_load = out.stats.load.tolist()
+            own = {"out": out.out.detach(), "x_grad": xr.grad, "load": out.stats.load.tolist(),
+                   "router": {n: p.grad.clone() for n, p in ref.named_parameters() if not n.startswith("experts.")}}
+    return sum_all, own
+
+
+def err(a, b):
+    return float((a - b).abs().max() / (b.abs().max() + 1e-6)) if a.numel() else 0.0
+
+
+def node_report(args, cfg, x, g, mod, res, own, disp, transport, single):
+    """--node-size: the one-stage layer on the same patches, and the bytes each stage moved."""
+    s_res = single(x.detach().requires_grad_(), mod if args.mode == "given" else None)
+    (s_res.out * g).sum().backward()
+    return dict(
+        single_out_err=err(s_res.out, own["out"]),
+        coarse_cross=transport.coarse_counter.cross_node_bytes, fine_cross=transport.fine_counter.cross_node_bytes,
+        fine_total=transport.fine_counter.total_bytes, fine_offrank=transport.fine_counter.offrank_bytes,
+        coarse_total=transport.coarse_counter.total_bytes,
+        single_cross=disp.counter.cross_node_bytes, single_total=disp.counter.total_bytes,
+        coarse_slots=int(res.stats.num_units) * cfg.coarse.top_k if args.mode == "learned" else int(res.stats.num_units),
+    )
+
+
+def main():
+    args = parse_args()
+    global G, F
+    G, F = args.groups, args.fine
+    sizes = tuple(int(v) for v in args.sizes.split(",")) if args.sizes else (F,) * G
+    G = len(sizes)
+    world = init_world()
+    groups = ParallelGroups.build(args.ep_size, sum(sizes))
+    rank, ws = world.rank, world.world_size
+    cfg, ref, disp, layer, transport, single = build_layers(args, groups, sizes)
+    first, el = disp.first_expert, disp.num_local_experts
+
+    x, g, mod = shard(rank)
+    x = x.requires_grad_()
+    res = layer(x, mod if args.mode == "given" else None)
+    (res.out * g).sum().backward()
+    sum_all, own = run_reference(args, ref, rank, ws)
     for p in layer.experts.parameters():
         dist.all_reduce(p.grad, group=groups.edp_group)
 
-    def err(a, b):
-        return float((a - b).abs().max() / (b.abs().max() + 1e-6)) if a.numel() else 0.0
-
     errors = {
-        "out": err(res.out, ref_out), "x_grad": err(x.grad, ref_x),
-        "router_grad": max(err(p.grad, ref_router[n]) for n, p in layer.named_parameters()
+        "out": err(res.out, own["out"]), "x_grad": err(x.grad, own["x_grad"]),
+        "router_grad": max(err(p.grad, own["router"][n]) for n, p in layer.named_parameters()
                            if not n.startswith("experts.")),
         "expert_grad": max(err(p.grad, sum_all[n][first:first + el]) for n, p in layer.experts.named_parameters()),
     }
     report = {"rank": rank, "ep_size": groups.ep_size, "errors": errors, "load": res.stats.load.tolist(),
-              "ref_load": ref_load, "bytes_forward": disp.counter.by_direction["forward"],
+              "ref_load": own["load"], "bytes_forward": disp.counter.by_direction["forward"],
               "analytic_forward": 2 * int(res.stats.load.sum()) * P * P * C * 4}
-    if ns:
-        s_res = single(x.detach().requires_grad_(), mod if args.mode == "given" else None)
-        (s_res.out * g).sum().backward()
-        report.update(
-            single_out_err=err(s_res.out, ref_out),
-            coarse_cross=transport.coarse_counter.cross_node_bytes, fine_cross=transport.fine_counter.cross_node_bytes,
-            fine_total=transport.fine_counter.total_bytes, fine_offrank=transport.fine_counter.offrank_bytes,
-            coarse_total=transport.coarse_counter.total_bytes,
-            single_cross=disp.counter.cross_node_bytes, single_total=disp.counter.total_bytes,
-            coarse_slots=int(res.stats.num_units) * cfg.coarse.top_k if args.mode == "learned" else int(res.stats.num_units),
-        )
+    if args.node_size:
+        report.update(node_report(args, cfg, x, g, mod, res, own, disp, transport, single))
     write_result(args.out, rank, report)
     dist.barrier()
 

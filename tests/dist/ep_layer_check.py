@@ -46,7 +46,7 @@ def bias_for(r):  # rank 0 never routes to expert E-1; others unbiased
     return b
 
 
-def main():
+def parse_args():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ep-size", type=int, required=True)
     ap.add_argument("--capacity-factor", type=float, default=None)
@@ -55,19 +55,18 @@ def main():
     ap.add_argument("--top-p", type=float, default=None, help="dynamic top-p routing (k in 1..4)")
     ap.add_argument("--keep-fraction", type=float, default=1.0, help="dual-sparsity patch pruning")
     ap.add_argument("--out", required=True)
-    args = ap.parse_args()
+    return ap.parse_args()
 
-    world = init_world()
-    groups = ParallelGroups.build(args.ep_size, E)
-    rank, ws = world.rank, world.world_size
+
+def build_layers(args, groups, rank, dtype):
+    """-> (config, the full reference layer, the all-to-all dispatcher, the expert-parallel layer with
+    the reference's weights: its router and scorer, and this rank's slice of the experts)."""
     cfg = PatchMoEConfig(
         dim=C, patch_size=P, capacity_factor=args.capacity_factor,
         router=RouterConfig(num_experts=E, top_k=K, dynamic_top_p=args.top_p, k_min=1, k_max=4),
         expert=ExpertConfig(kind=args.kind, hidden_dim=16, dropout=0.0),
         keep_fraction=args.keep_fraction,
     )
-    kmax = cfg.router.max_k
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     torch.manual_seed(0)
     ref = PatchMoE(cfg).to(dtype)
     disp = AllToAllDispatcher(groups.ep)
@@ -80,35 +79,44 @@ def main():
         layer.router.selection_bias.copy_(bias_for(rank))
         for name, p in layer.experts.named_parameters():
             p.copy_(getattr(ref.experts, name)[first:first + el])
+    return cfg, ref, disp, layer
 
-    # ---- expert-parallel run on this rank's shard
+
+def run_expert_parallel(layer, rank, dtype):
+    """The expert-parallel run on this rank's shard -> (its input, the layer's result, the local experts' grads)."""
     x, g = shard(rank, dtype)
     x = x.requires_grad_()
     res = layer(x)
     (res.out * g).sum().backward()
-    ep_expert_grads = {n: p.grad.clone() for n, p in layer.experts.named_parameters()}
+    return x, res, {n: p.grad.clone() for n, p in layer.experts.named_parameters()}
 
-    # ---- reference: every shard through the full layer, one at a time
-    def group_of(r):
-        return [q for q in range(ws) if q // args.ep_size == r // args.ep_size]
 
-    def capacity_of(r):  # the capacity r's EP group agrees on: from its largest shard
-        if args.capacity_factor is None:
-            return None
-        n_max = max(shard_shape(q)[0] * -(-shard_shape(q)[1] // P) * -(-shard_shape(q)[2] // P) for q in group_of(r))
-        n_max = n_max if args.keep_fraction == 1 else max(
-            shard_shape(q)[0] * round(args.keep_fraction * -(-shard_shape(q)[1] // P) * -(-shard_shape(q)[2] // P))
-            for q in group_of(r))
-        return expert_capacity(n_max, kmax, E, args.capacity_factor)
+def group_of(r, ws, ep_size):
+    return [q for q in range(ws) if q // ep_size == r // ep_size]
 
-    ep_ranks, cap = group_of(rank), capacity_of(rank)
+
+def capacity_of(r, args, ws, kmax):  # the capacity r's EP group agrees on: from its largest shard
+    if args.capacity_factor is None:
+        return None
+    n_max = max(shard_shape(q)[0] * -(-shard_shape(q)[1] // P) * -(-shard_shape(q)[2] // P)
+                for q in group_of(r, ws, args.ep_size))
+    n_max = n_max if args.keep_fraction == 1 else max(
+        shard_shape(q)[0] * round(args.keep_fraction * -(-shard_shape(q)[1] // P) * -(-shard_shape(q)[2] // P))
+        for q in group_of(r, ws, args.ep_size))
+    return expert_capacity(n_max, kmax, E, args.capacity_factor)
+
+
+def run_reference(args, ref, rank, ws, dtype, kmax):
+    """Every shard through the full layer, one at a time -> (expert grads summed over this rank's EP
+    group, summed over the world, this rank's own reference: output, input grad, stats, gate and scorer grads)."""
+    ep_ranks = group_of(rank, ws, args.ep_size)
     sum_ep = {n: torch.zeros_like(p) for n, p in ref.experts.named_parameters()}
     sum_all = {n: torch.zeros_like(p) for n, p in ref.experts.named_parameters()}
     for r in range(ws):
         xr, gr = shard(r, dtype)
         xr = xr.requires_grad_()
         ref.zero_grad(set_to_none=False)
-        ref.dispatcher = FixedCapacity(E, capacity_of(r))
+        ref.dispatcher = FixedCapacity(E, capacity_of(r, args, ws, kmax))
         with torch.no_grad():
             ref.router.selection_bias.copy_(bias_for(r))
         out = ref(xr)
@@ -118,18 +126,26 @@ def main():
             if r in ep_ranks:
                 sum_ep[n] += p.grad
         if r == rank:
-            ref_out, ref_xgrad, ref_stats = out.out.detach(), xr.grad, out.stats
-            ref_gate = {n: p.grad.clone() for n, p in ref.router.named_parameters()}
-            ref_scorer = {n: p.grad.clone() for n, p in ref.scorer.named_parameters()} if ref.scorer is not None else {}
+            own = {"out": out.out.detach(), "x_grad": xr.grad, "stats": out.stats,
+                   "gate": {n: p.grad.clone() for n, p in ref.router.named_parameters()},
+                   "scorer": ({n: p.grad.clone() for n, p in ref.scorer.named_parameters()}
+                              if ref.scorer is not None else {})}
+    return sum_ep, sum_all, own
 
-    def err(a, b):
-        return float((a - b).float().abs().max() / (b.float().abs().max() + 1e-6)) if a.numel() else 0.0  # relative
 
+def err(a, b):
+    return float((a - b).float().abs().max() / (b.float().abs().max() + 1e-6)) if a.numel() else 0.0  # relative
+
+
+def compare(layer, disp, groups, x, res, ep_expert_grads, sum_ep, sum_all, own):
+    """The max relative errors of the expert-parallel run against the reference; all-reduces the
+    expert grads over the expert-data-parallel group on the way (what DeepSpeed's engine does)."""
+    first, el = disp.first_expert, disp.num_local_experts
     errors = {
-        "out": err(res.out, ref_out),
-        "x_grad": err(x.grad, ref_xgrad),
-        "gate_grad": max(err(p.grad, ref_gate[n]) for n, p in layer.router.named_parameters()),
-        **({"scorer_grad": max(err(p.grad, ref_scorer[n]) for n, p in layer.scorer.named_parameters())}
+        "out": err(res.out, own["out"]),
+        "x_grad": err(x.grad, own["x_grad"]),
+        "gate_grad": max(err(p.grad, own["gate"][n]) for n, p in layer.router.named_parameters()),
+        **({"scorer_grad": max(err(p.grad, own["scorer"][n]) for n, p in layer.scorer.named_parameters())}
            if layer.scorer is not None else {}),
         "expert_grad_ep": max(err(ep_expert_grads[n], sum_ep[n][first:first + el]) for n in sum_ep),
     }
@@ -138,12 +154,16 @@ def main():
     errors["expert_grad_world"] = max(
         err(p.grad, sum_all[n][first:first + el]) for n, p in layer.experts.named_parameters()
     )
+    return errors
+
+
+def report_of(rank, groups, disp, res, own, errors, cap, dtype):
     kept_rows = int(res.stats.kept.sum())
     row_bytes = P * P * C * torch.finfo(dtype).bits // 8
-    report = {
+    return {
         "rank": rank, "ep_size": groups.ep_size, "edp_size": groups.edp_size, "errors": errors,
         "num_units": res.stats.num_units, "load": res.stats.load.tolist(), "kept": res.stats.kept.tolist(),
-        "ref_load": ref_stats.load.tolist(), "ref_kept": ref_stats.kept.tolist(),
+        "ref_load": own["stats"].load.tolist(), "ref_kept": own["stats"].kept.tolist(),
         "dropped_fraction": float(res.stats.dropped_fraction),
         "bytes_forward": disp.counter.by_direction["forward"],
         "bytes_backward": disp.counter.by_direction["backward"],
@@ -154,7 +174,21 @@ def main():
         "active_experts": float(res.stats.active_experts),
         "capacity": cap,
     }
-    write_result(args.out, rank, report)
+
+
+def main():
+    args = parse_args()
+    world = init_world()
+    groups = ParallelGroups.build(args.ep_size, E)
+    rank, ws = world.rank, world.world_size
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    cfg, ref, disp, layer = build_layers(args, groups, rank, dtype)
+    kmax = cfg.router.max_k
+    x, res, ep_expert_grads = run_expert_parallel(layer, rank, dtype)
+    cap = capacity_of(rank, args, ws, kmax)
+    sum_ep, sum_all, own = run_reference(args, ref, rank, ws, dtype, kmax)
+    errors = compare(layer, disp, groups, x, res, ep_expert_grads, sum_ep, sum_all, own)
+    write_result(args.out, rank, report_of(rank, groups, disp, res, own, errors, cap, dtype))
     dist.barrier()
     dist.destroy_process_group()
 
