@@ -26,7 +26,7 @@ NO_TESTS = 5  # pytest's exit code when a shard's files hold only slow tests
 
 def shard_files(root: str, quick: bool) -> list[list[str]]:
     if quick:
-        return [["tests/unit/moe/test_compat.py"], ["tests/unit/moe/test_grouped.py"]]
+        return [["tests/unit/common/test_compat.py"], ["tests/unit/moe/test_grouped.py"]]
     files = sorted(glob.glob(os.path.join(root, "tests", "**", "test_*.py"), recursive=True), key=os.path.getsize,
                    reverse=True)
     shards: list[list[str]] = [[] for _ in range(SHARDS)]
@@ -85,7 +85,9 @@ class SuiteRun:
         passed = not timed_out and all(c in (0, NO_TESTS) for c in codes)
         summary = (f"{figures['passed']} passed, {figures['failures'] + figures['errors']} failed, "
                    f"{figures['skipped']} skipped (not slow; {len(codes)} shards, longest {figures['suite_s']:.0f} s)"
-                   + (f"; {timed_out} shard(s) over the budget of {self.budget_s:.0f} s" if timed_out else ""))
+                   + (f"; {timed_out} shard(s) over the budget of {self.budget_s:.0f} s" if timed_out else "")
+                   + "".join(f"; shard {i} exited {c} (tests-{i}.log)" for i, c in enumerate(codes)
+                             if c not in (0, NO_TESTS, 124)))
         res = {"section": "tests", "passed": passed, "summary": summary, "figures": figures,
                "rows": [{"failed": f} for f in failed[:50]] + [{"shard": i, "exit": c} for i, c in enumerate(codes)]}
         with open(os.path.join(self.out, "tests.json"), "w") as fh:

@@ -42,7 +42,7 @@ def _said_by_every_rank(exc: Exception) -> bool:
 
 # What exits 2 with its message as one line: every msmoe user error (common/errors.py), and a missing
 # file: msmoe raises plain FileNotFoundError for a run, checkpoint or points file that is not there
-# (training/verify.py, training/checkpoint.py, launcher/scale.py, ...), and open() of a path the user
+# (training/checkpoint/verify.py, training/checkpoint/store.py, launcher/scale.py, ...), and open() of a path the user
 # gave raises it too.
 USER_ERRORS = (UserError, FileNotFoundError)
 

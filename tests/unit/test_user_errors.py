@@ -14,7 +14,7 @@ from tests.helpers import ROOT
 NOT_USER_ERRORS = {  # by class name, wherever the class lives
     "TrainingHalted": "the run stopped itself (bad steps): exit 3, after a checkpoint (training/guards.py)",
     "BenchError": "the EP benchmark's workers crashed: exits with their code and stderr (bench/ep.py)",
-    "MarkerError": "an unreadable marker, caught where it is read: verify, checkpoint (training/manifest.py)",
+    "MarkerError": "an unreadable marker, caught where it is read: verify, checkpoint (training/checkpoint/manifest.py)",
     "ZeroStateError": "caught and said as a ReshardError / ElasticError by its callers (parallel/zero_state.py)",
 }
 
