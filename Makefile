@@ -87,7 +87,8 @@ gpu-standin: gpu-bundle
 	$(STANDIN)/node/bin/python -m gpucheck.bundle --out .whl --image-missing | xargs -r $(STANDIN)/node/bin/python -m pip install -q --no-deps
 	rm -rf $(STANDIN)/site $(STANDIN)/torch_ext $(STANDIN)/dry
 	$(SHARED)/tools/gpu-node-standin run $(STANDIN)/node/bin/python -m gpucheck.bundle --out .whl --install-into $(STANDIN)/site
-	$(SHARED)/tools/gpu-node-standin dry
+	# the shared tool's own `dry` names the old module (bench.gpu_check): the same run through `run`
+	$(SHARED)/tools/gpu-node-standin run $(STANDIN)/node/bin/python -m gpucheck.check --out $(STANDIN)/dry --allow-cpu --device cpu --quick
 	$(SHARED)/tools/gpu-node-standin fast
 
 clean:
