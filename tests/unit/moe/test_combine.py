@@ -21,6 +21,16 @@ def _loop(rows_RD, w_NK, slot_of_row):
     return torch.stack([sum(w_NK[i, j] * rows_RD[row_of_slot[i * k + j]] for j in range(k)) for i in range(n)])
 
 
+def _assert_same_values_and_grads(out, ref, leaves, ref_leaves):
+    """Equal forward, and equal gradients of every leaf under the same upstream gradient."""
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(ref)
+    (out * g).sum().backward()
+    (ref * g).sum().backward()
+    for a, b in zip(leaves, ref_leaves):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
 @pytest.mark.parametrize("n,k,e", [(7, 2, 4), (5, 1, 3), (6, 3, 3)])
 def test_slot_sum_equals_the_loop_with_gradients(n, k, e):
     plan = plan_dispatch(fixed_decision(n, k, e, seed=n), e, None)
@@ -29,12 +39,7 @@ def test_slot_sum_equals_the_loop_with_gradients(n, k, e):
     out = slot_sum(rows, w, plan.slot_of_row)
     rows2, w2 = rows.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
     ref = _loop(rows2, w2, plan.slot_of_row)
-    torch.testing.assert_close(out, ref)
-    g = torch.randn_like(ref)
-    (out * g).sum().backward()
-    (ref * g).sum().backward()
-    torch.testing.assert_close(rows.grad, rows2.grad)
-    torch.testing.assert_close(w.grad, w2.grad)
+    _assert_same_values_and_grads(out, ref, (rows, w), (rows2, w2))
 
 
 def test_slot_sum_needs_a_row_for_every_slot():
@@ -53,9 +58,4 @@ def test_writing_into_the_map_equals_the_sum_then_unpatchify():
     out = slot_sum_to_map(rows, wts, plan.slot_of_row, grid)
     rows2, w2 = rows.detach().clone().requires_grad_(True), wts.detach().clone().requires_grad_(True)
     ref = unpatchify(_loop(rows2.reshape(n * k, -1), w2, plan.slot_of_row).view(n, p * p, c), grid)
-    torch.testing.assert_close(out, ref)
-    g = torch.randn_like(ref)
-    (out * g).sum().backward()
-    (ref * g).sum().backward()
-    torch.testing.assert_close(rows.grad, rows2.grad)
-    torch.testing.assert_close(wts.grad, w2.grad)
+    _assert_same_values_and_grads(out, ref, (rows, wts), (rows2, w2))
