@@ -1,6 +1,7 @@
-"""The one conftest of the suite. Shared constants and runners live in tests/helpers.py (imported
-here too, so either name works); the tree: unit/<package>/test_<module>.py mirrors the source,
-integration/ runs whole commands, launchers and multi-process jobs, dist/ holds the worker scripts."""
+"""The suite's conftest (tests/cluster/conftest.py adds only the emulated cluster's fixture). Shared
+constants and runners live in tests/helpers.py (imported here too, so either name works); the tree:
+unit/<package>/test_<module>.py mirrors the source, integration/ runs whole commands, launchers and
+multi-process jobs, cluster/ builds emulated multi-node networks, dist/ holds the worker scripts."""
 
 import pytest
 import torch

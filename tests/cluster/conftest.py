@@ -1,0 +1,31 @@
+"""The emulated cluster's fixture (tests/cluster/netns.py): skips with the reason where network
+namespaces cannot be made here (not root, no iproute2, refused), removes the namespaces a killed
+earlier run left, and closes every cluster a test made even when the test fails."""
+
+import pytest
+
+from tests.cluster import netns
+
+
+@pytest.fixture(scope="session")
+def netns_ready():
+    why = netns.available()
+    if why:
+        pytest.skip(f"emulated cluster unavailable here: {why}")
+    netns.cleanup_stale()
+    return netns
+
+
+@pytest.fixture
+def make_cluster(netns_ready):
+    """``make_cluster(nodes, rate_mbit, **kw)``: a built :class:`netns.EmulatedCluster`, torn down after the test."""
+    made = []
+
+    def make(nodes: int, rate_mbit: float | None, **kw) -> netns.EmulatedCluster:
+        cluster = netns.EmulatedCluster(nodes, rate_mbit, **kw)
+        made.append(cluster)
+        return cluster.__enter__()
+
+    yield make
+    for cluster in made:
+        cluster.close()
