@@ -1,10 +1,10 @@
-"""The emulated cluster's fixture (tests/cluster/netns.py): skips with the reason where network
+"""The emulated cluster's fixture (cluster/netns.py): skips with the reason where network
 namespaces cannot be made here (not root, no iproute2, refused), removes the namespaces a killed
 earlier run left, and closes every cluster a test made even when the test fails."""
 
 import pytest
 
-from tests.cluster import netns
+from cluster import netns
 
 
 @pytest.fixture(scope="session")

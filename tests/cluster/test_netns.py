@@ -1,4 +1,4 @@
-"""The emulated cluster's network (tests/cluster/netns.py): nodes reach each other over the switch,
+"""The emulated cluster's network (cluster/netns.py): nodes reach each other over the switch,
 the shaped link runs at its rate, teardown leaves nothing behind, stale namespaces of dead runs go.
 Traffic is plain TCP between small Python processes started inside the node namespaces (there is
 no ping binary)."""
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.cluster import netns
+from cluster import netns
 
 PORT = 5555
 TIMEOUT = 20

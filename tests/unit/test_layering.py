@@ -13,7 +13,7 @@ import os
 
 from tests.helpers import ROOT
 
-LEVEL = {"common": -1, "moe": 0, "parallel": 1, "reid": 1, "training": 2, "bench": 3, "scaling": 4, "launcher": 5,
+LEVEL = {"common": -1, "moe": 0, "parallel": 1, "reid": 1, "training": 2, "cluster": 2, "bench": 3, "scaling": 4, "launcher": 5,
          "gpucheck": 6}
 CLI = "launcher" + ".cli"  # spelt in two so that this file does not name it either
 
