@@ -8,14 +8,17 @@ Every expert family takes ``x_ULC`` plus ``counts_E`` (units per local expert, i
 returns ``[U, L, C_out]``. Per-expert LayerNorm affine parameters and biases are gathered per
 row (``param[row_expert]``), so no Python loop runs over experts or units.
 
-The module holds only this rank's experts (``num_local``); which global ids they are is the
-dispatcher's business.
+The module holds only this rank's experts (``num_local``, global ids ``first`` ..); the dispatcher
+decides which those are.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -27,19 +30,76 @@ from moe.grouped import ExpertBatch, grouped_linear
 from moe.indexing import gather_rows
 
 
-def _stacked(e: int, fan_in: int, *shape: int) -> nn.Parameter:
-    """nn.Linear-style init (U(-1/sqrt(fan_in), +)) for E stacked copies."""
-    bound = 1.0 / math.sqrt(fan_in)
-    return nn.Parameter(torch.empty(e, *shape).uniform_(-bound, bound))
+_EXPERT_DEVICE: contextvars.ContextVar[torch.device | None] = contextvars.ContextVar("expert_device", default=None)
+
+
+@contextlib.contextmanager
+def experts_on_meta():
+    """Layers built inside hold their experts on the meta device (shapes, no memory, no init):
+    for a model whose MoE layers are about to be replaced by their expert-parallel shards
+    (parallel/ds_moe.py ``shard_moe_layers``), so that no rank ever holds all E experts."""
+    token = _EXPERT_DEVICE.set(torch.device("meta"))
+    try:
+        yield
+    finally:
+        _EXPERT_DEVICE.reset(token)
+
+
+def draw_expert_seed() -> int:
+    """A layer's expert seed, one draw from torch's global generator (so it follows ``manual_seed``
+    and the layer's place in the model, never the expert count)."""
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
+def expert_generator(seed: int, expert: int) -> torch.Generator:
+    """The generator of global expert ``expert`` of a layer with ``seed``: its own stream."""
+    state = np.random.SeedSequence([seed, expert]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
 class GroupedExperts(nn.Module):
-    """Base: builds the per-point row layout once per call; subclasses compute on it."""
+    """Base: builds the per-point row layout once per call; subclasses compute on it.
 
-    def __init__(self, num_local: int, impl: str):
+    Holds experts ``first .. first + num_local - 1`` of a layer. Expert e's initial weights depend
+    only on (``seed``, e): each is drawn from its own generator (:func:`expert_generator`), so
+    whichever rank builds it, with however many others, it starts the same (sharded construction,
+    issue 28). ``seed`` None draws one (:func:`draw_expert_seed`).
+    """
+
+    def __init__(self, num_local: int, impl: str, first: int = 0, seed: int | None = None,
+                 device: torch.device | None = None):
         super().__init__()
         self.num_local = num_local
         self.impl = impl
+        self.first = first
+        self.seed = draw_expert_seed() if seed is None else seed
+        self.built_on = device or torch.device("cpu")  # meta: shapes only (experts_on_meta)
+        self._inits: dict[str, tuple[str, float]] = {}  # parameter -> (kind, uniform bound)
+
+    def _stacked(self, name: str, fan_in: int, *shape: int) -> None:
+        """nn.Linear-style init (U(-1/sqrt(fan_in), +)), one [shape] per local expert."""
+        self._add(name, shape, ("uniform", 1.0 / math.sqrt(fan_in)))
+
+    def _constant(self, name: str, value: float, *shape: int) -> None:
+        self._add(name, shape, ("ones" if value == 1.0 else "zeros", 0.0))
+
+    def _add(self, name: str, shape: tuple[int, ...], init: tuple[str, float]) -> None:
+        self.register_parameter(name, nn.Parameter(torch.empty(self.num_local, *shape, device=self.built_on)))
+        self._inits[name] = init
+
+    def reset_experts(self) -> None:
+        """(Re)initialise every local expert from its own generator; a meta build stays empty."""
+        if self.built_on.type == "meta":
+            return
+        with torch.no_grad():
+            for i in range(self.num_local):
+                gen = expert_generator(self.seed, self.first + i)
+                for name, (kind, bound) in self._inits.items():
+                    row = getattr(self, name)[i]
+                    if kind == "uniform":
+                        row.copy_(torch.empty(row.shape).uniform_(-bound, bound, generator=gen))
+                    else:
+                        row.fill_(1.0 if kind == "ones" else 0.0)
 
     def forward(self, x_ULC: torch.Tensor, counts_E: torch.Tensor, host_counts=None) -> torch.Tensor:
         """``host_counts``: ``counts_E`` as a host list when the dispatcher already read it."""
@@ -58,20 +118,21 @@ class ResidualMLPExperts(GroupedExperts):
     """
 
     def __init__(self, num_local: int, dim: int, hidden: int, out_dim: int | None = None,
-                 dropout: float = 0.1, impl: str = "auto"):
-        super().__init__(num_local, impl)
+                 dropout: float = 0.1, impl: str = "auto", first: int = 0, seed: int | None = None,
+                 device: torch.device | None = None):
+        super().__init__(num_local, impl, first, seed, device)
         out_dim = out_dim or dim
-        e = num_local
         self.hidden, self.out_dim, self.dropout = hidden, out_dim, dropout
         # [E, C, F + C_out]: columns [:F] are expert.0 (Linear C->F), [F:] residual_proj.
-        self.w_in = _stacked(e, dim, dim, hidden + out_dim)
-        self.b_in = _stacked(e, dim, hidden + out_dim)
-        self.ln1_w = nn.Parameter(torch.ones(e, hidden))
-        self.ln1_b = nn.Parameter(torch.zeros(e, hidden))
-        self.w_out = _stacked(e, hidden, hidden, out_dim)
-        self.b_out = _stacked(e, hidden, out_dim)
-        self.ln2_w = nn.Parameter(torch.ones(e, out_dim))
-        self.ln2_b = nn.Parameter(torch.zeros(e, out_dim))
+        self._stacked("w_in", dim, dim, hidden + out_dim)
+        self._stacked("b_in", dim, hidden + out_dim)
+        self._constant("ln1_w", 1.0, hidden)
+        self._constant("ln1_b", 0.0, hidden)
+        self._stacked("w_out", hidden, hidden, out_dim)
+        self._stacked("b_out", hidden, out_dim)
+        self._constant("ln2_w", 1.0, out_dim)
+        self._constant("ln2_b", 0.0, out_dim)
+        self.reset_experts()
 
     def _compute(self, x_ULC: torch.Tensor, batch: ExpertBatch) -> torch.Tensor:
         u, l, c = x_ULC.shape
@@ -90,12 +151,14 @@ class ResidualMLPExperts(GroupedExperts):
 class FFNExperts(GroupedExperts):
     """Plain FFN experts: Linear(C, F) - GELU - Linear(F, C)."""
 
-    def __init__(self, num_local: int, dim: int, hidden: int, impl: str = "auto"):
-        super().__init__(num_local, impl)
-        self.w1 = _stacked(num_local, dim, dim, hidden)
-        self.b1 = _stacked(num_local, dim, hidden)
-        self.w2 = _stacked(num_local, hidden, hidden, dim)
-        self.b2 = _stacked(num_local, hidden, dim)
+    def __init__(self, num_local: int, dim: int, hidden: int, impl: str = "auto", first: int = 0,
+                 seed: int | None = None, device: torch.device | None = None):
+        super().__init__(num_local, impl, first, seed, device)
+        self._stacked("w1", dim, dim, hidden)
+        self._stacked("b1", dim, hidden)
+        self._stacked("w2", hidden, hidden, dim)
+        self._stacked("b2", hidden, dim)
+        self.reset_experts()
         self.grad_buffers = ExpertGradBuffers()  # the fused path's weight gradients, kept between steps
 
     def forward(self, x_ULC: torch.Tensor, counts_E: torch.Tensor, host_counts=None) -> torch.Tensor:
@@ -131,13 +194,15 @@ class ConvExperts(GroupedExperts):
     patch's convolution uses its own expert's kernel with no loop over experts.
     """
 
-    def __init__(self, num_local: int, dim: int, hidden: int, impl: str = "auto"):
-        super().__init__(num_local, impl)
+    def __init__(self, num_local: int, dim: int, hidden: int, impl: str = "auto", first: int = 0,
+                 seed: int | None = None, device: torch.device | None = None):
+        super().__init__(num_local, impl, first, seed, device)
         self.hidden = hidden
-        self.w1 = _stacked(num_local, dim * 9, dim * 9, hidden)
-        self.b1 = _stacked(num_local, dim * 9, hidden)
-        self.w2 = _stacked(num_local, hidden * 9, hidden * 9, dim)
-        self.b2 = _stacked(num_local, hidden * 9, dim)
+        self._stacked("w1", dim * 9, dim * 9, hidden)
+        self._stacked("b1", dim * 9, hidden)
+        self._stacked("w2", hidden * 9, hidden * 9, dim)
+        self._stacked("b2", hidden * 9, dim)
+        self.reset_experts()
 
     def _compute(self, x_ULC: torch.Tensor, batch: ExpertBatch) -> torch.Tensor:
         u, l, c = x_ULC.shape
@@ -148,10 +213,14 @@ class ConvExperts(GroupedExperts):
         return y.reshape(u, l, c)
 
 
-def build_experts(cfg: ExpertConfig, num_local: int, dim: int) -> GroupedExperts:
-    """The expert family named by ``cfg.kind``, holding ``num_local`` experts."""
+def build_experts(cfg: ExpertConfig, num_local: int, dim: int, first: int = 0,
+                  seed: int | None = None) -> GroupedExperts:
+    """The expert family named by ``cfg.kind``, holding experts ``first .. first + num_local - 1``
+    of a layer whose expert seed is ``seed`` (drawn when None); on the meta device inside
+    :func:`experts_on_meta` (the layers that shard_moe_layers replaces build theirs here)."""
+    where = dict(first=first, seed=seed, device=_EXPERT_DEVICE.get())
     if cfg.kind == "seed":
-        return ResidualMLPExperts(num_local, dim, cfg.hidden_dim, dropout=cfg.dropout, impl=cfg.impl)
+        return ResidualMLPExperts(num_local, dim, cfg.hidden_dim, dropout=cfg.dropout, impl=cfg.impl, **where)
     if cfg.kind == "ffn":
-        return FFNExperts(num_local, dim, cfg.hidden_dim, impl=cfg.impl)
-    return ConvExperts(num_local, dim, cfg.hidden_dim, impl=cfg.impl)
+        return FFNExperts(num_local, dim, cfg.hidden_dim, impl=cfg.impl, **where)
+    return ConvExperts(num_local, dim, cfg.hidden_dim, impl=cfg.impl, **where)

@@ -128,7 +128,7 @@ class HierarchicalMoE(nn.Module):
     stages route / dispatch / experts / combine."""
 
     def __init__(self, cfg: HierarchicalMoEConfig, dispatcher: HierarchicalDispatcher | None = None,
-                 timer: StageTimer | None = None):
+                 timer: StageTimer | None = None, expert_seed: int | None = None):
         super().__init__()
         self.cfg = cfg
         e = cfg.num_experts
@@ -142,7 +142,8 @@ class HierarchicalMoE(nn.Module):
                              f"num_local_experts={self.dispatcher.num_local_experts}")
         self.coarse = Router(cfg.coarse, cfg.dim) if cfg.coarse_mode == "learned" else None
         self.fine = nn.ModuleList(Router(cfg.fine_router(g), cfg.dim) for g in range(cfg.num_groups))
-        self.experts = build_experts(cfg.expert, self.dispatcher.num_local_experts, cfg.dim)
+        self.experts = build_experts(cfg.expert, self.dispatcher.num_local_experts, cfg.dim,
+                                    first=self.dispatcher.first_expert, seed=expert_seed)
         table = expert_id_table(cfg.group_sizes, cfg.placement)
         fm = max(cfg.group_sizes)
         ids = torch.tensor([row + [0] * (fm - len(row)) for row in table])  # padding never picked by a router

@@ -41,7 +41,7 @@ from moe.router import GateNetwork, Router, RoutingDecision
 class HierarchicalFusion(nn.Module):
     """``dispatcher`` decides where the E experts live (all on this rank by default)."""
 
-    def __init__(self, cfg: HierarchicalFusionConfig, dispatcher: Dispatcher | None = None):
+    def __init__(self, cfg: HierarchicalFusionConfig, dispatcher: Dispatcher | None = None, expert_seed: int | None = None):
         super().__init__()
         self.cfg = cfg
         m, s, d, ec = cfg.num_modalities, len(cfg.scales), cfg.dim, cfg.experts_per_cell
@@ -58,7 +58,8 @@ class HierarchicalFusion(nn.Module):
         self.modality_bias = nn.Parameter(torch.zeros(m))
         self.cell_routers = nn.ModuleList(
             Router(RouterConfig(num_experts=ec, top_k=cfg.top_k), d) for _ in range(cfg.num_cells)) if ec > 1 else None
-        self.experts = build_experts(cfg.expert, self.dispatcher.num_local_experts, d)
+        self.experts = build_experts(cfg.expert, self.dispatcher.num_local_experts, d,
+                                    first=self.dispatcher.first_expert, seed=expert_seed)
         self.register_buffer("first_expert_MS", (torch.arange(cfg.num_cells) * ec).view(m, s), persistent=False)
 
     def forward(self, x_NHWD: torch.Tensor, present: Sequence[int]) -> MoEOutput:

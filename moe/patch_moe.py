@@ -62,10 +62,13 @@ class PatchMoE(nn.Module):
 
     ``dispatcher`` decides where experts live; the default keeps all of them on this rank.
     ``timer`` measures the stages route / dispatch / experts / combine (nothing by default).
-    Both are fixed at construction: the layer never looks up process groups itself.
+    Both are fixed at construction: the layer never looks up process groups itself. ``expert_seed``
+    fixes the experts' initial weights (moe/experts.py): an expert-parallel shard of a layer is built
+    with the full layer's, so it starts as that layer's slice.
     """
 
-    def __init__(self, cfg: PatchMoEConfig, dispatcher: Dispatcher | None = None, timer: StageTimer | None = None):
+    def __init__(self, cfg: PatchMoEConfig, dispatcher: Dispatcher | None = None, timer: StageTimer | None = None,
+                 expert_seed: int | None = None):
         super().__init__()
         e = cfg.router.num_experts
         self.cfg = cfg
@@ -77,7 +80,8 @@ class PatchMoE(nn.Module):
                 f"num_local_experts={self.dispatcher.num_local_experts}"
             )
         self.router = Router(cfg.router, cfg.dim)
-        self.experts = build_experts(cfg.expert, self.dispatcher.num_local_experts, cfg.dim)
+        self.experts = build_experts(cfg.expert, self.dispatcher.num_local_experts, cfg.dim,
+                                    first=self.dispatcher.first_expert, seed=expert_seed)
         self.register_buffer("pending_load", torch.zeros(e), persistent=False)
         self.scorer = nn.Linear(cfg.dim, 1) if cfg.keep_fraction < 1 else None
 

@@ -101,38 +101,48 @@ def shard_moe_layers(model: nn.Module, groups: ParallelGroups, counter=None, tim
     A layer whose expert count differs from ``groups.num_experts`` (the head fusion's) is sharded
     over the same ranks by its own count.
 
-    Build the model identically on every rank (same seed) first: then every EP size starts
-    from the same weights, and expert e's weights are the same wherever it lands.
+    Sharded construction: build ``model`` inside ``moe.experts.experts_on_meta()`` (the same seed on
+    every rank): its layers' experts are shapes only, and each shard builds and initialises just this
+    rank's experts from the full layer's expert seed, so no rank ever holds all E experts and expert e
+    starts the same at every EP size. (A model built with real experts works too: they are dropped.)
     Returns the new layers in model order.
     """
-    from parallel.dispatcher import build_dispatcher
-
     found = [(name, m) for name, m in model.named_modules()
              if isinstance(m, (PatchMoE, HierarchicalMoE, HierarchicalFusion))]
     out = []
     for name, full in found:
-        e = _num_experts(full)
-        if not isinstance(full, HierarchicalFusion) and e != groups.num_experts:
-            raise ValueError(f"{name} has num_experts={e} but the parallel groups were built for "
-                             f"{groups.num_experts}: build ParallelGroups with the model's expert count")
-        ep = groups.ep if e == groups.num_experts else ExpertGroup.of(groups.ep_group, e)
-        if isinstance(full, HierarchicalFusion):  # the head is not stage-timed
-            layer = HierarchicalFusion(full.cfg, dispatcher=build_dispatcher(ep, counter))
-        elif isinstance(full, HierarchicalMoE):
-            layer = HierarchicalMoE(full.cfg, dispatcher=OneStage(build_dispatcher(ep, counter, timer), e), timer=timer)
-        else:
-            layer = PatchMoE(full.cfg, dispatcher=build_dispatcher(ep, counter, timer), timer=timer)
-        first, n = ep.first_expert, ep.num_local_experts
-        with torch.no_grad():
-            src = full.state_dict()
-            for key, t in layer.state_dict().items():  # routers, scorer, buffers: everything but experts
-                if not key.startswith("experts."):
-                    t.copy_(src[key])
-            for pname, p in layer.experts.named_parameters():
-                p.copy_(full.experts.get_parameter(pname)[first:first + n])
-        wrapped = DeepSpeedMoE(layer, groups)
+        wrapped = DeepSpeedMoE(_shard(name, full, groups, counter, timer), groups)
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, wrapped)
         out.append(wrapped)
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    if left:
+        raise ValueError(f"parameters still on the meta device after sharding: {left[:4]} (only the experts of "
+                         f"PatchMoE / HierarchicalMoE / HierarchicalFusion layers may be built on meta)")
     return out
+
+
+def _shard(name: str, full, groups: ParallelGroups, counter, timer):
+    """This rank's shard of layer ``full``: its own experts built here, everything else copied."""
+    from parallel.dispatcher import build_dispatcher
+
+    e = _num_experts(full)
+    if not isinstance(full, HierarchicalFusion) and e != groups.num_experts:
+        raise ValueError(f"{name} has num_experts={e} but the parallel groups were built for "
+                         f"{groups.num_experts}: build ParallelGroups with the model's expert count")
+    ep = groups.ep if e == groups.num_experts else ExpertGroup.of(groups.ep_group, e)
+    seed = full.experts.seed
+    if isinstance(full, HierarchicalFusion):  # the head is not stage-timed
+        layer = HierarchicalFusion(full.cfg, dispatcher=build_dispatcher(ep, counter), expert_seed=seed)
+    elif isinstance(full, HierarchicalMoE):
+        layer = HierarchicalMoE(full.cfg, dispatcher=OneStage(build_dispatcher(ep, counter, timer), e), timer=timer,
+                                expert_seed=seed)
+    else:
+        layer = PatchMoE(full.cfg, dispatcher=build_dispatcher(ep, counter, timer), timer=timer, expert_seed=seed)
+    with torch.no_grad():
+        src = full.state_dict()
+        for key, t in layer.state_dict().items():  # routers, scorer, buffers: everything but experts
+            if not key.startswith("experts."):
+                t.copy_(src[key])
+    return layer

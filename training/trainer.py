@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from common import compat
+from moe.experts import experts_on_meta
 from moe.timing import WallTimer
 from parallel.all_to_all import CommCounter, collective
 from parallel.dist import WorldInfo
@@ -102,7 +103,8 @@ class Trainer:
                                            cfg.model.num_experts, timeout_s=tc.collective_timeout_s)
         self.timer, self.comm = WallTimer(), CommCounter()
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank, for every EP size
-        model = ReIDModel(cfg.model, num_classes=self.num_classes)
+        with experts_on_meta():  # sharded construction: each rank builds only its own experts
+            model = ReIDModel(cfg.model, num_classes=self.num_classes)
         self.moe_layers = shard_moe_layers(model, self.groups, self.comm, self.timer)
         self.moe_engine = build_engine(
             model.to(self.device), self.groups, tc.deepspeed_config(self.world_size),
