@@ -6,7 +6,8 @@ from it; pruning to 2 experts gives a checkpoint that loads and evaluates.
 
 `msmoe convert` to another EP size carries the optimizer state: save at EP=2 on 2 ranks,
 convert, load at EP=1 on 1 rank and at EP=4 on 4 ranks -> the same outputs, and the next
-training step gives the same loss and weights as continuing at EP=2 (tests/dist/ds_reshard_check.py).
+training step gives the same loss and weights as continuing at EP=2 (tests/dist/ds_reshard_check.py;
+no balance loss there: it is computed per rank, so it would depend on how the batch is split).
 """
 
 import json

@@ -25,6 +25,7 @@ def _batch(b=3):
                  torch.zeros(b, dtype=torch.long))
 
 
+GRAD_ATOL = 2e-5  # relative to the gradient tensor's largest entry (seen: <= 5e-6)
 HIER_FUSION = HIER + ["model.fusion=hierarchical", "model.hierarchical_fusion={experts_per_cell: 2, top_k: 1}"]
 
 
@@ -62,7 +63,9 @@ def test_batched_streams_equal_one_modality_at_a_time(extra, present):
         if a is None or b is None:
             assert a is None and b is None, name
         else:
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+            # fp32, another summation order: error on the scale of the gradient's largest entry
+            # (a bias summed over every position carries a few ulps of its largest terms)
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=GRAD_ATOL * float(b.abs().max()), msg=name)
 
 
 def test_a_modality_reaches_only_its_own_group_of_experts():
