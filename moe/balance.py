@@ -52,6 +52,8 @@ class RoutingStats:
     num_units:         units routed (patches or tokens), a host int
     load_balance_loss, z_loss, variance_loss: 0-d, the raw losses (for logging)
     aux_loss:          coefficient-weighted sum, with gradient; add it to the training loss
+    coverage:          [COVERAGE_BINS] expert choice only: share of units taken by 0, 1, 2, 3 and
+                       4 or more experts (share 0 is the analogue of dropped units); None otherwise
     """
 
     load: torch.Tensor
@@ -64,6 +66,7 @@ class RoutingStats:
     variance_loss: torch.Tensor
     aux_loss: torch.Tensor
     pruned_units: int = 0  # units a dual-sparsity scorer pruned (never routed)
+    coverage: torch.Tensor | None = None
 
     def scalars(self) -> torch.Tensor:
         """[5] dropped_fraction, active_experts, load_balance_loss, z_loss, variance_loss (one tensor)."""
@@ -84,6 +87,7 @@ class RoutingStats:
             "variance_loss": vl,
             "aux_loss": float(self.aux_loss.detach()),
             "pruned_units": self.pruned_units,
+            **({"coverage": self.coverage.tolist()} if self.coverage is not None else {}),
         }
 
 
@@ -97,6 +101,7 @@ def routing_stats(
     num_units: int,
     coefs: BalanceConfig,
     pruned_units: int = 0,
+    coverage: torch.Tensor | None = None,
 ) -> RoutingStats:
     """Compute the balance losses and package the step's statistics (no host sync)."""
     lb = load_balance_loss(probs_NE, load_E)
@@ -118,7 +123,18 @@ def routing_stats(
         variance_loss=vl.detach().float(),
         aux_loss=aux,
         pruned_units=pruned_units,
+        coverage=coverage,
     )
+
+
+COVERAGE_BINS = 5  # units taken by 0, 1, 2, 3, 4+ experts
+
+
+def coverage_shares(taken_N: torch.Tensor) -> torch.Tensor:
+    """[COVERAGE_BINS] share of units taken by 0, 1, 2, 3 and 4+ experts, from [N] counts (no host sync)."""
+    bins = taken_N.clamp(max=COVERAGE_BINS - 1)
+    hist = torch.zeros(COVERAGE_BINS, device=taken_N.device).scatter_add_(0, bins, torch.ones_like(bins, dtype=torch.float))
+    return hist / max(taken_N.numel(), 1)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ ScoreFn = Literal["softmax", "sigmoid"]
 NoiseKind = Literal["none", "gaussian", "jitter"]
 ExpertKind = Literal["seed", "ffn", "conv"]
 CapacityPriority = Literal["order", "score"]
+RoutingChoice = Literal["token", "expert"]
 
 
 def expert_sharding_error(num_experts: int, ep_size: int, world_size: int | None = None, *,
@@ -60,6 +61,10 @@ class RouterConfig:
                       logits, "jitter" multiplies the gate input by U(1-eps, 1+eps).
     bias_update_rate: aux-loss-free balancing: per-expert bias added to the selection
                       scores only, moved by this rate toward equal load (0 disables).
+    choice:           "token": each unit picks its top_k experts (the default); "expert": each
+                      expert picks the C units of the batch it scores highest (expert-choice
+                      routing, moe/router.py ``expert_choice``), C = ceil(capacity_factor * N *
+                      top_k / E): top_k keeps its meaning as expert passes per unit on average.
     """
 
     num_experts: int
@@ -78,6 +83,7 @@ class RouterConfig:
     noise_std: float = 1.0
     jitter_eps: float = 0.01
     bias_update_rate: float = 0.0
+    choice: RoutingChoice = "token"
 
     def __post_init__(self) -> None:
         check_literals(self)
@@ -96,6 +102,13 @@ class RouterConfig:
         require(self.noise_std >= 0, f"noise_std={self.noise_std} must be >= 0")
         require(0 <= self.jitter_eps < 1, f"jitter_eps={self.jitter_eps} must be in [0, 1)")
         require(self.bias_update_rate >= 0, f"bias_update_rate={self.bias_update_rate} must be >= 0")
+        if self.choice == "expert":
+            require(self.dynamic_top_p is None,
+                    f"dynamic_top_p={self.dynamic_top_p} needs choice='token': with choice='expert' the experts pick "
+                    "their units, so a unit has no top-p of its own; unset dynamic_top_p")
+            require(self.bias_update_rate == 0,
+                    f"bias_update_rate={self.bias_update_rate} has no effect with choice='expert' (every expert takes "
+                    "exactly C units, the load is balanced by construction); set it to 0")
         if self.dynamic_top_p is not None:
             p = self.dynamic_top_p
             require(0 < p <= 1, f"dynamic_top_p={p} must be in (0, 1]")
@@ -170,7 +183,8 @@ class PatchMoEConfig:
                     "error": refuse such maps.
     capacity_factor: None = dropless; else each expert takes at most
                     ceil(capacity_factor * units * K / E) units, the rest are dropped
-                    (their slot contributes zero) and counted.
+                    (their slot contributes zero) and counted. With router.choice='expert' every
+                    expert takes exactly that many (None means 1.0 there).
     capacity_priority: which units keep their slot when an expert overflows:
                     "order" (first units first, as Switch) or "score" (highest weight first).
     keep_fraction:  dual sparsity (from the thesis's Patch-MoE): a light scorer keeps ceil(keep_fraction * patches

@@ -26,7 +26,7 @@ import torch
 
 from moe.combine import slot_sum
 from moe.indexing import gather_rows
-from moe.router import RoutingDecision
+from moe.router import RoutingDecision, expert_capacity
 from moe.units import PatchView, take_units
 
 
@@ -47,6 +47,7 @@ class DispatchPlan:
     num_units: int  # N
     top_k: int  # K
     num_rows: int | None = None  # R, once known on the host
+    unit_S: torch.Tensor | None = None  # [S] unit of each slot (expert choice); None: slot // K
 
     def with_rows(self, num_rows: int) -> "DispatchPlan":
         """This plan with R set (from counts the dispatcher read)."""
@@ -68,12 +69,9 @@ class DispatchPlan:
     @property
     def unit_of_row(self) -> torch.Tensor:
         """[R] unit index n of each kept row."""
+        if self.unit_S is not None:
+            return self.unit_S[self.slot_of_row]
         return self.slot_of_row // self.top_k
-
-
-def expert_capacity(num_units: int, k: int, num_experts: int, factor: float) -> int:
-    """ceil(factor * N * K / E): rows one expert may take from one rank."""
-    return max(1, math.ceil(factor * num_units * k / num_experts))
 
 
 def live_expert_of_slot(expert_ids_NK: torch.Tensor, slot_mask_NK: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -93,7 +91,15 @@ def slot_counts(expert_ids_NK: torch.Tensor, slot_mask_NK: torch.Tensor, num_exp
 def plan_dispatch(
     decision: RoutingDecision, num_experts: int, capacity: int | None, priority: str = "order"
 ) -> DispatchPlan:
-    """Sort live slots by expert and cut each expert at ``capacity`` (no cut if None). No host sync."""
+    """Sort live slots by expert and cut each expert at ``capacity`` (no cut if None). No host sync.
+    An expert-choice decision is its own plan: its [E, C] slots are sorted by expert already, every
+    expert keeps all C, and the row count E * C is known on the host."""
+    if decision.expert_choice:
+        e, c = decision.unit_ids.shape
+        device = decision.unit_ids.device
+        counts = torch.full((e,), c, dtype=torch.long, device=device)
+        return DispatchPlan(torch.arange(e * c, device=device), counts, counts, c, decision.num_units, c, e * c,
+                            unit_S=decision.unit_ids.reshape(-1))
     ids_NK, mask_NK = decision.expert_ids, decision.slot_mask
     n, k = ids_NK.shape
     device = ids_NK.device
@@ -121,9 +127,11 @@ def unpermute(rows_RLC: torch.Tensor, plan: DispatchPlan, weights_NK: torch.Tens
 
     A dropped slot has no row and contributes zero. When every slot has a row (dropless
     top-k) the sum is one gather and one batched matmul (:func:`moe.combine.slot_sum`).
+    ``weights_NK`` are the decision's slot weights ([E, C] for expert choice: a unit no expert
+    took comes out zero).
     """
     n, k = weights_NK.shape
-    if rows_RLC.shape[0] == n * k and n * k > 0:
+    if plan.unit_S is None and rows_RLC.shape[0] == n * k and n * k > 0:
         out_ND = slot_sum(rows_RLC.reshape(n * k, -1), weights_NK, plan.slot_of_row)
         return out_ND.view(n, *rows_RLC.shape[1:])
     w_R = gather_rows(weights_NK.reshape(-1), plan.slot_of_row).to(rows_RLC.dtype)

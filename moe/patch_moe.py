@@ -10,6 +10,11 @@ Flow (the thesis's steps 1-4):
   rows [R, L, C] --weighted sum per patch--> [N, L, C] --fold--> [B, H, W, C]
 All L points of a patch travel together and share its experts and weights.
 
+Expert choice (``router.choice: expert``): every expert takes the C = ceil(capacity_factor * N * K / E)
+routed patches of this rank's batch it scores highest; a patch's output is the sum of probs[n, e] *
+expert_e(patch) over the experts that took it, and a patch no expert took passes through as a pruned
+one does (``pruned_output``). Every expert gets exactly C rows: nothing is dropped for imbalance.
+
 Dual sparsity (the thesis's pruning, ``keep_fraction`` < 1): before routing, a light scorer (one Linear on
 the pooled patch) keeps the top ceil(r * patches per image) patches of each image; only they
 are routed, dispatched and computed. Pruned patches pass through (identity, or zero inside a
@@ -28,13 +33,13 @@ import torch
 import torch.nn as nn
 
 from common.timing import StageTimer
-from moe.balance import MoEOutput, RoutingStats, routing_stats
+from moe.balance import MoEOutput, RoutingStats, coverage_shares, routing_stats
 from moe.combine import slot_sum_to_map
 from moe.config import PatchMoEConfig
 from moe.dispatch import Dispatcher, DispatchPlan, LocalDispatcher, plan_dispatch, unpermute
 from moe.experts import build_experts
 from moe.indexing import gather_rows
-from moe.router import Router, RoutingDecision
+from moe.router import Router, RoutingDecision, expert_capacity
 from moe.timing import NullTimer
 from moe.units import PatchGrid, PatchView, make_grid, patchify, pool_units, unpatchify
 
@@ -54,7 +59,7 @@ class RoutedPatches:
 
     @property
     def num_routed(self) -> int:
-        return self.decision.weights.shape[0]
+        return self.decision.num_units
 
 
 class PatchMoE(nn.Module):
@@ -104,7 +109,9 @@ class PatchMoE(nn.Module):
         if x_BHWC.shape[-1] != cfg.dim:
             raise ValueError(f"PatchMoE(dim={cfg.dim}) got a map with C={x_BHWC.shape[-1]} channels")
         e, k = cfg.router.num_experts, cfg.router.max_k
-        in_place = self.scorer is None and not grid.padded  # read patches from the map, write back into it
+        choice = cfg.router.choice == "expert"
+        # read patches from the map, write back into it (token choice: every patch gets a weighted sum)
+        in_place = self.scorer is None and not grid.padded and not choice
         if in_place:
             view = PatchView.of(x_BHWC, grid)
             units_NLC, pooled_NC = view, view.pooled()
@@ -117,10 +124,12 @@ class PatchMoE(nn.Module):
         else:
             routed_NLC = units_NLC
         n_routed = pooled_NC.shape[0]
-        decision = self.router(pooled_NC)
         capacity = None
-        if cfg.capacity_factor is not None:
+        if choice:  # C from this rank's own patch count: a host int, no collective
+            capacity = expert_capacity(n_routed, k, e, cfg.capacity_factor or 1.0)
+        elif cfg.capacity_factor is not None:
             capacity = self.dispatcher.capacity(n_routed, k, e, cfg.capacity_factor)
+        decision = self.router(pooled_NC, capacity)
         plan = plan_dispatch(decision, e, capacity, cfg.capacity_priority)
         return RoutedPatches(grid, in_place, units_NLC, routed_NLC, keep_idx, keep_scale, decision, plan)
 
@@ -139,11 +148,18 @@ class PatchMoE(nn.Module):
         if routed.in_place and back_RLC.shape[0] == routed.num_routed * cfg.router.max_k:
             return slot_sum_to_map(back_RLC, decision.weights, plan.slot_of_row, routed.grid)
         y_NLC = unpermute(back_RLC, plan, decision.weights)
+        if decision.expert_choice:  # a patch no expert took passes through like a pruned one
+            taken_N = _taken_counts(decision, routed.num_routed) > 0
+            y_NLC = torch.where(taken_N[:, None, None], y_NLC, self._passed(routed.routed_NLC))
         if routed.keep_idx is not None:
             units_NLC = routed.units_NLC
-            base = units_NLC if cfg.pruned_output == "identity" else torch.zeros_like(units_NLC)
+            base = self._passed(units_NLC)
             y_NLC = base.index_copy(0, routed.keep_idx, y_NLC * routed.keep_scale.to(y_NLC.dtype)[:, None, None])
         return unpatchify(y_NLC, routed.grid)
+
+    def _passed(self, units_NLC: torch.Tensor) -> torch.Tensor:
+        """The output of a patch no expert computes: itself, or zero inside a residual branch."""
+        return units_NLC if self.cfg.pruned_output == "identity" else torch.zeros_like(units_NLC)
 
     def _routing_stats(self, routed: RoutedPatches, plan: DispatchPlan) -> RoutingStats:
         """The step's statistics; in training with bias balancing, the load also accumulates for
@@ -156,6 +172,7 @@ class PatchMoE(nn.Module):
             probs_NE=decision.probs, logits_HNE=decision.logits, load_E=load_E,
             kept_E=plan.counts, active_slots=decision.slot_mask.sum(),
             num_units=routed.num_routed, coefs=cfg.balance, pruned_units=routed.grid.num_units - routed.num_routed,
+            coverage=coverage_shares(_taken_counts(decision, routed.num_routed)) if decision.expert_choice else None,
         )
 
     def _prune(self, pooled_NC: torch.Tensor, grid) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -184,3 +201,10 @@ class PatchMoE(nn.Module):
             reduce_load(load)
         self.router.update_bias(load)
         self.pending_load.zero_()
+
+
+def _taken_counts(decision: RoutingDecision, num_units: int) -> torch.Tensor:
+    """[N] how many experts took each unit (expert choice), a scatter-add: no host sync."""
+    units_S = decision.unit_ids.reshape(-1)
+    return torch.zeros(num_units, dtype=torch.long, device=units_S.device).scatter_add_(
+        0, units_S, torch.ones_like(units_S))

@@ -2,13 +2,19 @@
 
 Legend
   N units (tokens or pooled patches), D gate input dim, E experts, K slots per unit
-  (top_k, or k_max for dynamic k), H gating heads, F gate hidden width.
+  (top_k, or k_max for dynamic k), H gating heads, F gate hidden width, C units per expert
+  (expert choice).
 
 Vocabulary
   logits  raw gate outputs, one set per head            [H, N, E]
   probs   scores after softmax/sigmoid, head-averaged   [N, E]
   weights the selected experts' (renormalised) probs    [N, K]
   slot_mask which of the K slots are live (dynamic k)   [N, K]
+
+Token choice (the default) makes N x K slots: unit n's k-th expert. Expert choice
+(``choice: expert``, :func:`expert_choice`) makes E x C slots: expert e's j-th unit, the C units
+of the batch with the highest probs[:, e]; a unit may be taken by several experts or by none.
+Its decision holds ids / weights / mask as [E, C] and the units taken in ``unit_ids`` [E, C].
 
 All router math runs in fp32 whatever the input dtype. Ties in the selection go to the lower
 expert index (a stable descending sort), so routing is deterministic.
@@ -28,18 +34,43 @@ from moe.config import RouterConfig
 
 @dataclass(frozen=True)
 class RoutingDecision:
-    """What the router decided for one batch of units (read by dispatch and stats)."""
+    """What the router decided for one batch of units (read by dispatch and stats). Slots are
+    [N, K] (token choice) or [E, C] (expert choice: ``unit_ids`` set)."""
 
-    expert_ids: torch.Tensor  # [N, K] int64
-    weights: torch.Tensor  # [N, K] fp32, zero on dead slots
-    slot_mask: torch.Tensor  # [N, K] bool
+    expert_ids: torch.Tensor  # [N, K] int64 | [E, C] (row e holds e)
+    weights: torch.Tensor  # [N, K] fp32, zero on dead slots | [E, C] probs[unit, e]
+    slot_mask: torch.Tensor  # [N, K] bool | [E, C] all True
     probs: torch.Tensor  # [N, E] fp32
     logits: torch.Tensor  # [H, N, E] fp32, before temperature
-    all_live: bool = False  # every slot is live (plain top-k): the row count N*K is known on the host
+    all_live: bool = False  # every slot is live (plain top-k, expert choice): the row count is known on the host
+    unit_ids: torch.Tensor | None = None  # [E, C] int64 the units each expert took (expert choice only)
 
     @property
     def num_units(self) -> int:
-        return self.expert_ids.shape[0]
+        return self.probs.shape[0]
+
+    @property
+    def expert_choice(self) -> bool:
+        return self.unit_ids is not None
+
+
+def expert_capacity(num_units: int, k: int, num_experts: int, factor: float) -> int:
+    """ceil(factor * N * K / E): rows one expert may take from one rank (at least 1)."""
+    return max(1, math.ceil(factor * num_units * k / num_experts))
+
+
+def expert_choice(probs_NE: torch.Tensor, logits_HNE: torch.Tensor, capacity: int) -> RoutingDecision:
+    """Every expert takes the ``capacity`` units with the highest probs[:, e] (all N if fewer);
+    a unit's weight for expert e is probs[n, e] (no renormalisation). Ties go to the lower unit
+    index (a stable sort), so the choice is deterministic. No host sync: C is a host int."""
+    n, e = probs_NE.shape
+    c = min(capacity, n)
+    order_EN = torch.sort(probs_NE.detach().t(), dim=-1, descending=True, stable=True).indices
+    units_EC = order_EN[:, :c]
+    weights_EC = probs_NE.t().gather(1, units_EC)
+    ids_EC = torch.arange(e, device=probs_NE.device)[:, None].expand(e, c)
+    mask_EC = torch.ones(e, c, dtype=torch.bool, device=probs_NE.device)
+    return RoutingDecision(ids_EC, weights_EC, mask_EC, probs_NE, logits_HNE, all_live=True, unit_ids=units_EC)
 
 
 def _uniform_(t: torch.Tensor, fan_in: int) -> torch.Tensor:
@@ -97,7 +128,8 @@ class Router(nn.Module):
         # Aux-loss-free balancing: added to selection scores only, never to weights.
         self.register_buffer("selection_bias", torch.zeros(cfg.num_experts), persistent=True)
 
-    def forward(self, x_ND: torch.Tensor) -> RoutingDecision:
+    def forward(self, x_ND: torch.Tensor, capacity: int | None = None) -> RoutingDecision:
+        """``capacity``: C, the units each expert takes (expert choice only; the caller sizes it)."""
         cfg = self.cfg
         x = x_ND.float()
         if self.training and cfg.noise == "jitter" and cfg.jitter_eps > 0:
@@ -109,6 +141,10 @@ class Router(nn.Module):
         scaled = noisy / cfg.temperature
         scores = scaled.softmax(-1) if cfg.score_fn == "softmax" else scaled.sigmoid()
         probs_NE = scores.mean(0)
+        if cfg.choice == "expert":
+            if capacity is None:
+                raise ValueError("expert-choice routing needs the capacity C (units per expert) from its layer")
+            return expert_choice(probs_NE, logits_HNE, capacity)
         ids_NK, mask_NK = self._select(probs_NE.detach())
         weights_NK = probs_NE.gather(1, ids_NK) * mask_NK
         if cfg.normalize_topk:

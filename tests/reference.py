@@ -376,3 +376,62 @@ def hierarchical_reference(layer, x_BHWC: torch.Tensor, expert_mods, modality=No
                         y = y + wg * wf * expert_mods[e](patch)
                 out[bi, i * p:(i + 1) * p, j * p:(j + 1) * p] = y.reshape(p, p, c)
     return out
+
+
+# ---- expert-choice routing: each expert takes its top-C patches of the batch ----------------------
+def expert_choice_reference(layer, x_BHWC: torch.Tensor, expert_mods):
+    """A PatchMoE with ``router.choice: expert``, with loops: patches (pruned first when the layer
+    has a scorer: each image keeps its top ceil(r * patches) by score), each routed patch's probs,
+    then for every expert the C patches with the highest probs[:, e] (ties: lower index),
+    C = ceil(capacity_factor * N * K / E) (at most N; capacity_factor unset: 1); a patch's output is
+    the sum of probs[n, e] * expert_e(patch) over the experts that took it, a patch no expert took
+    passes through (``pruned_output``). -> (output [B, H, W, C], taken: list of (expert, patches))."""
+    cfg = layer.cfg
+    p = cfg.patch_size
+    b, h, w, c = x_BHWC.shape
+    nh, nw = -(-h // p), -(-w // p)
+    padded = F.pad(x_BHWC, (0, 0, 0, nw * p - w, 0, nh * p - h))
+    patches, pooled = [], []
+    for bi in range(b):
+        for i in range(nh):
+            for j in range(nw):
+                patches.append(padded[bi, i * p:(i + 1) * p, j * p:(j + 1) * p].reshape(p * p, c))
+                real = x_BHWC[bi, i * p:min((i + 1) * p, h), j * p:min((j + 1) * p, w)]
+                pooled.append(real.reshape(-1, c).mean(0))
+    passed = (lambda t: t) if cfg.pruned_output == "identity" else torch.zeros_like
+    per_image = nh * nw
+    routed, scale = list(range(len(patches))), {}
+    if layer.scorer is not None:
+        n_keep = max(1, math.ceil(cfg.keep_fraction * per_image - 1e-9))
+        routed = []
+        for bi in range(b):
+            ids = range(bi * per_image, (bi + 1) * per_image)
+            scores = {n: layer.scorer(pooled[n].float()).squeeze() for n in ids}
+            best = sorted(ids, key=lambda n: (-float(scores[n].detach()), n))[:n_keep]
+            for n in sorted(best):
+                s = torch.sigmoid(scores[n])
+                scale[n] = 1.0 + s - s.detach()
+                routed.append(n)
+    probs = {n: route_unit(layer.router, pooled[n])[1] for n in routed}
+    e_count, k = cfg.router.num_experts, cfg.router.top_k
+    cap = min(len(routed), max(1, math.ceil((cfg.capacity_factor or 1.0) * len(routed) * k / e_count)))
+    taken = []
+    for e in range(e_count):
+        order = sorted(range(len(routed)), key=lambda i: (-float(probs[routed[i]][e].detach()), i))
+        taken.append((e, [routed[i] for i in order[:cap]]))
+    outs = [passed(patch) for patch in patches]
+    got = {n: torch.zeros_like(patches[n]) for n in routed}
+    hits = {n: 0 for n in routed}
+    for e, units in taken:
+        for n in units:
+            got[n] = got[n] + probs[n][e] * expert_mods[e](patches[n])
+            hits[n] += 1
+    for n in routed:
+        y = got[n] if hits[n] else passed(patches[n])
+        outs[n] = y * scale[n] if n in scale else y
+    rows = []
+    for bi in range(b):
+        blocks = [torch.cat([outs[bi * per_image + i * nw + j].reshape(p, p, c) for j in range(nw)], dim=1)
+                  for i in range(nh)]
+        rows.append(torch.cat(blocks, dim=0))
+    return torch.stack(rows)[:, :h, :w], taken

@@ -54,6 +54,7 @@ def parse_args():
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--top-p", type=float, default=None, help="dynamic top-p routing (k in 1..4)")
     ap.add_argument("--keep-fraction", type=float, default=1.0, help="dual-sparsity patch pruning")
+    ap.add_argument("--choice", choices=["token", "expert"], default="token", help="router.choice")
     ap.add_argument("--out", required=True)
     return ap.parse_args()
 
@@ -63,7 +64,7 @@ def build_layers(args, groups, rank, dtype):
     the reference's weights: its router and scorer, and this rank's slice of the experts)."""
     cfg = PatchMoEConfig(
         dim=C, patch_size=P, capacity_factor=args.capacity_factor,
-        router=RouterConfig(num_experts=E, top_k=K, dynamic_top_p=args.top_p, k_min=1, k_max=4),
+        router=RouterConfig(num_experts=E, top_k=K, dynamic_top_p=args.top_p, k_min=1, k_max=4, choice=args.choice),
         expert=ExpertConfig(kind=args.kind, hidden_dim=16, dropout=0.0),
         keep_fraction=args.keep_fraction,
     )
@@ -173,6 +174,8 @@ def report_of(rank, groups, disp, res, own, errors, cap, dtype):
         "pruned_units": res.stats.pruned_units,
         "active_experts": float(res.stats.active_experts),
         "capacity": cap,
+        "coverage": res.stats.coverage.tolist() if res.stats.coverage is not None else None,
+        "ref_coverage": own["stats"].coverage.tolist() if own["stats"].coverage is not None else None,
     }
 
 

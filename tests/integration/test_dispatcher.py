@@ -1,5 +1,7 @@
 """Expert-parallel PatchMoE (parallel/dispatcher.py) under torchrun (gloo) against the single-process reference."""
 
+import math
+
 import pytest
 
 from tests.helpers import run_torchrun
@@ -78,3 +80,23 @@ def test_patch_pruning_under_ep(tmp_path):
     bytes_full = sum(r["bytes_forward"] + r["bytes_backward"] for r in full)
     bytes_third = sum(r["bytes_forward"] + r["bytes_backward"] for r in third)
     assert 3 * bytes_third == bytes_full
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc,ep,cf", [(2, 2, None), (4, 2, 0.5)])
+def test_expert_choice_under_ep(tmp_path, nproc, ep, cf):
+    """Expert choice: every expert takes exactly C of each rank's patches (C from that rank's own
+    patch count; the 4th rank has none), so the all-to-all carries E * C rows per rank each way;
+    the EP layer equals the single-process layer run on each rank's batch."""
+    args = ["--ep-size", str(ep), "--choice", "expert"] + (["--capacity-factor", str(cf)] if cf else [])
+    reports, _ = run_torchrun("ep_layer_check.py", nproc, args, str(tmp_path))
+    for r in reports:
+        for name, e in r["errors"].items():
+            assert e < 1e-5, f"rank {r['rank']}: {name} relative error {e:.2e}"
+        assert r["load"] == r["ref_load"] and r["coverage"] == r["ref_coverage"]
+        n, e = r["num_units"], len(r["load"])
+        c = min(n, max(1, math.ceil((cf or 1.0) * n * 2 / e)))  # K = 2
+        assert r["load"] == [c] * e and r["dropped_fraction"] == 0.0
+    fwd = sum(r["bytes_forward"] for r in reports)
+    assert fwd == sum(r["analytic_forward"] for r in reports)
+    assert sum(r["bytes_backward"] for r in reports) == fwd
