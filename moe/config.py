@@ -238,6 +238,9 @@ class HierarchicalMoEConfig:
                  smallest group.
     placement:   "grouped" (a group's experts contiguous: on one rank / one node under EP) or
                  "spread" (interleaved over the ranks).
+    capacity_factor: with fine.choice='expert' only: every fine expert takes C = ceil(capacity_factor
+                 * N * Kc * Kf / E) of the (patch, coarse slot) pairs routed to its group (None: 1.0).
+                 Token choice here is dropless and takes none.
     """
 
     dim: int
@@ -251,10 +254,19 @@ class HierarchicalMoEConfig:
     balance: BalanceConfig = field(default_factory=BalanceConfig)
     patch_size: int = 8
     pad_mode: Literal["pad", "error"] = "pad"
+    capacity_factor: float | None = None
 
     def __post_init__(self) -> None:
         check_literals(self)
         require(self.dim >= 1, f"dim={self.dim} must be >= 1")
+        require(self.coarse.choice == "token",
+                "coarse.choice='expert' is not supported: expert choice applies to the fine level "
+                "(fine.choice='expert'); the coarse level routes each patch to its groups")
+        if self.capacity_factor is not None:
+            require(self.fine.choice == "expert",
+                    f"capacity_factor={self.capacity_factor} applies to fine.choice='expert' only (hierarchical "
+                    "token choice is dropless); unset it or set fine.choice=expert")
+            require(self.capacity_factor > 0, f"capacity_factor={self.capacity_factor} must be > 0")
         require(self.num_groups >= 1, f"num_groups={self.num_groups} must be >= 1")
         epg = self.experts_per_group
         if isinstance(epg, (tuple, list)):

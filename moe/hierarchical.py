@@ -20,6 +20,12 @@ group) shards both levels. ``placement`` orders the global ids (:func:`expert_id
              experts are interleaved over the ranks.
 The balance loss sees the joint distribution p(g) * p(f | g) over the E experts.
 
+Fine-level expert choice (``fine.choice: expert``): the coarse level routes as above, giving
+M = N * Kc (patch, coarse slot) pairs; fine expert (g, f) takes the C pairs of group g with the
+highest p_g(f | patch), C = ceil(capacity_factor * N * Kc * Kf / E), with weight wc * p_g(f | patch).
+A group with fewer than C pairs leaves the rest of its experts' slots empty (padding rows of
+weight 0: the exchange keeps its [E, C] shape); a patch no fine expert took passes through.
+
 Transport: the layer's dispatcher is a :class:`HierarchicalDispatcher`: it takes the patches and
 both levels' decisions to the experts (``dispatch``) and brings back every patch's weighted sum
 (``combine``). :class:`OneStage` sends every (group, fine) slot straight to its expert's rank
@@ -38,25 +44,26 @@ import torch
 import torch.nn as nn
 
 from common.timing import StageTimer
-from moe.balance import MoEOutput, routing_stats
+from moe.balance import MoEOutput, coverage_shares, routing_stats
 from moe.config import HierarchicalMoEConfig
 from moe.dispatch import Dispatcher, LocalDispatcher, plan_dispatch, slot_counts, unpermute
 from moe.experts import build_experts
-from moe.router import Router, RoutingDecision
+from moe.router import Router, RoutingDecision, expert_capacity
 from moe.timing import NullTimer
 from moe.units import make_grid, patchify, pool_units, unpatchify
 
 
 @dataclass(frozen=True)
 class HierRoute:
-    """Both levels' decisions. ``decision`` is the flattened per-expert view [N, K]."""
+    """Both levels' decisions. ``decision`` is the flattened per-expert view [N, K] (or the fine
+    experts' choice [E, C])."""
 
     decision: RoutingDecision
     group_NKc: torch.Tensor  # coarse groups
     coarse_w_NKc: torch.Tensor
-    expert_NKcKf: torch.Tensor  # global expert ids
-    fine_w_NKcKf: torch.Tensor
-    fine_mask_NKcKf: torch.Tensor
+    expert_NKcKf: torch.Tensor | None  # global expert ids (None: fine-level expert choice, see ``decision``)
+    fine_w_NKcKf: torch.Tensor | None
+    fine_mask_NKcKf: torch.Tensor | None
 
 
 class HierarchicalDispatcher(Protocol):
@@ -151,6 +158,12 @@ class HierarchicalMoE(nn.Module):
         self.register_buffer("expert_id", ids, persistent=False)  # [G, Fm] global id of (group, fine)
         self.register_buffer("valid_GFm", valid.nonzero().flatten(), persistent=False)  # real (g, f) in G*Fm
         self.register_buffer("valid_id", ids.flatten()[valid], persistent=False)  # their global ids [E]
+        group_of, fine_of = torch.zeros(e, dtype=torch.long), torch.zeros(e, dtype=torch.long)
+        for g, row in enumerate(table):
+            for f, gid in enumerate(row):
+                group_of[gid], fine_of[gid] = g, f
+        self.register_buffer("group_of_id", group_of, persistent=False)  # [E] group of each global expert
+        self.register_buffer("fine_of_id", fine_of, persistent=False)  # [E] its index inside the group
 
     def route(self, pooled_NC: torch.Tensor, group_of_unit: torch.Tensor | None) -> HierRoute:
         cfg = self.cfg
@@ -167,6 +180,8 @@ class HierarchicalMoE(nn.Module):
             cmask = torch.ones(n, 1, dtype=torch.bool, device=pooled_NC.device)
             pc_NG = nn.functional.one_hot(cg_NKc[:, 0], g_count).float()
             logits = None
+        if cfg.fine.choice == "expert":
+            return self._fine_expert_choice(pooled_NC, cg_NKc, cw_NKc * cmask, cmask, pc_NG, logits)
         fine = [r(pooled_NC) for r in self.fine]  # every group's fine decision (small: C -> F each)
         f_ids = torch.stack([d.expert_ids for d in fine], 1)  # [N, G, Kf]
         f_w = torch.stack([d.weights for d in fine], 1)
@@ -179,16 +194,41 @@ class HierarchicalMoE(nn.Module):
         ids_NK = self.expert_id[cg_NKc.unsqueeze(-1), sel_ids].flatten(1)
         w_NK = (cw_NKc.unsqueeze(-1) * sel_w).flatten(1)
         mask_NK = (cmask.unsqueeze(-1) & sel_mask).flatten(1)
-        joint_NGF = pc_NG.unsqueeze(-1) * f_probs
-        joint_NE = joint_NGF.flatten(1)
-        if joint_NE.shape[1] != cfg.num_experts:  # unequal groups: drop the padding
-            joint_NE = joint_NE.index_select(1, self.valid_GFm)
-        probs_NE = torch.zeros(n, cfg.num_experts, device=pooled_NC.device, dtype=joint_NGF.dtype)
-        probs_NE = probs_NE.index_copy(1, self.valid_id, joint_NE)
+        probs_NE = self._joint_probs(pc_NG, f_probs)
         all_live = (self.coarse is None or cfg.coarse.dynamic_top_p is None) and cfg.fine.dynamic_top_p is None
         decision = RoutingDecision(ids_NK, w_NK * mask_NK, mask_NK, probs_NE, logits, all_live=all_live)
         expert_NKcKf = self.expert_id[cg_NKc.unsqueeze(-1), sel_ids]
         return HierRoute(decision, cg_NKc, cw_NKc * cmask, expert_NKcKf, sel_w * sel_mask, sel_mask)
+
+    def _joint_probs(self, pc_NG: torch.Tensor, f_probs_NGFm: torch.Tensor) -> torch.Tensor:
+        """[N, E] p(g) * p(f | g) at each expert's global id (what the balance loss sees)."""
+        joint_NE = (pc_NG.unsqueeze(-1) * f_probs_NGFm).flatten(1)
+        if joint_NE.shape[1] != self.cfg.num_experts:  # unequal groups: drop the padding
+            joint_NE = joint_NE.index_select(1, self.valid_GFm)
+        probs_NE = torch.zeros(joint_NE.shape[0], self.cfg.num_experts, device=joint_NE.device, dtype=joint_NE.dtype)
+        return probs_NE.index_copy(1, self.valid_id, joint_NE)
+
+    def _fine_expert_choice(self, pooled_NC, cg_NKc, cw_NKc, cmask_NKc, pc_NG, logits) -> HierRoute:
+        """Fine expert (g, f) takes its group's C best (patch, coarse slot) pairs (module docstring)."""
+        cfg = self.cfg
+        n, kc = cg_NKc.shape
+        fm = self.expert_id.shape[1]
+        scored = [r.score(pooled_NC)[0] for r in self.fine]
+        f_probs = torch.stack([nn.functional.pad(p, (0, fm - p.shape[1])) for p in scored], 1)  # [N, G, Fm]
+        pair_unit_M = torch.arange(n, device=pooled_NC.device).repeat_interleave(kc)
+        pair_group_M = cg_NKc.reshape(-1)
+        pair_probs_MFm = f_probs[pair_unit_M, pair_group_M]  # [M, Fm] p_g(f | patch) of the pair's group
+        score_EM = pair_probs_MFm.index_select(1, self.fine_of_id).t()  # [E, M]
+        member_EM = (pair_group_M[None, :] == self.group_of_id[:, None]) & cmask_NKc.reshape(1, -1)
+        ranked = torch.where(member_EM, score_EM.detach(), torch.full_like(score_EM, -1.0))  # probs >= 0
+        c = min(expert_capacity(n, kc * cfg.fine.top_k, cfg.num_experts, cfg.capacity_factor or 1.0), n * kc)
+        pair_EC = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[:, :c]
+        live_EC = member_EM.gather(1, pair_EC)
+        w_EC = cw_NKc.reshape(-1)[pair_EC] * score_EM.gather(1, pair_EC) * live_EC
+        ids_EC = torch.arange(cfg.num_experts, device=pooled_NC.device)[:, None].expand_as(pair_EC)
+        decision = RoutingDecision(ids_EC, w_EC, live_EC, self._joint_probs(pc_NG, f_probs), logits,
+                                   all_live=True, unit_ids=pair_unit_M[pair_EC])
+        return HierRoute(decision, cg_NKc, cw_NKc, None, None, None)
 
     def forward(self, x_BHWC: torch.Tensor, modality_B: torch.Tensor | None = None) -> MoEOutput:
         cfg = self.cfg
@@ -207,12 +247,18 @@ class HierarchicalMoE(nn.Module):
             out_ULC = self.experts(rows_ULC, local_counts, meta.host_counts)
         with self.timer.stage("combine"):
             y_NLC = self.dispatcher.combine(out_ULC, meta)
+            decision = route.decision
+            if decision.expert_choice:  # a patch no fine expert took passes through
+                y_NLC = torch.where((decision.taken_counts() > 0)[:, None, None], y_NLC, units_NLC)
         y = unpatchify(y_NLC, grid)
 
-        decision = route.decision
-        load_E = slot_counts(decision.expert_ids, decision.slot_mask, cfg.num_experts).float()  # dropless: all kept
+        if decision.expert_choice:
+            load_E = decision.slot_mask.sum(1).float()  # live picks per expert (padding rows excluded)
+        else:
+            load_E = slot_counts(decision.expert_ids, decision.slot_mask, cfg.num_experts).float()  # dropless
         stats = routing_stats(
             probs_NE=decision.probs, logits_HNE=decision.logits, load_E=load_E, kept_E=load_E,
             active_slots=decision.slot_mask.sum(), num_units=grid.num_units, coefs=cfg.balance,
+            coverage=coverage_shares(decision.taken_counts()) if decision.expert_choice else None,
         )
         return MoEOutput(y, stats, decision.weights)

@@ -149,7 +149,7 @@ class PatchMoE(nn.Module):
             return slot_sum_to_map(back_RLC, decision.weights, plan.slot_of_row, routed.grid)
         y_NLC = unpermute(back_RLC, plan, decision.weights)
         if decision.expert_choice:  # a patch no expert took passes through like a pruned one
-            taken_N = _taken_counts(decision, routed.num_routed) > 0
+            taken_N = decision.taken_counts() > 0
             y_NLC = torch.where(taken_N[:, None, None], y_NLC, self._passed(routed.routed_NLC))
         if routed.keep_idx is not None:
             units_NLC = routed.units_NLC
@@ -172,7 +172,7 @@ class PatchMoE(nn.Module):
             probs_NE=decision.probs, logits_HNE=decision.logits, load_E=load_E,
             kept_E=plan.counts, active_slots=decision.slot_mask.sum(),
             num_units=routed.num_routed, coefs=cfg.balance, pruned_units=routed.grid.num_units - routed.num_routed,
-            coverage=coverage_shares(_taken_counts(decision, routed.num_routed)) if decision.expert_choice else None,
+            coverage=coverage_shares(decision.taken_counts()) if decision.expert_choice else None,
         )
 
     def _prune(self, pooled_NC: torch.Tensor, grid) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -202,9 +202,3 @@ class PatchMoE(nn.Module):
         self.router.update_bias(load)
         self.pending_load.zero_()
 
-
-def _taken_counts(decision: RoutingDecision, num_units: int) -> torch.Tensor:
-    """[N] how many experts took each unit (expert choice), a scatter-add: no host sync."""
-    units_S = decision.unit_ids.reshape(-1)
-    return torch.zeros(num_units, dtype=torch.long, device=units_S.device).scatter_add_(
-        0, units_S, torch.ones_like(units_S))

@@ -53,6 +53,12 @@ class RoutingDecision:
     def expert_choice(self) -> bool:
         return self.unit_ids is not None
 
+    def taken_counts(self) -> torch.Tensor:
+        """[N] how many experts took each unit (expert choice; live slots only), a scatter-add: no host sync."""
+        units_S = self.unit_ids.reshape(-1)
+        return torch.zeros(self.num_units, dtype=torch.long, device=units_S.device).scatter_add_(
+            0, units_S, self.slot_mask.reshape(-1).long())
+
 
 def expert_capacity(num_units: int, k: int, num_experts: int, factor: float) -> int:
     """ceil(factor * N * K / E): rows one expert may take from one rank (at least 1)."""
@@ -128,8 +134,8 @@ class Router(nn.Module):
         # Aux-loss-free balancing: added to selection scores only, never to weights.
         self.register_buffer("selection_bias", torch.zeros(cfg.num_experts), persistent=True)
 
-    def forward(self, x_ND: torch.Tensor, capacity: int | None = None) -> RoutingDecision:
-        """``capacity``: C, the units each expert takes (expert choice only; the caller sizes it)."""
+    def score(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (probs [N, E], logits [H, N, E]): the scores, before any selection."""
         cfg = self.cfg
         x = x_ND.float()
         if self.training and cfg.noise == "jitter" and cfg.jitter_eps > 0:
@@ -140,7 +146,12 @@ class Router(nn.Module):
             noisy = logits_HNE + torch.randn_like(logits_HNE) * cfg.noise_std
         scaled = noisy / cfg.temperature
         scores = scaled.softmax(-1) if cfg.score_fn == "softmax" else scaled.sigmoid()
-        probs_NE = scores.mean(0)
+        return scores.mean(0), logits_HNE
+
+    def forward(self, x_ND: torch.Tensor, capacity: int | None = None) -> RoutingDecision:
+        """``capacity``: C, the units each expert takes (expert choice only; the caller sizes it)."""
+        cfg = self.cfg
+        probs_NE, logits_HNE = self.score(x_ND)
         if cfg.choice == "expert":
             if capacity is None:
                 raise ValueError("expert-choice routing needs the capacity C (units per expert) from its layer")

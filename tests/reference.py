@@ -435,3 +435,50 @@ def expert_choice_reference(layer, x_BHWC: torch.Tensor, expert_mods):
                   for i in range(nh)]
         rows.append(torch.cat(blocks, dim=0))
     return torch.stack(rows)[:, :h, :w], taken
+
+
+def hierarchical_expert_choice_reference(layer, x_BHWC: torch.Tensor, expert_mods, modality=None):
+    """HierarchicalMoE with ``fine.choice: expert``, with loops: every patch's coarse slots (learned,
+    or its image's modality), giving (patch, slot, group, coarse weight) pairs; fine expert (g, f)
+    takes the C pairs of group g with the highest p_g(f | patch) (ties: lower pair index),
+    C = ceil(capacity_factor * N * Kc * Kf / E) (capacity_factor unset: 1); output = sum over the
+    pairs taken of wc * p_g(f | patch) * expert(patch); a patch nobody took passes through.
+    -> (output, {global expert id: [patch indices taken]})."""
+    cfg = layer.cfg
+    sizes = list(cfg.group_sizes)
+    p = cfg.patch_size
+    b, h, w, c = x_BHWC.shape
+    nh, nw = h // p, w // p
+    patches = [x_BHWC[bi, i * p:(i + 1) * p, j * p:(j + 1) * p].reshape(p * p, c)
+               for bi in range(b) for i in range(nh) for j in range(nw)]
+    pairs = []  # (patch, group, coarse weight), in patch-major, slot-minor order
+    for n, patch in enumerate(patches):
+        u = patch.mean(0)
+        if cfg.coarse_mode == "given":
+            groups = [(int(modality[n // (nh * nw)]), torch.tensor(1.0))]
+        else:
+            groups, _ = route_unit(layer.coarse, u)
+        pairs.extend((n, g, wg) for g, wg in groups)
+    kc = 1 if cfg.coarse_mode == "given" else cfg.coarse.top_k
+    cap = min(len(pairs), max(1, math.ceil((cfg.capacity_factor or 1.0) * len(patches) * kc * cfg.fine.top_k
+                                           / cfg.num_experts)))
+    fine_probs = {(n, g): route_unit(layer.fine[g], patches[n].mean(0))[1] for n, g, _ in pairs}
+    y = [torch.zeros_like(patch) for patch in patches]
+    hits = [0] * len(patches)
+    taken = {}
+    for g, f_count in enumerate(sizes):
+        for f in range(f_count):
+            members = [m for m, (_, gm, _) in enumerate(pairs) if gm == g]
+            members = sorted(members, key=lambda m: (-float(fine_probs[pairs[m][0], g][f].detach()), m))[:cap]
+            e = _hier_expert_id(sizes, cfg.placement, g, f)
+            taken[e] = sorted(pairs[m][0] for m in members)
+            for m in members:
+                n, _, wg = pairs[m]
+                y[n] = y[n] + wg * fine_probs[n, g][f] * expert_mods[e](patches[n])
+                hits[n] += 1
+    out = torch.zeros_like(x_BHWC)
+    for n, patch in enumerate(patches):
+        bi, rest = divmod(n, nh * nw)
+        i, j = divmod(rest, nw)
+        out[bi, i * p:(i + 1) * p, j * p:(j + 1) * p] = (y[n] if hits[n] else patch).reshape(p, p, c)
+    return out, taken

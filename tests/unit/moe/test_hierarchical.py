@@ -169,3 +169,70 @@ def test_from_dict_reads_a_yaml_list():
     assert cfg.experts_per_group == (8, 4, 4) and cfg.group_sizes == (8, 4, 4) and cfg.num_experts == 16
     assert from_dict(HierarchicalMoEConfig, {"dim": 8, "experts_per_group": 2, "coarse": {"num_experts": 3},
                                              "fine": {"num_experts": 2}}).group_sizes == (2, 2, 2)
+
+
+# ---- fine-level expert choice ----------------------------------------------------------------
+@pytest.mark.parametrize("mode,placement,kc,kf,f,cap", [
+    ("learned", "grouped", 1, 2, 3, None), ("learned", "spread", 2, 1, 3, 0.5), ("given", "grouped", 1, 2, 3, 1.5),
+    ("learned", "grouped", 1, 1, [4, 2, 2], 2.0),
+])
+def test_fine_expert_choice_matches_reference(mode, placement, kc, kf, f, cap):
+    from dataclasses import replace
+
+    from tests.reference import hierarchical_expert_choice_reference
+
+    torch.manual_seed(4)
+    base = _cfg(mode, placement, kc, kf, f=f, choice="expert")
+    layer = HierarchicalMoE(replace(base, capacity_factor=cap))
+    modality = torch.tensor([0, 2, 2]) if mode == "given" else None
+    mods = experts_to_modules("ffn", layer.experts)
+    x = torch.randn(3, 8, 12, 8)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    res = layer(x1, modality)
+    g = torch.randn_like(res.out)
+    (res.out * g).sum().backward()
+    ref, taken = hierarchical_expert_choice_reference(layer, x2, mods, modality)
+    (ref * g).sum().backward()
+    torch.testing.assert_close(res.out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    for name, grad in modules_grads("ffn", mods).items():
+        torch.testing.assert_close(getattr(layer.experts, name).grad, grad, rtol=1e-4, atol=1e-5)
+    load = res.stats.load.tolist()
+    assert load == [float(len(taken[e])) for e in range(layer.cfg.num_experts)]
+    if mode == "given":  # group 1 has no patch: its experts take nothing, their slots are padding
+        ids = layer.expert_id[1, :3].tolist()
+        assert all(load[e] == 0 for e in ids)
+    n = 3 * 2 * 3
+    hits = torch.zeros(n, dtype=torch.long)
+    for units in taken.values():
+        for u in units:
+            hits[u] += 1
+    want = torch.stack([(hits.clamp(max=4) == k).float().mean() for k in range(5)])
+    torch.testing.assert_close(res.stats.coverage, want)
+
+
+def test_fine_expert_choice_gate_gradients_match_reference():
+    from tests.reference import hierarchical_expert_choice_reference
+
+    torch.manual_seed(5)
+    layer = HierarchicalMoE(_cfg("learned", "grouped", 2, 1, choice="expert"))
+    mods = experts_to_modules("ffn", layer.experts)
+    x = torch.randn(2, 8, 8, 8)
+    g = torch.randn_like(x)
+    (layer(x).out * g).sum().backward()
+    ours = {n: p.grad.clone() for n, p in layer.named_parameters() if not n.startswith("experts.")}
+    layer.zero_grad()
+    ref, _ = hierarchical_expert_choice_reference(layer, x, mods)
+    (ref * g).sum().backward()
+    for n, p in layer.named_parameters():
+        if not n.startswith("experts."):
+            torch.testing.assert_close(ours[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_expert_choice_config_refusals():
+    with pytest.raises(ConfigError, match="coarse.choice='expert' is not supported"):
+        HierarchicalMoEConfig(dim=8, coarse=RouterConfig(num_experts=3, top_k=1, choice="expert"),
+                              fine=RouterConfig(num_experts=3))
+    with pytest.raises(ConfigError, match="capacity_factor=0.5 applies to fine.choice='expert' only"):
+        HierarchicalMoEConfig(dim=8, coarse=RouterConfig(num_experts=3, top_k=1), fine=RouterConfig(num_experts=3),
+                              capacity_factor=0.5)
