@@ -48,6 +48,21 @@ class DispatchPlan:
     top_k: int  # K
     num_rows: int | None = None  # R, once known on the host
     unit_S: torch.Tensor | None = None  # [S] unit of each slot (expert choice); None: slot // K
+    static_capacity: int | None = None  # every expert gets exactly C rows (padding included): R = E * C
+    row_valid: torch.Tensor | None = None  # [R] False on padding rows (static capacity plans); None: all real
+
+    @property
+    def kept(self) -> torch.Tensor:
+        """[E] real rows per expert (``counts`` less any padding)."""
+        if self.row_valid is None:
+            return self.counts
+        return self.row_valid.view(self.counts.shape[0], -1).sum(1)
+
+    @property
+    def one_row_per_slot(self) -> bool:
+        """Every slot n*K + k has exactly one row (dropless top-k): the combine's fast paths apply."""
+        return (self.unit_S is None and self.row_valid is None and self.num_rows is not None
+                and self.num_rows == self.num_units * self.top_k)
 
     def with_rows(self, num_rows: int) -> "DispatchPlan":
         """This plan with R set (from counts the dispatcher read)."""
@@ -89,7 +104,7 @@ def slot_counts(expert_ids_NK: torch.Tensor, slot_mask_NK: torch.Tensor, num_exp
 
 
 def plan_dispatch(
-    decision: RoutingDecision, num_experts: int, capacity: int | None, priority: str = "order"
+    decision: RoutingDecision, num_experts: int, capacity: int | None, priority: str = "order", static: bool = False
 ) -> DispatchPlan:
     """Sort live slots by expert and cut each expert at ``capacity`` (no cut if None). No host sync.
     An expert-choice decision is its own plan: its [E, C] slots are sorted by expert already, every
@@ -99,7 +114,7 @@ def plan_dispatch(
         device = decision.unit_ids.device
         counts = torch.full((e,), c, dtype=torch.long, device=device)
         return DispatchPlan(torch.arange(e * c, device=device), counts, counts, c, decision.num_units, c, e * c,
-                            unit_S=decision.unit_ids.reshape(-1))
+                            unit_S=decision.unit_ids.reshape(-1), static_capacity=c)
     ids_NK, mask_NK = decision.expert_ids, decision.slot_mask
     n, k = ids_NK.shape
     device = ids_NK.device
@@ -119,7 +134,25 @@ def plan_dispatch(
     pos = torch.arange(n * k, device=device) - starts_E[sorted_expert.clamp(max=num_experts - 1)]
     keep = (sorted_expert < num_experts) & (pos < capacity)
     order_S = order_S[torch.sort((~keep).to(torch.uint8), stable=True).indices]  # kept rows first
-    return DispatchPlan(order_S, routed_E.clamp(max=capacity), routed_E, capacity, n, k)
+    plan = DispatchPlan(order_S, routed_E.clamp(max=capacity), routed_E, capacity, n, k)
+    return pad_to_capacity(plan) if static and n * k > 0 else plan
+
+
+def pad_to_capacity(plan: DispatchPlan) -> DispatchPlan:
+    """The static form of a capacity plan: every expert's block padded to exactly C rows (a padding
+    row repeats slot 0 and is marked invalid: its weight is zero), so R = E * C is known on the host
+    and the exchange needs no count all-to-all. No host sync."""
+    e, c = plan.counts.shape[0], plan.capacity
+    device = plan.counts.device
+    kept_E = plan.counts
+    start_E = torch.cumsum(kept_E, 0) - kept_E
+    j_C = torch.arange(c, device=device)
+    valid_EC = j_C[None, :] < kept_E[:, None]
+    pos_EC = (start_E[:, None] + j_C[None, :]).clamp(max=plan.order_S.shape[0] - 1)
+    slot_EC = torch.where(valid_EC, plan.order_S[pos_EC], torch.zeros_like(pos_EC))
+    full = torch.full((e,), c, dtype=torch.long, device=device)
+    return dataclasses.replace(plan, order_S=slot_EC.reshape(-1), counts=full, num_rows=e * c, static_capacity=c,
+                               row_valid=valid_EC.reshape(-1))
 
 
 def unpermute(rows_RLC: torch.Tensor, plan: DispatchPlan, weights_NK: torch.Tensor) -> torch.Tensor:
@@ -131,18 +164,26 @@ def unpermute(rows_RLC: torch.Tensor, plan: DispatchPlan, weights_NK: torch.Tens
     took comes out zero).
     """
     n, k = weights_NK.shape
-    if plan.unit_S is None and rows_RLC.shape[0] == n * k and n * k > 0:
+    if plan.unit_S is None and plan.row_valid is None and rows_RLC.shape[0] == n * k and n * k > 0:
         out_ND = slot_sum(rows_RLC.reshape(n * k, -1), weights_NK, plan.slot_of_row)
         return out_ND.view(n, *rows_RLC.shape[1:])
     w_R = gather_rows(weights_NK.reshape(-1), plan.slot_of_row).to(rows_RLC.dtype)
+    if plan.row_valid is not None:  # padding rows add nothing
+        w_R = w_R * plan.row_valid.to(w_R.dtype)
     out = rows_RLC.new_zeros(plan.num_units, *rows_RLC.shape[1:])
     return out.index_add(0, plan.unit_of_row, rows_RLC * w_R[:, None, None])
 
 
 class Dispatcher(Protocol):
-    """Moves planned rows to the experts' ranks and back. ``moe/`` sees ranks only here."""
+    """Moves planned rows to the experts' ranks and back. ``moe/`` sees ranks only here.
+
+    ``uniform_units``: every rank of the expert group routes the same number of units per call
+    (msmoe's training and evaluation batches are equal per rank): a layer may then size its
+    capacity from its own unit count with no collective, and a static plan (``static_capacity``)
+    is exchanged with split sizes known on the host: no count all-to-all, no host read."""
 
     num_local_experts: int
+    uniform_units: bool
 
     def capacity(self, num_units: int, k: int, num_experts: int, factor: float) -> int:
         """Capacity per expert per rank, identical on every rank of the expert group."""
@@ -170,6 +211,7 @@ class LocalDispatcher:
     """Single rank: every expert is local, nothing moves."""
 
     first_expert = 0  # global id of the first local expert
+    uniform_units = True  # one rank: trivially
 
     def __init__(self, num_experts: int):
         self.num_local_experts = num_experts
@@ -180,7 +222,9 @@ class LocalDispatcher:
     def dispatch(self, units_NLC: "torch.Tensor | PatchView",
                  plan: DispatchPlan) -> tuple[torch.Tensor, torch.Tensor, LocalMeta]:
         host = None
-        if plan.num_rows is None:  # dynamic k or capacity: the one host read of this layer
+        if plan.static_capacity is not None:  # E x C rows, known on the host
+            host = [plan.static_capacity] * plan.counts.shape[0]
+        elif plan.num_rows is None:  # dynamic k or capacity: the one host read of this layer
             plan, host = plan.host_counts()
         rows = take_units(units_NLC, plan.unit_of_row)
         return rows, plan.counts, LocalMeta(plan, host)

@@ -125,12 +125,14 @@ class PatchMoE(nn.Module):
             routed_NLC = units_NLC
         n_routed = pooled_NC.shape[0]
         capacity = None
-        if choice:  # C from this rank's own patch count: a host int, no collective
+        static = self.dispatcher.uniform_units  # C from this rank's own patch count: a host int, no collective
+        if choice:
             capacity = expert_capacity(n_routed, k, e, cfg.capacity_factor or 1.0)
         elif cfg.capacity_factor is not None:
-            capacity = self.dispatcher.capacity(n_routed, k, e, cfg.capacity_factor)
+            capacity = (expert_capacity(n_routed, k, e, cfg.capacity_factor) if static
+                        else self.dispatcher.capacity(n_routed, k, e, cfg.capacity_factor))
         decision = self.router(pooled_NC, capacity)
-        plan = plan_dispatch(decision, e, capacity, cfg.capacity_priority)
+        plan = plan_dispatch(decision, e, capacity, cfg.capacity_priority, static=static)
         return RoutedPatches(grid, in_place, units_NLC, routed_NLC, keep_idx, keep_scale, decision, plan)
 
     def dispatch(self, routed: RoutedPatches) -> tuple[torch.Tensor, torch.Tensor, Any]:
@@ -145,7 +147,7 @@ class PatchMoE(nn.Module):
         """Expert outputs back, weighted and summed per patch, into the map: [B, H, W, C]."""
         cfg, plan, decision = self.cfg, meta.plan, routed.decision
         back_RLC = self.dispatcher.combine(out_ULC, meta)
-        if routed.in_place and back_RLC.shape[0] == routed.num_routed * cfg.router.max_k:
+        if routed.in_place and plan.one_row_per_slot and back_RLC.shape[0] == routed.num_routed * cfg.router.max_k:
             return slot_sum_to_map(back_RLC, decision.weights, plan.slot_of_row, routed.grid)
         y_NLC = unpermute(back_RLC, plan, decision.weights)
         if decision.expert_choice:  # a patch no expert took passes through like a pruned one
@@ -170,7 +172,7 @@ class PatchMoE(nn.Module):
             self.pending_load += load_E.detach()
         return routing_stats(
             probs_NE=decision.probs, logits_HNE=decision.logits, load_E=load_E,
-            kept_E=plan.counts, active_slots=decision.slot_mask.sum(),
+            kept_E=plan.kept, active_slots=decision.slot_mask.sum(),
             num_units=routed.num_routed, coefs=cfg.balance, pruned_units=routed.grid.num_units - routed.num_routed,
             coverage=coverage_shares(decision.taken_counts()) if decision.expert_choice else None,
         )

@@ -18,6 +18,12 @@ total stays what it was):
 ``combine`` undoes 3 (combine.regroup) and 2 (combine.send). Capacity is computed from the
 largest unit count in the group, so every rank applies the same capacity. A rank may send or
 receive zero rows.
+
+Static plans (``uniform_units``: every rank routes the same number of units, as msmoe's trainer
+guarantees): expert choice and capacity mode padded to [E, C] send exactly C rows to every
+expert, so step 1 needs no exchange and no host read: every split is El * C, known on the host
+(zero host syncs in the layer). The capacity is then sized from this rank's own unit count, the
+same on every rank.
 """
 
 from __future__ import annotations
@@ -63,12 +69,16 @@ class Splits:
 class AllToAllDispatcher:
     """Experts sharded over an expert group (``ep``: who holds which); patches exchanged by all-to-all.
 
-    ``timer``: the layer's stage timer (the same object), for the dispatch and combine steps."""
+    ``timer``: the layer's stage timer (the same object), for the dispatch and combine steps.
+    ``uniform_units``: the caller promises the same unit count on every rank of the group per call
+    (see the module docstring); False keeps the count exchange for every plan."""
 
-    def __init__(self, ep: ExpertGroup, counter: CommCounter | None = None, timer: StageTimer | None = None):
+    def __init__(self, ep: ExpertGroup, counter: CommCounter | None = None, timer: StageTimer | None = None,
+                 uniform_units: bool = False):
         self.ep = ep
         self.counter = counter if counter is not None else CommCounter()
         self.timer = timer if timer is not None else NullTimer()
+        self.uniform_units = uniform_units
 
     @property
     def num_local_experts(self) -> int:
@@ -95,8 +105,12 @@ class AllToAllDispatcher:
             return self.regroup(recv_UD, splits, units_NLC.shape[1:], units_NLC.device)
 
     def exchange_counts(self, plan: DispatchPlan) -> Splits:
-        """Step 1: the count all-to-all and the one host read of this layer."""
+        """Step 1: the count all-to-all and the one host read of this layer (none for a static plan)."""
         p, el = self.ep.size, self.ep.num_local_experts
+        if self.uniform_units and plan.static_capacity is not None:
+            c = plan.static_capacity
+            recv_PE = torch.full((p, el), c, dtype=torch.long, device=self.ep.device)
+            return Splits([el * c] * p, [el * c] * p, recv_PE, [p * c] * el, plan)
         counts_E = plan.counts.to(self.ep.device)
         recv_PE = exchange(counts_E, [el] * p, [el] * p, self.ep.group,
                            "all-to-all of per-expert patch counts (dispatch)", host_reads=True).view(p, el)
@@ -142,11 +156,13 @@ class AllToAllDispatcher:
 
 
 def build_dispatcher(ep: "ExpertGroup | ParallelGroups", counter: CommCounter | None = None,
-                     timer: StageTimer | None = None):
+                     timer: StageTimer | None = None, uniform_units: bool = True):
     """The dispatcher for an expert group (or the groups' ``ep``): all-to-all over it, or local when it
-    has one rank. ``timer``: the layer's stage timer, for the all-to-all dispatcher's steps."""
+    has one rank. ``timer``: the layer's stage timer, for the all-to-all dispatcher's steps.
+    ``uniform_units`` (default: msmoe's trainer, evaluation and benchmarks give every rank the same
+    batch): static plans go without the count exchange."""
     if isinstance(ep, ParallelGroups):
         ep = ep.ep
     if ep.size == 1:
         return LocalDispatcher(ep.num_experts)
-    return AllToAllDispatcher(ep, counter, timer)
+    return AllToAllDispatcher(ep, counter, timer, uniform_units)

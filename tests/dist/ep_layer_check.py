@@ -30,7 +30,12 @@ class FixedCapacity(LocalDispatcher):
         return self.cap
 
 
+UNIFORM = False  # --uniform: every rank's shard the same shape (the static plans' promise)
+
+
 def shard_shape(r):  # uneven on purpose; the 4th rank has no patches at all
+    if UNIFORM:
+        return (2, 8, 12, C)
     return ([2, 1, 3, 0][r % 4], 8 + 2 * (r % 3), 12 - r % 4, C)
 
 
@@ -55,6 +60,8 @@ def parse_args():
     ap.add_argument("--top-p", type=float, default=None, help="dynamic top-p routing (k in 1..4)")
     ap.add_argument("--keep-fraction", type=float, default=1.0, help="dual-sparsity patch pruning")
     ap.add_argument("--choice", choices=["token", "expert"], default="token", help="router.choice")
+    ap.add_argument("--uniform", action="store_true",
+                    help="equal shards and a dispatcher told so (uniform_units): static plans skip the count exchange")
     ap.add_argument("--out", required=True)
     return ap.parse_args()
 
@@ -70,7 +77,7 @@ def build_layers(args, groups, rank, dtype):
     )
     torch.manual_seed(0)
     ref = PatchMoE(cfg).to(dtype)
-    disp = AllToAllDispatcher(groups.ep)
+    disp = AllToAllDispatcher(groups.ep, uniform_units=args.uniform)
     layer = PatchMoE(cfg, dispatcher=disp).to(dtype)
     first, el = disp.first_expert, disp.num_local_experts
     with torch.no_grad():
@@ -180,18 +187,26 @@ def report_of(rank, groups, disp, res, own, errors, cap, dtype):
 
 
 def main():
+    global UNIFORM
     args = parse_args()
+    UNIFORM = args.uniform
     world = init_world()
     groups = ParallelGroups.build(args.ep_size, E)
     rank, ws = world.rank, world.world_size
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     cfg, ref, disp, layer = build_layers(args, groups, rank, dtype)
     kmax = cfg.router.max_k
-    x, res, ep_expert_grads = run_expert_parallel(layer, rank, dtype)
+    from common.compat import grouped_mm_available
+    from gpucheck.host_syncs import SyncCounter
+
+    grouped_mm_available(torch.device("cpu"), dtype)  # the one-time capability probe (cached), outside the count
+    with SyncCounter() as syncs:
+        x, res, ep_expert_grads = run_expert_parallel(layer, rank, dtype)
     cap = capacity_of(rank, args, ws, kmax)
     sum_ep, sum_all, own = run_reference(args, ref, rank, ws, dtype, kmax)
     errors = compare(layer, disp, groups, x, res, ep_expert_grads, sum_ep, sum_all, own)
-    write_result(args.out, rank, report_of(rank, groups, disp, res, own, errors, cap, dtype))
+    write_result(args.out, rank, {**report_of(rank, groups, disp, res, own, errors, cap, dtype),
+                                  "host_syncs": syncs.total, "sync_sites": syncs.report()})
     dist.barrier()
     dist.destroy_process_group()
 

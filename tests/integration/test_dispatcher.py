@@ -100,3 +100,24 @@ def test_expert_choice_under_ep(tmp_path, nproc, ep, cf):
     fwd = sum(r["bytes_forward"] for r in reports)
     assert fwd == sum(r["analytic_forward"] for r in reports)
     assert sum(r["bytes_backward"] for r in reports) == fwd
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("choice,cf", [("expert", None), ("expert", 0.5), ("token", 0.75)])
+def test_static_plans_under_ep_need_no_count_exchange(tmp_path, choice, cf):
+    """Equal shards and a dispatcher told so: expert choice and capacity mode (padded to [E, C])
+    exchange exactly E * C rows per rank each way with split sizes known on the host: the layer's
+    forward and backward make no host read at all, and the result equals the reference."""
+    args = ["--ep-size", "2", "--choice", choice, "--uniform"] + (["--capacity-factor", str(cf)] if cf else [])
+    reports, _ = run_torchrun("ep_layer_check.py", 4, args, str(tmp_path))
+    row_bytes = 4 * 4 * 8 * 4  # P * P * C fp32
+    for r in reports:
+        for name, e in r["errors"].items():
+            assert e < 1e-5, f"rank {r['rank']}: {name} relative error {e:.2e}"
+        assert r["load"] == r["ref_load"] and r["kept"] == r["ref_kept"]
+        assert r["host_syncs"] == 0, r["sync_sites"]
+        n, e = r["num_units"], len(r["load"])
+        c = max(1, math.ceil((cf or 1.0) * n * 2 / e))  # K = 2
+        assert r["bytes_forward"] == r["bytes_backward"] == 2 * e * c * row_bytes  # padded rows included
+    if choice == "token":
+        assert any(r["dropped_fraction"] > 0 for r in reports)

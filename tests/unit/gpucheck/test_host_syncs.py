@@ -1,12 +1,14 @@
 """Host syncs on the hot path, counted on CPU (gpucheck/host_syncs.py wraps what would sync on a GPU).
 
 Budget (DESIGN.md): one per dispatching MoE layer - the all-to-all split sizes, or the row count
-of a dynamic-k / capacity plan - and one per training step (the loss / finiteness / preemption
-all-reduce). Dropless top-k on one rank needs none: its row count N*K is known on the host.
+of a dynamic-k plan - and one per training step (the loss / finiteness / preemption all-reduce).
+None where the row count is known on the host: dropless top-k on one rank (N*K), and the static
+plans (E*C: capacity mode padded to [E, C], expert choice), on one rank or under EP.
 The counter itself is checked first: it must see each kind of would-be sync. Whole training steps,
 under torchrun: tests/integration/test_host_syncs.py.
 """
 
+import pytest
 import torch
 
 from gpucheck.host_syncs import SyncCounter
@@ -50,11 +52,15 @@ def test_patch_moe_dynamic_k_reads_its_row_count_once():
     assert n == 1, report
 
 
-def test_patch_moe_capacity_reads_its_row_count_once():
-    cfg = PatchMoEConfig(dim=16, patch_size=2, capacity_factor=1.0, router=RouterConfig(num_experts=4, top_k=2),
+@pytest.mark.parametrize("router", [dict(top_k=2), dict(top_k=2, choice="expert"), dict(top_k=1, choice="expert")],
+                         ids=["capacity", "expert-choice-k2", "expert-choice-k1"])
+def test_patch_moe_static_plans_never_read_the_device(router):
+    """Capacity mode (padded to [E, C]) and expert choice: the row count E * C is a host int."""
+    cfg = PatchMoEConfig(dim=16, patch_size=2, capacity_factor=1.0, router=RouterConfig(num_experts=4, **router),
                          expert=ExpertConfig(kind="ffn", hidden_dim=32, impl="fused"))
     layer = PatchMoE(cfg)
     x = torch.randn(2, 8, 8, 16, requires_grad=True)
     with SyncCounter() as c:
-        layer(x).out.sum().backward()
-    assert c.total == 1, c.report()  # the fused CPU experts reuse the counts the dispatcher read
+        res = layer(x)
+        (res.out.sum() + res.stats.aux_loss).backward()
+    assert c.total == 0, c.report()  # the fused CPU experts take the static counts
