@@ -83,7 +83,7 @@ class FixedRouter(nn.Module):
         self.register_buffer("proj_CE", torch.randn(dim, num_experts, generator=g))
         self.k = k
 
-    def forward(self, pooled_NC: torch.Tensor) -> RoutingDecision:
+    def forward(self, pooled_NC: torch.Tensor, capacity: int | None = None) -> RoutingDecision:
         logits_NE = pooled_NC.float() @ self.proj_CE
         probs_NE = logits_NE.softmax(-1)
         w_NK, ids_NK = probs_NE.topk(self.k, dim=-1)
