@@ -36,6 +36,7 @@ def device_capability(device: torch.device) -> tuple[int, int]:
     return tuple(torch.cuda.get_device_capability(device))  # type: ignore[return-value]
 
 
+@torch.compiler.assume_constant_result  # inside a torch.compile trace: run once, its answer a constant
 @functools.lru_cache(maxsize=None)
 def _grouped_mm_runs(device_type: str, device_index: int | None, dtype: torch.dtype) -> bool:
     """One tiny forward+backward of ``torch._grouped_mm`` on this device and dtype.

@@ -20,7 +20,10 @@ class StageTimer(Protocol):
 
 
 def profiler_range(label: str) -> AbstractContextManager:
-    """The range ``label`` in a torch.profiler trace while one records; else nothing."""
+    """The range ``label`` in a torch.profiler trace while one records; else nothing (and nothing
+    inside a torch.compile trace, where the compiled graph is what the profiler sees)."""
+    if torch.compiler.is_compiling():
+        return nullcontext()
     if torch.autograd._profiler_enabled():
         return torch.profiler.record_function(label)
     return nullcontext()

@@ -16,8 +16,7 @@ the FFN experts, see moe/fused_ffn.py).
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -40,6 +39,7 @@ class ExpertBatch:
     row_expert: torch.Tensor  # [T] int64 expert of each row
     row_pos: torch.Tensor  # [T] int64 position of each row inside its expert's block
     host_counts: tuple | None = None  # [E] the counts on the host, when the caller has them
+    _read: dict = field(default_factory=dict, compare=False, repr=False)  # max_count once read from the device
 
     @staticmethod
     def from_counts(counts_E: torch.Tensor, repeat: int = 1, total: int | None = None,
@@ -57,12 +57,17 @@ class ExpertBatch:
         row_pos = torch.arange(total, device=device) - starts[row_expert]
         return ExpertBatch(counts, torch.cumsum(counts, 0).int(), row_expert, row_pos, host)
 
-    @functools.cached_property
+    @property
     def max_count(self) -> int:
-        """M, the largest count (bmm padding): a host read unless the counts are on the host."""
+        """M, the largest count (bmm padding): a host read (once) unless the counts are on the host.
+        (Not a functools.cached_property: its lock stops torch.compile.)"""
         if self.counts.shape[0] == 0:
             return 0
-        return max(self.host_counts) if self.host_counts is not None else int(self.counts.max())
+        if self.host_counts is not None:
+            return max(self.host_counts)
+        if "max" not in self._read:
+            self._read["max"] = int(self.counts.max())
+        return self._read["max"]
 
     @property
     def num_rows(self) -> int:
