@@ -22,7 +22,6 @@ import torch.nn as nn
 from deepspeed.moe.layer import MoE as _DeepSpeedMoEBase
 
 from moe import HierarchicalFusion, HierarchicalMoE, MoEOutput, PatchMoE
-from moe.hierarchical import OneStage
 from parallel.ds_names import EXPERTS_KEY, PER_EXPERT_KEY
 from parallel.groups import ExpertGroup, ParallelGroups
 
@@ -93,12 +92,14 @@ def _stack_expert_entries(module, state_dict, prefix, local_metadata, strict, mi
         state_dict[f"{prefix}{EXPERTS_KEY}{name}"] = torch.stack([per_expert[i] for i in ids])
 
 
-def shard_moe_layers(model: nn.Module, groups: ParallelGroups, counter=None, timer=None) -> list[DeepSpeedMoE]:
+def shard_moe_layers(model: nn.Module, groups: ParallelGroups, counter=None, timer=None,
+                     transport=None) -> list[DeepSpeedMoE]:
     """Replace every :class:`PatchMoE` / :class:`HierarchicalMoE` / :class:`HierarchicalFusion` in ``model`` by
     its expert-parallel, DeepSpeed-registered version: same routers and config, this rank's slice of the
     experts, an all-to-all dispatcher over ``groups.ep_group`` (local when ep_size is 1) and ``timer`` (the
-    layer's and its dispatcher's: dispatch and combine timed in steps).
-    A layer whose expert count differs from ``groups.num_experts`` (the head fusion's) is sharded
+    layer's and its dispatcher's: dispatch and combine timed in steps). A :class:`HierarchicalMoE` moves
+    its patches as ``transport`` says (parallel/transport.py: flat one-stage, the default, or node-local
+    two-stage). A layer whose expert count differs from ``groups.num_experts`` (the head fusion's) is sharded
     over the same ranks by its own count.
 
     Sharded construction: build ``model`` inside ``moe.experts.experts_on_meta()`` (the same seed on
@@ -111,7 +112,7 @@ def shard_moe_layers(model: nn.Module, groups: ParallelGroups, counter=None, tim
              if isinstance(m, (PatchMoE, HierarchicalMoE, HierarchicalFusion))]
     out = []
     for name, full in found:
-        wrapped = DeepSpeedMoE(_shard(name, full, groups, counter, timer), groups)
+        wrapped = DeepSpeedMoE(_shard(name, full, groups, counter, timer, transport), groups)
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, wrapped)
@@ -123,9 +124,10 @@ def shard_moe_layers(model: nn.Module, groups: ParallelGroups, counter=None, tim
     return out
 
 
-def _shard(name: str, full, groups: ParallelGroups, counter, timer):
+def _shard(name: str, full, groups: ParallelGroups, counter, timer, transport):
     """This rank's shard of layer ``full``: its own experts built here, everything else copied."""
     from parallel.dispatcher import build_dispatcher
+    from parallel.transport import FLAT, hierarchical_dispatcher
 
     e = _num_experts(full)
     if not isinstance(full, HierarchicalFusion) and e != groups.num_experts:
@@ -136,8 +138,8 @@ def _shard(name: str, full, groups: ParallelGroups, counter, timer):
     if isinstance(full, HierarchicalFusion):  # the head is not stage-timed
         layer = HierarchicalFusion(full.cfg, dispatcher=build_dispatcher(ep, counter), expert_seed=seed)
     elif isinstance(full, HierarchicalMoE):
-        layer = HierarchicalMoE(full.cfg, dispatcher=OneStage(build_dispatcher(ep, counter, timer), e), timer=timer,
-                                expert_seed=seed)
+        disp = hierarchical_dispatcher(transport or FLAT, full.cfg, ep, counter, timer)
+        layer = HierarchicalMoE(full.cfg, dispatcher=disp, timer=timer, expert_seed=seed)
     else:
         layer = PatchMoE(full.cfg, dispatcher=build_dispatcher(ep, counter, timer), timer=timer, expert_seed=seed)
     with torch.no_grad():

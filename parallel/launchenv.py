@@ -46,6 +46,20 @@ def launcher_vars(environ: Mapping[str, str] | None = None) -> list[str]:
     return [v for v in LAUNCHER_VARS if v in env]
 
 
+def node_size(world_size: int, environ: Mapping[str, str] | None = None) -> int:
+    """Ranks per node: ``LOCAL_WORLD_SIZE`` as torchrun, the deepspeed launcher and accelerate set it
+    (parallel/dist.py sets it under mpirun from the hosts' names); without it, one node of
+    ``world_size`` ranks (a single process, or a launcher that does not say)."""
+    env = os.environ if environ is None else environ
+    raw = env.get("LOCAL_WORLD_SIZE", "").strip()
+    if not raw:
+        return world_size
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"LOCAL_WORLD_SIZE={raw!r} (set by the launcher) must be a whole number >= 1 "
+                         "(the processes on this node)")
+    return int(raw)
+
+
 def torchrun_command(nproc_per_node: int | str, target: Sequence[str], *, python: str | None = None,
                      nnodes: int | str = 1, node_rank: int | None = None, rdzv_endpoint: str | None = None,
                      rdzv_id: str | None = None, options: Sequence[str] = (),

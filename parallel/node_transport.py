@@ -35,6 +35,16 @@ from parallel.dispatcher import AllToAllDispatcher, AllToAllMeta
 from parallel.groups import ExpertGroup
 
 
+def group_nodes(group_sizes: Sequence[int], experts_per_node: int) -> list[list[int]]:
+    """The nodes holding each group's experts under grouped placement (nodes of ``experts_per_node``
+    consecutive expert ids): one node per group is what the two-stage transport needs."""
+    out, offset = [], 0
+    for f_g in group_sizes:
+        out.append(sorted({(offset + f) // experts_per_node for f in range(f_g)}))
+        offset += f_g
+    return out
+
+
 def build_node_groups(ep_group, node_size: int):
     """Every rank calls this in the same order: one process group per node-sized chunk of every
     EP group. Returns this rank's node group. (EP groups are consecutive global ranks.)"""
@@ -93,17 +103,15 @@ class NodeTransport:
         per_node = ep.num_local_experts * node_size
         self.num_node_experts = per_node
         self.group_node = []
-        offset = 0
-        for g, f_g in enumerate(sizes):
-            nodes = {(offset + f) // per_node for f in range(f_g)}
+        for g, nodes in enumerate(group_nodes(sizes, per_node)):
             if len(nodes) != 1:
+                offset = sum(sizes[:g])
                 raise ValueError(
-                    f"group {g}'s {f_g} experts (ids {offset}..{offset + f_g - 1}) span nodes {sorted(nodes)} "
+                    f"group {g}'s {sizes[g]} experts (ids {offset}..{offset + sizes[g] - 1}) span nodes {nodes} "
                     f"(node = {node_size} ranks x {ep.num_local_experts} experts = {per_node}): the two-stage "
                     f"transport needs every group on one node; choose experts_per_group={sizes} so that the "
                     f"groups' cumulative sizes fall on multiples of {per_node}, or use the one-stage dispatch")
-            self.group_node.append(nodes.pop())
-            offset += f_g
+            self.group_node.append(nodes[0])
         self.first_node_expert = ep.rank // node_size * per_node
         self.coarse_counter = coarse_counter if coarse_counter is not None else CommCounter(node_size=node_size)
         self.fine_counter = fine_counter if fine_counter is not None else CommCounter(node_size=node_size)
@@ -145,7 +153,8 @@ class NodeTransport:
         live = torch.ones_like(dest, dtype=torch.bool)
         plan = plan_dispatch(RoutingDecision(dest, live.float(), live, None, None, all_live=True), ep.size, None)
         counts = plan.counts.to(ep.device)
-        recv_counts = exchange(counts, [1] * ep.size, [1] * ep.size, ep.group)
+        recv_counts = exchange(counts, [1] * ep.size, [1] * ep.size, ep.group,
+                               "all-to-all of per-rank row counts (node transport, stage 1)", host_reads=True)
         send, recv = counts.tolist(), recv_counts.tolist()
         rows = units_NLC[plan.unit_of_row].reshape(-1, l * c)
         y = all_to_all_rows(rows, send, recv, ep.group, self.coarse_counter, ep.rank, ep.ranks)

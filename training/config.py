@@ -33,6 +33,13 @@ class TrainConfig:
     W ranks uses the largest P <= ep_size that divides both W and the expert count (ep_size=4, 4
     experts: EP=4 on 4 or 8 ranks, EP=2 on 2 or 6, EP=1 on 1 or 3). ``--resume`` at another EP size
     reshards the checkpoint on load, at every ZeRO stage (training/checkpoint/elastic.py).
+
+    ``transport`` (parallel/transport.py): how HierarchicalMoE blocks move patches between ranks.
+    "flat" sends every (group, fine expert) slot straight to its expert's rank; "node_local" (with
+    ``model.hierarchical.placement: grouped``) sends a patch once per coarse slot to the node holding
+    its group and does the fine-level exchange inside that node. Nodes: the launcher's
+    LOCAL_WORLD_SIZE ranks each; ``train.ep_size`` must be whole nodes and every group must sit on
+    one node (checked at start-up).
     """
 
     steps: int = 600
@@ -47,6 +54,7 @@ class TrainConfig:
     triplet_weight: float = 1.0
     ep_size: int = 1
     elastic_ep: bool = False  # ep_size is the largest EP size; the run's follows its world size (ep_size_for)
+    transport: Literal["flat", "node_local"] = "flat"  # hierarchical blocks' exchange (parallel/transport.py)
     zero_stage: int = 0
     grad_clip: float = 1.0
     precision: Literal["fp32", "bf16"] = "fp32"
@@ -170,6 +178,17 @@ class RunConfig:
             problem = expert_sharding_error(num_experts, self.train.ep_size, experts_field=experts_field,
                                             ep_field="train.ep_size")
             require(problem is None, str(problem))
+        if self.train.transport == "node_local":
+            m = self.model
+            require(m.moe_kind == "hierarchical",
+                    f"train.transport='node_local' moves the patches of HierarchicalMoE blocks, but model.moe_kind="
+                    f"{m.moe_kind!r}: set model.moe_kind=hierarchical (with model.hierarchical.placement=grouped), "
+                    "or train.transport=flat")
+            placement = m.hierarchical_config().placement
+            require(placement == "grouped",
+                    f"train.transport='node_local' needs each group's experts on one node, but "
+                    f"model.hierarchical.placement={placement!r} interleaves them over the ranks: set "
+                    "model.hierarchical.placement=grouped, or train.transport=flat")
 
     @property
     def run_dir(self) -> str:

@@ -121,6 +121,14 @@ def preflight(req: TrainRequest, world_size: int) -> RunConfig:
                                         ep_field="train.ep_size")
         if problem:
             raise ConfigError(problem)
+    if cfg.train.transport == "node_local":  # this launch's node: LOCAL_WORLD_SIZE, else all world_size ranks
+        from parallel.launchenv import node_size
+        from parallel.transport import TransportError, node_local_problem
+
+        problem = node_local_problem(ep_size=ep_size, node_size=node_size(world_size), world_size=world_size,
+                                     group_sizes=cfg.model.hierarchical_config().group_sizes)
+        if problem:
+            raise TransportError(problem)
     if cfg.data.source == "synth":
         synth_needs_writing(cfg.data.path, cfg.data.synth_spec())  # garbage metadata, a folder not msmoe's
     elif read_meta(cfg.data.path) is None:  # garbage metadata raises here

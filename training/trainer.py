@@ -25,11 +25,13 @@ import torch.distributed as dist
 from common import compat
 from moe.experts import experts_on_meta
 from moe.timing import WallTimer
-from parallel.all_to_all import CommCounter, collective
+from parallel.all_to_all import collective
 from parallel.dist import WorldInfo
 from parallel.ds_moe import shard_moe_layers
 from parallel.engine import build_engine, sync_batchnorm_stats
 from parallel.groups import ParallelGroups
+from parallel.launchenv import node_size
+from parallel.transport import Transport
 from reid.data import Batch, PKSampler, check_image_size, dataset_summary, load_splits
 from reid.losses import LossParts, reid_loss
 from reid.model import ReIDModel
@@ -101,11 +103,13 @@ class Trainer:
         cfg, tc = self.cfg, self.cfg.train
         self.groups = ParallelGroups.build(tc.ep_size_for(self.world_size, cfg.model.experts_gcd),
                                            cfg.model.num_experts, timeout_s=tc.collective_timeout_s)
-        self.timer, self.comm = WallTimer(), CommCounter()
+        # the hierarchical blocks' transport and the nodes, once, beside the groups (parallel/transport.py)
+        self.transport = Transport.build(tc.transport, self.groups, node_size(self.world_size), self.world.local_rank)
+        self.timer, self.comm = WallTimer(), self.transport.counter()  # cross-node bytes counted with its nodes
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank, for every EP size
         with experts_on_meta():  # sharded construction: each rank builds only its own experts
             model = ReIDModel(cfg.model, num_classes=self.num_classes)
-        self.moe_layers = shard_moe_layers(model, self.groups, self.comm, self.timer)
+        self.moe_layers = shard_moe_layers(model, self.groups, self.comm, self.timer, self.transport)
         self.moe_engine = build_engine(
             model.to(self.device), self.groups, tc.deepspeed_config(self.world_size),
             lambda groups: torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay),
@@ -252,4 +256,5 @@ class Trainer:
         return TrainedRun(cfg=self.cfg, world=self.world, ep_size=self.groups.ep_size, steps=self.step,
                           progress=self.metrics.progress, skipped_steps=self.bad_steps.skipped,
                           collapse_events=self.metrics.collapse.events, a2a_per_step=self.a2a_per_step,
+                          transport=self.transport.kind, nodes=self.transport.nodes,
                           data_summary=self.data_summary)

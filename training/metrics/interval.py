@@ -16,6 +16,15 @@ class Span:
     def __init__(self, step: int, t0: float, comm: CommCounter) -> None:
         self.step, self.t0 = step, t0
         self.a2a_total, self.a2a_offrank = comm.total_bytes, comm.offrank_bytes
+        self.a2a_cross_node = comm.cross_node_bytes
+
+    def a2a_bytes(self, comm: CommCounter) -> dict:
+        """The bytes ``comm`` counted since this span began: total, offrank and, where the counter
+        knows the nodes, cross_node."""
+        out = {"total": comm.total_bytes - self.a2a_total, "offrank": comm.offrank_bytes - self.a2a_offrank}
+        if comm.node_size:
+            out["cross_node"] = comm.cross_node_bytes - self.a2a_cross_node
+        return out
 
 
 class IntervalStats:
@@ -80,7 +89,8 @@ def interval_record(*, step: int, result: StepResult, lr: float, seconds: float,
     expert_load   per MoE layer: each expert's share of the interval's routed patches (all ranks)
     dropped_fraction  per MoE layer: the interval's mean share of routed patches over capacity
     active_experts    mean experts per patch (mean over layers, steps and ranks)
-    a2a_bytes_per_step  rank 0's all-to-all payload bytes per step over the interval (total, offrank)
+    a2a_bytes_per_step  rank 0's all-to-all payload bytes per step over the interval (total, offrank and,
+                  when the nodes are known, cross_node: sent to a rank of another node)
     """
     per_step = seconds / max(steps, 1)
     return {
@@ -99,7 +109,11 @@ def interval_record(*, step: int, result: StepResult, lr: float, seconds: float,
 
 
 def a2a_per_step(comm, steps: int) -> dict:
-    """All-to-all bytes and calls per step, from a CommCounter that counted ``steps`` steps."""
-    return {"total": comm.total_bytes / steps, "offrank": comm.offrank_bytes / steps,
-            "forward": comm.by_direction["forward"] / steps, "backward": comm.by_direction["backward"] / steps,
-            "calls": comm.calls / steps}
+    """All-to-all bytes and calls per step, from a CommCounter that counted ``steps`` steps; with
+    ``cross_node`` (bytes sent to a rank of another node) when the counter knows the nodes."""
+    out = {"total": comm.total_bytes / steps, "offrank": comm.offrank_bytes / steps,
+           "forward": comm.by_direction["forward"] / steps, "backward": comm.by_direction["backward"] / steps,
+           "calls": comm.calls / steps}
+    if comm.node_size:
+        out["cross_node"] = comm.cross_node_bytes / steps
+    return out

@@ -117,8 +117,7 @@ class MetricsProcessor:
             steps=step - span.step, total_steps=tc.steps, samples_per_step=tc.p * tc.k,
             stages_s=self.last_stages,
             layer_names=self.layer_names, load=got["load"], dropped=got["dropped"], active=got["active"],
-            a2a_bytes={"total": self.comm.total_bytes - span.a2a_total,
-                       "offrank": self.comm.offrank_bytes - span.a2a_offrank})
+            a2a_bytes=span.a2a_bytes(self.comm))
 
     def _add_history(self, step: int, got: dict) -> None:
         """An interval's reduced statistics into the history; collapse warnings (said by rank 0)."""

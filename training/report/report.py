@@ -246,7 +246,20 @@ def _training(summary: dict) -> list[str]:
         lines += ["", f"All-to-all payload per step: {a2a['total'] / 1e6:.3f} MB handed to all-to-all "
                       f"({a2a['offrank'] / 1e6:.3f} MB left the rank; forward {a2a['forward'] / 1e6:.3f} MB, "
                       f"backward {a2a['backward'] / 1e6:.3f} MB)."]
+    lines += _transport_line(summary)
     return lines + ["", "![step time](step_time.png)", ""]
+
+
+def _transport_line(summary: dict) -> list[str]:
+    """One line: the hierarchical blocks' transport, the nodes, and rank 0's cross-node bytes per step."""
+    a2a, nodes = summary.get("a2a_bytes_per_step") or {}, summary.get("nodes")
+    if "transport" not in summary:  # a summary written before train.transport existed
+        return []
+    where = (f"{nodes} node(s) x {summary['world_size'] // nodes} rank(s)" if nodes else
+             "ranks not numbered node by node (nodes unknown)")
+    cross = (f"; cross-node all-to-all payload per step {a2a['cross_node'] / 1e6:.3f} MB (rank 0's sends to "
+             "ranks of other nodes)" if "cross_node" in a2a else "")
+    return ["", f"Transport: {summary['transport']} ({where}){cross}."]
 
 
 def _expert_load(summary: dict) -> list[str]:

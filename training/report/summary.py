@@ -32,6 +32,8 @@ class TrainedRun:
     collapse_events: list
     a2a_per_step: dict  # empty when no step ran in this process (a resume that only reports)
     data_summary: dict
+    transport: str = "flat"  # the hierarchical blocks' exchange (train.transport, parallel/transport.py)
+    nodes: int | None = None  # nodes of LOCAL_WORLD_SIZE ranks (None: not numbered node by node)
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,8 @@ def build_summary(run: TrainedRun, final: FinalEvaluation) -> dict:
         "final_loss": h.loss[-1] if h.loss else None,
         "samples_per_s": progress.samples_per_s(tc.p * tc.k),
         "world_size": run.world.world_size,
+        "nodes": run.nodes,
+        "transport": run.transport,
         "threads_per_rank": torch.get_num_threads(),
         "ep_size": run.ep_size,
         "num_experts": cfg.model.num_experts,
