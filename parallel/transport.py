@@ -148,8 +148,8 @@ def hierarchical_dispatcher(transport: Transport, cfg: HierarchicalMoEConfig, ep
     if cfg.placement != "grouped":
         raise TransportError(f"{FIELD}=node_local needs model.hierarchical.placement='grouped' (got "
                              f"{cfg.placement!r}): set it, or {FIELD}=flat")
-    problem = node_local_problem(ep_size=ep.size, node_size=transport.node_size, world_size=dist.get_world_size(),
-                                 group_sizes=cfg.group_sizes)
+    problem = node_local_problem(ep_size=ep.size, node_size=transport.node_size,
+                                 world_size=transport.nodes * transport.node_size, group_sizes=cfg.group_sizes)
     if problem:
         raise TransportError(problem)
     return NodeTransport(cfg.group_sizes, ep, transport.node_group, transport.node_size, counter, counter)

@@ -120,7 +120,17 @@ def run_command(cmd, out_dir, nproc, timeout=400, env=None):
 
 
 def run_parallel(cmds, out_dir, nproc, timeout=400, envs=None):
-    """Start several agents at once (multi-node on one machine); all must succeed."""
+    """Start several agents at once (multi-node on one machine); all must succeed. Returns the per-rank
+    reports."""
+    run_agents(cmds, timeout, envs)
+    files = sorted(glob.glob(os.path.join(out_dir, "rank*.json")))
+    assert len(files) == nproc, f"expected {nproc} rank reports, found {files}"
+    return [json.load(open(f)) for f in files]
+
+
+def run_agents(cmds, timeout=400, envs=None) -> list[str]:
+    """Start several agents at once (multi-node on one machine, e.g. torchrun --nnodes 2 with
+    ``--node_rank`` 0 and 1); all must succeed. Returns each agent's output (stdout and stderr)."""
     envs = envs or [{}] * len(cmds)
     procs = []
     for cmd, env in zip(cmds, envs):
@@ -138,9 +148,7 @@ def run_parallel(cmds, out_dir, nproc, timeout=400, envs=None):
     for p, out in zip(procs, outs):
         if p.returncode != 0:
             raise AssertionError(f"agent failed ({p.returncode}):\n{out[-5000:]}")
-    files = sorted(glob.glob(os.path.join(out_dir, "rank*.json")))
-    assert len(files) == nproc, f"expected {nproc} rank reports, found {files}"
-    return [json.load(open(f)) for f in files]
+    return outs
 
 
 # ---- hand-made records
