@@ -19,7 +19,7 @@ import os
 import pytest
 
 from parallel.launchenv import torchrun_command
-from tests.helpers import ROOT, TINY_DATA, free_port, run_parallel, worker
+from tests.helpers import TINY_DATA, free_port, run_agents, run_parallel, worker
 
 LOSS_RTOL = 1e-5
 WEIGHT_ATOL = 1e-5
@@ -62,3 +62,38 @@ def test_node_local_trains_as_flat_with_fewer_cross_node_bytes(tmp_path):
     assert reports[0]["runs"]["node_local"]["cross_node"] < reports[0]["runs"]["flat"]["cross_node"]
     world = [reports[0]["runs"][k]["cross_node_world"] for k in ("flat", "node_local")]
     assert world[0] == 2 * world[1], world  # exactly Kf times fewer, summed over the ranks
+
+
+# tiny sizes on configs/hierarchical.yaml; 12 experts in groups 6,3,3: 3 per rank at EP=4, 6 per node,
+# so group 0 sits on node 0 and groups 1, 2 on node 1
+TINY_HIER = ("model.dim=32", "model.stem_stride=4", "model.depth=2", "model.moe_blocks=[1]",
+             "model.patch_moe.expert.hidden_dim=64", "model.hierarchical.experts_per_group=[6,3,3]",
+             "model.hierarchical.fine.num_experts=6", "train.ep_size=4", "train.p=8", "train.k=2", "train.steps=4",
+             "train.warmup_steps=1", "train.log_every=2", "train.ckpt_every=100", "eval.untrained=false",
+             "eval.missing_modalities=false")
+
+
+@pytest.mark.slow
+def test_msmoe_train_on_two_nodes_flat_vs_node_local(tmp_path):
+    summaries, reports = {}, {}
+    for kind in ("flat", "node_local"):
+        name = f"two-nodes-{kind}"
+        args = ["-m", "launcher.cli", "train", "--config", "configs/hierarchical.yaml", "--no-progress",
+                f"name={name}", f"out_dir={tmp_path}/runs", f"data.path={tmp_path}/data", f"data.synth={TINY_DATA}",
+                *TINY_HIER, f"train.transport={kind}"]
+        run_agents(_agents(args, name), timeout=300, envs=[{"MSMOE_REPORT_PLOTS": "0"}] * 2)
+        run_dir = os.path.join(tmp_path, "runs", name)
+        with open(os.path.join(run_dir, "summary.json")) as fh:
+            summaries[kind] = json.load(fh)
+        with open(os.path.join(run_dir, "report.md")) as fh:
+            reports[kind] = fh.read()
+    flat, local = summaries["flat"], summaries["node_local"]
+    for kind, s in summaries.items():
+        assert s["nodes"] == 2 and s["world_size"] == 4 and s["ep_size"] == 4 and s["transport"] == kind
+        assert len(s["loss_history"]) == 4
+        mb = s["a2a_bytes_per_step"]["cross_node"] / 1e6
+        assert f"Transport: {kind} (2 node(s) x 2 rank(s)); cross-node all-to-all payload per step {mb:.3f} MB" \
+            in reports[kind]
+    _close(flat["loss_history"], local["loss_history"])
+    assert 0 < local["a2a_bytes_per_step"]["cross_node"] < flat["a2a_bytes_per_step"]["cross_node"]
+    assert flat["expert_load"]["block1"]["whole_run"] == local["expert_load"]["block1"]["whole_run"]
