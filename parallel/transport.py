@@ -79,7 +79,7 @@ def layout_problem(node_sizes: Sequence[int], local_ranks: Sequence[int]) -> str
         for r, n in enumerate(node_sizes):
             by_size.setdefault(n, []).append(r)
         return (f"{FIELD}=node_local needs nodes of equal size, but the ranks' LOCAL_WORLD_SIZE differ "
-                f"({', '.join(f'{n} on ranks {rs}' for n, rs in sorted(by_size.items()))}): start the same number "
+                f"({', '.join(f'{n} on ranks {rs}' for n, rs in by_size.items())}): start the same number "
                 f"of processes on every node (torchrun --nproc-per-node), or set {FIELD}=flat")
     n = node_sizes[0]
     wrong = [r for r, lr in enumerate(local_ranks) if r % n != lr]

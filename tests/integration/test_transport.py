@@ -5,7 +5,8 @@ of 2 processes: two real torchrun agents on loopback with a c10d rendezvous (LOC
     the same with node_local as with flat: losses and final weights within the bounds below; fewer
     bytes cross the node boundary; the refusals of this layout are named;
   * `msmoe train` of configs/hierarchical.yaml (tiny) at EP=4, flat and node_local: the same losses,
-    summary.json's nodes, world_size, transport and a2a_bytes_per_step.cross_node (node_local < flat).
+    summary.json's nodes, world_size, transport and a2a_bytes_per_step.cross_node (node_local < flat);
+  * `msmoe train --nproc 2` refuses a node_local run it cannot serve before any worker starts (exit 2).
 
 Bounds (fp32; the two transports sum a patch's K = Kc x Kf expert outputs in another order:
 fine-weighted on the group's node first, then coarse-weighted on the sender):
@@ -19,7 +20,7 @@ import os
 import pytest
 
 from parallel.launchenv import torchrun_command
-from tests.helpers import TINY_DATA, free_port, run_agents, run_parallel, worker
+from tests.helpers import TINY_DATA, free_port, run_agents, run_cli, run_parallel, worker
 
 LOSS_RTOL = 1e-5
 WEIGHT_ATOL = 1e-5
@@ -97,3 +98,14 @@ def test_msmoe_train_on_two_nodes_flat_vs_node_local(tmp_path):
     _close(flat["loss_history"], local["loss_history"])
     assert 0 < local["a2a_bytes_per_step"]["cross_node"] < flat["a2a_bytes_per_step"]["cross_node"]
     assert flat["expert_load"]["block1"]["whole_run"] == local["expert_load"]["block1"]["whole_run"]
+
+
+def test_msmoe_train_refuses_node_local_before_the_workers_start(tmp_path):
+    """--nproc 2 is one node of 2 ranks: EP=1 keeps every exchange on its rank, not whole nodes."""
+    proc = run_cli("train", "--config", "configs/hierarchical.yaml", "--nproc", "2", f"out_dir={tmp_path}/runs",
+                   f"data.path={tmp_path}/data", "train.ep_size=1", "train.transport=node_local",
+                   env={"LOCAL_WORLD_SIZE": None}, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "train.transport=node_local needs every expert-parallel group to be whole nodes, but train.ep_size=1 " \
+           "is not a multiple of the node size 2" in proc.stderr
+    assert "Traceback" not in proc.stderr and not os.path.exists(os.path.join(tmp_path, "runs"))

@@ -3,7 +3,9 @@
 import os
 import sys
 
-from parallel.launchenv import discover_launcher, launcher_vars, torchrun_command, with_on_path
+import pytest
+
+from parallel.launchenv import discover_launcher, launcher_vars, node_size, torchrun_command, with_on_path
 
 
 def test_standalone_and_rendezvous_command_lines():
@@ -28,3 +30,10 @@ def test_with_on_path_puts_the_folder_first_and_keeps_the_callers_entries():
     env = with_on_path("/proj", {"PYTHONPATH": f"/tmp/msmoe-site{os.pathsep}{os.pathsep}/proj", "X": "1"})
     assert env == {"PYTHONPATH": f"/proj{os.pathsep}/tmp/msmoe-site", "X": "1"}
     assert with_on_path("/proj", {})["PYTHONPATH"] == "/proj"
+
+
+def test_node_size_is_the_launchers_local_world_size_else_one_node():
+    assert node_size(4, {"LOCAL_WORLD_SIZE": "2"}) == 2
+    assert node_size(1, {}) == 1 and node_size(4, {"LOCAL_WORLD_SIZE": " "}) == 4
+    with pytest.raises(ValueError, match=r"LOCAL_WORLD_SIZE='two' \(set by the launcher\) must be a whole number"):
+        node_size(4, {"LOCAL_WORLD_SIZE": "two"})

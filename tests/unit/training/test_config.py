@@ -112,3 +112,17 @@ def test_a_float_count_is_refused_where_an_int_one_passes():
                        "model.patch_moe.router.k_max=null"])
     assert cfg.train.steps == 6 and cfg.train.elastic_ep is True
     assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)  # an int is widened where a float is declared
+
+
+def test_node_local_transport_is_for_grouped_hierarchical_blocks():
+    hier = os.path.join(ROOT, "configs/hierarchical.yaml")
+    assert load_config(hier).train.transport == "flat"
+    assert load_config(hier, ["train.transport=node_local"]).train.transport == "node_local"
+    with pytest.raises(ConfigError, match=r"train.transport='node_local' moves the patches of HierarchicalMoE "
+                                          r"blocks, but model.moe_kind='patch': set model.moe_kind=hierarchical"):
+        load_config(os.path.join(ROOT, "configs/tiny.yaml"), ["train.transport=node_local"])
+    with pytest.raises(ConfigError, match=r"model.hierarchical.placement='spread' interleaves them over the ranks: "
+                                          r"set model.hierarchical.placement=grouped, or train.transport=flat"):
+        load_config(hier, ["train.transport=node_local", "model.hierarchical.placement=spread"])
+    with pytest.raises(ConfigError, match=r"train.transport='ring' is not one of the allowed values"):
+        load_config(hier, ["train.transport=ring"])

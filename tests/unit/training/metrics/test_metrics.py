@@ -5,7 +5,7 @@ import torch
 
 from moe.timing import WallTimer
 from training.metrics.clock import StageClock
-from training.metrics.interval import a2a_per_step
+from training.metrics.interval import Span, a2a_per_step
 from training.metrics.records import RunProgress, StepResult
 from parallel.all_to_all import CommCounter
 
@@ -48,3 +48,8 @@ def test_all_to_all_bytes_per_step():
     c.record(torch.zeros(4, 3), [2, 2], 1, "backward")
     assert a2a_per_step(c, 2) == {"total": 96 / 2, "offrank": (36 + 24) / 2, "forward": 24.0, "backward": 24.0,
                                   "calls": 1.0}
+    nodes = CommCounter(node_size=2)  # ranks 0, 1 on node 0; 2, 3 on node 1
+    span = Span(0, 0.0, nodes)
+    nodes.record(torch.zeros(4, 3), [1, 0, 2, 1], 0, "forward", [0, 1, 2, 3])
+    assert a2a_per_step(nodes, 1)["cross_node"] == 3 * 12 and span.a2a_bytes(nodes)["cross_node"] == 3 * 12
+    assert "cross_node" not in a2a_per_step(c, 2) and "cross_node" not in Span(0, 0.0, c).a2a_bytes(c)
