@@ -39,7 +39,8 @@ class TrainConfig:
     ``model.hierarchical.placement: grouped``) sends a patch once per coarse slot to the node holding
     its group and does the fine-level exchange inside that node. Nodes: the launcher's
     LOCAL_WORLD_SIZE ranks each; ``train.ep_size`` must be whole nodes and every group must sit on
-    one node (checked at start-up).
+    one node (checked at start-up); with ``elastic_ep`` the EP size is one that fits so where there
+    is one (RunConfig.ep_size_at).
     """
 
     steps: int = 600
@@ -108,11 +109,13 @@ class TrainConfig:
         require(isinstance(self.wandb_project, str),
                 f"train.wandb_project={self.wandb_project!r} must be a project name (text), or empty for no W&B")
 
-    def ep_size_for(self, world_size: int, num_experts: int) -> int:
+    def ep_size_for(self, world_size: int, num_experts: int, fits=None) -> int:
         """The EP size of a run of ``world_size`` ranks (see the class docstring); ``num_experts``: a
-        count every expert-parallel layer's expert count is a multiple of (their gcd)."""
+        count every expert-parallel layer's expert count is a multiple of (their gcd). ``fits(p)``:
+        with elastic_ep, prefer the EP sizes it accepts (RunConfig.ep_size_at: node_local's)."""
         if self.elastic_ep:
-            return max(p for p in range(1, self.ep_size + 1) if world_size % p == 0 and num_experts % p == 0)
+            sizes = [p for p in range(1, self.ep_size + 1) if world_size % p == 0 and num_experts % p == 0]
+            return max([p for p in sizes if fits(p)] if fits and any(fits(p) for p in sizes) else sizes)
         require(world_size % self.ep_size == 0,
                 f"world size {world_size} is not divisible by train.ep_size={self.ep_size}: choose train.ep_size in "
                 f"{[p for p in range(1, world_size + 1) if world_size % p == 0 and num_experts % p == 0]}, or set "
@@ -189,6 +192,22 @@ class RunConfig:
                     f"train.transport='node_local' needs each group's experts on one node, but "
                     f"model.hierarchical.placement={placement!r} interleaves them over the ranks: set "
                     "model.hierarchical.placement=grouped, or train.transport=flat")
+
+    def ep_size_at(self, world_size: int, node_size: int) -> int:
+        """The EP size of this run on ``world_size`` ranks in nodes of ``node_size`` (the launcher's
+        LOCAL_WORLD_SIZE): ``train.ep_size``, or with ``train.elastic_ep`` the largest that fits, and with
+        ``train.transport=node_local`` one that node-local transport can serve where there is one
+        (whole nodes, every hierarchical group on one node: parallel/transport.py)."""
+        tc, fits = self.train, None
+        if tc.transport == "node_local":
+            from parallel.transport import node_local_problem
+
+            sizes = self.model.hierarchical_config().group_sizes
+
+            def fits(p: int) -> bool:
+                return node_local_problem(ep_size=p, node_size=node_size, world_size=world_size,
+                                          group_sizes=sizes) is None
+        return tc.ep_size_for(world_size, self.model.experts_gcd, fits)
 
     @property
     def run_dir(self) -> str:

@@ -110,22 +110,23 @@ def preflight(req: TrainRequest, world_size: int) -> RunConfig:
     """What can be checked before any worker starts (``msmoe train --nproc N`` runs it in the
     launching process): the config, its sizes at this world size, the data, the run directory."""
     from moe.config import expert_sharding_error
+    from parallel.launchenv import node_size
     from reid.data import DataError, read_meta
     from reid.synth import synth_needs_writing
     from training import ownership
 
     cfg = load_config(req.config, list(req.overrides))
-    ep_size = cfg.train.ep_size_for(world_size, cfg.model.experts_gcd)  # train.elastic_ep may pick a smaller one
+    nodes_of = node_size(world_size)  # this launch's node: LOCAL_WORLD_SIZE, else all world_size ranks
+    ep_size = cfg.ep_size_at(world_size, nodes_of)  # train.elastic_ep may pick a smaller one
     for experts_field, num_experts in cfg.model.expert_layers.items():
         problem = expert_sharding_error(num_experts, ep_size, world_size, experts_field=experts_field,
                                         ep_field="train.ep_size")
         if problem:
             raise ConfigError(problem)
-    if cfg.train.transport == "node_local":  # this launch's node: LOCAL_WORLD_SIZE, else all world_size ranks
-        from parallel.launchenv import node_size
+    if cfg.train.transport == "node_local":
         from parallel.transport import TransportError, node_local_problem
 
-        problem = node_local_problem(ep_size=ep_size, node_size=node_size(world_size), world_size=world_size,
+        problem = node_local_problem(ep_size=ep_size, node_size=nodes_of, world_size=world_size,
                                      group_sizes=cfg.model.hierarchical_config().group_sizes)
         if problem:
             raise TransportError(problem)

@@ -101,7 +101,7 @@ class Trainer:
     def _build_model(self) -> None:
         """Process groups, the model with its MoE layers sharded over EP ranks, the DeepSpeed engine."""
         cfg, tc = self.cfg, self.cfg.train
-        self.groups = ParallelGroups.build(tc.ep_size_for(self.world_size, cfg.model.experts_gcd),
+        self.groups = ParallelGroups.build(cfg.ep_size_at(self.world_size, node_size(self.world_size)),
                                            cfg.model.num_experts, timeout_s=tc.collective_timeout_s)
         # the hierarchical blocks' transport and the nodes, once, beside the groups (parallel/transport.py)
         self.transport = Transport.build(tc.transport, self.groups, node_size(self.world_size), self.world.local_rank)

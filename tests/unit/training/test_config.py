@@ -126,3 +126,16 @@ def test_node_local_transport_is_for_grouped_hierarchical_blocks():
         load_config(hier, ["train.transport=node_local", "model.hierarchical.placement=spread"])
     with pytest.raises(ConfigError, match=r"train.transport='ring' is not one of the allowed values"):
         load_config(hier, ["train.transport=ring"])
+
+
+def test_an_elastic_node_local_run_takes_the_largest_ep_size_node_local_can_serve():
+    """Groups 6,3,3 (12 experts) on 3 nodes of 2 after losing one: EP=6 would split group 0 over two
+    nodes (4 experts per node), EP=2 keeps it whole; a flat run takes 6."""
+    hier = ["model.hierarchical.experts_per_group=[6,3,3]", "model.hierarchical.fine.num_experts=6",
+            "train.ep_size=12", "train.elastic_ep=true"]
+    path = os.path.join(ROOT, "configs/hierarchical.yaml")
+    assert load_config(path, hier).ep_size_at(6, 2) == 6
+    node_local = load_config(path, [*hier, "train.transport=node_local"])
+    assert node_local.ep_size_at(6, 2) == 2 and node_local.ep_size_at(8, 2) == 4
+    assert node_local.ep_size_at(3, 2) == 3  # none it can serve (3 ranks, nodes of 2): the usual rule, refused by name
+    assert load_config(path, ["train.ep_size=4", "train.transport=node_local"]).ep_size_at(4, 2) == 4  # not elastic
