@@ -155,7 +155,8 @@ class NodeTransport:
         counts = plan.counts.to(ep.device)
         recv_counts = exchange(counts, [1] * ep.size, [1] * ep.size, ep.group,
                                "all-to-all of per-rank row counts (node transport, stage 1)", host_reads=True)
-        send, recv = counts.tolist(), recv_counts.tolist()
+        host = torch.cat([counts, recv_counts]).tolist()  # this stage's one host read: both split lists
+        send, recv = host[:ep.size], host[ep.size:]
         rows = units_NLC[plan.unit_of_row].reshape(-1, l * c)
         y = all_to_all_rows(rows, send, recv, ep.group, self.coarse_counter, ep.rank, ep.ranks)
         w = all_to_all_rows(fine_w_NKcKf.reshape(n * kc, kf)[plan.slot_of_row], send, recv, ep.group,

@@ -1,13 +1,14 @@
 """Host syncs per training step, counted under torchrun on CPU (tests/dist/sync_count_check.py with
 gpucheck/host_syncs.py): within the budget of one per dispatching MoE layer and one per step
-(the counter and single layers: tests/unit/gpucheck/test_host_syncs.py)."""
+(the counter and single layers: tests/unit/gpucheck/test_host_syncs.py); the node-local transport's
+two all-to-alls read their split sizes once each."""
 
 import os
 import tempfile
 
 import pytest
 
-from tests.helpers import run_torchrun
+from tests.helpers import TINY_DATA, run_torchrun
 
 
 def _step_syncs(tmp, nproc, *overrides):
@@ -38,3 +39,18 @@ def test_training_step_syncs_expert_parallel_dynamic_k_within_budget():
                               "model.patch_moe.router.k_min=1")
     assert len(reports) == 2
     _assert_budget(reports)
+
+
+@pytest.mark.slow
+def test_training_step_syncs_node_local_transport_two_per_layer(tmp_path):
+    """train.transport=node_local: two dropless all-to-alls in a row, each with its split sizes read
+    once (stage 1 to the group's node, stage 2 inside it); one node of 2 ranks here (EP=2)."""
+    out = str(tmp_path / "out")
+    reports, _ = run_torchrun("sync_count_check.py", 2, [
+        "--config", "configs/hierarchical.yaml", f"data.path={tmp_path}/data", f"out_dir={tmp_path}/runs",
+        f"data.synth={TINY_DATA}", "model.dim=32", "model.stem_stride=4", "model.depth=2", "model.moe_blocks=[1]",
+        "train.p=8", "train.k=2", "train.ep_size=2", "train.transport=node_local"], out)
+    for r in reports:
+        assert r["moe_layers"] == 1 and max(r["per_step"]) == 2 * r["moe_layers"] + 1, (r["per_step"], r["sites"])
+        stage1 = sum(n for site, n in r["sites"].items() if site.startswith("parallel/node_transport.py:"))
+        assert stage1 == len(r["per_step"]), r["sites"]  # once per step
