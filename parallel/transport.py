@@ -148,6 +148,9 @@ def hierarchical_dispatcher(transport: Transport, cfg: HierarchicalMoEConfig, ep
     if cfg.placement != "grouped":
         raise TransportError(f"{FIELD}=node_local needs model.hierarchical.placement='grouped' (got "
                              f"{cfg.placement!r}): set it, or {FIELD}=flat")
+    if cfg.fine.choice != "token":
+        raise TransportError(f"{FIELD}=node_local needs model.hierarchical.fine.choice='token' (got "
+                             f"{cfg.fine.choice!r}: the fine experts pick from the whole batch): set it, or {FIELD}=flat")
     problem = node_local_problem(ep_size=ep.size, node_size=transport.node_size,
                                  world_size=transport.nodes * transport.node_size, group_sizes=cfg.group_sizes)
     if problem:

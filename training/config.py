@@ -187,11 +187,15 @@ class RunConfig:
                     f"train.transport='node_local' moves the patches of HierarchicalMoE blocks, but model.moe_kind="
                     f"{m.moe_kind!r}: set model.moe_kind=hierarchical (with model.hierarchical.placement=grouped), "
                     "or train.transport=flat")
-            placement = m.hierarchical_config().placement
-            require(placement == "grouped",
+            h = m.hierarchical_config()
+            require(h.placement == "grouped",
                     f"train.transport='node_local' needs each group's experts on one node, but "
-                    f"model.hierarchical.placement={placement!r} interleaves them over the ranks: set "
+                    f"model.hierarchical.placement={h.placement!r} interleaves them over the ranks: set "
                     "model.hierarchical.placement=grouped, or train.transport=flat")
+            require(h.fine.choice == "token",
+                    "train.transport='node_local' routes each patch's fine slots on its group's node, but "
+                    "model.hierarchical.fine.choice='expert' has the fine experts pick from the whole batch: set "
+                    "model.hierarchical.fine.choice=token, or train.transport=flat")
 
     def ep_size_at(self, world_size: int, node_size: int) -> int:
         """The EP size of this run on ``world_size`` ranks in nodes of ``node_size`` (the launcher's

@@ -2,6 +2,7 @@
 the dispatcher each transport gives a hierarchical layer. Its multi-process runs (two torchrun agents):
 tests/integration/test_transport.py."""
 
+import dataclasses
 import re
 
 import pytest
@@ -65,5 +66,9 @@ def test_each_transport_gives_a_hierarchical_layer_its_dispatcher():
         hierarchical_dispatcher(nodes, _cfg((3, 3, 2)), _ep(4, 8))
     with pytest.raises(TransportError, match=r"needs model.hierarchical.placement='grouped' \(got 'spread'\)"):
         hierarchical_dispatcher(nodes, _cfg(placement="spread"), _ep(4, 12))
+    expert_choice = dataclasses.replace(_cfg(), fine=RouterConfig(num_experts=6, top_k=2, choice="expert"),
+                                        capacity_factor=1.0)
+    with pytest.raises(TransportError, match=r"needs model.hierarchical.fine.choice='token' \(got 'expert'"):
+        hierarchical_dispatcher(nodes, expert_choice, _ep(4, 12))
     with pytest.raises(TransportError, match=r"train.transport='ring' must be one of \['flat', 'node_local'\]"):
         Transport.build("ring", None, 2, 0)

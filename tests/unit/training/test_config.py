@@ -124,6 +124,10 @@ def test_node_local_transport_is_for_grouped_hierarchical_blocks():
     with pytest.raises(ConfigError, match=r"model.hierarchical.placement='spread' interleaves them over the ranks: "
                                           r"set model.hierarchical.placement=grouped, or train.transport=flat"):
         load_config(hier, ["train.transport=node_local", "model.hierarchical.placement=spread"])
+    with pytest.raises(ConfigError, match=r"model.hierarchical.fine.choice='expert' has the fine experts pick from "
+                                          r"the whole batch: set model.hierarchical.fine.choice=token"):
+        load_config(hier, ["train.transport=node_local", "model.hierarchical.fine.choice=expert",
+                           "model.hierarchical.capacity_factor=1.0"])
     with pytest.raises(ConfigError, match=r"train.transport='ring' is not one of the allowed values"):
         load_config(hier, ["train.transport=ring"])
 
