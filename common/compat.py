@@ -21,7 +21,6 @@ Check on a machine:  python3 -c "import common.compat as c, torch; print(c.repor
 from __future__ import annotations
 
 import contextlib
-import functools
 from typing import Iterator, Sequence
 
 import torch
@@ -36,12 +35,24 @@ def device_capability(device: torch.device) -> tuple[int, int]:
     return tuple(torch.cuda.get_device_capability(device))  # type: ignore[return-value]
 
 
-@torch.compiler.assume_constant_result  # inside a torch.compile trace: run once, its answer a constant
-@functools.lru_cache(maxsize=None)
-def _grouped_mm_runs(device_type: str, device_index: int | None, dtype: torch.dtype) -> bool:
-    """One tiny forward+backward of ``torch._grouped_mm`` on this device and dtype.
+_PROBED: dict[tuple, bool] = {}  # (device type, index, dtype) -> whether grouped_mm ran there
 
-    torch 2.11 has the op on CUDA (bf16, sm90+); CPU support and other dtypes came later, and
+
+def _grouped_mm_runs(device_type: str, device_index: int | None, dtype: torch.dtype) -> bool:
+    """Whether one tiny forward+backward of ``torch._grouped_mm`` runs on this device and dtype,
+    probed once. Inside a torch.compile trace a probe cannot run (it makes tensors that require
+    grad): there the answer of an earlier eager probe is used, and without one the op is taken as
+    unavailable (the batched-matmul path, traced instead)."""
+    key = (device_type, device_index, dtype)
+    if key not in _PROBED:
+        if torch.compiler.is_compiling():
+            return False
+        _PROBED[key] = _probe_grouped_mm(device_type, device_index, dtype)
+    return _PROBED[key]
+
+
+def _probe_grouped_mm(device_type: str, device_index: int | None, dtype: torch.dtype) -> bool:
+    """torch 2.11 has the op on CUDA (bf16, sm90+); CPU support and other dtypes came later, and
     what a version lacks it reports as RuntimeError/NotImplementedError at the first call."""
     fn = getattr(torch, "_grouped_mm", None)
     if fn is None:
@@ -77,6 +88,8 @@ def grouped_mm_supported(x_TD: torch.Tensor, w_EDF: torch.Tensor) -> bool:
     strides that are multiples of 16 bytes (D and F multiples of 4 in fp32, of 8 in bf16)."""
     if x_TD.dtype != w_EDF.dtype or not grouped_mm_available(x_TD.device, x_TD.dtype):
         return False
+    if torch.compiler.is_compiling() and x_TD.dtype != torch.bfloat16:
+        return False  # torch's meta kernel for the op (what a trace runs) accepts bf16 only, whatever eager runs
     align = 16 // x_TD.element_size()
     return x_TD.shape[1] % align == 0 and w_EDF.shape[2] % align == 0
 

@@ -164,8 +164,8 @@ class FFNExperts(GroupedExperts):
     def forward(self, x_ULC: torch.Tensor, counts_E: torch.Tensor, host_counts=None) -> torch.Tensor:
         # "fused" (the default on CPU): batched GEMMs over buckets of experts, bias inside, backward by hand.
         # It walks the experts on the host, so it needs the counts there (a read unless given).
-        if not (self.impl == "fused" or (self.impl == "auto" and not x_ULC.is_cuda)):
-            return super().forward(x_ULC, counts_E, host_counts)
+        if not (self.impl == "fused" or (self.impl == "auto" and not x_ULC.is_cuda)) or torch.compiler.is_compiling():
+            return super().forward(x_ULC, counts_E, host_counts)  # (a compiled layer traces the grouped path)
         u, l, c = x_ULC.shape
         counts = [n * l for n in (host_counts if host_counts is not None else counts_E.tolist())]
         y = expert_ffn(x_ULC.reshape(u * l, c), self.w1, self.b1, self.w2, self.b2, counts, self.grad_buffers)

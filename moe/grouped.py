@@ -90,9 +90,10 @@ def grouped_matmul(x_TD: torch.Tensor, w_EDF: torch.Tensor, batch: ExpertBatch, 
     """y[t] = x[t] @ w[expert(t)]: [T, D] x [E, D, F] -> [T, F]."""
     use_gmm = impl == "grouped_mm" or (impl in ("auto", "fused") and compat.grouped_mm_supported(x_TD, w_EDF))
     if impl == "grouped_mm" and not compat.grouped_mm_supported(x_TD, w_EDF):
+        where = f"{x_TD.device} inside torch.compile (bf16 only there)" if torch.compiler.is_compiling() else x_TD.device
         raise ValueError(
             f"expert.impl='grouped_mm' cannot run dtype={x_TD.dtype}, D={x_TD.shape[1]}, "
-            f"F={w_EDF.shape[2]} on {x_TD.device}; use impl='auto' or 'bmm'"
+            f"F={w_EDF.shape[2]} on {where}; use impl='auto' or 'bmm'"
         )
     if use_gmm:
         y = compat.grouped_mm(x_TD.contiguous(), w_EDF, batch.offsets)

@@ -31,12 +31,12 @@ def test_grouped_mm_matches_per_expert_matmuls():
 
 
 def test_probe_leaves_rng_alone_and_works_under_no_grad():
-    compat._grouped_mm_runs.cache_clear()
+    compat._PROBED.clear()
     state = torch.get_rng_state()
     with torch.no_grad():
         inside = compat.grouped_mm_available(CPU, torch.float32)
     assert torch.equal(state, torch.get_rng_state())
-    compat._grouped_mm_runs.cache_clear()
+    compat._PROBED.clear()
     assert compat.grouped_mm_available(CPU, torch.float32) == inside
 
 
