@@ -21,6 +21,11 @@ The router adds 2*C*E multiply-adds per routed unit and its metadata (expert id 
   msmoe bench layer --device cuda --dtype bf16 --shape thesis --json out.json   # + TFLOP/s, % of GEMM peak
   msmoe bench layer --device cuda --dtype bf16 --shape gpu --skip fairscale --deepspeed-group 16384   # fills an H100
   msmoe bench layer --experts-sweep 8,32,128,512 --skip fairscale --json sweep.json   # cost vs expert count
+  msmoe bench layer --choice expert --compile   # + our layer under torch.compile(fullgraph=True), vs eager
+
+``--choice expert`` times expert-choice routing (every expert takes C patches); ``--compile`` adds
+each of our layers compiled whole (a static plan is needed: expert choice or a capacity factor);
+the line under the table gives compiled / eager, paired by round.
 """
 
 from __future__ import annotations
@@ -58,6 +63,8 @@ class LayerBenchSpec:
     top_k: int = 2
     patch: int = 8
     capacity_factor: float | None = None  # None: dropless
+    choice: str = "token"  # router.choice of our layers: "token" | "expert"
+    compile: bool = False  # also time our layers under torch.compile(fullgraph=True)
     impl: str = "auto"  # our expert matmul implementation
     all_impls: bool = False  # time our layers with every implementation
     skip: tuple[str, ...] = ()  # peers left out: "deepspeed", "fairscale"
@@ -123,12 +130,16 @@ def _contenders(spec: LayerBenchSpec, c: int, f: int, e: int, k: int, device, dt
     impls = ("grouped_mm", "bmm", "fused") if spec.all_impls else (spec.impl,)
     for impl in impls:
         for patch in (spec.patch, 1):
-            cfg = PatchMoEConfig(dim=c, patch_size=patch, router=RouterConfig(num_experts=e, top_k=k),
+            cfg = PatchMoEConfig(dim=c, patch_size=patch, router=RouterConfig(num_experts=e, top_k=k, choice=spec.choice),
                                  expert=ExpertConfig(kind="ffn", hidden_dim=f, impl=impl),
                                  capacity_factor=spec.capacity_factor)
             units = b * -(-h // patch) * -(-w // patch)
-            label = f"PatchMoE P={patch}" if patch > 1 else "TokenMoE P=1"
-            out.append((label + (f" ({impl})" if spec.all_impls else ""), PatchMoE(cfg).to(device, dtype), units))
+            label = (f"PatchMoE P={patch}" if patch > 1 else "TokenMoE P=1") + (" EC" if spec.choice == "expert" else "")
+            label += f" ({impl})" if spec.all_impls else ""
+            ours = PatchMoE(cfg).to(device, dtype)
+            out.append((label, ours, units))
+            if spec.compile:
+                out.append((label + " compiled", torch.compile(ours, fullgraph=True), units))
     if k == 2 and "deepspeed" not in spec.skip:
         from bench.peers import DeepSpeedMoE, single_rank_group
 
@@ -255,6 +266,13 @@ def print_rows(spec: LayerBenchSpec, rows: list[BenchRow], env: dict) -> None:
         print(line)
     if cuda:
         print(f"dense GEMM peak measured: {env['gemm_peak_tflops']:.1f} TFLOP/s ({spec.dtype})")
+    by_name = {r.name: r for r in rows}
+    for r in rows:
+        eager = by_name.get(r.name.removesuffix(" compiled")) if r.name.endswith(" compiled") else None
+        if eager is not None:
+            ratio = statistics.median(a / b for a, b in zip(r.ms_rounds, eager.ms_rounds))
+            print(f"{eager.name}: compiled / eager {ratio:.2f} (median over rounds, same round; "
+                  f"{r.ms_median:.2f} vs {eager.ms_median:.2f} ms)")
     print("x dense / x DS: median over rounds of the time relative to the dense FFN / DeepSpeed's layer "
           "in the same round (lower is faster; DS throughput / ours = x DS); faults/step: minor page faults; "
           "GFLOP per step (fwd+bwd, expert matmuls): " + f"{rows[0].gflop_per_step:.2f}")

@@ -21,6 +21,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--patch", type=int, default=8)
     p.add_argument("--capacity-factor", type=float, default=None, help="default: dropless")
+    p.add_argument("--choice", choices=["token", "expert"], default="token",
+                   help="our layers' router.choice (expert: every expert takes C patches)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time our layers under torch.compile(fullgraph=True) (needs --choice expert or "
+                        "--capacity-factor: a static plan)")
     p.add_argument("--impl", choices=["auto", "grouped_mm", "bmm", "fused"], default="auto",
                    help="our expert matmul implementation")
     p.add_argument("--all-impls", action="store_true", help="time our layers with both grouped_mm and bmm")
@@ -61,9 +66,16 @@ def ep_shape(args: argparse.Namespace) -> ep.EpShape:
 def run_layer(args: argparse.Namespace) -> int:
     from launcher import allocator
 
+    if args.compile and args.choice == "token" and args.capacity_factor is None:
+        print("msmoe bench layer: --compile needs a static plan: add --choice expert or --capacity-factor F "
+              "(dropless token choice has a data-dependent row count, which a whole-graph compile cannot take)",
+              file=sys.stderr)
+        return 2
+
     spec = layer.LayerBenchSpec.preset(
         args.shape, **{name: getattr(args, name) for name in layer.PRESET_FIELDS}, top_k=args.top_k,
-        patch=args.patch, capacity_factor=args.capacity_factor, impl=args.impl, all_impls=args.all_impls,
+        patch=args.patch, capacity_factor=args.capacity_factor, choice=args.choice, compile=args.compile,
+        impl=args.impl, all_impls=args.all_impls,
         skip=tuple(s for s in args.skip.split(",") if s), fairscale_group=args.fairscale_group,
         deepspeed_group=args.deepspeed_group, repeats=args.repeats, warmup=args.warmup, dtype=args.dtype,
         device=args.device)

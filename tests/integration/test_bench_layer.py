@@ -55,3 +55,23 @@ def test_experts_sweep_table_and_report_section(tmp_path):
     path = write_scale_report(recs, str(tmp_path / "rep"), layer_sweep=json.loads(js.read_text()))
     text = open(path).read()
     assert "## Layer cost against the expert count" in text and f"| 8 | {sweep[1]['patchmoe_x_dense']:.2f} |" in text
+
+
+@pytest.mark.slow
+def test_bench_layer_compiled_against_eager(tmp_path):
+    """--choice expert --compile: each of our layers also compiled whole, its row beside the eager one
+    (the same routed units and FLOPs), and the compiled / eager line from the paired rounds; --compile
+    without a static plan is refused (exit 2, naming the fix)."""
+    js = tmp_path / "bench.json"
+    shape = ["--batch", "1", "--height", "8", "--width", "8", "--dim", "16", "--hidden", "32", "--experts", "4",
+             "--patch", "4", "--repeats", "2", "--warmup", "1", "--skip", "deepspeed,fairscale"]
+    out = run_cli("bench", "layer", *shape, "--choice", "expert", "--compile", "--json", str(js), threads=None,
+                  timeout=600)
+    assert out.returncode == 0, out.stderr
+    rows = {r["name"]: r for r in json.loads(js.read_text())["rows"]}
+    eager, compiled = rows["PatchMoE P=4 EC"], rows["PatchMoE P=4 EC compiled"]
+    assert compiled["router_units"] == eager["router_units"] and compiled["gflop_per_step"] == eager["gflop_per_step"]
+    ratio = statistics.median(a / b for a, b in zip(compiled["ms_rounds"], eager["ms_rounds"]))
+    assert f"PatchMoE P=4 EC: compiled / eager {ratio:.2f}" in out.stdout
+    refused = run_cli("bench", "layer", *shape, "--compile", threads=None, timeout=120)
+    assert refused.returncode == 2 and "--choice expert or --capacity-factor" in refused.stderr
