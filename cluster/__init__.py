@@ -1,2 +1,2 @@
 """An emulated multi-node cluster on one machine: network namespaces behind a switch namespace
-(netns.py); the torchrun agents that run in them come on top (issue 28)."""
+(netns.py) and one torchrun agent per node in them (agents.py), issue 28."""
