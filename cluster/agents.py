@@ -3,11 +3,11 @@ namespace (``ip netns exec``), a c10d rendezvous hosted by node 0's agent on nod
 agent's output in its own log file, and a whole node killable (its agent, its workers and anything
 they started: every process inside the node's namespace).
 
-  with EmulatedCluster(2, 200.0) as net, Agents(net, AgentSpec(2, ("-m", "launcher.cli", "train", ...)),
+  with EmulatedCluster(2, 200.0) as net, Agents(net, AgentSpec(2, ("train.py", "--steps", "10")),
                                                  log_dir="runs/logs") as agents:
       codes = agents.wait(timeout_s=600)      # one exit status per node; raises AgentsFailed otherwise
 
-``AgentSpec.nnodes="1:2"`` with ``max_restarts`` makes the rendezvous elastic: after
+(msmoe's own commands come as a target from launcher/command.py.) ``AgentSpec.nnodes="1:2"`` with ``max_restarts`` makes the rendezvous elastic: after
 ``agents.kill_node(1)`` the survivors' workers fail in their next collective, their agents restart
 them and the rendezvous closes at the smaller node count. Leaving the ``with`` block (normally, on an
 error, on KeyboardInterrupt) kills every node's processes and reaps the agents; the network's own
