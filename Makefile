@@ -6,6 +6,9 @@
 #   make report  set up, run a small scaling sweep (1-2 processes, EP 1/2, 4/8 experts), write runs/scale/report.md
 #   make validation  set up, sweep 1/2/4 processes x EP 1/2/4 (~5 min on 2 cores), write runs/validation/report.md:
 #                the projection model fitted on <= 2 processes, its error on the 4-process points
+#   make cluster  set up, then (as root) train configs/hierarchical.yaml shrunk on 2 emulated nodes x 2 processes
+#                (network namespaces, 200 Mbit/s tbf links) at EP=4 with train.transport=flat and node_local into
+#                runs/cluster-flat and runs/cluster-node_local; prints their cross-node bytes and step time
 #   make gpu-bundle  set up, then download into .whl/ the wheels a GPU node without network lacks (deepspeed built
 #                here, its requirements, datasets, fairscale; cp312 manylinux; never torch nor any distribution of
 #                the node's image, gpucheck/gpu_node_packages.txt); prints the size (< 40 MiB)
@@ -25,7 +28,7 @@ GPU_PYTHON ?= python3
 GPU_SITE   ?= /tmp/msmoe-site
 OUT        ?= runs/gpu-check
 
-.PHONY: setup test test-fast train bench report validation gpu-bundle gpu-check gpu-standin clean
+.PHONY: setup test test-fast train bench report validation cluster gpu-bundle gpu-check gpu-standin clean
 
 setup: $(STAMP)
 
@@ -64,6 +67,9 @@ validation: setup
 	rm -rf runs/validation
 	$(VENV)/bin/msmoe scale --config configs/scale.yaml --validation
 	$(VENV)/bin/msmoe report --points runs/validation/points.jsonl --fit-max-world 2
+
+cluster: setup
+	$(VENV)/bin/msmoe cluster --config configs/hierarchical.yaml --nodes 2 --nproc-per-node 2 --rate-mbit 200 --ep-size 4
 
 gpu-bundle: setup
 	$(PY) -m gpucheck.bundle --out .whl

@@ -12,6 +12,7 @@ only wires them and turns user errors into one line and exit code 2.
   msmoe scale --world 1,2 --ep 1,2 --experts 4,8
   msmoe report --points runs/scale/points.jsonl
   msmoe ablate --configs configs/default.yaml configs/hierarchical.yaml train.steps=100
+  msmoe cluster                      # 2 emulated nodes (network namespaces, as root): flat vs node_local
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from launcher import allocator
 allocator.tune()  # before torch is imported: see launcher/allocator.py
 
 from common.errors import UserError  # noqa: E402
-from launcher import ablate, bench, checkpoints, convert, data, export, fit, launch, scale, submit, train  # noqa: E402
+from launcher import ablate, bench, checkpoints, cluster, convert, data, export, fit, launch, scale, submit, train  # noqa: E402
 from launcher import worker_errors, worker_exit  # noqa: E402
 
 
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_parser(sub)
     scale.add_parsers(sub)
     ablate.add_parser(sub)
+    cluster.add_parser(sub)
     return parser
 
 

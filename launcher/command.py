@@ -20,11 +20,16 @@ from parallel.launchenv import torchrun_command
 CLI_MODULE = "launcher.cli"
 
 
+def msmoe_target(args: Sequence[str]) -> list[str]:
+    """``-m launcher.cli ARGS``: what a launcher started elsewhere runs (cluster/agents.py's agents)."""
+    return ["-m", CLI_MODULE, *args]
+
+
 def msmoe_command(args: Sequence[str], *, nproc: int | str | None = None, python: str | None = None,
                   **torchrun: object) -> list[str]:
     """``msmoe ARGS`` as a child process: with ``nproc``, under torchrun with that many processes per
     node (``torchrun``: the keyword options of parallel/launchenv.py ``torchrun_command``)."""
-    target = ["-m", CLI_MODULE, *args]
+    target = msmoe_target(args)
     if nproc is None:
         return [python or sys.executable, *target]
     return torchrun_command(nproc, target, python=python, **torchrun)
