@@ -29,3 +29,14 @@ def make_cluster(netns_ready):
     yield make
     for cluster in made:
         cluster.close()
+
+
+@pytest.fixture(scope="session")
+def cluster_data(netns_ready, tmp_path_factory):
+    """The tiny synthetic set (tests/helpers.py TINY_DATA), made once here: every run of the session
+    reads it, no node makes it."""
+    from tests.helpers import run_cli
+
+    path = str(tmp_path_factory.mktemp("cluster-data") / "synth")
+    run_cli("data", "synth", "--config", "configs/tiny.yaml", "--out", path, check=True)
+    return path
