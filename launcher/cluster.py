@@ -27,8 +27,11 @@ from launcher.command import msmoe_target
 DEFAULT_CONFIG = "configs/hierarchical.yaml"
 TRANSPORTS = ("flat", "node_local")
 # configs/hierarchical.yaml at a size that trains in well under a minute per run on 2 cores: a small
-# synthetic set; the model and the patches' payload stay the default's (dim 64, 8 patches per image)
-SHRINK = ("data.path=data_cache/synth_cluster",
+# synthetic set; the model and the patches' payload stay the default's (dim 64, 8 patches per image).
+# Groups of 6, 3 and 3 experts: at EP=4 on 2 nodes x 2 a node holds 6 experts, so every group sits on
+# one node, as node_local needs (its 4, 4, 4 would split group 1 over both nodes); both runs use them.
+SHRINK = ("data.path=data_cache/synth_cluster", "model.hierarchical.experts_per_group=[6,3,3]",
+          "model.hierarchical.fine.num_experts=6",
           "data.synth={num_train_ids: 32, num_test_ids: 8, num_cameras: 3, images_per_camera: 3, height: 128, width: 64}",
           "train.steps=20", "train.warmup_steps=5", "train.log_every=5", "train.ckpt_every=20", "eval.untrained=false")
 
@@ -133,7 +136,7 @@ def summary_line(transport: str, s: dict) -> str:
     cross = s["a2a_bytes_per_step"].get("cross_node")
     cross_text = f"{cross / 1e6:.3f} MB" if cross is not None else "n/a (summary.json has no cross_node)"
     return (f"  {transport:<10}  nodes {s.get('nodes', '?')}  world {s['world_size']}  EP {s['ep_size']}  "
-            f"cross-node all-to-all {cross_text}/step  step {s['step_time_ms']['step']:.1f} ms  "
+            f"transport {s.get('transport', 'flat')}  cross-node all-to-all {cross_text}/step  step {s['step_time_ms']['step']:.1f} ms  "
             f"{s['samples_per_s']:.1f} samples/s  final loss {s['final_loss']:.4f}")
 
 
