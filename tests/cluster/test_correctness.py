@@ -1,6 +1,7 @@
 """Expert parallelism is correct across emulated nodes (issue 28, item 4): ``msmoe train`` under one
 torchrun agent per node (tests/cluster/training.py) at world 8 (4 nodes x 2) and world 4 (2 x 2), EP
-2, 4 and 8 with expert-data-parallel replicas where EP < world, each against the EP=1 run at the same
+2, 4 and 8 with expert-data-parallel replicas where EP < world (flat PatchMoE; and HierarchicalMoE,
+grouped, with the node-local transport at EP=4 on 2 nodes), each against the EP=1 run at the same
 world size; a checkpoint taken on 4 nodes continues on 2 (another node count, EP 8 -> 4 by
 train.elastic_ep) exactly as the same checkpoint continued on one machine.
 
@@ -92,3 +93,19 @@ def test_world8_on_4_nodes_ep_2_4_8_equal_ep1_and_its_checkpoint_continues_on_2_
     print(f"4 nodes (EP=8) -> 2 nodes (EP=4) vs the same on one machine: weights within {worst:.2g} ({where}); "
           f"losses {a['loss_history']}")
     assert worst <= SAME_ATOL, (worst, where)
+
+
+HIER = ("model.moe_kind=hierarchical", "model.hierarchical={num_groups: 3, experts_per_group: [6, 3, 3], "
+        "coarse: {num_experts: 3, top_k: 1}, fine: {num_experts: 6, top_k: 2}, placement: grouped}")
+
+
+@pytest.mark.slow
+def test_hierarchical_grouped_node_local_on_2_nodes_equals_ep1(make_cluster, cluster_data, tmp_path):
+    """HierarchicalMoE, groups of 6, 3, 3 experts (a node holds 6 at EP=4 on 2 x 2): the node-local
+    two-stage exchange at EP=4 against the EP=1 run (flat: there is nothing to exchange)."""
+    net, tmp = make_cluster(2, RATE_MBIT), str(tmp_path)
+    cluster_train(net, tmp, cluster_data, "ep1", 2, *HIER, "train.ep_size=1")
+    cluster_train(net, tmp, cluster_data, "ep4", 2, *HIER, "train.ep_size=4", "train.transport=node_local")
+    s = summary(tmp, "ep4")
+    assert (s["transport"], s["nodes"]) == ("node_local", 2) and s["a2a_bytes_per_step"]["cross_node"] > 0
+    _same_as_ep1(tmp, "ep4", 4, 4)
