@@ -10,9 +10,13 @@ Bounds (stated once, used below):
   WEIGHT_RATIO  final weights, EP=k vs EP=1: ||w_k - w_1|| over all tensors, as a fraction of how far
                 the EP=1 weights moved in the run's last 2 steps (seen: 0.018 at world 8 EP=8, 0.005 at
                 world 2 EP=2; a wrong expert mapping or a lost gradient gives ~1). Not a float-noise
-                bound: the experts that see almost no patches (1 in a whole run) end up to ~2e-3 apart
-                (Adam's eps exposes a gradient scale that differs with the EP size), and through them
-                a few dense weights; the losses agree to 1e-7
+                bound: the experts that see almost no patches (1 in a whole run) end up to ~2e-3 apart,
+                and through them a few dense weights, while the losses agree to 1e-7. The gradient
+                scale is the same at every EP size (DeepSpeed divides expert gradients by the whole
+                data-parallel size; tests/dist/ds_train_check.py compares the norms), so the likely
+                cause is Adam: it turns the summation-order noise of near-zero gradients (8 ranks
+                reduce in other orders at each EP size) into updates of size ~lr. On one machine,
+                world 2, EP 2 vs 1, tiny config, 6 steps: max abs weight difference 2.2e-6.
   SAME_ATOL     the same run continued on 2 nodes and on one machine: losses and weights
 """
 
