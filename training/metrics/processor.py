@@ -117,7 +117,7 @@ class MetricsProcessor:
             steps=step - span.step, total_steps=tc.steps, samples_per_step=tc.p * tc.k,
             stages_s=self.last_stages,
             layer_names=self.layer_names, load=got["load"], dropped=got["dropped"], active=got["active"],
-            a2a_bytes=span.a2a_bytes(self.comm))
+            a2a_bytes=span.a2a_bytes(self.comm), coverage=got["coverage"])
 
     def _add_history(self, step: int, got: dict) -> None:
         """An interval's reduced statistics into the history; collapse warnings (said by rank 0)."""
@@ -127,6 +127,7 @@ class MetricsProcessor:
         h.fusion_load.append(got["fusion"])
         h.dropped.append(float(np.mean(got["dropped"])) if got["dropped"] else 0.0)
         h.active.append(got["active"])
+        h.coverage.append(got["coverage"])
         for msg in self.collapse.update(step, h.load[-1]):
             self.progress.warnings.append(msg)
             if self.rank == 0:

@@ -25,6 +25,8 @@ class History:
     dropped: list = field(default_factory=list)  # [interval] dropped fraction (mean over layers)
     active: list = field(default_factory=list)  # [interval] mean active experts per patch
     active_per_step: list = field(default_factory=list)  # [step] mean active experts per patch (top-p)
+    coverage: list = field(default_factory=list)  # [interval][layer] share of patches taken by 0..4+ experts
+                                                  # (expert-choice layers; None for the others)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)

@@ -268,6 +268,11 @@ def _expert_load(summary: dict) -> list[str]:
         lines.append(f"| {name} | " + " ".join(f"{x:.2f}" for x in v["fraction"]) + " |")
     lines += ["", f"Dropped fraction (last interval): {summary['dropped_fraction']:.3f}; "
                   f"active experts per patch: {summary['active_experts_per_patch']}.", ""]
+    coverage = summary.get("patch_coverage") or {}
+    if coverage:  # expert choice: patches are not dropped, they may go untaken
+        lines += ["Expert choice, share of routed patches taken by 0 / 1 / 2 / 3 / 4+ experts (last interval):", ""]
+        lines += [f"- {name}: " + " / ".join(f"{x:.2f}" for x in shares) for name, shares in coverage.items()]
+        lines += [""]
     for name in summary["expert_load"]:
         lines += [f"![{name}](expert_load_{name}.png)", ""]
     return lines

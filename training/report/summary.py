@@ -78,6 +78,8 @@ def build_summary(run: TrainedRun, final: FinalEvaluation) -> dict:
         "fusion_weight_mean": h.fusion_load[-1] if h.fusion_load else None,
         "dropped_fraction": h.dropped[-1] if h.dropped else 0.0,
         "active_experts_per_patch": h.active[-1] if h.active else None,
+        "patch_coverage": {f"block{b}": c for b, c in zip(cfg.model.moe_blocks, h.coverage[-1]) if c is not None}
+        if h.coverage else {},
         "a2a_bytes_per_step": run.a2a_per_step,
         "model_cost": ev.model_cost,
         "moe_usage": moe_usage(h, [f"block{b}" for b in cfg.model.moe_blocks]),

@@ -1,6 +1,7 @@
 """Run progress (training/metrics/records.py): recorded steps, throughput clock, stage times, and the
 checkpoint round trip that makes --resume continue the same figures."""
 
+import pytest
 import torch
 
 from moe.timing import WallTimer
@@ -53,3 +54,29 @@ def test_all_to_all_bytes_per_step():
     nodes.record(torch.zeros(4, 3), [1, 0, 2, 1], 0, "forward", [0, 1, 2, 3])
     assert a2a_per_step(nodes, 1)["cross_node"] == 3 * 12 and span.a2a_bytes(nodes)["cross_node"] == 3 * 12
     assert "cross_node" not in a2a_per_step(c, 2) and "cross_node" not in Span(0, 0.0, c).a2a_bytes(c)
+
+
+def test_interval_coverage_of_expert_choice_layers_only():
+    """IntervalStats: the share of patches taken by 0..4+ experts, averaged over the interval's steps and
+    the ranks, reported for the expert-choice layers and only for them (the record's patch_coverage)."""
+    from types import SimpleNamespace
+
+    from moe.balance import RoutingStats
+    from training.metrics.interval import IntervalStats, interval_record
+
+    def stats(coverage):
+        z = torch.zeros(())
+        return RoutingStats(torch.ones(4), torch.ones(4), z, torch.tensor(2.0), 8, z, z, z, z, coverage=coverage)
+
+    iv = IntervalStats()
+    for shares in ([0.25, 0.5, 0.25, 0.0, 0.0], [0.0, 0.5, 0.5, 0.0, 0.0]):
+        iv.add(SimpleNamespace(fusion_weights=torch.ones(2, 3), moe_stats=[stats(None), stats(torch.tensor(shares))]))
+    reduced = iv.packed() * 2  # what an all-reduce over 2 ranks holding the same gives
+    got = iv.unpack(reduced, world_size=2)
+    assert got["coverage"][0] is None
+    assert got["coverage"][1] == pytest.approx([0.125, 0.5, 0.375, 0.0, 0.0])
+    rec = interval_record(step=2, result=_result(1.0), lr=0.1, seconds=1.0, steps=2,
+                          total_steps=4, samples_per_step=8, stages_s={}, layer_names=["block0", "block1"],
+                          load=got["load"], dropped=got["dropped"], active=got["active"], a2a_bytes={},
+                          coverage=got["coverage"])
+    assert rec["patch_coverage"] == {"block1": pytest.approx([0.125, 0.5, 0.375, 0.0, 0.0])}
