@@ -1,6 +1,7 @@
 """``msmoe ablate``: parse, then train the configs and write the table (scaling/ablation.py).
 
   msmoe ablate                                           # the default list, 2 processes each
+  msmoe ablate --set routing --out runs/ablation-routing  # expert vs token choice, E = 4 / 16 / 64, top-2
   msmoe ablate --configs configs/default.yaml configs/hierarchical.yaml train.steps=100 --out runs/quick
   msmoe ablate --submit --nodes 1 --gpus-per-node 8 --time 02:00:00 --partition gpu   # one SLURM job per run
 
@@ -20,7 +21,10 @@ from scaling import ablation as ablate
 def add_parser(sub) -> None:
     p = sub.add_parser("ablate", help="train a list of configs and write one ablation table (md, csv, png)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", nargs="+", default=list(ablate.DEFAULT_CONFIGS), help="run configs, in table order")
+    p.add_argument("--configs", nargs="+", default=None, help="run configs, in table order (default: --set's)")
+    p.add_argument("--set", choices=sorted(ablate.SETS), default="default",
+                   help="a named list of configs: default (the thesis's ablations), routing (expert vs token choice "
+                        "at E = 4, 16, 64 with top-2: equal active FLOPs)")
     p.add_argument("--nproc", type=int, default=2, help="processes per run")
     p.add_argument("--run-root", default=None, help="where the runs go (default: --out)")
     p.add_argument("--out", default="runs/ablation", help="directory for ablation.md/.csv/.png")
@@ -41,8 +45,9 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # key=value items after --configs belong to the overrides
-    configs = tuple(c for c in args.configs if "=" not in c)
-    overrides = tuple(c for c in args.configs if "=" in c) + tuple(args.overrides)
+    given = args.configs if args.configs is not None else list(ablate.SETS[args.set])
+    configs = tuple(c for c in given if "=" not in c)
+    overrides = tuple(c for c in given if "=" in c) + tuple(args.overrides)
     spec = ablate.AblateSpec(configs=configs, overrides=overrides, nproc=args.nproc,
                              run_root=args.run_root or args.out, out=args.out)
     try:

@@ -24,14 +24,22 @@ DEFAULT_CONFIGS = ("configs/default.yaml", "configs/hierarchical.yaml", "configs
                    "configs/ablations/modal_given.yaml", "configs/modal.yaml", "configs/ablations/scales2.yaml",
                    "configs/ablations/scales4.yaml", "configs/ablations/scales5.yaml", "configs/ablations/gate1.yaml",
                    "configs/ablations/gate3.yaml", "configs/ablations/temp0.5.yaml", "configs/ablations/temp2.0.yaml")
+ROUTING_CONFIGS = tuple(f"configs/ablations/routing_{choice}_e{e}.yaml" for e in (4, 16, 64)
+                        for choice in ("token", "expert"))  # expert vs token choice at equal active FLOPs
+SETS = {"default": DEFAULT_CONFIGS, "routing": ROUTING_CONFIGS}
 COLUMNS = ("run", "config", "model", "map", "rank1", "samples_per_s", "params_total", "params_active_per_patch",
            "flops_per_image", "latency_ms_per_image", "peak_train_mem_mb", "peak_infer_mem_mb", "activation_rate", "usage_variance",
-           "gate_stability", "fusion_gate_stability", "elapsed_s")
+           "gate_stability", "fusion_gate_stability", "unrouted", "elapsed_s")
 
 
 def model_kind(model: dict) -> str:
     """streams / blocks / head, e.g. "per_modality / hierarchical (given) / hierarchical"."""
     blocks = model.get("moe_kind", "patch")
+    router = (model.get("patch_moe") or {}).get("router") or {}
+    if blocks == "patch" and router.get("choice") == "expert":
+        blocks += f" (expert choice, E={router.get('num_experts')})"
+    elif blocks == "patch" and "num_experts" in router:
+        blocks += f" (E={router['num_experts']})"
     if blocks == "hierarchical":
         blocks += f" ({model.get('hierarchical', {}).get('coarse_mode', 'learned')})"
     return f"{model.get('streams', 'fused')} / {blocks} / {model.get('fusion', 'flat')}"
@@ -121,7 +129,16 @@ def row(run_root: str, name: str) -> dict:
             "params_active_per_patch": params.get("active_per_patch"), "flops_per_image": inf.get("flops_per_image"),
             "latency_ms_per_image": inf.get("latency_ms_per_image"), "activation_rate": mean("activation_rate"),
             "usage_variance": mean("usage_variance"), "gate_stability": mean("gate_stability"),
-            "fusion_gate_stability": fusion.get("gate_stability"), "elapsed_s": s["elapsed_s"]}
+            "fusion_gate_stability": fusion.get("gate_stability"), "unrouted": unrouted(s), "elapsed_s": s["elapsed_s"]}
+
+
+def unrouted(summary: dict) -> float:
+    """The share of routed patches that no expert computed (last interval, mean over the MoE layers):
+    untaken by any expert under expert choice, dropped over capacity under token choice."""
+    coverage = summary.get("patch_coverage") or {}
+    if coverage:
+        return sum(c[0] for c in coverage.values()) / len(coverage)
+    return summary.get("dropped_fraction") or 0.0
 
 
 def _fmt(v, spec: str) -> str:
@@ -139,7 +156,7 @@ def write_table(rows: list[dict], out: str, run_root: str) -> str:
              "activation: experts with at least half an even share of the patches; stability: standard deviation "
              "of the shares across logging intervals; model: streams / MoE blocks / head fusion).", "",
              "| run | model | mAP | Rank-1 | samples/s | params (active/patch) | MFLOP/image | ms/image | peak MiB train | "
-             "infer | activation | usage var | gate stab. | fusion gate stab. |", "|---" * 14 + "|"]
+             "infer | activation | usage var | gate stab. | fusion gate stab. | unrouted |", "|---" * 15 + "|"]
     for r in rows:
         report = os.path.relpath(os.path.join(run_root, r["run"], "report.md"), out)
         lines.append(
@@ -150,8 +167,9 @@ def write_table(rows: list[dict], out: str, run_root: str) -> str:
             f"{_fmt(r['peak_infer_mem_mb'], '.0f')} | "
             f"{_fmt(r['activation_rate'], '.0%')} | "
             f"{_fmt(r['usage_variance'], '.4f')} | {_fmt(r['gate_stability'], '.3f')} | "
-            f"{_fmt(r['fusion_gate_stability'], '.3f')} |")
-    lines += ["", "![ablation](ablation.png)", ""]
+            f"{_fmt(r['fusion_gate_stability'], '.3f')} | {_fmt(r.get('unrouted'), '.1%')} |")
+    lines += ["", "Unrouted: the share of routed patches no expert computed (expert choice: taken by none; token "
+              "choice: dropped over capacity; 0 when dropless).", "", "![ablation](ablation.png)", ""]
     _plot(rows, os.path.join(out, "ablation.png"))
     path = os.path.join(out, "ablation.md")
     with open(path, "w") as fh:

@@ -61,8 +61,22 @@ def test_seed_ablation_plan_is_complete():
     assert {2, 3, 4, 5} <= got["scales"]
     assert {1, 2, 3} <= got["gate_depth"]
     assert {0.5, 1.0, 2.0} <= got["temperature"]
-    seed = [p for p in ABLATIONS if load_config(p).model.streams == "fused"]  # the others: modality streams
-    assert len(seed) == 10
+    seed = [p for p in ABLATIONS if load_config(p).model.streams == "fused" and "routing_" not in p]
+    assert len(seed) == 10  # the others: modality streams, and the routing set below
+
+
+def test_routing_ablation_set_is_expert_vs_token_at_equal_active_flops():
+    """msmoe ablate --set routing: expert and token choice at E = 4, 16, 64, all top-2 with the same
+    expert width, so every patch passes through 2 experts on average in every row."""
+    from scaling.ablation import ROUTING_CONFIGS
+
+    seen = set()
+    for path in ROUTING_CONFIGS:
+        pm = load_config(os.path.join(ROOT, path)).model.patch_moe_config()
+        seen.add((pm.router.choice, pm.router.num_experts))
+        assert pm.router.top_k == 2 and pm.expert.hidden_dim == load_config(
+            os.path.join(ROOT, "configs/default.yaml")).model.patch_moe_config().expert.hidden_dim
+    assert seen == {(c, e) for c in ("token", "expert") for e in (4, 16, 64)}
 
 
 def test_profile_steps_and_wandb_project_are_checked_up_front():
