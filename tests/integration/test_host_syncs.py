@@ -54,3 +54,15 @@ def test_training_step_syncs_node_local_transport_two_per_layer(tmp_path):
         assert r["moe_layers"] == 1 and max(r["per_step"]) == 2 * r["moe_layers"] + 1, (r["per_step"], r["sites"])
         stage1 = sum(n for site, n in r["sites"].items() if site.startswith("parallel/node_transport.py:"))
         assert stage1 == len(r["per_step"]), r["sites"]  # once per step
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", [["model.patch_moe.router.choice=expert"], ["model.patch_moe.capacity_factor=1.0"]],
+                         ids=["expert-choice", "capacity"])
+def test_training_step_static_plans_sync_once_per_step(mode):
+    """Expert choice and capacity mode under EP=2: the dispatching layers make no host read at all
+    (static [E, C] plans, split sizes known on the host), so a step makes only its own one."""
+    with tempfile.TemporaryDirectory() as tmp:
+        reports = _step_syncs(tmp, 2, "train.ep_size=2", *mode)
+    for r in reports:
+        assert r["moe_layers"] >= 1 and max(r["per_step"]) == 1, (r["per_step"], r["sites"])
