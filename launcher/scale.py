@@ -49,6 +49,17 @@ def add_parsers(sub) -> None:
     p.add_argument("--time", default="00:30:00")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--dry-run", action="store_true", help="with --slurm: print the job scripts")
+    c = p.add_argument_group("emulated cluster (scaling/cluster_sweep.py; needs root)")
+    c.add_argument("--cluster", type=_ints, default=None, metavar="NODES_LIST",
+                   help="run the points on emulated clusters of these node counts instead (network namespaces, "
+                        "tbf-shaped node links, one torchrun agent per node), e.g. --cluster 1,2,4; weak scaling, "
+                        "EP from --ep (default 1,2,4,8) and one expert count (--experts, default 8); "
+                        "--run-root default runs/cluster-scale")
+    c.add_argument("--nproc-per-node", type=int, default=2, help="with --cluster: ranks per emulated node")
+    c.add_argument("--link-mbit", type=float, default=100.0, help="with --cluster: each node link's tbf rate, Mbit/s")
+    c.add_argument("--placement-nodes", type=int, default=2,
+                   help="with --cluster: flat vs node-local placement (configs/hierarchical.yaml shrunk, EP = world) "
+                        "measured on this many nodes; 0 leaves it out")
     p.add_argument("overrides", nargs="*", help="config overrides for every point")
     p.set_defaults(func=run_scale)
 
@@ -92,6 +103,8 @@ def _fill_defaults(args) -> None:
 
 
 def run_scale(args) -> int:
+    if args.cluster is not None:
+        return run_cluster_scale(args)
     _fill_defaults(args)
     if args.collect:
         out = args.out or os.path.join(args.collect, "points.jsonl")
@@ -119,6 +132,31 @@ def run_scale(args) -> int:
     recs = scale_sweep.collect(spec.run_root, spec.out)
     print(f"{len(recs)} points -> {spec.out}   (next: msmoe report --points {spec.out}"
           + (" --fit-max-world 2)" if args.validation else ")"))
+    return 0
+
+
+def run_cluster_scale(args) -> int:
+    from launcher.command import msmoe_target
+    from scaling import cluster_sweep
+
+    if args.slurm or args.collect or args.validation or args.world is not None or args.modes is not None:
+        raise scale_sweep.ScaleError("--cluster runs its own weak-scaling points on emulated nodes (world = nodes x "
+                                     "--nproc-per-node): leave out --slurm, --collect, --validation, --world and "
+                                     "--modes")
+    experts = args.experts or [8]
+    if len(experts) != 1:
+        raise scale_sweep.ScaleError(f"--experts {args.experts}: --cluster sweeps one expert count, e.g. --experts 8")
+    spec = cluster_sweep.ClusterSweepSpec(
+        config=args.config, nodes=tuple(args.cluster), nproc_per_node=args.nproc_per_node, link_mbit=args.link_mbit,
+        eps=tuple(args.ep or (1, 2, 4, 8)), experts=experts[0], steps=args.steps or 16,
+        sample_every=args.sample_every or 2, placement_nodes=args.placement_nodes or None,
+        run_root=args.run_root or "runs/cluster-scale", overrides=tuple(args.overrides))
+    if not 1 <= spec.sample_every <= spec.steps:
+        raise scale_sweep.ScaleError(f"--sample-every {spec.sample_every}: must be between 1 and --steps {spec.steps}")
+    points, placement = cluster_sweep.run_cluster(spec, msmoe_target)
+    print(f"{len(points)} points -> {spec.run_root}/points.jsonl, {len(placement)} placement runs -> "
+          f"{spec.run_root}/placement.jsonl   (namespaces removed; next: msmoe report --points "
+          f"{spec.run_root}/points.jsonl)")
     return 0
 
 

@@ -148,6 +148,12 @@ def point_record(summary: dict, mode: str | None = None) -> dict:
         "dropped_fraction": summary["dropped_fraction"],
         "final_loss": summary["final_loss"], "map": summary.get("map"),
         "device": summary["device"], "backend": summary["backend"],
+        # where the ranks ran: nodes (LOCAL_WORLD_SIZE ranks each), the transport, and on an emulated
+        # cluster (scaling/cluster_sweep.py) its shaped link; the dense parameters (their gradient all-reduce)
+        "nodes": summary.get("nodes"), "transport": summary.get("transport"),
+        "cluster": summary.get("cluster"),
+        "dense_params": ((summary.get("model_cost") or {}).get("parameters") or {}).get("dense"),
+        "moe_kind": (cfg.get("model") or {}).get("moe_kind"),
     }
 
 
