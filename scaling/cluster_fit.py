@@ -200,7 +200,7 @@ def _views(recs: list[dict]) -> list[PointView]:
     return [PointView.of(r) for r in recs if r.get("mode") != "placement"]
 
 
-def fit_links(recs: list[dict], max_nodes: int = 2, iterations: int = 8) -> LinkFit:
+def fit_links(recs: list[dict], max_nodes: int = 2, iterations: int = 200, rtol: float = 1e-10) -> LinkFit:
     """Fit the model on the points of at most ``max_nodes`` nodes (see the module docstring).
     Raises ValueError naming what is missing."""
     pts = [p for p in _views(recs) if p.nodes <= max_nodes]
@@ -224,7 +224,8 @@ def fit_links(recs: list[dict], max_nodes: int = 2, iterations: int = 8) -> Link
     compute = _line([(w, t.step_s) for w, t in twins.items()], w_ref)
     links = ClusterLinks(0.0, 0.0, 1e12, n, compute)
     for _ in range(iterations):
-        compute = _line([(w, t.step_s - sum(allreduce_s(links, w, 1, t.dense_params, None))) for w, t in twins.items()],
+        compute = _line([(w, t.step_s - sum(allreduce_s(links, w, 1, t.dense_params, t.expert_params)))
+                          for w, t in twins.items()],
                         w_ref)
         links = ClusterLinks(0.0, links.beta_s_per_byte, links.node_link_bps, n, compute)
         # intra: T = s(W) * beta * fwd_calls * B_intra on the 1-node points
@@ -243,7 +244,11 @@ def fit_links(recs: list[dict], max_nodes: int = 2, iterations: int = 8) -> Link
             xs.append(p.fwd_calls * min(n, p.ep) * ex.inter_bytes * 8)
             ys.append(measured_a2a_s(p, twins) - p.fwd_calls * cpu)
         inv_r = float(np.dot(xs, ys) / max(np.dot(xs, xs), 1e-30))
+        before = links
         links = ClusterLinks(0.0, beta, 1.0 / inv_r if inv_r > 0 else float("inf"), n, compute)
+        if abs(links.node_link_bps - before.node_link_bps) <= rtol * links.node_link_bps and \
+                abs(links.beta_s_per_byte - before.beta_s_per_byte) <= rtol * max(links.beta_s_per_byte, 1e-30):
+            break  # the all-reduce in the compute line and the link agree: a fixed point
     shaped = {p.link_mbit for p in pts if p.nodes > 1}
     fit_on = tuple(p.label + f" ({p.nodes}n)" for p in [*twins.values(), *one_node, *multi])
     return LinkFit(links, shaped.pop() if len(shaped) == 1 else None, fit_on,

@@ -25,15 +25,17 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from scaling.sweep import POINT_PREFIX, Point, ScaleError, environment, point_record
+from scaling.sweep import POINT_PREFIX, ScaleError, environment, point_record
 
 PLACEMENT_PREFIX = "placement"
 TRANSPORTS = ("flat", "node_local")
 HIERARCHICAL_CONFIG = "configs/hierarchical.yaml"
-# configs/hierarchical.yaml at a size that trains in seconds per point (as `msmoe cluster` shrinks it)
+# configs/hierarchical.yaml at a size that trains in seconds per point, with one group of 4 experts per
+# node (2 groups x 4 = 8 experts, EP = 4 on 2 nodes of 2: node-local transport needs every group on one node)
 HIERARCHICAL_SHRINK = (
+    "model.hierarchical.num_groups=2", "model.hierarchical.coarse.num_experts=2",
     "data.path=data_cache/synth_cluster_scale",
-    "data.synth={num_train_ids: 32, num_test_ids: 8, num_cameras: 3, images_per_camera: 3, height: 64, width: 32}",
+    "data.synth={num_train_ids: 32, num_test_ids: 8, num_cameras: 3, images_per_camera: 3, height: 128, width: 64}",
     "train.warmup_steps=3", "eval.untrained=false")
 Target = Callable[[Sequence[str]], list[str]]  # launcher/command.py msmoe_target: -m launcher.cli ARGS
 
@@ -85,14 +87,40 @@ def check_here() -> None:
                          "for the one-machine sweep")
 
 
-def plan(spec: ClusterSweepSpec) -> dict[int, list[Point]]:
-    """node count -> its weak-scaling points (EP dividing the world and the experts; EP=1 always)."""
-    out = {}
-    for m in spec.nodes:
+@dataclass(frozen=True)
+class ClusterPoint:
+    """One weak-scaling point: ``world`` ranks on ``nodes`` emulated nodes, EP = ``ep``."""
+
+    nodes: int
+    world: int
+    ep: int
+    experts: int
+
+    @property
+    def nproc_per_node(self) -> int:
+        return self.world // self.nodes
+
+    @property
+    def name(self) -> str:
+        return f"{POINT_PREFIX}-weak-n{self.nodes}-w{self.world}-ep{self.ep}-e{self.experts}"
+
+    def overrides(self, base_p: int) -> list[str]:
+        return [f"name={self.name}", f"train.ep_size={self.ep}", f"train.p={base_p * self.world}",
+                f"model.patch_moe.router.num_experts={self.experts}"]
+
+
+def plan(spec: ClusterSweepSpec) -> dict[int, list[ClusterPoint]]:
+    """node count -> its weak-scaling points (EP dividing the world and the experts; EP=1 always: the
+    compute twin). One node also runs every larger world with all its ranks there (the one-node twin
+    of each multi-node point: the same processes on the same cores, no link between them)."""
+    out: dict[int, list[ClusterPoint]] = {}
+    for m in sorted({1, *spec.nodes}):
         w = spec.world(m)
         eps = sorted({1, *(e for e in spec.eps if e <= w and w % e == 0 and spec.experts % e == 0)})
-        out[m] = [Point("weak", w, ep, spec.experts) for ep in eps]
-    return out
+        out.setdefault(m, []).extend(ClusterPoint(m, w, ep, spec.experts) for ep in eps)
+        if m > 1:
+            out.setdefault(1, []).extend(ClusterPoint(1, w, ep, spec.experts) for ep in eps)
+    return {m: sorted(pts, key=lambda p: (p.world, p.ep)) for m, pts in out.items()}
 
 
 @dataclass(frozen=True)
@@ -100,9 +128,10 @@ class ClusterRun:
     name: str
     title: str
     args: tuple[str, ...]  # msmoe arguments
+    nproc_per_node: int
 
 
-def point_runs(points: list[Point], spec: ClusterSweepSpec) -> list[ClusterRun]:
+def point_runs(points: list[ClusterPoint], spec: ClusterSweepSpec) -> list[ClusterRun]:
     """Each point as ``msmoe train`` arguments; every config checked here first (named)."""
     from training.config import load_config
 
@@ -112,7 +141,8 @@ def point_runs(points: list[Point], spec: ClusterSweepSpec) -> list[ClusterRun]:
                 f"train.steps={spec.steps}", f"train.ckpt_every={10**9}", f"train.log_every={spec.sample_every}"]
         load_config(spec.config, over)
         runs.append(ClusterRun(pt.name, f"weak   world {pt.world}  EP {pt.ep}  {pt.experts} experts",
-                               ("train", "--config", spec.config, "--no-progress", "--overwrite", *over)))
+                               ("train", "--config", spec.config, "--no-progress", "--overwrite", *over),
+                               pt.nproc_per_node))
     return runs
 
 
@@ -129,13 +159,14 @@ def placement_runs(spec: ClusterSweepSpec) -> list[ClusterRun]:
                 f"train.log_every={spec.sample_every}", f"train.transport={t}", *HIERARCHICAL_SHRINK]
         load_config(HIERARCHICAL_CONFIG, over)
         runs.append(ClusterRun(name, f"placement {t:10s} world {w}  EP {w}  (hierarchical, grouped)",
-                               ("train", "--config", HIERARCHICAL_CONFIG, "--no-progress", "--overwrite", *over)))
+                               ("train", "--config", HIERARCHICAL_CONFIG, "--no-progress", "--overwrite", *over),
+                               spec.nproc_per_node))
     return runs
 
 
-def cluster_record(spec: ClusterSweepSpec, nodes: int, mode: str) -> dict:
+def cluster_record(spec: ClusterSweepSpec, nodes: int, nproc_per_node: int, mode: str) -> dict:
     """What every point's summary.json gains: the emulated cluster it ran on."""
-    return {"nodes": nodes, "nproc_per_node": spec.nproc_per_node, "link_mbit": spec.link_mbit,
+    return {"nodes": nodes, "nproc_per_node": nproc_per_node, "link_mbit": spec.link_mbit,
             "link": "tbf-shaped veth per node, both ends, through a switch namespace", "switch": mode,
             "host_cores": os.cpu_count()}
 
@@ -156,7 +187,7 @@ def _train(net, spec: ClusterSweepSpec, run: ClusterRun, target: Target) -> dict
     from cluster.agents import Agents, AgentsFailed, AgentSpec
 
     logs = os.path.join(spec.run_root, "logs", run.name)
-    agent = AgentSpec(spec.nproc_per_node, tuple(target(run.args)), rdzv_id=f"msmoe-{run.name}",
+    agent = AgentSpec(run.nproc_per_node, tuple(target(run.args)), rdzv_id=f"msmoe-{run.name}",
                       env={"OMP_NUM_THREADS": "1"})
     try:
         with Agents(net, agent, logs) as agents:
@@ -167,7 +198,7 @@ def _train(net, spec: ClusterSweepSpec, run: ClusterRun, target: Target) -> dict
     path = os.path.join(spec.run_root, run.name, "summary.json")
     with open(path) as fh:
         summary = json.load(fh)
-    summary["cluster"] = cluster_record(spec, net.nodes, net.mode)
+    summary["cluster"] = cluster_record(spec, net.nodes, run.nproc_per_node, net.mode)
     with open(path, "w") as fh:
         json.dump(summary, fh, indent=1)
     return summary
@@ -199,7 +230,7 @@ def run_cluster(spec: ClusterSweepSpec, target: Target) -> tuple[list[dict], lis
             with netns.EmulatedCluster(m, spec.link_mbit) as net:
                 for run in runs:
                     i += 1
-                    print(f"[{i}/{total}] {m} node(s) x {spec.nproc_per_node}, {spec.link_mbit:g} Mbit/s links: "
+                    print(f"[{i}/{total}] {m} node(s) x {run.nproc_per_node}, {spec.link_mbit:g} Mbit/s links: "
                           f"{run.title}", flush=True)
                     s = _train(net, spec, run, target)
                     cross = s["a2a_bytes_per_step"].get("cross_node")
@@ -221,7 +252,7 @@ def collect(run_root: str, env: dict | None = None) -> tuple[list[dict], list[di
                 rec = point_record(json.load(fh), "weak" if prefix == POINT_PREFIX else "placement")
             rec["env"] = env
             recs.append(rec)
-        recs.sort(key=lambda r: (r["world_size"], r["ep_size"], r.get("transport") or ""))
+        recs.sort(key=lambda r: (r.get("nodes") or 0, r["world_size"], r["ep_size"], r.get("transport") or ""))
         with open(os.path.join(run_root, file), "w") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in recs)
         out.append(recs)
