@@ -11,6 +11,7 @@ from scaling import report as scale_report
 from scaling import sweep as scale_sweep
 from scaling.comm_model import MEASURED, PRESETS, parse_node, parse_presets
 from scaling.projection import DEFAULT_PRESETS, ProjectionSpec
+from scaling.cluster_report import cluster_summary, is_cluster
 from scaling.projection_report import validation_summary
 
 
@@ -79,6 +80,11 @@ def add_parsers(sub) -> None:
     r.add_argument("--fit-max-world", type=int, default=None,
                    help="validation: fit the network model on points with at most this many ranks and predict the "
                         "others (default: all but the largest world size)")
+    r.add_argument("--placement", default=None, metavar="JSONL",
+                   help="flat vs node-local runs of `msmoe scale --cluster` (default: placement.jsonl beside --points)")
+    r.add_argument("--fit-max-nodes", type=int, default=2,
+                   help="emulated-cluster points: fit the link model on points of at most this many nodes and predict "
+                        "the others (default 2)")
     r.add_argument("--fine-slots", type=int, default=None,
                    help="node-local placement: fine experts per coarse slot, Kf (default: the points' top-k)")
     r.add_argument("--layer-sweep", default=None, metavar="JSON",
@@ -166,16 +172,35 @@ def run_report(args) -> int:
     if not os.path.isfile(args.points):
         raise FileNotFoundError(f"--points {args.points}: no such file; make it with `msmoe scale`")
     spec = _projection_spec(args)
+    if args.fit_max_nodes < 1:
+        raise scale_sweep.ScaleError(f"--fit-max-nodes {args.fit_max_nodes}: must be >= 1 (the most nodes a fitted "
+                                     "point may have)")
     try:
         recs = load_points(args.points)
+        placement = _placement_points(args)
         path = scale_report.write_scale_report(recs, args.out or os.path.dirname(os.path.abspath(args.points)),
-                                               _read_json(args.layer_sweep), spec)
+                                               _read_json(args.layer_sweep), spec, placement, args.fit_max_nodes)
     except ValueError as exc:  # a points or --compute-from file that cannot be used, named
         raise scale_sweep.ScaleError(str(exc)) from None
-    for line in validation_summary(recs, spec.fit_max_world):
+    lines = (cluster_summary(recs, args.fit_max_nodes) if is_cluster(recs) else
+             validation_summary(recs, spec.fit_max_world))
+    for line in lines:
         print(line)
     print(f"report: {path}")
     return 0
+
+
+def _placement_points(args) -> list[dict]:
+    """``--placement``, or placement.jsonl beside --points where there is one."""
+    from scaling.points import load_points
+
+    path = args.placement or os.path.join(os.path.dirname(os.path.abspath(args.points)), "placement.jsonl")
+    if args.placement and not os.path.isfile(path):
+        raise FileNotFoundError(f"--placement {path}: no such file; `msmoe scale --cluster` writes it beside "
+                                "points.jsonl")
+    if not os.path.isfile(path) or not os.path.getsize(path):
+        return []
+    return load_points(path)
 
 
 def _projection_spec(args) -> ProjectionSpec:

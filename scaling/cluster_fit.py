@@ -1,33 +1,39 @@
 """The link model of an emulated cluster (points from ``msmoe scale --cluster``, scaling/cluster_sweep.py),
-fitted on the 1- and 2-node points, and the held-out prediction of the larger ones.
+fitted on the 1- and 2-node points, and the held-out prediction of the points on more nodes.
 
-Legend: W ranks in all, n ranks per node (LOCAL_WORLD_SIZE), m = W / n nodes, P the EP size (EP
-groups are consecutive ranks), B the bytes one rank hands to one flat all-to-all, R the rate of one
-node's link (tbf-shaped, shared by the node's ranks), L MoE layers.
+Legend: W ranks in all, n ranks per node, m = W / n nodes, P the EP size (EP groups are consecutive
+ranks, n_g = min(n, P) of a group on one node), B the bytes one rank hands to one flat all-to-all,
+B_off = B (P - 1) / P of them leave the rank, B_inter = B (P - n_g) / P go to other nodes, R the
+rate of one node's (tbf-shaped) link, shared by its ranks.
 
 Measured per point (rank 0): the forward all-to-all time T = dispatch + combine minus the same stages
-of the EP=1 point at the same world size (its "twin": the same ranks, no exchange), and the step time.
+of the EP=1 point of the same cluster and world size (its twin: the same ranks, no exchange), and the
+step time.
 
-The model, per step and rank:
+Why one-node twins. On one machine every emulated node shares the same cores: with W processes on
+them, compute and the CPU side of every exchange (gloo, the kernel's TCP over loopback or veth)
+slow down with W, not with the nodes. Each multi-node point therefore has a one-node twin, the same
+W processes and EP on one node (no link between them); the CPU level is fitted on the one-node
+points per W (the measured oversubscription, reported as the factor s(W) against the smallest W),
+the link on top of it.
 
-  all-to-all, one flat exchange (scaling/comm_model.py ``exchanges``):
-      t(B) = s(W) x [alpha x (P - 1) + B_intra x beta]   +   n x B_inter x 8 / R
-      the first part runs on the CPUs (gloo over loopback inside a node, the per-peer overhead),
-      the second on the node's link: its n ranks send B_inter each through it at once
-  dense gradient all-reduce over all W ranks, expert gradients over the W / P replicas of each
-  expert (when P < W): gloo's ring (reduce-scatter + all-gather, 2 (r - 1) steps of nbytes / r);
-      each step costs s(W) x (alpha + chunk x beta) on the CPUs, or, where ring edges leave a node,
-      c x chunk x 8 / R on its link (c = the ring edges leaving that node at once), whichever is longer
-  compute c(W) = c0 + c1 x W: the EP=1 points' step minus their modelled all-reduce. On one machine
-      every emulated node shares the same cores, so the compute per rank grows with the total number
-      of processes; s(W) = c(W) / c(W_1) is that measured oversubscription factor (1 at the smallest
-      fitted world), applied to the CPU parts of the exchanges too
-  step(W, P) = c(W) + (calls / forward calls) x T(W, P) + all-reduces(W, P)
+The model, per forward exchange and rank:
 
-Fit: c0, c1 on the EP=1 points; beta (alpha = 0: one point per level cannot separate latency from
-bandwidth) on the 1-node points (intra level); then R on the points of more than one node (inter
-level), given everything else: least squares on T. Everything emulation-specific (shared cores,
-the tbf link without delay) is named so in the report (scaling/cluster_report.py).
+  T(W, P, B) = cpu_W + link,   cpu_W = alpha_W (P - 1) + beta_W B_off,   link = n_g B_inter x 8 / R
+      (the n_g ranks of a node send B_inter each through its link at once; the two add: the CPU
+      work of an exchange and its wait on the link do not overlap in gloo's exchange)
+  gradient all-reduce (gloo's ring: reduce-scatter + all-gather, 2 (r - 1) steps of nbytes / r),
+      dense parameters over all W ranks, expert gradients over the W / P replicas of each expert (P < W):
+      a step costs alpha_W + beta_W chunk on the CPUs, or c chunk x 8 / R where ring edges leave a
+      node (c of them leave the busiest node at once), whichever is longer
+  step(m nodes) = step of the one-node twin
+                  + every payload exchange's link time (forward and backward)
+                  + the all-reduces on m nodes minus the same on one node
+                  + the CPU cost of this point's bytes minus the twin's
+
+Fit: alpha_W, beta_W by non-negative least squares on the one-node points of world W (beta alone
+where one EP size cannot separate them); then 1 / R by least squares on T - cpu of the points on 2
+to ``max_nodes`` nodes whose exchange crosses nodes.
 """
 
 from __future__ import annotations
@@ -43,56 +49,54 @@ GRAD_BYTES = 4  # fp32 gradients (DeepSpeed all-reduces them in fp32 on CPU)
 
 
 @dataclass(frozen=True)
-class Compute:
-    """c(W) = c0 + c1 x W seconds per step; s(W) = c(W) / c(w_ref)."""
+class CpuLevel:
+    """One world size's CPU side of an exchange (fitted on its one-node points)."""
 
-    c0_s: float
-    c1_s: float
-    w_ref: int
-
-    def seconds(self, world: int) -> float:
-        return max(self.c0_s + self.c1_s * world, 1e-9)
-
-    def oversubscription(self, world: int) -> float:
-        return self.seconds(world) / self.seconds(self.w_ref)
+    alpha_s: float  # per peer and exchange
+    beta_s_per_byte: float  # per byte leaving the rank
+    fitted_on: int  # points
 
 
 @dataclass(frozen=True)
 class ClusterLinks:
-    """The fitted emulated cluster: the CPU side of an exchange (per rank, at the reference world
-    size) and one node's link."""
-
-    alpha_s: float  # per peer and exchange (0 where not separable)
-    beta_s_per_byte: float  # intra-node bytes over loopback
+    cpu: dict  # world size -> CpuLevel
     node_link_bps: float  # one node's link, bits/s, shared by its ranks
     nproc_per_node: int
-    compute: Compute
 
     @property
     def node_link_mbit(self) -> float:
         return self.node_link_bps / 1e6
 
+    def level(self, world: int) -> CpuLevel:
+        if world not in self.cpu:
+            raise ValueError(f"no one-node points at world {world} (the CPU side of its exchanges, measured with the "
+                             f"same {world} processes on one node): sweep with msmoe scale --cluster, which runs them")
+        return self.cpu[world]
+
     def cpu_s(self, world: int, peers: int, nbytes: float) -> float:
-        return self.compute.oversubscription(world) * (self.alpha_s * peers + self.beta_s_per_byte * nbytes)
+        lv = self.level(world)
+        return lv.alpha_s * peers + lv.beta_s_per_byte * nbytes
 
     def link_s(self, nbytes_through_link: float) -> float:
         return nbytes_through_link * 8 / self.node_link_bps if nbytes_through_link else 0.0
 
+    def oversubscription(self, world: int, w_ref: int | None = None) -> float:
+        """s(W): the CPU cost of one byte leaving a rank at W processes against the smallest W."""
+        w_ref = w_ref or min(self.cpu)
+        ref = self.cpu[w_ref].beta_s_per_byte
+        return self.level(world).beta_s_per_byte / ref if ref else float("nan")
+
 
 # ------------------------------------------------------------------ the model
-def a2a_parts(links: ClusterLinks, world: int, ep: int, nbytes: float) -> tuple[float, float]:
-    """(CPU seconds, link seconds) of one flat all-to-all of ``nbytes`` per rank over EP = ``ep``."""
-    exs = exchanges("flat", ep, links.nproc_per_node, nbytes)
-    if not exs:
+def a2a_parts(links: ClusterLinks, world: int, ep: int, nbytes: float, nodes: int) -> tuple[float, float]:
+    """(CPU seconds, link seconds) of one flat all-to-all of ``nbytes`` per rank over EP = ``ep``, on
+    ``nodes`` nodes (one node: every peer inside it)."""
+    if ep < 2:
         return 0.0, 0.0
-    (ex,) = exs
-    n_send = min(links.nproc_per_node, ep)  # a node's ranks that send across at once (one per EP group slot)
-    return (links.cpu_s(world, ex.intra_peers + ex.inter_peers, ex.intra_bytes),
-            links.link_s(n_send * ex.inter_bytes) if ex.inter_peers else 0.0)
-
-
-def a2a_s(links: ClusterLinks, world: int, ep: int, nbytes: float) -> float:
-    return sum(a2a_parts(links, world, ep, nbytes))
+    n = links.nproc_per_node if nodes > 1 else world
+    (ex,) = exchanges("flat", ep, n, nbytes)
+    cpu = links.cpu_s(world, ep - 1, nbytes * (ep - 1) / ep)
+    return cpu, (links.link_s(min(n, ep) * ex.inter_bytes) if ex.inter_peers else 0.0)
 
 
 def rings(world: int, ep: int, kind: str) -> list[list[int]]:
@@ -105,11 +109,11 @@ def rings(world: int, ep: int, kind: str) -> list[list[int]]:
     raise ValueError(f"ring kind {kind!r}: dense or expert")
 
 
-def ring_allreduce_s(links: ClusterLinks, world: int, groups: list[list[int]], nbytes: float) -> float:
+def ring_allreduce_s(links: ClusterLinks, world: int, groups: list[list[int]], nbytes: float, nodes: int) -> float:
     """Concurrent ring all-reduces of ``nbytes`` over each group (see the module docstring)."""
     if not groups or not nbytes:
         return 0.0
-    n = links.nproc_per_node
+    n = links.nproc_per_node if nodes > 1 else world
     r = len(groups[0])
     if any(len(g) != r for g in groups):
         raise ValueError(f"ring groups of unequal sizes: {[len(g) for g in groups]}")
@@ -124,13 +128,13 @@ def ring_allreduce_s(links: ClusterLinks, world: int, groups: list[list[int]], n
     return 2 * (r - 1) * max(cpu, link)
 
 
-def allreduce_s(links: ClusterLinks, world: int, ep: int, dense_params: float,
-                expert_params: float | None) -> tuple[float, float]:
-    """(dense, expert) gradient all-reduce seconds per step at (W, P)."""
-    dense = ring_allreduce_s(links, world, rings(world, ep, "dense"), dense_params * GRAD_BYTES)
+def allreduce_s(links: ClusterLinks, world: int, ep: int, dense_params: float, expert_params: float | None,
+                nodes: int) -> tuple[float, float]:
+    """(dense, expert) gradient all-reduce seconds per step at (W, P) on ``nodes`` nodes."""
+    dense = ring_allreduce_s(links, world, rings(world, ep, "dense"), dense_params * GRAD_BYTES, nodes)
     expert = 0.0
     if expert_params and world // ep > 1:
-        expert = ring_allreduce_s(links, world, rings(world, ep, "expert"), expert_params / ep * GRAD_BYTES)
+        expert = ring_allreduce_s(links, world, rings(world, ep, "expert"), expert_params / ep * GRAD_BYTES, nodes)
     return dense, expert
 
 
@@ -164,27 +168,44 @@ class PointView:
         a2a, ms = r["a2a_bytes_per_step"], r["step_time_ms"]
         calls = float(a2a.get("calls") or 0)
         fwd_calls = calls / 2
-        return cls(point_label(r), r["world_size"], r["ep_size"], int(nodes),
+        return cls(f"{point_label(r)} n{nodes}", r["world_size"], r["ep_size"], int(nodes),
                    int(c.get("nproc_per_node") or r["world_size"] // nodes), c.get("link_mbit"), fwd_calls, calls,
                    a2a["forward"] / fwd_calls if fwd_calls else 0.0, a2a["total"] / calls if calls else 0.0,
                    float(r["dense_params"]), r.get("expert_params"), ms["step"] / 1e3,
                    (ms.get("dispatch", 0.0) + ms.get("combine", 0.0)) / 1e3)
 
 
-def measured_a2a_s(p: PointView, twins: dict[int, PointView]) -> float | None:
-    """Forward all-to-all seconds per step: dispatch + combine minus the EP=1 twin's."""
-    t = twins.get(p.world)
+def views(recs: list[dict]) -> dict[tuple[int, int, int], PointView]:
+    """(nodes, world, EP) -> the point (placement runs left out)."""
+    out = {}
+    for r in recs:
+        if r.get("mode") in ("weak", "strong"):
+            p = PointView.of(r)
+            out[(p.nodes, p.world, p.ep)] = p
+    return out
+
+
+def measured_a2a_s(p: PointView, pts: dict) -> float | None:
+    """Forward all-to-all seconds per step: dispatch + combine minus the EP=1 twin's (same cluster and world)."""
+    t = pts.get((p.nodes, p.world, 1))
     return None if t is None or p.ep < 2 else max(p.stages_s - t.stages_s, 0.0)
 
 
-def predict(links: ClusterLinks, p: PointView) -> dict:
-    """The model's forward all-to-all, all-reduces and step for point ``p``."""
-    fwd = p.fwd_calls * a2a_s(links, p.world, p.ep, p.fwd_bytes_per_call)
-    a2a_all = p.calls * a2a_s(links, p.world, p.ep, p.bytes_per_call)
-    dense, expert = allreduce_s(links, p.world, p.ep, p.dense_params, p.expert_params)
-    comp = links.compute.seconds(p.world)
-    return {"a2a_s": fwd, "a2a_step_s": a2a_all, "dense_ar_s": dense, "expert_ar_s": expert, "compute_s": comp,
-            "step_s": comp + a2a_all + dense + expert}
+def comm_s(links: ClusterLinks, p: PointView, nodes: int, with_link: bool = True) -> float:
+    """Every exchange and all-reduce of ``p``'s step as the model has them on ``nodes`` nodes."""
+    cpu, link = a2a_parts(links, p.world, p.ep, p.bytes_per_call, nodes)
+    dense, expert = allreduce_s(links, p.world, p.ep, p.dense_params, p.expert_params, nodes)
+    return p.calls * (cpu + (link if with_link else 0.0)) + dense + expert
+
+
+def predict(links: ClusterLinks, p: PointView, twin: PointView) -> dict:
+    """The model's forward all-to-all and step for point ``p`` from its one-node ``twin`` (see the module
+    docstring)."""
+    cpu, link = a2a_parts(links, p.world, p.ep, p.fwd_bytes_per_call, p.nodes)
+    dense, expert = allreduce_s(links, p.world, p.ep, p.dense_params, p.expert_params, p.nodes)
+    step = twin.step_s + comm_s(links, p, p.nodes) - comm_s(links, twin, 1)
+    return {"a2a_s": p.fwd_calls * (cpu + link), "a2a_link_s": p.fwd_calls * link, "dense_ar_s": dense,
+            "expert_ar_s": expert, "twin_step_s": twin.step_s, "step_s": step}
 
 
 # ------------------------------------------------------------------ the fit
@@ -192,92 +213,82 @@ def predict(links: ClusterLinks, p: PointView) -> dict:
 class LinkFit:
     links: ClusterLinks
     shaped_mbit: float | None
-    fit_on: tuple[str, ...]
-    note: str
+    cpu_fit_on: tuple[str, ...]
+    link_fit_on: tuple[str, ...]
 
 
-def _views(recs: list[dict]) -> list[PointView]:
-    return [PointView.of(r) for r in recs if r.get("mode") != "placement"]
+def _nnls2(rows: list[list[float]], ys: list[float]) -> tuple[float, float]:
+    """(alpha, beta) >= 0 by least squares; beta alone where the rows cannot separate them."""
+    a, y = np.asarray(rows, float), np.asarray(ys, float)
+    if len(rows) >= 2 and np.linalg.matrix_rank(a) == 2:
+        sol, *_ = np.linalg.lstsq(a, y, rcond=None)
+        if (sol >= 0).all():
+            return float(sol[0]), float(sol[1])
+        one = [(0.0, max(float(a[:, 1] @ y / (a[:, 1] @ a[:, 1])), 0.0)),
+               (max(float(a[:, 0] @ y / (a[:, 0] @ a[:, 0])), 0.0), 0.0)]
+        return min(one, key=lambda s: float(np.sum((a @ np.asarray(s) - y) ** 2)))
+    return 0.0, max(float(a[:, 1] @ y / max(a[:, 1] @ a[:, 1], 1e-30)), 0.0)
 
 
-def fit_links(recs: list[dict], max_nodes: int = 2, iterations: int = 200, rtol: float = 1e-10) -> LinkFit:
-    """Fit the model on the points of at most ``max_nodes`` nodes (see the module docstring).
-    Raises ValueError naming what is missing."""
-    pts = [p for p in _views(recs) if p.nodes <= max_nodes]
-    n_set = {p.nproc_per_node for p in pts}
-    if len(n_set) != 1:
-        raise ValueError(f"the points to fit on have ranks per node {sorted(n_set) or 'none'}: sweep one "
-                         "--nproc-per-node")
+def fit_links(recs: list[dict], max_nodes: int = 2) -> LinkFit:
+    """Fit the CPU level per world on the one-node points and the node link on the points of 2 to
+    ``max_nodes`` nodes. Raises ValueError naming what is missing."""
+    pts = views(recs)
+    multi = [p for p in pts.values() if 1 < p.nodes <= max_nodes]
+    n_set = {p.nproc_per_node for p in multi}
+    if len(n_set) > 1:
+        raise ValueError(f"the multi-node points have ranks per node {sorted(n_set)}: sweep one --nproc-per-node")
+    cpu, cpu_on = {}, []
+    for w in sorted({p.world for p in pts.values() if p.nodes == 1}):
+        ones = [p for p in pts.values() if p.nodes == 1 and p.world == w and p.ep >= 2 and p.fwd_calls
+                and measured_a2a_s(p, pts) is not None]
+        if not ones:
+            continue
+        rows = [[p.fwd_calls * (p.ep - 1), p.fwd_calls * p.fwd_bytes_per_call * (p.ep - 1) / p.ep] for p in ones]
+        alpha, beta = _nnls2(rows, [measured_a2a_s(p, pts) for p in ones])
+        cpu[w] = CpuLevel(alpha, beta, len(ones))
+        cpu_on += [p.label for p in ones]
+    crossing = [p for p in multi if p.ep > p.nproc_per_node and p.fwd_calls and measured_a2a_s(p, pts) is not None
+                and p.world in cpu]
+    if not cpu or not crossing:
+        what = ("one-node points with EP >= 2 and their EP=1 twins (the CPU level)" if not cpu else
+                f"a point on 2..{max_nodes} nodes whose exchange crosses nodes (EP > ranks per node), its EP=1 twin "
+                "and one-node points at its world size (the link)")
+        raise ValueError(f"cannot fit the cluster's link model: no {what}; sweep msmoe scale --cluster 1,2 "
+                         "--ep 1,2,4 (or more)")
     n = n_set.pop()
-    twins = {p.world: p for p in pts if p.ep == 1}
-    one_node = [p for p in pts if p.nodes == 1 and p.ep >= 2 and p.world in twins]
-    multi = [p for p in pts if p.nodes > 1 and p.ep > n and p.world in twins]
-    need = [f"{what}" for what, have in (("EP=1 points at two world sizes (the compute line)", len(twins) >= 2),
-                                         ("a 1-node point with EP >= 2 and its EP=1 twin (the intra level)", one_node),
-                                         (f"a point on 2+ nodes with EP > {n} and its twin (the inter level)", multi))
-            if not have]
-    if need:
-        raise ValueError("cannot fit the cluster's link model: no " + "; no ".join(need) +
-                         f" among the points of <= {max_nodes} nodes (msmoe scale --cluster 1,2 ... --ep 1,2,4)")
-    w_ref = min(twins)
-    # start: compute from the twins' steps, a fast link; then refine compute and the link together
-    compute = _line([(w, t.step_s) for w, t in twins.items()], w_ref)
-    links = ClusterLinks(0.0, 0.0, 1e12, n, compute)
-    for _ in range(iterations):
-        compute = _line([(w, t.step_s - sum(allreduce_s(links, w, 1, t.dense_params, t.expert_params)))
-                          for w, t in twins.items()],
-                        w_ref)
-        links = ClusterLinks(0.0, links.beta_s_per_byte, links.node_link_bps, n, compute)
-        # intra: T = s(W) * beta * fwd_calls * B_intra on the 1-node points
-        xs, ys = [], []
-        for p in one_node:
-            (ex,) = exchanges("flat", p.ep, n, p.fwd_bytes_per_call)
-            xs.append(compute.oversubscription(p.world) * p.fwd_calls * ex.intra_bytes)
-            ys.append(measured_a2a_s(p, twins))
-        beta = max(float(np.dot(xs, ys) / max(np.dot(xs, xs), 1e-30)), 0.0)
-        links = ClusterLinks(0.0, beta, links.node_link_bps, n, compute)
-        # inter: T - CPU part = fwd_calls * n_send * B_inter * 8 / R, for 1 / R
-        xs, ys = [], []
-        for p in multi:
-            (ex,) = exchanges("flat", p.ep, n, p.fwd_bytes_per_call)
-            cpu, _ = a2a_parts(links, p.world, p.ep, p.fwd_bytes_per_call)
-            xs.append(p.fwd_calls * min(n, p.ep) * ex.inter_bytes * 8)
-            ys.append(measured_a2a_s(p, twins) - p.fwd_calls * cpu)
-        inv_r = float(np.dot(xs, ys) / max(np.dot(xs, xs), 1e-30))
-        before = links
-        links = ClusterLinks(0.0, beta, 1.0 / inv_r if inv_r > 0 else float("inf"), n, compute)
-        if abs(links.node_link_bps - before.node_link_bps) <= rtol * links.node_link_bps and \
-                abs(links.beta_s_per_byte - before.beta_s_per_byte) <= rtol * max(links.beta_s_per_byte, 1e-30):
-            break  # the all-reduce in the compute line and the link agree: a fixed point
-    shaped = {p.link_mbit for p in pts if p.nodes > 1}
-    fit_on = tuple(p.label + f" ({p.nodes}n)" for p in [*twins.values(), *one_node, *multi])
-    return LinkFit(links, shaped.pop() if len(shaped) == 1 else None, fit_on,
-                   "compute line on the EP=1 points, intra bytes on the 1-node points, node link on the 2-node points "
-                   "(alpha = 0: one point per level cannot separate latency from bandwidth)")
-
-
-def _line(pts: list[tuple[int, float]], w_ref: int) -> Compute:
-    w = np.asarray([p[0] for p in pts], float)
-    y = np.asarray([p[1] for p in pts], float)
-    c1, c0 = np.polyfit(w, y, 1) if len(set(w)) > 1 else (0.0, float(y.mean()))
-    return Compute(float(c0), float(c1), w_ref)
+    links = ClusterLinks(cpu, float("inf"), n)
+    xs, ys = [], []
+    for p in crossing:
+        c, _ = a2a_parts(links, p.world, p.ep, p.fwd_bytes_per_call, p.nodes)
+        (ex,) = exchanges("flat", p.ep, n, p.fwd_bytes_per_call)
+        xs.append(p.fwd_calls * min(n, p.ep) * ex.inter_bytes * 8)
+        ys.append(measured_a2a_s(p, pts) - p.fwd_calls * c)
+    inv_r = float(np.dot(xs, ys) / max(np.dot(xs, xs), 1e-30))
+    links = ClusterLinks(cpu, 1.0 / inv_r if inv_r > 0 else float("inf"), n)
+    shaped = {p.link_mbit for p in multi}
+    return LinkFit(links, shaped.pop() if len(shaped) == 1 else None, tuple(cpu_on), tuple(p.label for p in crossing))
 
 
 def held_out(recs: list[dict], max_nodes: int = 2) -> dict:
-    """Fit on <= ``max_nodes`` nodes, predict every point of more nodes: rows of predicted vs measured."""
+    """Fit on <= ``max_nodes`` nodes, predict every point of more nodes from its one-node twin."""
     fit = fit_links(recs, max_nodes)
-    views = _views(recs)
-    twins = {p.world: p for p in views if p.ep == 1}
+    pts = views(recs)
     rows = []
-    for p in views:
-        if p.nodes <= max_nodes:
+    for (m, w, ep), p in sorted(pts.items()):
+        if m <= max_nodes:
             continue
-        pred = predict(fit.links, p)
-        meas = measured_a2a_s(p, twins)
-        rows.append({"point": p.label, "nodes": p.nodes, "world": p.world, "ep": p.ep,
-                     "a2a_pred_ms": 1e3 * pred["a2a_s"] if p.ep > 1 else None,
+        twin = pts.get((1, w, ep))
+        if twin is None:
+            raise ValueError(f"point {p.label}: no one-node twin (world {w}, EP {ep} on one node) to predict it from; "
+                             "msmoe scale --cluster runs one for every multi-node point")
+        pred = predict(fit.links, p, twin)
+        meas = measured_a2a_s(p, pts)
+        rows.append({"point": p.label, "nodes": m, "world": w, "ep": ep,
+                     "a2a_pred_ms": 1e3 * pred["a2a_s"] if ep > 1 else None,
                      "a2a_meas_ms": None if meas is None else 1e3 * meas,
+                     "a2a_link_ms": 1e3 * pred["a2a_link_s"],
                      "step_pred_ms": 1e3 * pred["step_s"], "step_meas_ms": 1e3 * p.step_s,
-                     "dense_ar_ms": 1e3 * pred["dense_ar_s"], "expert_ar_ms": 1e3 * pred["expert_ar_s"],
-                     "compute_ms": 1e3 * pred["compute_s"], "oversubscription": fit.links.compute.oversubscription(p.world)})
+                     "twin_step_ms": 1e3 * pred["twin_step_s"], "dense_ar_ms": 1e3 * pred["dense_ar_s"],
+                     "expert_ar_ms": 1e3 * pred["expert_ar_s"]})
     return {"fit": fit, "rows": rows, "max_nodes": max_nodes}

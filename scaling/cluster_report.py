@@ -5,7 +5,7 @@ cluster beside the model's break-even line (scaling/cluster_fit.py; written by s
 
 from __future__ import annotations
 
-from scaling.cluster_fit import ClusterLinks, held_out
+from scaling.cluster_fit import ClusterLinks, held_out, views
 from scaling.comm_model import exchanges
 from scaling.projection import pct_error
 
@@ -35,57 +35,65 @@ def held_out_section(recs: list[dict], max_nodes: int = 2) -> list[str]:
     except ValueError as exc:
         return L + [f"No fit: {exc}.", ""]
     fit, links = v["fit"], v["fit"].links
-    c = links.compute
     shaped = fit.shaped_mbit
     rate_err = pct_error(links.node_link_mbit, shaped) if shaped else None
-    L += [f"Fitted on {', '.join(f'`{p}`' for p in fit.fit_on)} ({fit.note}); every point of more than {max_nodes} "
-          "nodes is predicted, none of them entered the fit.", "",
-          "| fitted | value |", "|---|---|",
-          f"| node link (inter-node level, shared by the node's {links.nproc_per_node} ranks) | "
-          f"**{links.node_link_mbit:.1f} Mbit/s** (shaped: {'-' if shaped is None else f'{shaped:g} Mbit/s'}, "
-          f"{_pct(rate_err)}) |",
-          f"| intra-node copies (gloo over loopback, at {c.w_ref} ranks) | "
-          f"{8 / links.beta_s_per_byte / 1e9 if links.beta_s_per_byte else float('inf'):.2f} Gb/s per rank |",
-          f"| compute line c(W) = c0 + c1 W (EP=1 steps minus their modelled all-reduce) | c0 = {1e3 * c.c0_s:.1f} ms, "
-          f"c1 = {1e3 * c.c1_s:.1f} ms per rank |", ""]
-    worlds = sorted({r["world"] for r in v["rows"]} | {c.w_ref})
-    L += ["Oversubscription factor s(W) = c(W) / c(" + str(c.w_ref) + ") (measured on the fitted points, "
-          "extrapolated on the others): " + ", ".join(f"W={w}: {c.oversubscription(w):.2f}" for w in worlds) + ".", "",
-          f"| held-out point | nodes | a2a predicted ms | a2a measured ms | a2a error (target +-{A2A_TARGET:.0%}) | "
-          f"step predicted ms | step measured ms | step error (target +-{STEP_TARGET:.0%}) | of the step: compute / "
-          "dense all-reduce / expert all-reduce ms |", "|---|---|---|---|---|---|---|---|---|"]
+    pts = views(recs)
+    w_ref = min(links.cpu)
+    base = pts.get((1, w_ref, 1))
+    L += [f"Fitted: the CPU side of an exchange per world size on the one-node points "
+          f"({', '.join(f'`{p}`' for p in fit.cpu_fit_on)}), then the node link on "
+          f"{', '.join(f'`{p}`' for p in fit.link_fit_on)}. Every point on more than {max_nodes} nodes is predicted "
+          "from its one-node twin (the same processes and EP on one node: no link) plus the modelled link; none of "
+          "them entered the fit.", "",
+          f"Node link (the inter-node level, shared by the node's {links.nproc_per_node} ranks): fitted "
+          f"**{links.node_link_mbit:.1f} Mbit/s**, shaped {'-' if shaped is None else f'{shaped:g} Mbit/s'} "
+          f"(tbf, both ends of each node's veth): {_pct(rate_err)}.", "",
+          "| world (processes on the machine) | alpha us per peer | CPU cost per byte off the rank | s(W): "
+          f"exchange oversubscription vs W={w_ref} | compute: EP=1 step vs W={w_ref} (one node) |",
+          "|---|---|---|---|---|"]
+    for w, lv in sorted(links.cpu.items()):
+        one = pts.get((1, w, 1))
+        comp = f"{one.step_s / base.step_s:.2f}" if one and base else "-"
+        L.append(f"| {w} | {1e6 * lv.alpha_s:.0f} | {1e9 * lv.beta_s_per_byte:.1f} ns ({lv.fitted_on} point(s)) | "
+                 f"{links.oversubscription(w):.2f} | {comp} |")
+    L += ["", f"| held-out point | nodes | a2a predicted ms (of it link) | a2a measured ms | a2a error (target "
+          f"+-{A2A_TARGET:.0%}) | step predicted ms | step measured ms | step error (target +-{STEP_TARGET:.0%}) | "
+          "one-node twin step ms | dense / expert all-reduce ms (modelled) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in v["rows"]:
         ea, es = pct_error(r["a2a_pred_ms"], r["a2a_meas_ms"]), pct_error(r["step_pred_ms"], r["step_meas_ms"])
-        L.append(f"| {r['point']} | {r['nodes']} | {_ms(r['a2a_pred_ms'])} | {_ms(r['a2a_meas_ms'])} | "
+        a2a_pred = "-" if r["a2a_pred_ms"] is None else f"{r['a2a_pred_ms']:.1f} ({r['a2a_link_ms']:.1f})"
+        L.append(f"| {r['point']} | {r['nodes']} | {a2a_pred} | {_ms(r['a2a_meas_ms'])} | "
                  f"{_pct(ea)}{_mark(ea, A2A_TARGET)} | {_ms(r['step_pred_ms'])} | {_ms(r['step_meas_ms'])} | "
-                 f"{_pct(es)}{_mark(es, STEP_TARGET)} | {_ms(r['compute_ms'])} / {_ms(r['dense_ar_ms'])} / "
+                 f"{_pct(es)}{_mark(es, STEP_TARGET)} | {_ms(r['twin_step_ms'])} | {_ms(r['dense_ar_ms'])} / "
                  f"{_ms(r['expert_ar_ms'])} |")
-    L += ["", "All-to-all: the forward dispatch + combine minus the EP=1 point's at the same world size (rank 0). "
-          "Step: compute line + all payload all-to-alls of the step (forward and backward) + the dense gradient "
-          "all-reduce over all ranks + the expert gradients' all-reduce over their replicas (EP < world), gloo's "
-          "ring on the fitted links.", "",
-          "What is emulation-specific: every emulated node shares this machine's "
-          f"{(recs[0].get('cluster') or {}).get('host_cores', '?')} cores, so compute per rank grows with the total "
-          "process count (the factor s(W) above, applied to compute and to the CPU side of every exchange; on a real "
-          "cluster it is 1); the node links are tbf token buckets without added delay (netem is not available: the "
-          "inter-node latency is not modelled apart from the CPU's per-exchange cost); the intra-node level is gloo "
-          "over loopback, not NVLink. The fitted link rate and the model's form carry over; the compute line does "
-          "not.", ""]
+    cores = (recs[0].get("cluster") or {}).get("host_cores", "?")
+    L += ["", "All-to-all: the forward dispatch + combine minus the EP=1 point's on the same cluster (rank 0). Step: "
+          "the one-node twin's measured step + the link time of every payload exchange (forward and backward) + the "
+          "gradient all-reduces on the nodes (dense parameters over all ranks, expert gradients over their replicas "
+          "where EP < world; gloo's ring) minus the same on one node.", "",
+          f"What is emulation-specific: every emulated node shares this machine's {cores} cores, so compute and the "
+          "CPU side of every exchange slow down with the total process count (the columns s(W) and compute above: on "
+          "a real cluster both are 1). That is why each multi-node point is predicted from a one-node twin with the "
+          "same processes: the twin carries the oversubscription, measured, and the model adds what the link adds. "
+          "The node links are tbf token buckets without added delay (netem is not available here), so inter-node "
+          "latency is only the CPU's per-peer cost; the intra-node level is gloo over loopback, not NVLink. What "
+          "carries over to a real cluster is the fitted link and the model's form (a link shared by a node's ranks, "
+          "the ring all-reduce across nodes), not the CPU figures.", ""]
     return L
 
 
 def _placement_model(links: ClusterLinks, world: int, ep: int, nbytes: float, fine_slots: int) -> dict:
-    """Modelled seconds of one forward exchange, flat and node-local, on the fitted links; and the link rate
-    below which node-local is the faster (None: at no rate)."""
+    """Modelled seconds of one forward exchange, flat and node-local, on the fitted links (the CPU side at
+    ``world`` processes); and the link rate below which node-local is the faster (None: at no rate)."""
     n = links.nproc_per_node
-    s = links.compute.oversubscription(world)
+    lv = links.level(world)
     out = {}
     for placement in ("flat", "node-local"):
-        cpu = link = 0.0
+        cpu = bits = 0.0
         for ex in exchanges(placement, ep, n, nbytes, fine_slots):
-            cpu += s * links.beta_s_per_byte * ex.intra_bytes
-            link += min(n, ep) * ex.inter_bytes * 8  # bits through the node link
-        out[placement] = (cpu, link)
+            cpu += lv.alpha_s * (ex.intra_peers + ex.inter_peers) + lv.beta_s_per_byte * (ex.intra_bytes + ex.inter_bytes)
+            bits += min(n, ep) * ex.inter_bytes * 8  # through the node link
+        out[placement] = (cpu, bits)
     (cf, bf), (cn, bn) = out["flat"], out["node-local"]
     r = links.node_link_bps
     tie = (bf - bn) / (cn - cf) if cn > cf and bf > bn else None  # cf + bf / R = cn + bn / R

@@ -37,7 +37,7 @@ HIERARCHICAL_SHRINK = (
     "data.path=data_cache/synth_cluster_scale",
     "data.synth={num_train_ids: 32, num_test_ids: 8, num_cameras: 3, images_per_camera: 3, height: 128, width: 64}",
     "train.warmup_steps=3", "eval.untrained=false")
-Target = Callable[[Sequence[str]], list[str]]  # launcher/command.py msmoe_target: -m launcher.cli ARGS
+Target = Callable[[Sequence[str]], list[str]]  # launcher/command.py msmoe_target: msmoe ARGS as a torchrun target
 
 
 @dataclass(frozen=True)

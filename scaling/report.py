@@ -21,6 +21,7 @@ import os
 import numpy as np
 
 from common.plots import pyplot  # matplotlib on the Agg backend, as for run reports
+from scaling.cluster_report import held_out_section, is_cluster, placement_section
 from scaling.projection import ProjectionSpec, project, projection_inputs
 from scaling.projection_report import projection_section, validation_section
 from scaling.points import efficiency, point_label
@@ -156,9 +157,13 @@ def plot_projection(projs: dict, path):
 
 # ------------------------------------------------------------------ report
 def write_scale_report(recs: list[dict], out_dir: str, layer_sweep: dict | None = None,
-                       projection: ProjectionSpec = ProjectionSpec()) -> str:
+                       projection: ProjectionSpec = ProjectionSpec(), placement: list[dict] | None = None,
+                       fit_max_nodes: int = 2) -> str:
     """``layer_sweep``: a ``msmoe bench layer --experts-sweep ... --json`` file's content (a section
-    on the layer's cost against the expert count); ``projection``: the modelled sections' options."""
+    on the layer's cost against the expert count); ``projection``: the modelled sections' options.
+    Points from an emulated cluster (``msmoe scale --cluster``) get the cluster's sections instead of the
+    one-level validation: its link fit on <= ``fit_max_nodes`` nodes, the held-out points, and the
+    ``placement`` runs (flat vs node-local)."""
     os.makedirs(out_dir, exist_ok=True)
     recs = sorted(recs, key=lambda r: (r["mode"], r["world_size"], r["ep_size"], r["num_experts"]))
     eff = efficiency(recs)
@@ -173,7 +178,10 @@ def write_scale_report(recs: list[dict], out_dir: str, layer_sweep: dict | None 
         L += ["![projection](projection_model.png)", ""]
     else:
         L += ["## Projection — not made", "", why_no_projection, ""]
-    L += validation_section(recs, projection.fit_max_world)
+    if is_cluster(recs):
+        L += held_out_section(recs, fit_max_nodes) + placement_section(placement or [], recs, fit_max_nodes)
+    else:
+        L += validation_section(recs, projection.fit_max_world)
     path = os.path.join(out_dir, "report.md")
     with open(path, "w") as fh:
         fh.write("\n".join(L) + "\n")
@@ -210,12 +218,13 @@ def _measured_section(recs: list[dict]) -> list[str]:
           "On one machine the ranks share its cores (threads/rank): a 1-rank point may use them all, so "
           "efficiency against it also measures the split of the cores, not only communication.", ""]
     L += ["## Measured points", "",
-          "| mode | ranks | threads/rank | EP | experts | global batch | samples/s | patches/s/rank | step ms | "
+          "| mode | ranks | " + ("nodes | " if is_cluster(recs) else "") + "threads/rank | EP | experts | global batch | samples/s | patches/s/rank | step ms | "
           "a2a MiB/step (off-rank) | peak MiB (max rank) | load max/mean | dropped |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if is_cluster(recs) else "")]
     for r in recs:
         imb = max(r["load_imbalance"].values()) if r["load_imbalance"] else 0.0
-        L.append(f"| {r['mode']} | {r['world_size']} | {r.get('threads_per_rank') or '-'} | {r['ep_size']} | {r['num_experts']} | {r['global_batch']} | "
+        nodes = f"{r.get('nodes') or '-'} | " if is_cluster(recs) else ""
+        L.append(f"| {r['mode']} | {r['world_size']} | {nodes}{r.get('threads_per_rank') or '-'} | {r['ep_size']} | {r['num_experts']} | {r['global_batch']} | "
                  f"{r['samples_per_s']:.1f} | {r['patches_per_s_per_rank']:.0f} | {r['step_time_ms']['step']:.1f} | "
                  f"{r['a2a_bytes_per_step']['offrank'] / 2**20:.2f} | {max(r['peak_mem_mb_per_rank']):.0f} | "
                  f"{imb:.2f} | {r['dropped_fraction']:.1%} |")

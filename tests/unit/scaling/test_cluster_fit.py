@@ -1,105 +1,127 @@
 """The emulated cluster's link model (scaling/cluster_fit.py): points made by a known model are
-recovered by the fit on 1 and 2 nodes, the 4-node points predicted from it; the ring all-reduce
-(dense and expert gradients) by hand; what cannot be fitted is named."""
+recovered by the fit on 1 and 2 nodes and the 4-node points predicted from it (a wrong measurement
+moves the error, never the prediction); the ring all-reduce of the dense and expert gradients by
+hand; what cannot be fitted is named."""
 
 import pytest
 
-from scaling.cluster_fit import (ClusterLinks, Compute, PointView, a2a_parts, allreduce_s, fit_links, held_out,
-                                 predict, ring_allreduce_s, rings)
+from scaling.cluster_fit import (ClusterLinks, CpuLevel, PointView, a2a_parts, allreduce_s, comm_s, fit_links,
+                                 held_out, predict, ring_allreduce_s, rings)
 
 N = 2  # ranks per node
-TRUE = ClusterLinks(alpha_s=0.0, beta_s_per_byte=2e-9, node_link_bps=100e6, nproc_per_node=N,
-                    compute=Compute(c0_s=0.020, c1_s=0.050, w_ref=2))
-DENSE, EXPERT = 40_000, 16_000
+TRUE = ClusterLinks(cpu={2: CpuLevel(0.0, 2e-8, 0), 4: CpuLevel(3e-4, 5e-8, 0), 8: CpuLevel(6e-4, 5e-8, 0)},
+                    node_link_bps=100e6, nproc_per_node=N)
+DENSE, EXPERT = 200_000, 16_000
 FWD_BYTES = 80_000.0  # per rank and forward call at every point (weak scaling: the per-rank batch fixed)
 
 
-def record(world, ep, links=TRUE, stage_base_ms=1.0, a2a_scale=1.0, step_scale=1.0):
-    """A points.jsonl record whose times follow ``links`` (times ``a2a_scale`` / ``step_scale``)."""
+def record(nodes, world, ep, step_ms=0.0, a2a_scale=1.0):
+    """A points.jsonl record whose forward all-to-all follows TRUE (times ``a2a_scale``)."""
     calls = 4.0 if ep > 1 else 0.0
-    r = {"mode": "weak", "world_size": world, "ep_size": ep, "num_experts": 8, "nodes": world // N,
-         "cluster": {"nodes": world // N, "nproc_per_node": N, "link_mbit": 100.0},
+    r = {"mode": "weak", "world_size": world, "ep_size": ep, "num_experts": 8, "nodes": nodes,
+         "cluster": {"nodes": nodes, "nproc_per_node": world // nodes, "link_mbit": 100.0},
          "dense_params": DENSE, "expert_params": EXPERT,
          "a2a_bytes_per_step": {"forward": FWD_BYTES * calls / 2, "backward": FWD_BYTES * calls / 2,
                                 "total": FWD_BYTES * calls, "calls": calls},
-         "step_time_ms": {"step": 0.0, "dispatch": stage_base_ms / 2, "combine": stage_base_ms / 2}}
-    pred = predict(links, PointView.of(r))
-    r["step_time_ms"]["dispatch"] += 1e3 * pred["a2a_s"] * a2a_scale / 2
-    r["step_time_ms"]["combine"] += 1e3 * pred["a2a_s"] * a2a_scale / 2
-    r["step_time_ms"]["step"] = 1e3 * pred["step_s"] * step_scale
+         "step_time_ms": {"step": step_ms, "dispatch": 0.5, "combine": 0.5}}
+    cpu, link = a2a_parts(TRUE, world, ep, FWD_BYTES, nodes)
+    r["step_time_ms"]["dispatch"] += 1e3 * calls / 2 * (cpu + link) * a2a_scale
     return r
 
 
-def sweep(**big):
-    small = [record(2, 1), record(2, 2), record(4, 1), record(4, 2), record(4, 4)]
-    return small + [record(8, ep, **big) for ep in (1, 2, 4, 8)]
+def sweep(big_a2a_scale=1.0, big_step_scale=1.0):
+    """One-node points at W = 2, 4, 8 (their steps made up), 2- and 4-node points whose steps follow the model."""
+    one = {(w, ep): record(1, w, ep, step_ms=30.0 + 12.0 * w + 5.0 * ep) for w, eps in ((2, (1, 2)), (4, (1, 2, 4)),
+                                                                                        (8, (1, 2, 4, 8))) for ep in eps}
+    out = list(one.values())
+    for nodes, scale_a2a, scale_step in ((2, 1.0, 1.0), (4, big_a2a_scale, big_step_scale)):
+        w = nodes * N
+        for ep in (1, 2, 4, 8):
+            if ep > w:
+                continue
+            r = record(nodes, w, ep, a2a_scale=scale_a2a)
+            twin = one[(w, ep)]
+            model = predict(TRUE, PointView.of(r), PointView.of(twin))["step_s"]
+            r["step_time_ms"]["step"] = 1e3 * model * scale_step
+            out.append(r)
+    return out
 
 
 def test_the_fit_recovers_a_known_link_from_one_and_two_nodes():
-    fit = fit_links(sweep(a2a_scale=3.0, step_scale=2.0), max_nodes=2)  # the 4-node points never enter it
+    fit = fit_links(sweep(big_a2a_scale=3.0, big_step_scale=2.0), max_nodes=2)  # 4-node points never enter it
     got = fit.links
-    assert got.node_link_bps == pytest.approx(100e6, rel=1e-6)
-    assert got.beta_s_per_byte == pytest.approx(2e-9, rel=1e-6)
-    assert (got.compute.c0_s, got.compute.c1_s) == pytest.approx((0.020, 0.050), rel=1e-6)
-    assert fit.shaped_mbit == 100.0 and all("8" not in label.split()[1] for label in fit.fit_on)
+    assert got.node_link_bps == pytest.approx(100e6, rel=1e-9) and fit.shaped_mbit == 100.0
+    for w, lv in TRUE.cpu.items():
+        assert (got.cpu[w].alpha_s, got.cpu[w].beta_s_per_byte) == pytest.approx((lv.alpha_s, lv.beta_s_per_byte),
+                                                                                  rel=1e-9, abs=1e-15)
+    assert got.oversubscription(8) == pytest.approx(2.5)  # 5e-8 / 2e-8
+    assert fit.link_fit_on == ("w w4 ep4 E8 n2",) and not [x for x in fit.cpu_fit_on if not x.endswith("n1")]
 
 
 def test_held_out_points_are_predicted_and_their_measurement_moves_only_the_error():
     exact = held_out(sweep(), max_nodes=2)
     rows = {r["ep"]: r for r in exact["rows"]}
-    assert sorted(rows) == [1, 2, 4, 8] and all(r["nodes"] == 4 for r in rows.values())
+    assert sorted(rows) == [1, 2, 4, 8] and {r["nodes"] for r in rows.values()} == {4}
     for r in rows.values():
-        assert r["step_pred_ms"] == pytest.approx(r["step_meas_ms"], rel=1e-6)
+        assert r["step_pred_ms"] == pytest.approx(r["step_meas_ms"], rel=1e-9)
         if r["ep"] > 1:
-            assert r["a2a_pred_ms"] == pytest.approx(r["a2a_meas_ms"], rel=1e-6)
-    assert rows[1]["a2a_pred_ms"] is None and rows[1]["dense_ar_ms"] > 0
-    assert rows[1]["expert_ar_ms"] > 0 and rows[8]["expert_ar_ms"] == 0  # EP=1: every expert on all 8 ranks
-    off = held_out(sweep(a2a_scale=1.5, step_scale=1.1), max_nodes=2)
+            assert r["a2a_pred_ms"] == pytest.approx(r["a2a_meas_ms"], rel=1e-9)
+    assert rows[1]["a2a_pred_ms"] is None and rows[2]["a2a_link_ms"] == 0.0 < rows[4]["a2a_link_ms"]
+    off = held_out(sweep(big_a2a_scale=1.5, big_step_scale=1.1), max_nodes=2)
     for a, b in zip(exact["rows"], off["rows"]):
-        assert a["step_pred_ms"] == pytest.approx(b["step_pred_ms"]) and b["step_meas_ms"] == pytest.approx(
-            1.1 * a["step_meas_ms"])
+        assert a["step_pred_ms"] == pytest.approx(b["step_pred_ms"]) and a["a2a_pred_ms"] == b["a2a_pred_ms"]
+        assert b["step_meas_ms"] == pytest.approx(1.1 * a["step_meas_ms"])
     assert {r["ep"]: r for r in off["rows"]}[8]["a2a_meas_ms"] == pytest.approx(1.5 * rows[8]["a2a_meas_ms"], rel=1e-6)
 
 
 def test_a2a_parts_by_hand():
-    # W=8, P=8, n=2: 1 intra peer (B/8), 6 remote peers (6B/8); both ranks of a node send through its link
-    cpu, link = a2a_parts(TRUE, 8, 8, 80_000)
-    s8 = (0.020 + 0.050 * 8) / (0.020 + 0.050 * 2)
-    assert cpu == pytest.approx(s8 * 2e-9 * 10_000)
+    # W=8, P=8 on 4 nodes of 2: 7 peers, 7/8 of B off the rank; 6/8 of B to other nodes, through the link x 2 ranks
+    cpu, link = a2a_parts(TRUE, 8, 8, 80_000, nodes=4)
+    assert cpu == pytest.approx(6e-4 * 7 + 5e-8 * 70_000)
     assert link == pytest.approx(2 * 60_000 * 8 / 100e6)
-    assert a2a_parts(TRUE, 8, 2, 80_000)[1] == 0.0  # EP=2 groups sit inside a node
+    assert a2a_parts(TRUE, 8, 2, 80_000, nodes=4)[1] == 0.0  # EP=2 groups sit inside a node
+    assert a2a_parts(TRUE, 8, 8, 80_000, nodes=1) == (pytest.approx(cpu), 0.0)  # the one-node twin: no link
 
 
 def test_ring_allreduce_by_hand_dense_and_expert():
     assert rings(4, 1, "dense") == [[0, 1, 2, 3]] and rings(8, 2, "expert") == [[0, 2, 4, 6], [1, 3, 5, 7]]
     assert rings(8, 8, "expert") == [] and rings(1, 1, "dense") == []
-    s4 = TRUE.compute.oversubscription(4)
     # dense over 4 ranks on 2 nodes: one ring edge leaves each node; 6 steps of nbytes / 4
     nbytes = DENSE * 4
-    per_step = max(s4 * 2e-9 * nbytes / 4, nbytes / 4 * 8 / 100e6)
-    assert ring_allreduce_s(TRUE, 4, rings(4, 1, "dense"), nbytes) == pytest.approx(6 * per_step)
-    # expert replicas at W=8, P=2: two rings, every edge leaves its node, both rings through each node's link
+    per_step = max(3e-4 + 5e-8 * nbytes / 4, nbytes / 4 * 8 / 100e6)
+    assert ring_allreduce_s(TRUE, 4, rings(4, 1, "dense"), nbytes, nodes=2) == pytest.approx(6 * per_step)
+    assert ring_allreduce_s(TRUE, 4, rings(4, 1, "dense"), nbytes, nodes=1) == pytest.approx(
+        6 * (3e-4 + 5e-8 * nbytes / 4))
+    # expert replicas at W=8, P=2 on 4 nodes: two rings, every edge leaves its node, both through each node's link
     eb = EXPERT / 2 * 4
-    s8 = TRUE.compute.oversubscription(8)
-    per_step = max(s8 * 2e-9 * eb / 4, 2 * eb / 4 * 8 / 100e6)
-    dense, expert = allreduce_s(TRUE, 8, 2, DENSE, EXPERT)
+    per_step = max(6e-4 + 5e-8 * eb / 4, 2 * eb / 4 * 8 / 100e6)
+    dense, expert = allreduce_s(TRUE, 8, 2, DENSE, EXPERT, nodes=4)
     assert expert == pytest.approx(6 * per_step) and dense > 0
-    # one node: no link, only the CPU side
-    assert allreduce_s(TRUE, 2, 1, DENSE, EXPERT)[0] == pytest.approx(2 * TRUE.compute.oversubscription(2) * 2e-9
-                                                                     * DENSE * 4 / 2)
+    assert allreduce_s(TRUE, 8, 8, DENSE, EXPERT, nodes=4)[1] == 0.0  # EP = world: no replicas
 
 
 def test_the_dense_all_reduce_is_in_the_step():
-    r = PointView.of(record(8, 8))
-    pred = predict(TRUE, r)
-    assert pred["dense_ar_s"] > 0 and pred["expert_ar_s"] == 0
-    assert pred["step_s"] == pytest.approx(pred["compute_s"] + pred["a2a_step_s"] + pred["dense_ar_s"])
-    fat = PointView.of({**record(8, 8), "dense_params": 4 * DENSE})
-    assert predict(TRUE, fat)["dense_ar_s"] == pytest.approx(4 * pred["dense_ar_s"])
+    p, twin = PointView.of(record(4, 8, 8)), PointView.of(record(1, 8, 8, step_ms=200.0))
+    pred = predict(TRUE, p, twin)
+    dense_4, _ = allreduce_s(TRUE, 8, 8, DENSE, EXPERT, nodes=4)
+    dense_1, _ = allreduce_s(TRUE, 8, 8, DENSE, EXPERT, nodes=1)
+    assert dense_4 > dense_1 > 0 and pred["dense_ar_s"] == dense_4
+    link = a2a_parts(TRUE, 8, 8, FWD_BYTES, nodes=4)[1]
+    assert pred["step_s"] == pytest.approx(0.200 + 4 * link + dense_4 - dense_1)
+    fat = PointView.of({**record(4, 8, 8), "dense_params": 4 * DENSE})
+    fat_twin = PointView.of({**record(1, 8, 8, step_ms=200.0), "dense_params": 4 * DENSE})
+    assert predict(TRUE, fat, fat_twin)["step_s"] - pred["step_s"] == pytest.approx(
+        comm_s(TRUE, fat, 4) - comm_s(TRUE, p, 4) - comm_s(TRUE, fat_twin, 1) + comm_s(TRUE, twin, 1))
+    assert predict(TRUE, fat, fat_twin)["step_s"] > pred["step_s"]
 
 
 def test_what_cannot_be_fitted_is_named():
-    with pytest.raises(ValueError, match="a point on 2\\+ nodes with EP > 2"):
-        fit_links([record(2, 1), record(2, 2), record(4, 1), record(4, 2)])
+    with pytest.raises(ValueError, match="whose exchange crosses nodes"):
+        fit_links([record(1, 2, 1), record(1, 2, 2), record(2, 4, 1), record(2, 4, 2)])
+    with pytest.raises(ValueError, match="the CPU level"):
+        fit_links([record(2, 4, 1), record(2, 4, 4)])
     with pytest.raises(ValueError, match="was it measured by `msmoe scale --cluster`"):
-        PointView.of({**record(2, 2), "cluster": None, "nodes": None})
+        PointView.of({**record(1, 2, 2), "cluster": None, "nodes": None})
+    recs = [r for r in sweep() if not (r["nodes"] == 1 and r["world_size"] == 8 and r["ep_size"] == 4)]
+    with pytest.raises(ValueError, match="no one-node twin \\(world 8, EP 4 on one node\\)"):
+        held_out(recs)
