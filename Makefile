@@ -9,6 +9,10 @@
 #   make cluster  set up, then (as root) train configs/hierarchical.yaml shrunk on 2 emulated nodes x 2 processes
 #                (network namespaces, 200 Mbit/s tbf links) at EP=4 with train.transport=flat and node_local into
 #                runs/cluster-flat and runs/cluster-node_local; prints their cross-node bytes and step time
+#   make cluster-report  set up, then (as root) the scaling sweep on emulated clusters of 1, 2 and 4 nodes x 2
+#                processes (100 Mbit/s tbf node links; each multi-node point with its one-node twin) and flat vs
+#                node-local placement on 2 nodes, into runs/cluster-scale; writes runs/cluster-scale/report.md: the
+#                link model fitted on 1-2 nodes, its error on the held-out 4-node points (~8 min on 2 cores)
 #   make gpu-bundle  set up, then download into .whl/ the wheels a GPU node without network lacks (deepspeed built
 #                here, its requirements, datasets, fairscale; cp312 manylinux; never torch nor any distribution of
 #                the node's image, gpucheck/gpu_node_packages.txt); prints the size (< 40 MiB)
@@ -28,7 +32,7 @@ GPU_PYTHON ?= python3
 GPU_SITE   ?= /tmp/msmoe-site
 OUT        ?= runs/gpu-check
 
-.PHONY: setup test test-fast train bench report validation cluster gpu-bundle gpu-check gpu-standin clean
+.PHONY: setup test test-fast train bench report validation cluster cluster-report gpu-bundle gpu-check gpu-standin clean
 
 setup: $(STAMP)
 
@@ -70,6 +74,12 @@ validation: setup
 
 cluster: setup
 	$(VENV)/bin/msmoe cluster --config configs/hierarchical.yaml --nodes 2 --nproc-per-node 2 --rate-mbit 200 --ep-size 4
+
+cluster-report: setup
+	rm -rf runs/cluster-scale
+	$(VENV)/bin/msmoe scale --config configs/scale.yaml --cluster 1,2,4 --nproc-per-node 2 --link-mbit 100 \
+		--run-root runs/cluster-scale
+	$(VENV)/bin/msmoe report --points runs/cluster-scale/points.jsonl --fit-max-nodes 2
 
 gpu-bundle: setup
 	$(PY) -m gpucheck.bundle --out .whl

@@ -154,7 +154,7 @@ def run_cluster_scale(args) -> int:
         raise scale_sweep.ScaleError(f"--experts {args.experts}: --cluster sweeps one expert count, e.g. --experts 8")
     spec = cluster_sweep.ClusterSweepSpec(
         config=args.config, nodes=tuple(args.cluster), nproc_per_node=args.nproc_per_node, link_mbit=args.link_mbit,
-        eps=tuple(args.ep or (1, 2, 4, 8)), experts=experts[0], steps=args.steps or 16,
+        eps=tuple(args.ep or (1, 2, 4, 8)), experts=experts[0], steps=args.steps or 32,
         sample_every=args.sample_every or 2, placement_nodes=args.placement_nodes or None,
         run_root=args.run_root or "runs/cluster-scale", overrides=tuple(args.overrides))
     if not 1 <= spec.sample_every <= spec.steps:

@@ -5,9 +5,12 @@ cluster beside the model's break-even line (scaling/cluster_fit.py; written by s
 
 from __future__ import annotations
 
+import dataclasses
+
 from scaling.cluster_fit import ClusterLinks, held_out, views
-from scaling.comm_model import exchanges
-from scaling.projection import pct_error
+from scaling.comm_model import Link, NodePreset, exchanges
+from scaling.comm_model import a2a_s as comm_a2a_s
+from scaling.projection import StepCost, decide, pct_error
 
 A2A_TARGET, STEP_TARGET = 0.25, 0.15  # issue 28: held-out all-to-all within +-25 %, step within +-15 %
 
@@ -133,26 +136,62 @@ def placement_section(placement: list[dict], recs: list[dict], max_nodes: int = 
         return L + [""]
     nbytes = f["a2a_bytes_per_step"]["forward"] / calls
     kf = int(((f.get("model_config") or {}).get("hierarchical") or {}).get("fine", {}).get("top_k") or 1)
-    m = _placement_model(links, f["world_size"], f["ep_size"], nbytes, kf)
-    be = m["break_even_mbit"]
-    L += ["", f"The model on the fitted links (MODEL; Kf = {kf} fine slots per coarse slot, {calls:g} forward "
-          f"exchanges of {nbytes / 1e3:.1f} kB per rank): flat {1e3 * calls * m['flat_s']:.1f} ms, node-local "
-          f"{1e3 * calls * m['node_local_s']:.1f} ms of forward all-to-all per step; cross-node bytes node-local / "
-          f"flat = {m['node_local_bits'] / m['flat_bits']:.2f}." if m["flat_bits"] else "",
-          "", "Break-even line (MODEL): node-local is the faster below a node link of "
-          + (f"**{be:.0f} Mbit/s** at this size (the fitted link: {links.node_link_mbit:.0f} Mbit/s)" if be else
-             "no rate (it saves no link time or costs no extra CPU time here)")
-          + "; per node count, EP = world, the same per-rank bytes:", "",
-          "| nodes | EP | flat ms | node-local ms | node-local faster below |", "|---|---|---|---|---|"]
-    for nodes in (2, 4, 8, 16):
-        w = nodes * links.nproc_per_node
-        mm = _placement_model(links, f["world_size"], w, nbytes, kf)
-        b = mm["break_even_mbit"]
-        L.append(f"| {nodes} | {w} | {1e3 * calls * mm['flat_s']:.1f} | {1e3 * calls * mm['node_local_s']:.1f} | "
-                 f"{'-' if b is None else f'{b:.0f} Mbit/s'} |")
-    L += ["", "(The CPU side at the measured world size's oversubscription; the hierarchical exchange's extra metadata "
-          "is not modelled.)", ""]
-    return L
+    w = f["world_size"]
+    m = _placement_model(links, w, f["ep_size"], nbytes, kf)
+    fl, nl = by.get("flat"), by.get("node_local")
+    meas = ""
+    if fl and nl:
+        t = lambda r: r["step_time_ms"].get("dispatch", 0.0) + r["step_time_ms"].get("combine", 0.0)  # noqa: E731
+        meas = f" (measured dispatch + combine: node-local / flat = {t(nl) / t(fl):.2f})"
+    L += ["", f"The model on the fitted links (MODEL; Kf = {kf} fine slots per coarse slot, {calls:g} forward exchanges "
+          f"of {nbytes / 1e3:.1f} kB per rank): flat {1e3 * calls * m['flat_s']:.1f} ms, node-local "
+          f"{1e3 * calls * m['node_local_s']:.1f} ms of forward all-to-all per step, node-local / flat = "
+          f"{m['node_local_s'] / m['flat_s']:.2f}{meas}; cross-node bytes node-local / flat = "
+          f"{m['node_local_bits'] / m['flat_bits']:.2f}.", "",
+          "Break-even over the node link (MODEL, this size and world): "
+          + (f"node-local is the faster below **{m['break_even_mbit']:.0f} Mbit/s**, flat above."
+             if m["break_even_mbit"] else
+             "node-local is the faster at every rate: it sends 1/Kf of the cross-node bytes and, in the fitted CPU "
+             "level (a cost per peer and per byte leaving the rank), no more CPU work; the two meet only as the link "
+             "becomes free."), "",
+          "| node link Mbit/s | flat ms | node-local ms |", "|---|---|---|"]
+    for rate in (25, 50, 100, 200, 1000, 10000):
+        mm = _placement_model(dataclasses.replace(links, node_link_bps=rate * 1e6), w, f["ep_size"], nbytes, kf)
+        L.append(f"| {rate}{' (fitted ~)' if abs(rate * 1e6 - links.node_link_bps) < 0.2 * links.node_link_bps else ''}"
+                 f" | {1e3 * calls * mm['flat_s']:.1f} | {1e3 * calls * mm['node_local_s']:.1f} |")
+    L += _layout_lines(links, f, w, kf)
+    return L + [""]
+
+
+def emulated_preset(links: ClusterLinks, world: int) -> NodePreset:
+    """The fitted emulated cluster as a two-level preset of scaling/comm_model.py (its CPU level at ``world``
+    processes; a rank's share of the node link between nodes)."""
+    lv = links.level(world)
+    n = links.nproc_per_node
+    gbps = 8 / lv.beta_s_per_byte / 1e9 if lv.beta_s_per_byte else float("inf")
+    return NodePreset("emulated", n, Link(1e6 * lv.alpha_s, gbps), Link(1e6 * lv.alpha_s, links.node_link_bps / n / 1e9),
+                      f"fitted on this sweep's points (CPU level at {world} processes, node link "
+                      f"{links.node_link_mbit:.0f} Mbit/s shared by {n} ranks)", measured=True)
+
+
+def _layout_lines(links: ClusterLinks, flat_run: dict, world: int, kf: int) -> list[str]:
+    """scaling/projection.py's layout decision per node count on the emulated preset, from the flat run."""
+    preset = emulated_preset(links, world)
+    a2a = flat_run["a2a_bytes_per_step"]
+    per_call, ep = a2a["total"] / a2a["calls"], flat_run["ep_size"]
+    compute = flat_run["step_time_ms"]["step"] / 1e3 - a2a["calls"] * comm_a2a_s(preset, "flat", ep, per_call)
+    params = flat_run.get("expert_params")
+    cost = StepCost(max(compute, 1e-9), flat_run["per_rank_batch"], per_call, float(a2a["calls"]),
+                    params / ep if params else None, kf, "the flat placement run")
+    rows, notes = decide(cost, preset, nodes=(1, 2, 4, 8, 16))
+    lays = [k for k in rows[-1]["efficiency"]]
+    L = ["", "Layout per node count on the fitted emulated links (MODEL, scaling/projection.py `decide`; compute = the "
+         "flat run's step minus its modelled all-to-all, weak scaling):", "",
+         "| nodes | " + " | ".join(lays) + " | best |", "|---|" + "---|" * (len(lays) + 1)]
+    for r in rows:
+        L.append(f"| {r['nodes']} | " + " | ".join(f"{r['efficiency'][k]:.1%}" if k in r["efficiency"] else "-"
+                                                   for k in lays) + f" | {r['best']} |")
+    return L + ["", "Break-even points (MODEL): " + ("; ".join(notes) if notes else "none over 1-16 nodes") + "."]
 
 
 def cluster_summary(recs: list[dict], max_nodes: int = 2) -> list[str]:

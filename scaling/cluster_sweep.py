@@ -51,7 +51,7 @@ class ClusterSweepSpec:
     eps: tuple[int, ...] = (1, 2, 4, 8)
     experts: int = 8
     base_p: int = 4  # identities per rank and step (weak scaling: train.p = base_p x world)
-    steps: int = 16
+    steps: int = 32
     sample_every: int = 2  # train.log_every: the stage breakdown is timed on every 2nd step
     placement_nodes: int | None = 2  # flat vs node-local on this many nodes; None: not run
     run_root: str = "runs/cluster-scale"
