@@ -10,8 +10,9 @@ Weak scaling throughout: the per-rank batch and the experts per rank at EP = all
 measured, so the model grows with the GPUs (E = experts per rank x GPUs). A step is
   compute + calls x all-to-all(placement, EP, bytes per call)  [+ expert-gradient all-reduce if EP < GPUs]
 where calls are the payload all-to-alls per step (forward and backward) as counted on the
-reference point. Not modelled (the same for every layout): the dense parameters' gradient
-all-reduce, overlap of communication with compute, routing imbalance.
+reference point, plus the dense parameters' gradient all-reduce over all ranks (ring, on the
+inter-node link once the ranks span nodes; the same for every layout). Not modelled: overlap of
+communication with compute, routing imbalance.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class StepCost:
     fine_slots: int  # Kf: fine experts per coarse slot (the two-stage transport's saving)
     source: str
     caveats: tuple = ()
+    dense_params: float | None = None  # the dense parameters (their gradient all-reduce); None: not recorded
 
 
 def reference_point(recs: list[dict]) -> dict:
@@ -63,7 +65,8 @@ def cost_from_points(recs: list[dict], measured: NodePreset, fine_slots: int | N
     per_rank = ref.get("per_rank_batch") or ref["global_batch"] / ref["world_size"]  # samples per rank and step
     return StepCost(compute_s, per_rank, per_call, calls,
                     params / ref["ep_size"] if params else None, int(kf),
-                    f"measured point `{point_label(ref)}` ({ref['device']}), its step minus the fitted all-to-all")
+                    f"measured point `{point_label(ref)}` ({ref['device']}), its step minus the fitted all-to-all",
+                    dense_params=ref.get("dense_params"))
 
 
 def cost_from_run(path: str, points_cost: StepCost, ref: dict) -> StepCost:
@@ -93,7 +96,8 @@ def cost_from_run(path: str, points_cost: StepCost, ref: dict) -> StepCost:
     return StepCost(s["step_time_ms"]["step"] / 1e3, samples,
                     points_cost.bytes_per_call * samples / points_cost.samples_per_rank * scale, points_cost.calls,
                     points_cost.expert_params_per_rank, points_cost.fine_slots,
-                    f"`{path}` ({s['device']}, {s['world_size']} rank(s), EP 1): its step time", tuple(caveats))
+                    f"`{path}` ({s['device']}, {s['world_size']} rank(s), EP 1): its step time", tuple(caveats),
+                    points_cost.dense_params)
 
 
 def step_s(cost: StepCost, preset: NodePreset, gpus: int, ep: int, placement: str) -> tuple[float, float, float]:
@@ -106,7 +110,17 @@ def step_s(cost: StepCost, preset: NodePreset, gpus: int, ep: int, placement: st
         grad_bytes = cost.expert_params_per_rank * replicas * GRAD_BYTES
         link = preset.inter if ep >= preset.gpus_per_node else preset.intra
         t_ar = allreduce_s(link, replicas, grad_bytes)
+    t_ar += dense_allreduce_s(cost, preset, gpus)
     return cost.compute_s + t_a2a + t_ar, t_a2a, t_ar
+
+
+def dense_allreduce_s(cost: StepCost, preset: NodePreset, gpus: int) -> float:
+    """The dense parameters' fp32 gradient ring all-reduce over all ``gpus`` (the same for every layout):
+    on the inter-node link once the ranks span nodes (a ring's slowest edge sets its pace)."""
+    if not cost.dense_params or gpus <= 1:
+        return 0.0
+    link = preset.inter if gpus > preset.gpus_per_node else preset.intra
+    return allreduce_s(link, gpus, cost.dense_params * GRAD_BYTES)
 
 
 def project(cost: StepCost, preset: NodePreset, gpus=PROJECT_GPUS, placement: str = "flat") -> list[dict]:

@@ -2,6 +2,7 @@
 never enter the fit, compute from a run on another device, the layout decision by hand."""
 
 import argparse
+import dataclasses
 import json
 
 import pytest
@@ -112,3 +113,14 @@ def test_report_flags_are_checked_before_anything_runs(tmp_path):
         _projection_spec(argparse.Namespace(**{**ns, "fit_max_world": 0}))
     with pytest.raises(FileNotFoundError, match="--compute-from .*nope.json: no such file"):
         _projection_spec(argparse.Namespace(**{**ns, "compute_from": str(tmp_path / "nope.json")}))
+
+
+def test_the_dense_gradient_all_reduce_is_in_the_projected_step():
+    h = PRESETS["h100-ndr"]
+    bare, dense = _cost(params=2e6), dataclasses.replace(_cost(params=2e6), dense_params=5e6)
+    for gpus in (8, 16, 64):
+        (s0, a0, r0), (s1, a1, r1) = step_s(bare, h, gpus, gpus, "flat"), step_s(dense, h, gpus, gpus, "flat")
+        link = h.inter if gpus > h.gpus_per_node else h.intra  # one node: NVLink; more: the NIC
+        assert a1 == a0 and r1 - r0 == pytest.approx(allreduce_s(link, gpus, 5e6 * 4))
+        assert s1 - s0 == pytest.approx(allreduce_s(link, gpus, 5e6 * 4))
+    assert step_s(dense, h, 1, 1, "flat")[2] == 0.0
