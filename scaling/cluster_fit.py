@@ -7,8 +7,8 @@ B_off = B (P - 1) / P of them leave the rank, B_inter = B (P - n_g) / P go to ot
 rate of one node's (tbf-shaped) link, shared by its ranks.
 
 Measured per point (rank 0): the forward all-to-all time T = dispatch + combine minus the same stages
-of the EP=1 point of the same cluster and world size (its twin: the same ranks, no exchange), and the
-step time.
+of the EP=1 point of the same cluster and world size (the same ranks, no exchange), and the step
+time.
 
 Why one-node twins. On one machine every emulated node shares the same cores: with W processes on
 them, compute and the CPU side of every exchange (gloo, the kernel's TCP over loopback or veth)
@@ -19,9 +19,15 @@ the link on top of it.
 
 The model, per forward exchange and rank:
 
-  T(W, P, B) = cpu_W + link,   cpu_W = alpha_W (P - 1) + beta_W B_off,   link = n_g B_inter x 8 / R
-      (the n_g ranks of a node send B_inter each through its link at once; the two add: the CPU
-      work of an exchange and its wait on the link do not overlap in gloo's exchange)
+  T(W, P, B) = cpu + link
+      cpu: the one-node twin's measured all-to-all (the same processes, EP and routing, no link), scaled
+           by the bytes; where a point has no twin measurement, the fitted CPU level
+           alpha_W (P - 1) + beta_W B_off
+      link: the busiest node link's bytes x 8 / R. With F_j the share of the routed rows that go to the
+           experts on node j of an EP group (the run's measured expert load; even routing: n / P), node j
+           sends n B (1 - F_j) out and receives (P - n) B F_j in, each direction shaped on its own;
+           even routing gives n B_inter both ways (the node's n ranks share its link). The CPU work and
+           the wait on the link add: gloo's exchange does not overlap them
   gradient all-reduce (gloo's ring: reduce-scatter + all-gather, 2 (r - 1) steps of nbytes / r),
       dense parameters over all W ranks, expert gradients over the W / P replicas of each expert (P < W):
       a step costs alpha_W + beta_W chunk on the CPUs, or c chunk x 8 / R where ring edges leave a
@@ -29,20 +35,21 @@ The model, per forward exchange and rank:
   step(m nodes) = step of the one-node twin
                   + every payload exchange's link time (forward and backward)
                   + the all-reduces on m nodes minus the same on one node
-                  + the CPU cost of this point's bytes minus the twin's
+                  + the CPU cost of this point's bytes minus the twin's (the fitted level; ~0: same routing)
 
 Fit: alpha_W, beta_W by non-negative least squares on the one-node points of world W (beta alone
-where one EP size cannot separate them); then 1 / R by least squares on T - cpu of the points on 2
-to ``max_nodes`` nodes whose exchange crosses nodes.
+where the points cannot separate them): the all-reduces' CPU side and the report's s(W); then 1 / R
+by least squares on T - cpu of the points on 2 to ``max_nodes`` nodes whose exchange crosses nodes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
-from scaling.comm_model import exchanges
 from scaling.points import point_label
 
 GRAD_BYTES = 4  # fp32 gradients (DeepSpeed all-reduces them in fp32 on CPU)
@@ -88,15 +95,36 @@ class ClusterLinks:
 
 
 # ------------------------------------------------------------------ the model
-def a2a_parts(links: ClusterLinks, world: int, ep: int, nbytes: float, nodes: int) -> tuple[float, float]:
+def node_link_bytes(n: int, ep: int, nbytes: float, load: Sequence[float] | None = None) -> float:
+    """Bytes through the busiest node link in one flat all-to-all of ``nbytes`` per rank over EP groups of
+    ``ep`` ranks, ``n`` per node: a node's ranks send the rows for other nodes' experts out, the group's
+    other ranks send the rows for its experts in (each direction of a link shaped on its own).
+    ``load``: each expert's share of the routed rows (the run's ``expert_load`` fraction; None: even)."""
+    if ep <= n:
+        return 0.0
+    if not load:
+        return n * nbytes * (ep - n) / ep  # even routing: in = out = n B_inter
+    per_rank = len(load) / ep
+    shares = [0.0] * (ep // n)  # F_j: the rows for the experts on node j of the group
+    for e, f in enumerate(load):
+        shares[int(e // per_rank) // n] += f / sum(load)
+    return max(max((ep - n) * nbytes * f, n * nbytes * (1 - f)) for f in shares)
+
+
+def a2a_parts(links: ClusterLinks, world: int, ep: int, nbytes: float, nodes: int,
+              load: Sequence[Sequence[float]] = ()) -> tuple[float, float]:
     """(CPU seconds, link seconds) of one flat all-to-all of ``nbytes`` per rank over EP = ``ep``, on
-    ``nodes`` nodes (one node: every peer inside it)."""
+    ``nodes`` nodes (one node: every peer inside it); ``load``: per MoE layer its experts' shares (the
+    link time is the layers' mean; none: even routing)."""
     if ep < 2:
         return 0.0, 0.0
     n = links.nproc_per_node if nodes > 1 else world
-    (ex,) = exchanges("flat", ep, n, nbytes)
     cpu = links.cpu_s(world, ep - 1, nbytes * (ep - 1) / ep)
-    return cpu, (links.link_s(min(n, ep) * ex.inter_bytes) if ex.inter_peers else 0.0)
+    if nodes <= 1:
+        return cpu, 0.0
+    layers = list(load) or [None]
+    link = sum(links.link_s(node_link_bytes(n, ep, nbytes, f)) for f in layers) / len(layers)
+    return cpu, link
 
 
 def rings(world: int, ep: int, kind: str) -> list[list[int]]:
@@ -157,6 +185,7 @@ class PointView:
     expert_params: float | None
     step_s: float
     stages_s: float  # dispatch + combine, forward
+    load: tuple = ()  # per MoE layer, each expert's share of the routed rows (the run's expert_load)
 
     @classmethod
     def of(cls, r: dict) -> "PointView":
@@ -172,16 +201,18 @@ class PointView:
                    int(c.get("nproc_per_node") or r["world_size"] // nodes), c.get("link_mbit"), fwd_calls, calls,
                    a2a["forward"] / fwd_calls if fwd_calls else 0.0, a2a["total"] / calls if calls else 0.0,
                    float(r["dense_params"]), r.get("expert_params"), ms["step"] / 1e3,
-                   (ms.get("dispatch", 0.0) + ms.get("combine", 0.0)) / 1e3)
+                   (ms.get("dispatch", 0.0) + ms.get("combine", 0.0)) / 1e3,
+                   tuple(tuple(f) for f in (r.get("expert_load_fraction") or {}).values() if f))
 
 
-def views(recs: list[dict]) -> dict[tuple[int, int, int], PointView]:
-    """(nodes, world, EP) -> the point (placement runs left out)."""
+def views(recs: list[dict], even_routing: bool = False) -> dict[tuple[int, int, int], PointView]:
+    """(nodes, world, EP) -> the point (placement runs left out); ``even_routing`` drops the measured
+    expert loads (every expert the same share)."""
     out = {}
     for r in recs:
         if r.get("mode") in ("weak", "strong"):
             p = PointView.of(r)
-            out[(p.nodes, p.world, p.ep)] = p
+            out[(p.nodes, p.world, p.ep)] = dataclasses.replace(p, load=()) if even_routing else p
     return out
 
 
@@ -193,18 +224,27 @@ def measured_a2a_s(p: PointView, pts: dict) -> float | None:
 
 def comm_s(links: ClusterLinks, p: PointView, nodes: int, with_link: bool = True) -> float:
     """Every exchange and all-reduce of ``p``'s step as the model has them on ``nodes`` nodes."""
-    cpu, link = a2a_parts(links, p.world, p.ep, p.bytes_per_call, nodes)
+    cpu, link = a2a_parts(links, p.world, p.ep, p.bytes_per_call, nodes, p.load)
     dense, expert = allreduce_s(links, p.world, p.ep, p.dense_params, p.expert_params, nodes)
     return p.calls * (cpu + (link if with_link else 0.0)) + dense + expert
 
 
-def predict(links: ClusterLinks, p: PointView, twin: PointView) -> dict:
-    """The model's forward all-to-all and step for point ``p`` from its one-node ``twin`` (see the module
-    docstring)."""
-    cpu, link = a2a_parts(links, p.world, p.ep, p.fwd_bytes_per_call, p.nodes)
+def twin_cpu_s(links: ClusterLinks, p: PointView, twin: PointView, twin_a2a_s: float | None) -> float:
+    """The CPU side of ``p``'s forward exchanges: its one-node twin's measured all-to-all (the same processes,
+    EP and routing, no link), scaled by the bytes; the fitted CPU level where the twin has none."""
+    if twin_a2a_s is None or not twin.fwd_bytes_per_call:
+        return p.fwd_calls * a2a_parts(links, p.world, p.ep, p.fwd_bytes_per_call, 1)[0]
+    return twin_a2a_s * p.fwd_bytes_per_call / twin.fwd_bytes_per_call
+
+
+def predict(links: ClusterLinks, p: PointView, twin: PointView, twin_a2a_s: float | None = None) -> dict:
+    """The model's forward all-to-all and step for point ``p`` from its one-node ``twin`` and the twin's
+    measured forward all-to-all (see the module docstring)."""
+    _, link = a2a_parts(links, p.world, p.ep, p.fwd_bytes_per_call, p.nodes, p.load)
     dense, expert = allreduce_s(links, p.world, p.ep, p.dense_params, p.expert_params, p.nodes)
     step = twin.step_s + comm_s(links, p, p.nodes) - comm_s(links, twin, 1)
-    return {"a2a_s": p.fwd_calls * (cpu + link), "a2a_link_s": p.fwd_calls * link, "dense_ar_s": dense,
+    a2a = twin_cpu_s(links, p, twin, twin_a2a_s) + p.fwd_calls * link if p.ep > 1 else 0.0
+    return {"a2a_s": a2a, "a2a_link_s": p.fwd_calls * link, "dense_ar_s": dense,
             "expert_ar_s": expert, "twin_step_s": twin.step_s, "step_s": step}
 
 
@@ -230,10 +270,11 @@ def _nnls2(rows: list[list[float]], ys: list[float]) -> tuple[float, float]:
     return 0.0, max(float(a[:, 1] @ y / max(a[:, 1] @ a[:, 1], 1e-30)), 0.0)
 
 
-def fit_links(recs: list[dict], max_nodes: int = 2) -> LinkFit:
+def fit_links(recs: list[dict], max_nodes: int = 2, even_routing: bool = False) -> LinkFit:
     """Fit the CPU level per world on the one-node points and the node link on the points of 2 to
-    ``max_nodes`` nodes. Raises ValueError naming what is missing."""
-    pts = views(recs)
+    ``max_nodes`` nodes (the busiest link from the measured expert loads, or ``even_routing``). Raises
+    ValueError naming what is missing."""
+    pts = views(recs, even_routing)
     multi = [p for p in pts.values() if 1 < p.nodes <= max_nodes]
     n_set = {p.nproc_per_node for p in multi}
     if len(n_set) > 1:
@@ -249,7 +290,7 @@ def fit_links(recs: list[dict], max_nodes: int = 2) -> LinkFit:
         cpu[w] = CpuLevel(alpha, beta, len(ones))
         cpu_on += [p.label for p in ones]
     crossing = [p for p in multi if p.ep > p.nproc_per_node and p.fwd_calls and measured_a2a_s(p, pts) is not None
-                and p.world in cpu]
+                and p.world in cpu and (1, p.world, p.ep) in pts]
     if not cpu or not crossing:
         what = ("one-node points with EP >= 2 and their EP=1 twins (the CPU level)" if not cpu else
                 f"a point on 2..{max_nodes} nodes whose exchange crosses nodes (EP > ranks per node), its EP=1 twin "
@@ -260,9 +301,11 @@ def fit_links(recs: list[dict], max_nodes: int = 2) -> LinkFit:
     links = ClusterLinks(cpu, float("inf"), n)
     xs, ys = [], []
     for p in crossing:
-        c, _ = a2a_parts(links, p.world, p.ep, p.fwd_bytes_per_call, p.nodes)
-        (ex,) = exchanges("flat", p.ep, n, p.fwd_bytes_per_call)
-        xs.append(p.fwd_calls * min(n, p.ep) * ex.inter_bytes * 8)
+        twin = pts[(1, p.world, p.ep)]
+        c = twin_cpu_s(links, p, twin, measured_a2a_s(twin, pts)) / p.fwd_calls
+        layers = list(p.load) or [None]
+        busiest = sum(node_link_bytes(n, p.ep, p.fwd_bytes_per_call, f) for f in layers) / len(layers)
+        xs.append(p.fwd_calls * busiest * 8)
         ys.append(measured_a2a_s(p, pts) - p.fwd_calls * c)
     inv_r = float(np.dot(xs, ys) / max(np.dot(xs, xs), 1e-30))
     links = ClusterLinks(cpu, 1.0 / inv_r if inv_r > 0 else float("inf"), n)
@@ -270,10 +313,10 @@ def fit_links(recs: list[dict], max_nodes: int = 2) -> LinkFit:
     return LinkFit(links, shaped.pop() if len(shaped) == 1 else None, tuple(cpu_on), tuple(p.label for p in crossing))
 
 
-def held_out(recs: list[dict], max_nodes: int = 2) -> dict:
+def held_out(recs: list[dict], max_nodes: int = 2, even_routing: bool = False) -> dict:
     """Fit on <= ``max_nodes`` nodes, predict every point of more nodes from its one-node twin."""
-    fit = fit_links(recs, max_nodes)
-    pts = views(recs)
+    fit = fit_links(recs, max_nodes, even_routing)
+    pts = views(recs, even_routing)
     rows = []
     for (m, w, ep), p in sorted(pts.items()):
         if m <= max_nodes:
@@ -282,7 +325,7 @@ def held_out(recs: list[dict], max_nodes: int = 2) -> dict:
         if twin is None:
             raise ValueError(f"point {p.label}: no one-node twin (world {w}, EP {ep} on one node) to predict it from; "
                              "msmoe scale --cluster runs one for every multi-node point")
-        pred = predict(fit.links, p, twin)
+        pred = predict(fit.links, p, twin, measured_a2a_s(twin, pts))
         meas = measured_a2a_s(p, pts)
         rows.append({"point": p.label, "nodes": m, "world": w, "ep": ep,
                      "a2a_pred_ms": 1e3 * pred["a2a_s"] if ep > 1 else None,

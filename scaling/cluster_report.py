@@ -50,7 +50,8 @@ def held_out_section(recs: list[dict], max_nodes: int = 2) -> list[str]:
           "them entered the fit.", "",
           f"Node link (the inter-node level, shared by the node's {links.nproc_per_node} ranks): fitted "
           f"**{links.node_link_mbit:.1f} Mbit/s**, shaped {'-' if shaped is None else f'{shaped:g} Mbit/s'} "
-          f"(tbf, both ends of each node's veth): {_pct(rate_err)}.", "",
+          f"(tbf, both ends of each node's veth): {_pct(rate_err)}; the busiest link from the measured expert "
+          f"load (F_j: the rows for node j's experts).{_even_line(recs, max_nodes, shaped)}", "",
           "| world (processes on the machine) | alpha us per peer | CPU cost per byte off the rank | s(W): "
           f"exchange oversubscription vs W={w_ref} | compute: EP=1 step vs W={w_ref} (one node) |",
           "|---|---|---|---|---|"]
@@ -70,7 +71,9 @@ def held_out_section(recs: list[dict], max_nodes: int = 2) -> list[str]:
                  f"{_pct(es)}{_mark(es, STEP_TARGET)} | {_ms(r['twin_step_ms'])} | {_ms(r['dense_ar_ms'])} / "
                  f"{_ms(r['expert_ar_ms'])} |")
     cores = (recs[0].get("cluster") or {}).get("host_cores", "?")
-    L += ["", "All-to-all: the forward dispatch + combine minus the EP=1 point's on the same cluster (rank 0). Step: "
+    L += ["", "All-to-all: the forward dispatch + combine minus the EP=1 point's on the same cluster (rank 0); "
+          "predicted as the one-node twin's measured all-to-all (the CPU side: same processes, EP and routing) + the "
+          "busiest node link's bytes over the fitted rate. Step: "
           "the one-node twin's measured step + the link time of every payload exchange (forward and backward) + the "
           "gradient all-reduces on the nodes (dense parameters over all ranks, expert gradients over their replicas "
           "where EP < world; gloo's ring) minus the same on one node.", "",
@@ -83,6 +86,19 @@ def held_out_section(recs: list[dict], max_nodes: int = 2) -> list[str]:
           "carries over to a real cluster is the fitted link and the model's form (a link shared by a node's ranks, "
           "the ring all-reduce across nodes), not the CPU figures.", ""]
     return L
+
+
+def _even_line(recs: list[dict], max_nodes: int, shaped: float | None) -> str:
+    """The node link fitted as if every expert got the same share, for comparison."""
+    try:
+        even = held_out(recs, max_nodes, even_routing=True)
+    except ValueError:
+        return ""
+    errs = [pct_error(r["a2a_pred_ms"], r["a2a_meas_ms"]) for r in even["rows"]]
+    worst = max((abs(e) for e in errs if e is not None), default=None)
+    return (f" Fitted as if routing were even: {even['fit'].links.node_link_mbit:.1f} Mbit/s"
+            + (f" ({_pct(pct_error(even['fit'].links.node_link_mbit, shaped))})" if shaped else "")
+            + ("" if worst is None else f", its held-out all-to-all errors up to {worst:.0%}") + ".")
 
 
 def _placement_model(links: ClusterLinks, world: int, ep: int, nbytes: float, fine_slots: int) -> dict:

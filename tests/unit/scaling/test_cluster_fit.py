@@ -6,7 +6,7 @@ hand; what cannot be fitted is named."""
 import pytest
 
 from scaling.cluster_fit import (ClusterLinks, CpuLevel, PointView, a2a_parts, allreduce_s, comm_s, fit_links,
-                                 held_out, predict, ring_allreduce_s, rings)
+                                 held_out, node_link_bytes, predict, ring_allreduce_s, rings)
 
 N = 2  # ranks per node
 TRUE = ClusterLinks(cpu={2: CpuLevel(0.0, 2e-8, 0), 4: CpuLevel(3e-4, 5e-8, 0), 8: CpuLevel(6e-4, 5e-8, 0)},
@@ -125,3 +125,26 @@ def test_what_cannot_be_fitted_is_named():
     recs = [r for r in sweep() if not (r["nodes"] == 1 and r["world_size"] == 8 and r["ep_size"] == 4)]
     with pytest.raises(ValueError, match="no one-node twin \\(world 8, EP 4 on one node\\)"):
         held_out(recs)
+
+
+def test_the_busiest_node_link_from_the_measured_expert_load():
+    # EP=4 on 2 nodes of 2, 8 experts (2 per rank): node 0 holds experts 0-3, node 1 experts 4-7
+    even = node_link_bytes(2, 4, 1000.0)
+    assert even == node_link_bytes(2, 4, 1000.0, [1 / 8] * 8) == pytest.approx(2 * 1000 * 2 / 4)
+    hot = [0.05] * 4 + [0.2] * 4  # 80 % of the rows go to node 1: 2 ranks x 1000 x 0.8 come in
+    assert node_link_bytes(2, 4, 1000.0, hot) == pytest.approx(1600.0)
+    assert node_link_bytes(2, 2, 1000.0, hot) == 0.0  # EP groups inside a node
+    # EP=8 on 4 nodes, one expert per rank: node 2 (experts 4, 5) receives 6 ranks x B x its share
+    load = [0.1, 0.1, 0.05, 0.05, 0.1, 0.3, 0.15, 0.15]
+    assert node_link_bytes(2, 8, 1000.0, load) == pytest.approx(6 * 1000 * 0.4)
+    r = record(4, 8, 8)
+    skewed = PointView.of({**r, "expert_load_fraction": {"block1": load}})
+    assert a2a_parts(TRUE, 8, 8, FWD_BYTES, 4, skewed.load)[1] == pytest.approx(6 * FWD_BYTES * 0.4 * 8 / 100e6)
+    assert fit_links(sweep(), even_routing=True).links.node_link_bps == pytest.approx(100e6)
+
+
+def test_the_cpu_side_of_a_held_out_exchange_is_its_one_node_twins_measurement():
+    p, twin = PointView.of(record(4, 8, 8)), PointView.of(record(1, 8, 8, step_ms=200.0))
+    link = a2a_parts(TRUE, 8, 8, FWD_BYTES, 4)[1]
+    assert predict(TRUE, p, twin, twin_a2a_s=0.050)["a2a_s"] == pytest.approx(0.050 + 2 * link)
+    assert predict(TRUE, p, twin)["a2a_s"] == pytest.approx(2 * sum(a2a_parts(TRUE, 8, 8, FWD_BYTES, 4)))
