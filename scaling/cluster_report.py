@@ -62,7 +62,7 @@ def held_out_section(recs: list[dict], max_nodes: int = 2) -> list[str]:
                  f"{links.oversubscription(w):.2f} | {comp} |")
     L += ["", f"| held-out point | nodes | a2a predicted ms (of it link) | a2a measured ms | a2a error (target "
           f"+-{A2A_TARGET:.0%}) | step predicted ms | step measured ms | step error (target +-{STEP_TARGET:.0%}) | "
-          "one-node twin step ms | dense / expert all-reduce ms (modelled) |", "|---|---|---|---|---|---|---|---|---|---|"]
+          "one-node twin step ms | dense / expert all-reduce ms (modelled) |", "|---" * 10 + "|"]
     for r in v["rows"]:
         ea, es = pct_error(r["a2a_pred_ms"], r["a2a_meas_ms"]), pct_error(r["step_pred_ms"], r["step_meas_ms"])
         a2a_pred = "-" if r["a2a_pred_ms"] is None else f"{r['a2a_pred_ms']:.1f} ({r['a2a_link_ms']:.1f})"
@@ -110,7 +110,8 @@ def _placement_model(links: ClusterLinks, world: int, ep: int, nbytes: float, fi
     for placement in ("flat", "node-local"):
         cpu = bits = 0.0
         for ex in exchanges(placement, ep, n, nbytes, fine_slots):
-            cpu += lv.alpha_s * (ex.intra_peers + ex.inter_peers) + lv.beta_s_per_byte * (ex.intra_bytes + ex.inter_bytes)
+            peers, off = ex.intra_peers + ex.inter_peers, ex.intra_bytes + ex.inter_bytes
+            cpu += lv.alpha_s * peers + lv.beta_s_per_byte * off
             bits += min(n, ep) * ex.inter_bytes * 8  # through the node link
         out[placement] = (cpu, bits)
     (cf, bf), (cn, bn) = out["flat"], out["node-local"]
@@ -159,7 +160,8 @@ def placement_section(placement: list[dict], recs: list[dict], max_nodes: int = 
     if fl and nl:
         t = lambda r: r["step_time_ms"].get("dispatch", 0.0) + r["step_time_ms"].get("combine", 0.0)  # noqa: E731
         meas = f" (measured dispatch + combine: node-local / flat = {t(nl) / t(fl):.2f})"
-    L += ["", f"The model on the fitted links (MODEL; Kf = {kf} fine slots per coarse slot, {calls:g} forward exchanges "
+    L += ["", f"The model on the fitted links (MODEL; Kf = {kf} fine slots per coarse slot, {calls:g} forward "
+          "exchanges "
           f"of {nbytes / 1e3:.1f} kB per rank): flat {1e3 * calls * m['flat_s']:.1f} ms, node-local "
           f"{1e3 * calls * m['node_local_s']:.1f} ms of forward all-to-all per step, node-local / flat = "
           f"{m['node_local_s'] / m['flat_s']:.2f}{meas}; cross-node bytes node-local / flat = "
@@ -185,7 +187,8 @@ def emulated_preset(links: ClusterLinks, world: int) -> NodePreset:
     lv = links.level(world)
     n = links.nproc_per_node
     gbps = 8 / lv.beta_s_per_byte / 1e9 if lv.beta_s_per_byte else float("inf")
-    return NodePreset("emulated", n, Link(1e6 * lv.alpha_s, gbps), Link(1e6 * lv.alpha_s, links.node_link_bps / n / 1e9),
+    inter = Link(1e6 * lv.alpha_s, links.node_link_bps / n / 1e9)
+    return NodePreset("emulated", n, Link(1e6 * lv.alpha_s, gbps), inter,
                       f"fitted on this sweep's points (CPU level at {world} processes, node link "
                       f"{links.node_link_mbit:.0f} Mbit/s shared by {n} ranks)", measured=True)
 

@@ -218,13 +218,15 @@ def _measured_section(recs: list[dict]) -> list[str]:
           "On one machine the ranks share its cores (threads/rank): a 1-rank point may use them all, so "
           "efficiency against it also measures the split of the cores, not only communication.", ""]
     L += ["## Measured points", "",
-          "| mode | ranks | " + ("nodes | " if is_cluster(recs) else "") + "threads/rank | EP | experts | global batch | samples/s | patches/s/rank | step ms | "
+          "| mode | ranks | " + ("nodes | " if is_cluster(recs) else "") +
+          "threads/rank | EP | experts | global batch | samples/s | patches/s/rank | step ms | "
           "a2a MiB/step (off-rank) | peak MiB (max rank) | load max/mean | dropped |",
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if is_cluster(recs) else "")]
     for r in recs:
         imb = max(r["load_imbalance"].values()) if r["load_imbalance"] else 0.0
         nodes = f"{r.get('nodes') or '-'} | " if is_cluster(recs) else ""
-        L.append(f"| {r['mode']} | {r['world_size']} | {nodes}{r.get('threads_per_rank') or '-'} | {r['ep_size']} | {r['num_experts']} | {r['global_batch']} | "
+        L.append(f"| {r['mode']} | {r['world_size']} | {nodes}{r.get('threads_per_rank') or '-'} | {r['ep_size']} | "
+                 f"{r['num_experts']} | {r['global_batch']} | "
                  f"{r['samples_per_s']:.1f} | {r['patches_per_s_per_rank']:.0f} | {r['step_time_ms']['step']:.1f} | "
                  f"{r['a2a_bytes_per_step']['offrank'] / 2**20:.2f} | {max(r['peak_mem_mb_per_rank']):.0f} | "
                  f"{imb:.2f} | {r['dropped_fraction']:.1%} |")

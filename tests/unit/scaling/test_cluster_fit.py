@@ -31,8 +31,8 @@ def record(nodes, world, ep, step_ms=0.0, a2a_scale=1.0):
 
 def sweep(big_a2a_scale=1.0, big_step_scale=1.0):
     """One-node points at W = 2, 4, 8 (their steps made up), 2- and 4-node points whose steps follow the model."""
-    one = {(w, ep): record(1, w, ep, step_ms=30.0 + 12.0 * w + 5.0 * ep) for w, eps in ((2, (1, 2)), (4, (1, 2, 4)),
-                                                                                        (8, (1, 2, 4, 8))) for ep in eps}
+    layout = ((2, (1, 2)), (4, (1, 2, 4)), (8, (1, 2, 4, 8)))
+    one = {(w, ep): record(1, w, ep, step_ms=30.0 + 12.0 * w + 5.0 * ep) for w, eps in layout for ep in eps}
     out = list(one.values())
     for nodes, scale_a2a, scale_step in ((2, 1.0, 1.0), (4, big_a2a_scale, big_step_scale)):
         w = nodes * N
