@@ -192,6 +192,11 @@ class PatchMoEConfig:
                     1.0 turns pruning off.
     pruned_output:  what a pruned patch's output is: "identity" (the input passes through
                     unchanged) or "zero" (for layers inside a residual branch: x + 0 = x).
+    overlap_chunks: n > 1 pipelines the expert-parallel exchange in n chunks of local experts with
+                    asynchronous all-to-alls (parallel/overlap.py): chunk i+1 in flight while the
+                    experts compute chunk i, forward and backward. Needs a static plan
+                    (router.choice='expert' or a capacity_factor); n must divide the experts per
+                    rank; on one rank there is nothing to overlap and it changes nothing.
     """
 
     dim: int
@@ -204,10 +209,19 @@ class PatchMoEConfig:
     capacity_priority: CapacityPriority = "order"
     keep_fraction: float = 1.0
     pruned_output: Literal["identity", "zero"] = "identity"
+    overlap_chunks: int = 1
 
     def __post_init__(self) -> None:
         check_literals(self)
         require(self.dim >= 1, f"dim={self.dim} must be >= 1")
+        require(isinstance(self.overlap_chunks, int) and self.overlap_chunks >= 1,
+                f"overlap_chunks={self.overlap_chunks!r} must be an integer >= 1 (1: no pipelining)")
+        if self.overlap_chunks > 1:
+            require(self.router.choice == "expert" or self.capacity_factor is not None,
+                    f"overlap_chunks={self.overlap_chunks} needs a static plan: set router.choice=expert or a "
+                    "capacity_factor (dropless token choice learns its split sizes only at run time)")
+            require(self.router.num_experts % self.overlap_chunks == 0,
+                    f"overlap_chunks={self.overlap_chunks} must divide num_experts={self.router.num_experts}")
         require(0 < self.keep_fraction <= 1, f"keep_fraction={self.keep_fraction} must be in (0, 1] (1 = no pruning)")
         require(self.patch_size >= 1, f"patch_size={self.patch_size} must be >= 1")
         if self.capacity_factor is not None:

@@ -94,6 +94,13 @@ class PatchMoE(nn.Module):
         """route -> dispatch -> experts -> combine, each a method and a timed stage."""
         with self.timer.stage("route"):
             routed = self.route(x_BHWC)
+        if self._pipelines(routed.plan):
+            with self.timer.stage("pipelined"):  # dispatch, experts and the way back, chunk by chunk
+                back_RLC = self.dispatcher.pipelined(routed.routed_NLC, routed.plan, self.experts,
+                                                     self.cfg.overlap_chunks)
+            with self.timer.stage("combine"):
+                y_BHWC = self.weighted_sum(back_RLC, routed.plan, routed)
+            return MoEOutput(y_BHWC, self._routing_stats(routed, routed.plan), routed.decision.weights)
         with self.timer.stage("dispatch"):
             rows_ULC, local_counts_El, meta = self.dispatch(routed)
         with self.timer.stage("experts"):
@@ -143,10 +150,19 @@ class PatchMoE(nn.Module):
         """This rank's experts on the rows they received, one grouped matmul: [U, L, C]."""
         return self.experts(rows_ULC, local_counts_El, meta.host_counts)
 
+    def _pipelines(self, plan: DispatchPlan) -> bool:
+        """Whether this call takes the pipelined exchange (parallel/overlap.py): chunks asked for, a
+        static plan and a dispatcher that can (expert parallel, told every rank routes alike)."""
+        return (self.cfg.overlap_chunks > 1 and plan.static_capacity is not None
+                and getattr(self.dispatcher, "uniform_units", False) and hasattr(self.dispatcher, "pipelined"))
+
     def combine(self, out_ULC: torch.Tensor, meta: Any, routed: RoutedPatches) -> torch.Tensor:
         """Expert outputs back, weighted and summed per patch, into the map: [B, H, W, C]."""
-        cfg, plan, decision = self.cfg, meta.plan, routed.decision
-        back_RLC = self.dispatcher.combine(out_ULC, meta)
+        return self.weighted_sum(self.dispatcher.combine(out_ULC, meta), meta.plan, routed)
+
+    def weighted_sum(self, back_RLC: torch.Tensor, plan: DispatchPlan, routed: RoutedPatches) -> torch.Tensor:
+        """The rows back in plan order [R, L, C], weighted and summed per patch, into the map."""
+        cfg, decision = self.cfg, routed.decision
         if routed.in_place and plan.one_row_per_slot and back_RLC.shape[0] == routed.num_routed * cfg.router.max_k:
             return slot_sum_to_map(back_RLC, decision.weights, plan.slot_of_row, routed.grid)
         y_NLC = unpermute(back_RLC, plan, decision.weights)

@@ -143,6 +143,15 @@ class AllToAllDispatcher:
         meta = AllToAllMeta(splits.send_splits, splits.recv_splits, order, (l, c), splits.plan, splits.host_counts)
         return expert_in, local_counts, meta
 
+    def pipelined(self, units_NLC, plan: DispatchPlan, experts, chunks: int) -> torch.Tensor:
+        """A static plan's dispatch, ``experts`` and combine in ``chunks`` overlapped chunks
+        (parallel/overlap.py) -> the rows back in plan order [R, L, C]."""
+        from parallel.overlap import pipelined
+
+        if not (self.uniform_units and plan.static_capacity is not None):
+            raise ValueError("the pipelined exchange needs a static plan and uniform_units=True")
+        return pipelined(units_NLC, plan, experts, self.ep, self.counter, chunks)
+
     def combine(self, expert_out_ULC: torch.Tensor, meta: AllToAllMeta) -> torch.Tensor:
         """Expert outputs back in plan row order: regroup undone (source-major), then sent back: [R, L, C]."""
         l, c = meta.row_shape

@@ -8,6 +8,7 @@ summed over the EP group (straight from the all-to-all backward) and over the wh
 """
 
 import argparse
+import os
 
 import torch
 import torch.distributed as dist
@@ -60,6 +61,7 @@ def parse_args():
     ap.add_argument("--top-p", type=float, default=None, help="dynamic top-p routing (k in 1..4)")
     ap.add_argument("--keep-fraction", type=float, default=1.0, help="dual-sparsity patch pruning")
     ap.add_argument("--choice", choices=["token", "expert"], default="token", help="router.choice")
+    ap.add_argument("--overlap-chunks", type=int, default=1, help="model.patch_moe.overlap_chunks")
     ap.add_argument("--uniform", action="store_true",
                     help="equal shards and a dispatcher told so (uniform_units): static plans skip the count exchange")
     ap.add_argument("--out", required=True)
@@ -73,7 +75,7 @@ def build_layers(args, groups, rank, dtype):
         dim=C, patch_size=P, capacity_factor=args.capacity_factor,
         router=RouterConfig(num_experts=E, top_k=K, dynamic_top_p=args.top_p, k_min=1, k_max=4, choice=args.choice),
         expert=ExpertConfig(kind=args.kind, hidden_dim=16, dropout=0.0),
-        keep_fraction=args.keep_fraction,
+        keep_fraction=args.keep_fraction, overlap_chunks=args.overlap_chunks,
     )
     torch.manual_seed(0)
     ref = PatchMoE(cfg).to(dtype)
@@ -205,6 +207,9 @@ def main():
     cap = capacity_of(rank, args, ws, kmax)
     sum_ep, sum_all, own = run_reference(args, ref, rank, ws, dtype, kmax)
     errors = compare(layer, disp, groups, x, res, ep_expert_grads, sum_ep, sum_all, own)
+    os.makedirs(args.out, exist_ok=True)
+    torch.save({"out": res.out.detach(), "x_grad": x.grad, "experts": ep_expert_grads},
+               f"{args.out}/tensors_rank{rank}.pt")
     write_result(args.out, rank, {**report_of(rank, groups, disp, res, own, errors, cap, dtype),
                                   "host_syncs": syncs.total, "sync_sites": syncs.report()})
     dist.barrier()

@@ -3,8 +3,11 @@
 import math
 
 import pytest
+import torch
 
 from tests.helpers import run_torchrun
+
+OVERLAP_ATOL = 1e-6  # overlap n vs 1: fp32, each chunk's rows in their own grouped matmul
 
 CASES = [
     # nproc, ep_size, capacity_factor, expert kind
@@ -121,3 +124,31 @@ def test_static_plans_under_ep_need_no_count_exchange(tmp_path, choice, cf):
         assert r["bytes_forward"] == r["bytes_backward"] == 2 * e * c * row_bytes  # padded rows included
     if choice == "token":
         assert any(r["dropped_fraction"] > 0 for r in reports)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("choice,cf", [("expert", None), ("token", 1.0)])
+def test_overlap_chunks_equal_one_chunk(tmp_path, choice, cf):
+    """overlap_chunks 2 and 4 (the exchange pipelined in chunks of local experts, asynchronous
+    all-to-alls, parallel/overlap.py) against 1: the same outputs, input gradients and expert
+    gradients (bound OVERLAP_ATOL: fp32, the experts' matmuls grouped by chunk), each also equal to
+    the single-process reference, and exactly the same bytes both ways."""
+    base = ["--ep-size", "2", "--choice", choice, "--uniform"] + (["--capacity-factor", str(cf)] if cf else [])
+    runs = {}
+    for n in (1, 2, 4):
+        reports, _ = run_torchrun("ep_layer_check.py", 2, base + ["--overlap-chunks", str(n)], str(tmp_path / f"n{n}"))
+        for r in reports:
+            for name, e in r["errors"].items():
+                assert e < 1e-5, f"n={n} rank {r['rank']}: {name} relative error {e:.2e}"
+            assert r["host_syncs"] == 0, r["sync_sites"]
+        runs[n] = reports
+    for n in (2, 4):
+        for r1, rn in zip(runs[1], runs[n]):
+            assert (rn["bytes_forward"], rn["bytes_backward"]) == (r1["bytes_forward"], r1["bytes_backward"])
+            one = torch.load(tmp_path / "n1" / f"tensors_rank{r1['rank']}.pt")
+            got = torch.load(tmp_path / f"n{n}" / f"tensors_rank{rn['rank']}.pt")
+            torch.testing.assert_close(got["out"], one["out"], rtol=0, atol=OVERLAP_ATOL)
+            torch.testing.assert_close(got["x_grad"], one["x_grad"], rtol=0, atol=OVERLAP_ATOL)
+            for name in one["experts"]:
+                torch.testing.assert_close(got["experts"][name], one["experts"][name], rtol=0, atol=OVERLAP_ATOL,
+                                           msg=name)
