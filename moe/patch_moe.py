@@ -132,12 +132,11 @@ class PatchMoE(nn.Module):
             routed_NLC = units_NLC
         n_routed = pooled_NC.shape[0]
         capacity = None
-        static = self.dispatcher.uniform_units  # C from this rank's own patch count: a host int, no collective
-        if choice:
+        static = self.dispatcher.uniform_units  # a static [E, C] plan: split sizes known on the host
+        if choice:  # C from this rank's own patch count: a host int, no collective
             capacity = expert_capacity(n_routed, k, e, cfg.capacity_factor or 1.0)
-        elif cfg.capacity_factor is not None:
-            capacity = (expert_capacity(n_routed, k, e, cfg.capacity_factor) if static
-                        else self.dispatcher.capacity(n_routed, k, e, cfg.capacity_factor))
+        elif cfg.capacity_factor is not None:  # the group's one capacity (no collective where units are uniform)
+            capacity = self.dispatcher.capacity(n_routed, k, e, cfg.capacity_factor)
         decision = self.router(pooled_NC, capacity)
         plan = plan_dispatch(decision, e, capacity, cfg.capacity_priority, static=static)
         return RoutedPatches(grid, in_place, units_NLC, routed_NLC, keep_idx, keep_scale, decision, plan)

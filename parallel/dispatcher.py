@@ -90,6 +90,10 @@ class AllToAllDispatcher:
         return self.ep.first_expert
 
     def capacity(self, num_units: int, k: int, num_experts: int, factor: float) -> int:
+        """The group's one capacity: from this rank's own count where every rank routes alike
+        (``uniform_units``: no collective), else from the largest count in the group (an all-reduce)."""
+        if self.uniform_units:
+            return expert_capacity(num_units, k, num_experts, factor)
         n = torch.tensor([num_units], dtype=torch.long, device=self.ep.device)
         collective("all-reduce of the patch count (capacity)", dist.all_reduce, n, op=dist.ReduceOp.MAX,
                    group=self.ep.group, host_reads=True)

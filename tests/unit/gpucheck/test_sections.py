@@ -61,3 +61,18 @@ def test_sync_budget_follows_the_config():
     cfg = load_config(os.path.join(ROOT, "configs", "h100.yaml"))
     assert sync_budget(cfg) == 1 + len(cfg.model.moe_blocks)  # one per dispatching MoE layer + one per step
     assert len(cfg.model.moe_blocks) == 4
+
+
+def test_router_gradient_errors_are_over_the_whole_router():
+    """A gate bias whose gradient cancels to ~1e-3 of its weights' is judged against the router's
+    whole gradient (its rounding is as small as elsewhere); a wrong gradient still fails."""
+    from gpucheck.sections.layers import router_errors
+
+    ref = {"fine.0.gate.weights.0": torch.full((4, 4), 1.0), "fine.0.gate.biases.0": torch.full((4,), 1e-3),
+           "coarse.gate.biases.0": torch.ones(3), "experts.w1": torch.ones(2), "out": torch.ones(1)}
+    close = {**ref, "fine.0.gate.biases.0": ref["fine.0.gate.biases.0"] + 1e-6}
+    errs = router_errors(close, ref)
+    assert set(errs) == {"fine.0.gate.weights.0", "fine.0.gate.biases.0", "coarse.gate.biases.0"}
+    assert errs["fine.0.gate.biases.0"] < 1e-6  # over its own norm it would read 1e-3
+    wrong = {**ref, "coarse.gate.biases.0": -ref["coarse.gate.biases.0"]}
+    assert router_errors(wrong, ref)["coarse.gate.biases.0"] == pytest.approx(2.0)
