@@ -19,6 +19,7 @@ import dataclasses
 import json
 import os
 import signal
+import sys
 from dataclasses import dataclass
 
 from common.errors import UserError
@@ -158,12 +159,17 @@ def run(args) -> int:
     netns.cleanup_stale()
     previous = signal.signal(signal.SIGTERM, _sigterm_as_exit)
     summaries = {}
+    from cluster.agents import AgentsFailed
+
     try:
         with netns.EmulatedCluster(spec.nodes, spec.rate_mbit) as net:
             print(f"cluster: {spec.nodes} emulated nodes ({net.mode} switch), links shaped to {spec.rate_mbit:g} "
                   "Mbit/s", flush=True)
             for transport in transports:
                 summaries[transport] = _train_on(net, spec, transport, with_key)
+    except AgentsFailed as exc:  # a run failed on a node: say which, point at its log (namespaces already gone)
+        print(f"cluster: error: {exc}", file=sys.stderr)
+        return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
     print(f"cluster: namespaces removed; {spec.config} at EP={spec.ep_size}, {spec.rate_mbit:g} Mbit/s node links:")

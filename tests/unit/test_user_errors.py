@@ -16,6 +16,8 @@ NOT_USER_ERRORS = {  # by class name, wherever the class lives
     "BenchError": "the EP benchmark's workers crashed: exits with their code and stderr (bench/ep.py)",
     "MarkerError": "an unreadable marker, caught where it is read: verify, checkpoint (training/checkpoint/manifest.py)",
     "ZeroStateError": "caught and said as a ReshardError / ElasticError by its callers (parallel/zero_state.py)",
+    "AgentsFailed": "a run failed on an emulated node: msmoe cluster says so with the node's log (exit 1), "
+                    "msmoe scale --cluster as a ScaleError (cluster/agents.py)",
 }
 
 
