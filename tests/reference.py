@@ -298,10 +298,9 @@ def capacity_keep(routes: list[list[tuple[int, torch.Tensor]]], num_experts: int
     return keep
 
 
-def patch_moe_reference(layer, x_BHWC: torch.Tensor, expert_mods):
-    """The thesis's Patch-MoE, steps 1-4, with loops: every patch pooled, routed, sent through its experts."""
-    cfg = layer.cfg
-    p = cfg.patch_size
+def cut_patches(x_BHWC: torch.Tensor, p: int):
+    """Every P x P patch, image by image in grid order (zero-padded at the border) [P*P, C], and its
+    pooled mean over the real points only [C] -> (patches per column nh, per row nw, patches, pooled)."""
     b, h, w, c = x_BHWC.shape
     nh, nw = -(-h // p), -(-w // p)
     padded = F.pad(x_BHWC, (0, 0, 0, nw * p - w, 0, nh * p - h))
@@ -312,6 +311,15 @@ def patch_moe_reference(layer, x_BHWC: torch.Tensor, expert_mods):
                 patches.append(padded[bi, i * p:(i + 1) * p, j * p:(j + 1) * p].reshape(p * p, c))
                 real = x_BHWC[bi, i * p:min((i + 1) * p, h), j * p:min((j + 1) * p, w)]
                 pooled.append(real.reshape(-1, c).mean(0))
+    return nh, nw, patches, pooled
+
+
+def patch_moe_reference(layer, x_BHWC: torch.Tensor, expert_mods):
+    """The thesis's Patch-MoE, steps 1-4, with loops: every patch pooled, routed, sent through its experts."""
+    cfg = layer.cfg
+    p = cfg.patch_size
+    b, h, w, c = x_BHWC.shape
+    nh, nw, patches, pooled = cut_patches(x_BHWC, p)
     routed = [route_unit(layer.router, u) for u in pooled]
     routes = [r for r, _ in routed]
     cap = None
@@ -389,15 +397,7 @@ def expert_choice_reference(layer, x_BHWC: torch.Tensor, expert_mods):
     cfg = layer.cfg
     p = cfg.patch_size
     b, h, w, c = x_BHWC.shape
-    nh, nw = -(-h // p), -(-w // p)
-    padded = F.pad(x_BHWC, (0, 0, 0, nw * p - w, 0, nh * p - h))
-    patches, pooled = [], []
-    for bi in range(b):
-        for i in range(nh):
-            for j in range(nw):
-                patches.append(padded[bi, i * p:(i + 1) * p, j * p:(j + 1) * p].reshape(p * p, c))
-                real = x_BHWC[bi, i * p:min((i + 1) * p, h), j * p:min((j + 1) * p, w)]
-                pooled.append(real.reshape(-1, c).mean(0))
+    nh, nw, patches, pooled = cut_patches(x_BHWC, p)
     passed = (lambda t: t) if cfg.pruned_output == "identity" else torch.zeros_like
     per_image = nh * nw
     routed, scale = list(range(len(patches))), {}
