@@ -20,3 +20,17 @@ def _seed_and_threads():
     torch.manual_seed(0)
     torch.set_num_threads(2)
     yield
+
+
+@pytest.fixture(scope="session")
+def netns_ready():
+    """The emulated cluster's network (cluster/netns.py) for tests/cluster and tests/cluster_scale:
+    skips with the reason where namespaces cannot be made here (not root, no iproute2, refused),
+    after removing the namespaces a killed earlier run left."""
+    from cluster import netns
+
+    why = netns.available()
+    if why:
+        pytest.skip(f"emulated cluster unavailable here: {why}")
+    netns.cleanup_stale()
+    return netns

@@ -1,19 +1,10 @@
-"""The emulated cluster's fixture (cluster/netns.py): skips with the reason where network
-namespaces cannot be made here (not root, no iproute2, refused), removes the namespaces a killed
-earlier run left, and closes every cluster a test made even when the test fails."""
+"""The emulated cluster's fixture (cluster/netns.py): on top of ``netns_ready`` (tests/conftest.py:
+skips where namespaces cannot be made, removes a killed earlier run's), closes every cluster a test
+made even when the test fails."""
 
 import pytest
 
 from cluster import netns
-
-
-@pytest.fixture(scope="session")
-def netns_ready():
-    why = netns.available()
-    if why:
-        pytest.skip(f"emulated cluster unavailable here: {why}")
-    netns.cleanup_stale()
-    return netns
 
 
 @pytest.fixture
