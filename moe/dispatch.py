@@ -18,7 +18,6 @@ Capacity priority when an expert overflows
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any, Protocol
 
