@@ -130,11 +130,12 @@ def _contenders(spec: LayerBenchSpec, c: int, f: int, e: int, k: int, device, dt
     impls = ("grouped_mm", "bmm", "fused") if spec.all_impls else (spec.impl,)
     for impl in impls:
         for patch in (spec.patch, 1):
-            cfg = PatchMoEConfig(dim=c, patch_size=patch, router=RouterConfig(num_experts=e, top_k=k, choice=spec.choice),
-                                 expert=ExpertConfig(kind="ffn", hidden_dim=f, impl=impl),
-                                 capacity_factor=spec.capacity_factor)
+            router = RouterConfig(num_experts=e, top_k=k, choice=spec.choice)
+            cfg = PatchMoEConfig(dim=c, patch_size=patch, router=router, capacity_factor=spec.capacity_factor,
+                                 expert=ExpertConfig(kind="ffn", hidden_dim=f, impl=impl))
             units = b * -(-h // patch) * -(-w // patch)
-            label = (f"PatchMoE P={patch}" if patch > 1 else "TokenMoE P=1") + (" EC" if spec.choice == "expert" else "")
+            label = f"PatchMoE P={patch}" if patch > 1 else "TokenMoE P=1"
+            label += " EC" if spec.choice == "expert" else ""
             label += f" ({impl})" if spec.all_impls else ""
             ours = PatchMoE(cfg).to(device, dtype)
             out.append((label, ours, units))

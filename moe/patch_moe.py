@@ -132,7 +132,7 @@ class PatchMoE(nn.Module):
             routed_NLC = units_NLC
         n_routed = pooled_NC.shape[0]
         capacity = None
-        static = self.dispatcher.uniform_units  # a static [E, C] plan: split sizes known on the host
+        static = getattr(self.dispatcher, "uniform_units", False)  # a static [E, C] plan: split sizes known on the host
         if choice:  # C from this rank's own patch count: a host int, no collective
             capacity = expert_capacity(n_routed, k, e, cfg.capacity_factor or 1.0)
         elif cfg.capacity_factor is not None:  # the group's one capacity (no collective where units are uniform)
