@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Literal
 
 from common.config import check_literals, require
+from moe.sharding import expert_sharding_error  # noqa: F401  (re-exported: parallel/, training/ import it here)
 
 __all__ = ["BalanceConfig", "ExpertConfig", "HierarchicalFusionConfig", "HierarchicalMoEConfig",
            "MultiScaleMoEConfig", "PatchMoEConfig", "RouterConfig", "expert_sharding_error"]
@@ -22,23 +23,6 @@ NoiseKind = Literal["none", "gaussian", "jitter"]
 ExpertKind = Literal["seed", "ffn", "conv"]
 CapacityPriority = Literal["order", "score"]
 RoutingChoice = Literal["token", "expert"]
-
-
-def expert_sharding_error(num_experts: int, ep_size: int, world_size: int | None = None, *,
-                          experts_field: str = "num_experts", ep_field: str = "ep_size") -> str | None:
-    """Why ``num_experts`` experts cannot be sharded evenly over ``ep_size`` expert-parallel ranks
-    (of a world of ``world_size``, when given); None when they can. The one place this is checked:
-    ``parallel.groups`` raises it as a ParallelConfigError, the run config as a ConfigError, each
-    naming its own fields (``experts_field``, ``ep_field``)."""
-    if ep_size < 1:
-        return f"{ep_field}={ep_size} must be >= 1"
-    if world_size is not None and world_size % ep_size:
-        divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
-        return f"world size {world_size} is not divisible by {ep_field}={ep_size}; choose {ep_field} in {divisors}"
-    if num_experts % ep_size:
-        return (f"{experts_field}={num_experts} is not divisible by {ep_field}={ep_size}: every expert-parallel "
-                f"rank must hold the same number of experts")
-    return None
 
 
 @dataclass(frozen=True)
@@ -192,11 +176,9 @@ class PatchMoEConfig:
                     1.0 turns pruning off.
     pruned_output:  what a pruned patch's output is: "identity" (the input passes through
                     unchanged) or "zero" (for layers inside a residual branch: x + 0 = x).
-    overlap_chunks: n > 1 pipelines the expert-parallel exchange in n chunks of local experts with
-                    asynchronous all-to-alls (parallel/overlap.py): chunk i+1 in flight while the
-                    experts compute chunk i, forward and backward. Needs a static plan
-                    (router.choice='expert' or a capacity_factor); n must divide the experts per
-                    rank; on one rank there is nothing to overlap and it changes nothing.
+    overlap_chunks: n > 1 pipelines the EP exchange in n chunks of local experts (parallel/overlap.py),
+                    forward and backward; needs a static plan (router.choice='expert' or a capacity_factor)
+                    and n dividing the experts per rank; one rank: nothing to overlap, no change.
     """
 
     dim: int

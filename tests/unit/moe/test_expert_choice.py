@@ -11,7 +11,8 @@ import torch
 from common.config import ConfigError
 from moe.config import ExpertConfig, PatchMoEConfig, RouterConfig
 from moe.patch_moe import PatchMoE
-from tests.reference import expert_choice_reference, experts_to_modules, modules_grads
+from tests.reference import experts_to_modules, modules_grads
+from tests.reference_choice import expert_choice_reference
 
 TOL = dict(rtol=1e-5, atol=2e-5)
 

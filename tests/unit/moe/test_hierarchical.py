@@ -179,7 +179,7 @@ def test_from_dict_reads_a_yaml_list():
 def test_fine_expert_choice_matches_reference(mode, placement, kc, kf, f, cap):
     from dataclasses import replace
 
-    from tests.reference import hierarchical_expert_choice_reference
+    from tests.reference_choice import hierarchical_expert_choice_reference
 
     torch.manual_seed(4)
     base = _cfg(mode, placement, kc, kf, f=f, choice="expert")
@@ -212,7 +212,7 @@ def test_fine_expert_choice_matches_reference(mode, placement, kc, kf, f, cap):
 
 
 def test_fine_expert_choice_gate_gradients_match_reference():
-    from tests.reference import hierarchical_expert_choice_reference
+    from tests.reference_choice import hierarchical_expert_choice_reference
 
     torch.manual_seed(5)
     layer = HierarchicalMoE(_cfg("learned", "grouped", 2, 1, choice="expert"))
